@@ -1,0 +1,109 @@
+"""Every default of rflow_jax, once, each commented.
+
+Family configs (quickstart.py, shapes.py, ...) start from `get_config()` here and override what differs. Library code
+never supplies a default of its own: it reads these fields, and `rflow_jax.configs.validate` checks them before any
+compilation.
+
+Not a launchable config by itself; see configs/quickstart.py for the launch command.
+"""
+
+import ml_collections
+
+
+def get_config():
+  """Returns the base ConfigDict with every field rflow_jax reads."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # Root seed: parameters, the data order and every per-step RNG are derived from it.
+
+  # --- Data -------------------------------------------------------------------------------------------------
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "shapes"  # Registry key in rflow_jax/data/pipeline.py; "shapes" is the procedural built-in set.
+  c.data.image_size = 32  # Canvas side S in pixels (shapes supports 32 and 64).
+  c.data.num_records = 1_000_000  # Size of the (procedural, deterministic) source; one epoch = this many examples.
+  c.data.caption_style = "mixed"  # "mixed" = 50/50 sentence/tag captions (the paper's original/synthetic mix).
+  c.data.worker_count = 0  # grain worker processes; 0 = produce batches in the training process.
+  c.data.seed = 0  # Seed of the procedural records (which image record i is), independent of the shuffle seed.
+
+  # --- Text conditioning --------------------------------------------------------------------------------------
+  # Two tiny frozen, randomly initialised encoders stand in for CLIP and T5 (real weights cannot be downloaded
+  # here): "clip" gives penultimate-layer tokens + a pooled EOS vector, "t5" gives final-layer tokens. Their
+  # outputs are composed exactly like SD3's (docs/conventions.md).
+  c.text = ml_collections.ConfigDict()
+  c.text.max_length = 16  # Tokens per encoder (BOS + words + EOS, padded); SD3 uses 77.
+  c.text.width = 64  # Hidden width of each tiny encoder.
+  c.text.depth = 2  # Transformer layers per tiny encoder.
+  c.text.num_heads = 4  # Attention heads per tiny encoder.
+  c.text.init_seed = 1234  # The frozen encoders' weights come from this seed (and are stored in checkpoints).
+  c.text.drop_prob = 0.463  # Each encoder's output is zeroed independently with this probability (paper §B.2).
+
+  # --- Model (MM-DiT; field names are rflow_jax.model.mmdit.MMDiT attributes) ---------------------------------
+  c.model = ml_collections.ConfigDict()
+  c.model.patch_size = 2  # p: p×p patches become tokens.
+  c.model.in_channels = 3  # 3 for pixel space (quickstart), 16 for SD3 VAE latents.
+  c.model.hidden_size = 128  # Width H (64·depth in the SD3 family).
+  c.model.depth = 2  # Number of joint blocks.
+  c.model.num_heads = 2  # Attention heads (head_dim = H / heads; 64 in SD3).
+  c.model.mlp_ratio = 4.0  # MLP hidden = mlp_ratio·H.
+  c.model.qk_norm = "rms_norm"  # None | "rms_norm": RMSNorm on q and k per head (paper §5.3.2, stabilises bf16).
+  c.model.pos_embed_max_size = 16  # M: positional table is M×M patches, centre-cropped to the image's grid.
+  c.model.dtype = "float32"  # Compute dtype ("bfloat16" on TPU/GPU); parameters are always stored in float32.
+  c.model.attention_impl = "xla"  # jax.nn.dot_product_attention implementation: "xla" | "cudnn".
+
+  # --- Flow ---------------------------------------------------------------------------------------------------
+  c.flow = ml_collections.ConfigDict()
+  c.flow.formulation = "rf/lognorm(0.00,1.00)"  # Paper name; see docs/formulations.md for all valid forms.
+  c.flow.shift = 1.0  # Resolution-dependent timestep shift α used in training (3.0 at 1024² in SD3).
+
+  # --- Optimiser ------------------------------------------------------------------------------------------------
+  c.optim = ml_collections.ConfigDict()
+  c.optim.learning_rate = 1e-4  # Peak learning rate (paper: 1e-4).
+  c.optim.warmup_steps = 1000  # Linear warmup from 0 (paper: 1000).
+  c.optim.decay = "constant"  # After warmup: "constant" | "cosine" (to 0 at train.num_steps).
+  c.optim.b1 = 0.9  # AdamW β1.
+  c.optim.b2 = 0.999  # AdamW β2.
+  c.optim.eps = 1e-8  # AdamW ε (paper uses 1e-15 with QK-norm for bf16 high-res finetunes).
+  c.optim.weight_decay = 0.0  # Decoupled weight decay on matrices (not biases, norms or embeddings tables).
+  c.optim.grad_clip_norm = 1.0  # Global-norm gradient clipping; 0 disables.
+  c.optim.ema_decay = 0.9999  # EMA of parameters; effective decay is min(ema_decay, (1+step)/(10+step)).
+
+  # --- Training loop ----------------------------------------------------------------------------------------------
+  c.train = ml_collections.ConfigDict()
+  c.train.global_batch_size = 64  # Examples per step across all processes.
+  c.train.num_steps = 1000  # Total optimiser steps.
+  c.train.log_every = 50  # Fetch and write scalar metrics every N steps (metrics stay on device in between).
+  c.train.checkpoint_every = 500  # Save state + data-iterator state every N steps (and always at the end).
+  c.train.keep_checkpoints = 2  # Keep the newest N checkpoints.
+  c.train.sample_every = 0  # Write a sample grid (TensorBoard + PNG) every N steps; 0 = only at the end.
+  c.train.nonfinite = "halt"  # Loss/grad norm not finite: "halt" stops the run, "skip" drops the update and goes on.
+  c.train.eval_at_end = True  # Score fresh prompts with ShapesEval after the last step.
+
+  # --- Sampling (periodic grids, the end-of-training eval and `python -m rflow_jax.sample`) ------------------------
+  c.sample = ml_collections.ConfigDict()
+  c.sample.num_steps = 25  # ODE steps.
+  c.sample.cfg_scale = 3.0  # Classifier-free guidance scale g (v = v_u + g·(v_c − v_u)); 1 = no guidance.
+  c.sample.shift = 1.0  # Timestep shift α of the sampling schedule.
+  c.sample.solver = "euler"  # "euler" (see rflow_jax/sampling/solvers.py for the rest).
+  c.sample.schedule = "shifted_linear"  # "shifted_linear" | "diffusers" (FlowMatchEulerDiscreteScheduler's grid).
+  c.sample.use_ema = True  # Sample with EMA parameters.
+  c.sample.batch_size = 40  # Prompts per jitted sampling call.
+  c.sample.eval_per_kind = 40  # ShapesEval prompts per scene kind (single, position, counting).
+  c.sample.eval_seed = 7  # Seed of the fresh ShapesEval prompts and their noise.
+  c.sample.grid_prompts = (  # Fixed prompts of the periodic sample grid.
+      "a red circle", "a blue square", "a green triangle", "a yellow circle",
+      "a magenta square to the left of a cyan circle", "a red triangle above a blue circle",
+      "two green squares", "three yellow circles",
+  )
+
+  # --- Sharding ---------------------------------------------------------------------------------------------------
+  c.sharding = ml_collections.ConfigDict()
+  c.sharding.mesh_shape = (-1, 1, 1)  # Sizes of the mesh axes (data, fsdp, tensor); one -1 takes the rest.
+  c.sharding.rules = "fsdp"  # Logical-axis rule preset: "dp" | "fsdp" | "fsdp_tp" (rflow_jax/sharding/rules.py).
+
+  # --- Checkpointing -------------------------------------------------------------------------------------------------
+  c.ckpt = ml_collections.ConfigDict()
+  c.ckpt.async_save = True  # Write checkpoints in a background thread while training continues.
+
+  # --- Runtime --------------------------------------------------------------------------------------------------------
+  c.runtime = ml_collections.ConfigDict()
+  c.runtime.debug_nans = False  # jax_debug_nans (slow; for hunting a NaN).
+  return c

@@ -1,0 +1,70 @@
+"""Shared pieces of the command-line entry points: one-line errors, and a sampler rebuilt from a workdir."""
+
+import contextlib
+import json
+import os
+import sys
+
+import ml_collections
+
+# Errors a user can cause with bad input; the CLIs print them as one line (no traceback) and exit 2.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, UnicodeDecodeError)
+
+
+@contextlib.contextmanager
+def clean_errors():
+  """Turns user errors into `error: <message>` on stderr and exit status 2."""
+  try:
+    yield
+  except USER_ERRORS as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_flags(argv):
+  """absl flag parsing with one-line errors: an unknown `--config.x` key or a value of the wrong type exits 2.
+
+  Use as `app.run(main, flags_parser=parse_flags)`.
+  """
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f"error: {e}", file=sys.stderr)
+  except (AttributeError, KeyError) as e:  # ml_collections' report of an override naming no config field.
+    bad = [a for a in argv[1:] if a.startswith("--config.")]
+    print(f"error: unknown config key {str(e).strip(chr(34))} in {' '.join(bad)}", file=sys.stderr)
+  sys.exit(2)
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The resolved config a training run saved to WORKDIR/config.json."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"--workdir={workdir!r} has no config.json: not a rflow_jax training workdir")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def load_sampler(workdir: str, *, steps=None, cfg=None, use_ema: bool = True):
+  """Rebuilds (sampler, params, text_params, config, step) from a workdir without importing the trainer."""
+  from rflow_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from rflow_jax.flow import formulations  # pylint: disable=g-import-not-at-top
+  from rflow_jax.model import mmdit, text_encoders  # pylint: disable=g-import-not-at-top
+  from rflow_jax.sampling import pipeline  # pylint: disable=g-import-not-at-top
+  from rflow_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
+
+  config = load_config(workdir)
+  if steps is not None:
+    config.sample.num_steps = steps
+  if cfg is not None:
+    config.sample.cfg_scale = cfg
+  config.sample.use_ema = use_ema
+  config_lib.validate_sampling(config.sample)  # Before restoring or compiling anything.
+  params, text_params, step = checkpoint.restore_params(workdir, use_ema=use_ema)
+  tokenizer, text_stack = text_encoders.build(config.text)
+  sampler = pipeline.Sampler(
+      model=mmdit.MMDiT(**config_lib.model_kwargs(config)), text_stack=text_stack, tokenizer=tokenizer,
+      formulation=formulations.get(config.flow.formulation, shift=config.flow.shift), sample_config=config.sample,
+      image_shape=(config.data.image_size, config.data.image_size, config.model.in_channels))
+  return sampler, params, text_params, config, step

@@ -1,0 +1,84 @@
+"""Validation of a resolved config and the few values derived from it (one place for both).
+
+`validate` runs before anything is built or compiled, so a bad value costs one clear line, not a traceback after a
+minute of compilation. Defaults are not here: they live in configs/base.py.
+"""
+
+import jax
+import jax.numpy as jnp
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+NONFINITE_POLICIES = ("halt", "skip")
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the field and the value."""
+
+
+def _require(ok: bool, message: str):
+  if not ok:
+    raise ConfigError(message)
+
+
+def validate(config) -> None:
+  """Raises ConfigError naming the first bad field; checks cross-field constraints no flag parser can."""
+  # Imported here so that configs can be validated without importing the model code at module import.
+  from rflow_jax.data import registry as data_registry
+  from rflow_jax.flow import formulations
+  from rflow_jax.sampling import schedules, solvers
+  from rflow_jax.sharding import rules
+
+  m, d, t = config.model, config.data, config.train
+  _require(d.name in data_registry.SOURCES, f"data.name={d.name!r} is not a dataset; valid: {sorted(data_registry.SOURCES)}")
+  _require(m.patch_size > 0 and d.image_size % m.patch_size == 0,
+           f"data.image_size={d.image_size} is not divisible by model.patch_size={m.patch_size}")
+  grid = d.image_size // m.patch_size
+  _require(grid <= m.pos_embed_max_size,
+           f"data.image_size={d.image_size} gives a {grid}×{grid} patch grid, larger than "
+           f"model.pos_embed_max_size={m.pos_embed_max_size}")
+  _require(m.num_heads > 0 and m.hidden_size % m.num_heads == 0,
+           f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}")
+  _require(m.qk_norm in (None, "rms_norm"), f"model.qk_norm={m.qk_norm!r}; valid: None, 'rms_norm'")
+  _require(m.dtype in DTYPES, f"model.dtype={m.dtype!r}; valid: {sorted(DTYPES)}")
+  _require(config.text.width % config.text.num_heads == 0,
+           f"text.width={config.text.width} is not divisible by text.num_heads={config.text.num_heads}")
+  _require(0.0 <= config.text.drop_prob < 1.0, f"text.drop_prob={config.text.drop_prob} must be in [0, 1)")
+  try:
+    formulations.get(config.flow.formulation, shift=config.flow.shift)
+  except ValueError as e:
+    raise ConfigError(f"flow.formulation: {e}") from None
+  for name in ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints", "global_batch_size"):
+    _require(t[name] > 0, f"train.{name}={t[name]} must be positive")
+  _require(t.sample_every >= 0, f"train.sample_every={t.sample_every} must be >= 0")
+  _require(t.nonfinite in NONFINITE_POLICIES, f"train.nonfinite={t.nonfinite!r}; valid: {NONFINITE_POLICIES}")
+  _require(t.global_batch_size % jax.process_count() == 0,
+           f"train.global_batch_size={t.global_batch_size} is not divisible by the {jax.process_count()} processes")
+  _require(config.optim.warmup_steps >= 0, f"optim.warmup_steps={config.optim.warmup_steps} must be >= 0")
+  _require(0.0 <= config.optim.ema_decay < 1.0, f"optim.ema_decay={config.optim.ema_decay} must be in [0, 1)")
+  validate_sampling(config.sample, schedules, solvers)
+  try:
+    rules.get_rules(config.sharding.rules)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+
+
+def validate_sampling(sample, schedules=None, solvers=None) -> None:
+  """Checks `config.sample` (also used by the sampling CLI for its flag overrides)."""
+  if schedules is None:
+    from rflow_jax.sampling import schedules, solvers  # pylint: disable=g-import-not-at-top,redefined-outer-name
+  _require(sample.num_steps > 0, f"sample.num_steps={sample.num_steps} must be positive")
+  _require(sample.cfg_scale >= 0, f"sample.cfg_scale={sample.cfg_scale} must be >= 0 (1 = no guidance)")
+  _require(sample.shift > 0, f"sample.shift={sample.shift} must be positive")
+  _require(sample.solver in solvers.SOLVERS, f"sample.solver={sample.solver!r}; valid: {sorted(solvers.SOLVERS)}")
+  _require(sample.schedule in schedules.STYLES,
+           f"sample.schedule={sample.schedule!r}; valid: {sorted(schedules.STYLES)}")
+  _require(sample.batch_size > 0, f"sample.batch_size={sample.batch_size} must be positive")
+
+
+def model_kwargs(config) -> dict:
+  """MMDiT constructor arguments: config.model plus the widths the text stack dictates."""
+  kwargs = dict(config.model)
+  kwargs["dtype"] = DTYPES[kwargs["dtype"]]
+  kwargs["context_dim"] = config.text.width
+  kwargs["pooled_dim"] = config.text.width
+  return kwargs

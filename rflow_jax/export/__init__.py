@@ -1,0 +1,6 @@
+"""Interop with PyTorch checkpoints: diffusers and the original SD3 layouts.
+
+All layout differences between our Flax param tree and the PyTorch state
+dicts live in `rflow_jax.export.diffusers` (and the key renaming for the
+original single-file layout in `rflow_jax.export.original`).
+"""

@@ -1,0 +1,61 @@
+"""Training entry point.
+
+  python -m rflow_jax.main --config=configs/quickstart.py --workdir=runs/quickstart [--config.train.num_steps=100]
+
+Multi-process (one process per host): on TPU VMs and SLURM, jax.distributed finds its peers by itself
+(--distributed=auto); elsewhere pass --coordinator_address, --num_processes and --process_id.
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file (with optional :arg).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Where config.json, checkpoints, TensorBoard events and samples go.")
+flags.DEFINE_enum("distributed", "off", ["off", "auto", "explicit"],
+                  "jax.distributed.initialize: off (one process), auto (TPU/SLURM detection), explicit (flags below).")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (with --distributed=explicit).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (with --distributed=explicit).")
+flags.DEFINE_integer("process_id", None, "This process's index (with --distributed=explicit).")
+flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FLAGS
+
+
+def _init_distributed():
+  import jax  # pylint: disable=g-import-not-at-top
+  if FLAGS.distributed == "auto":
+    jax.distributed.initialize()
+  elif FLAGS.distributed == "explicit":
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address, num_processes=FLAGS.num_processes,
+                               process_id=FLAGS.process_id)
+
+
+def _quiet_orbax():
+  """Orbax logs every file it writes at INFO; keep the console to the trainer's own lines and warnings."""
+  import logging as py_logging  # pylint: disable=g-import-not-at-top
+  handler = logging.get_absl_handler()
+  handler.addFilter(lambda r: r.levelno >= py_logging.WARNING or "/orbax/" not in r.pathname)
+
+
+def main(argv):
+  del argv
+  _quiet_orbax()
+  # TensorFlow (imported by CLU's writers) must never take accelerator memory from JAX.
+  try:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    tf.config.set_visible_devices([], "GPU")
+  except ImportError:
+    pass
+  from rflow_jax import cli, config_lib  # pylint: disable=g-import-not-at-top
+  from rflow_jax.train import trainer  # pylint: disable=g-import-not-at-top
+  _init_distributed()
+  with cli.clean_errors():
+    try:
+      results = trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except config_lib.ConfigError as e:
+      raise ValueError(f"bad config: {e}") from None
+  logging.info("Final: %s", results)
+
+
+if __name__ == "__main__":
+  from rflow_jax import cli as _cli  # pylint: disable=g-import-not-at-top
+  app.run(main, flags_parser=_cli.parse_flags)

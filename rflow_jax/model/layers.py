@@ -1,0 +1,184 @@
+"""Building blocks of the MM-DiT: Dense, norms, MLP, attention dispatch.
+
+Every param is created through `nn.with_logical_partitioning` with names from
+this small vocabulary (the sharding rules map them to mesh axes):
+
+  "embed"       model width H (residual stream).
+  "mlp"         hidden width of an MLP (4H in blocks, H in the embedder MLPs).
+  "heads"       flattened num_heads * head_dim of q/k/v and the attention
+                output projection's input.
+  "kv"          head_dim (per-head RMSNorm scale).
+  "modulation"  n * H outputs of an adaLN modulation Dense.
+  "patch"       p * p * C features of a patch (patch-embed input, final
+                projection output).
+  "cond"        input width of a conditioning signal (context tokens, pooled
+                text vector, 256-d timestep frequencies).
+  "pos"         rows of the positional table.
+
+Compute happens in `dtype`; layer/RMS norms, softmax (inside
+`jax.nn.dot_product_attention`) and adaLN modulation arithmetic run in float32
+because they are cheap and the first to lose precision in bfloat16.
+"""
+
+from collections.abc import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Initializer = Callable[..., jax.Array]
+
+# Both norm types in SD3 use this epsilon (diffusers: eps=1e-6 everywhere).
+NORM_EPS = 1e-6
+
+# `MMDiT.attention_impl` -> `implementation` of jax.nn.dot_product_attention.
+ATTENTION_IMPLS: dict[str, str | None] = {
+    "xla": "xla",
+    "cudnn": "cudnn",
+    "auto": None,  # Let JAX pick (cuDNN when available, else XLA).
+}
+
+
+def xavier_uniform(num_out_axes: int = 1) -> Initializer:
+  """Xavier-uniform over a kernel (in, *out): fan_out is the product of outs."""
+  return nn.initializers.xavier_uniform(
+      in_axis=0, out_axis=tuple(range(1, 1 + num_out_axes)))
+
+
+class Dense(nn.Module):
+  """Linear layer y = x @ W + b with logical-axis-annotated params.
+
+  Attributes:
+    features: output features; a tuple gives a multi-axis output (e.g. (3, H)
+      for a fused qkv projection).
+    kernel_axes: logical names of the kernel, (in_axis, *feature_axes).
+    kernel_init: initializer of the kernel (in, *features).
+    bias_init: initializer of the bias (*features,).
+    dtype: compute dtype (inputs and kernel are cast to it).
+    param_dtype: storage dtype of the params.
+  """
+  features: int | tuple[int, ...]
+  kernel_axes: tuple[str | None, ...]
+  kernel_init: Initializer = xavier_uniform()
+  bias_init: Initializer = nn.initializers.zeros_init()
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    features = ((self.features,) if isinstance(self.features, int)
+                else tuple(self.features))
+    if len(self.kernel_axes) != 1 + len(features):
+      raise ValueError(f"kernel_axes {self.kernel_axes} must name the input "
+                       f"axis and each of the features {features}")
+    kernel = self.param(
+        "kernel",
+        nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
+        (x.shape[-1],) + features, self.param_dtype)
+    bias = self.param(
+        "bias", nn.with_logical_partitioning(self.bias_init,
+                                             self.kernel_axes[1:]),
+        features, self.param_dtype)
+    x = x.astype(self.dtype)
+    y = jax.lax.dot_general(
+        x, kernel.astype(self.dtype),
+        (((x.ndim - 1,), (0,)), ((), ())))  # (..., *features)
+    return y + bias.astype(self.dtype)
+
+
+def layer_norm(x: jax.Array, eps: float = NORM_EPS) -> jax.Array:
+  """LayerNorm without affine params, computed and returned in float32."""
+  x = x.astype(jnp.float32)
+  mean = jnp.mean(x, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+  return (x - mean) * jax.lax.rsqrt(var + eps)
+
+
+def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+  """adaLN modulation x * (1 + scale) + shift.
+
+  Args:
+    x: (B, T, D) normalised tokens.
+    shift: (B, D).
+    scale: (B, D).
+
+  Returns:
+    (B, T, D) modulated tokens.
+  """
+  return x * (1.0 + scale[:, None, :]) + shift[:, None, :]
+
+
+class RMSNorm(nn.Module):
+  """RMSNorm over the last axis with a learnable scale (the SD3 qk-norm).
+
+  Computed in float32; the result is cast back to the input dtype.
+  """
+  eps: float = NORM_EPS
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.param(
+        "scale", nn.with_logical_partitioning(nn.initializers.ones_init(),
+                                              ("kv",)),
+        (x.shape[-1],), self.param_dtype)
+    y = x.astype(jnp.float32)
+    y = y * jax.lax.rsqrt(jnp.mean(jnp.square(y), axis=-1, keepdims=True)
+                          + self.eps)
+    return (y * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+class Mlp(nn.Module):
+  """Transformer MLP: Dense(H -> hidden) - GELU(tanh) - Dense(hidden -> H)."""
+  hidden_features: int
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    width = x.shape[-1]
+    h = Dense(self.hidden_features, ("embed", "mlp"), dtype=self.dtype,
+              param_dtype=self.param_dtype, name="fc1")(x)  # (B, T, F)
+    h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
+    h = jax.nn.gelu(h, approximate=True)
+    return Dense(width, ("mlp", "embed"), dtype=self.dtype,
+                 param_dtype=self.param_dtype, name="fc2")(h)  # (B, T, H)
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                          impl: str) -> jax.Array:
+  """Unmasked softmax attention on (B, T, N, D) arrays, scale 1/sqrt(D).
+
+  Args:
+    q: queries (B, T, N, D).
+    k: keys (B, S, N, D).
+    v: values (B, S, N, D).
+    impl: a key of `ATTENTION_IMPLS`.
+
+  Returns:
+    (B, T, N, D) attention output in the dtype of q.
+  """
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f"attention_impl={impl!r} is not one of "
+                     f"{sorted(ATTENTION_IMPLS)}")
+  return jax.nn.dot_product_attention(
+      q, k, v, implementation=ATTENTION_IMPLS[impl])
+
+
+def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
+  """(..., N*D) -> (..., N, D)."""
+  return x.reshape(x.shape[:-1] + (num_heads, x.shape[-1] // num_heads))
+
+
+def check_divisible(name: str, value: int, divisor_name: str,
+                    divisor: int) -> None:
+  """Raises a ValueError naming both values if divisor does not divide value."""
+  if divisor <= 0 or value % divisor:
+    raise ValueError(f"{name}={value} must be divisible by "
+                     f"{divisor_name}={divisor}")
+
+
+def check_in(name: str, value: object, allowed: Sequence[object]) -> None:
+  """Raises a ValueError naming the bad value if it is not allowed."""
+  if value not in allowed:
+    raise ValueError(f"{name}={value!r} is not one of {list(allowed)}")

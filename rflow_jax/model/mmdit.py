@@ -1,0 +1,517 @@
+"""MM-DiT backbone of Stable Diffusion 3 / 3.5 (Esser et al. 2024), Flax Linen.
+
+Numerically the same function as diffusers' `SD3Transformer2DModel` (parity is
+tested in tests/export_diffusers_test.py); weights convert exactly with
+`rflow_jax.export.diffusers`. The param tree mirrors the original SD3 layout:
+
+  pos_embed            (M*M, H) 2D sin-cos table. A *param* so that imported
+                       tables replace it, but it is NOT meant to be trained:
+                       the optimizer should freeze the top-level `pos_embed`.
+  patch_embed          Dense(p*p*C -> H)  (a stride-p conv on patches)
+  t_embedder/fc1,fc2   timestep MLP; y_embedder/fc1,fc2 pooled-text MLP
+  context_embedder     Dense(context_dim -> H)
+  blocks_{i}/x, blocks_{i}/context   the two streams of joint block i:
+      modulation       Dense(H -> n*H), chunks (shift_msa, scale_msa,
+                       gate_msa, shift_mlp, scale_mlp, gate_mlp[, shift_msa2,
+                       scale_msa2, gate_msa2]); (shift, scale) in the last
+                       block's context stream.
+      attn/qkv         Dense(H -> (3, H)); attn/q_norm, attn/k_norm RMSNorm;
+      attn/proj        Dense(H -> H); attn2/... (dual-attention layers);
+      mlp/fc1, mlp/fc2
+  final_layer/modulation (shift, scale), final_layer/proj Dense(H -> p*p*out)
+
+Images are NHWC; the output is the velocity v = eps - x0 in float32.
+"""
+
+from collections.abc import Sequence
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rflow_jax.model import embeddings
+from rflow_jax.model import layers
+
+QK_NORMS = (None, "rms_norm")
+
+# `MMDiT.remat` -> jax.checkpoint policy (None: save nothing, recompute all).
+REMAT_POLICIES: dict[str, Any] = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+REMAT_CHOICES = ("none",) + tuple(REMAT_POLICIES)
+
+_ZEROS = nn.initializers.zeros_init()
+
+
+class Attention(nn.Module):
+  """Projections of one attention (q, k, v with optional qk-norm, and out).
+
+  The softmax itself happens in the caller because joint attention mixes the
+  q/k/v of two streams.
+  """
+  hidden_size: int
+  num_heads: int
+  qk_norm: str | None
+  has_out: bool
+  dtype: jnp.dtype
+  param_dtype: jnp.dtype
+
+  def setup(self):
+    self.qkv = layers.Dense(
+        (3, self.hidden_size), ("embed", None, "heads"),
+        kernel_init=layers.xavier_uniform(num_out_axes=2), dtype=self.dtype,
+        param_dtype=self.param_dtype)
+    if self.qk_norm == "rms_norm":
+      self.q_norm = layers.RMSNorm(param_dtype=self.param_dtype)
+      self.k_norm = layers.RMSNorm(param_dtype=self.param_dtype)
+    if self.has_out:
+      self.proj = layers.Dense(self.hidden_size, ("heads", "embed"),
+                               dtype=self.dtype, param_dtype=self.param_dtype)
+
+  def project_qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(B, T, H) -> q, k, v each (B, T, N, D)."""
+    qkv = layers.split_heads(self.qkv(x), self.num_heads)  # (B, T, 3, N, D)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    if self.qk_norm == "rms_norm":
+      q, k = self.q_norm(q), self.k_norm(k)
+    return q, k, v
+
+  def project_out(self, y: jax.Array) -> jax.Array:
+    """(B, T, N, D) -> (B, T, H)."""
+    return self.proj(y.reshape(y.shape[:2] + (self.hidden_size,)))
+
+
+class Stream(nn.Module):
+  """One modality's weights in a joint block (the original's DismantledBlock).
+
+  Attributes:
+    pre_only: the last block's context stream: only q, k, v are computed and
+      the modulation has 2 chunks (shift, scale).
+    dual_attention: SD3.5 x stream with a second, image-only self-attention
+      (9 modulation chunks).
+  """
+  hidden_size: int
+  num_heads: int
+  mlp_ratio: float
+  qk_norm: str | None
+  pre_only: bool
+  dual_attention: bool
+  attention_impl: str
+  dtype: jnp.dtype
+  param_dtype: jnp.dtype
+
+  def setup(self):
+    n = 2 if self.pre_only else (9 if self.dual_attention else 6)
+    # adaLN-zero: a zero modulation makes every block the identity at init.
+    self.modulation = layers.Dense(
+        n * self.hidden_size, ("embed", "modulation"), kernel_init=_ZEROS,
+        dtype=jnp.float32, param_dtype=self.param_dtype)
+    attn = functools.partial(
+        Attention, self.hidden_size, self.num_heads, self.qk_norm,
+        dtype=self.dtype, param_dtype=self.param_dtype)
+    self.attn = attn(has_out=not self.pre_only)
+    if self.dual_attention:
+      self.attn2 = attn(has_out=True)
+    if not self.pre_only:
+      self.mlp = layers.Mlp(int(self.hidden_size * self.mlp_ratio),
+                            dtype=self.dtype, param_dtype=self.param_dtype)
+
+  def pre_attention(self, x: jax.Array, c: jax.Array):
+    """Modulated LayerNorm and q, k, v of the joint attention.
+
+    Args:
+      x: (B, T, H) stream tokens.
+      c: (B, H) float32 conditioning (t_emb + y_emb).
+
+    Returns:
+      (q, k, v) each (B, T, N, D), and the modulation chunks [(B, H)] plus,
+      for dual attention, the image self-attention output as the last item.
+    """
+    mods = jnp.split(self.modulation(nn.silu(c)),
+                     self.modulation.features // self.hidden_size,
+                     axis=-1)  # n x (B, H) float32
+    normed = layers.layer_norm(x)  # (B, T, H) float32
+    x_in = layers.modulate(normed, mods[0], mods[1]).astype(self.dtype)
+    qkv = self.attn.project_qkv(x_in)
+    if self.dual_attention:
+      x_in2 = layers.modulate(normed, mods[6], mods[7]).astype(self.dtype)
+      q, k, v = self.attn2.project_qkv(x_in2)
+      out2 = layers.dot_product_attention(q, k, v, self.attention_impl)
+      mods = mods + [self.attn2.project_out(out2)]  # (B, T, H)
+    return qkv, mods
+
+  def post_attention(self, x: jax.Array, attn_out: jax.Array,
+                     mods: Sequence[jax.Array]) -> jax.Array:
+    """Gated residual attention output, then the gated residual MLP.
+
+    Args:
+      x: (B, T, H) stream tokens before the block.
+      attn_out: (B, T, N, D) this stream's slice of the joint attention.
+      mods: second output of `pre_attention`.
+
+    Returns:
+      (B, T, H) updated tokens in `dtype`.
+    """
+    _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods[:6]
+    h = self.attn.project_out(attn_out)  # (B, T, H)
+    # Gating and residual adds in float32 (cheap, elementwise, fused by XLA).
+    x = x.astype(jnp.float32) + gate_msa[:, None] * h.astype(jnp.float32)
+    if self.dual_attention:
+      x = x + mods[8][:, None] * mods[9].astype(jnp.float32)
+    x_in = layers.modulate(layers.layer_norm(x), shift_mlp, scale_mlp)
+    h = self.mlp(x_in.astype(self.dtype))  # (B, T, H)
+    x = x + gate_mlp[:, None] * h.astype(jnp.float32)
+    return x.astype(self.dtype)
+
+
+class JointBlock(nn.Module):
+  """MM-DiT block: two streams, one attention over their concatenated tokens."""
+  hidden_size: int
+  num_heads: int
+  mlp_ratio: float
+  qk_norm: str | None
+  context_pre_only: bool
+  dual_attention: bool
+  attention_impl: str
+  dtype: jnp.dtype
+  param_dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x: jax.Array, ctx: jax.Array,
+               c: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x (B, T, H), ctx (B, L, H), c (B, H) -> updated (x, ctx).
+
+    The last block (context_pre_only) returns ctx unchanged: its context
+    output is never used.
+    """
+    stream = functools.partial(
+        Stream, self.hidden_size, self.num_heads, self.mlp_ratio, self.qk_norm,
+        attention_impl=self.attention_impl, dtype=self.dtype,
+        param_dtype=self.param_dtype)
+    x_stream = stream(pre_only=False, dual_attention=self.dual_attention,
+                      name="x")
+    ctx_stream = stream(pre_only=self.context_pre_only, dual_attention=False,
+                        name="context")
+    (xq, xk, xv), x_mods = x_stream.pre_attention(x, c)
+    (cq, ck, cv), ctx_mods = ctx_stream.pre_attention(ctx, c)
+    # Image tokens first, as diffusers does (order is irrelevant without mask).
+    q = jnp.concatenate([xq, cq], axis=1)  # (B, T+L, N, D)
+    k = jnp.concatenate([xk, ck], axis=1)
+    v = jnp.concatenate([xv, cv], axis=1)
+    out = layers.dot_product_attention(q, k, v, self.attention_impl)
+    t = x.shape[1]
+    x = x_stream.post_attention(x, out[:, :t], x_mods)
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    if not self.context_pre_only:
+      ctx = ctx_stream.post_attention(ctx, out[:, t:], ctx_mods)
+      ctx = nn.with_logical_constraint(ctx, ("batch", "length", "embed"))
+    return x, ctx
+
+
+class FinalLayer(nn.Module):
+  """adaLN (shift, scale) on LayerNorm, then Dense(H -> p*p*out)."""
+  patch_features: int
+  dtype: jnp.dtype
+  param_dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
+    hidden = x.shape[-1]
+    mods = layers.Dense(2 * hidden, ("embed", "modulation"), kernel_init=_ZEROS,
+                        dtype=jnp.float32, param_dtype=self.param_dtype,
+                        name="modulation")(nn.silu(c))  # (B, 2H)
+    shift, scale = jnp.split(mods, 2, axis=-1)
+    x = layers.modulate(layers.layer_norm(x), shift, scale).astype(self.dtype)
+    return layers.Dense(self.patch_features, ("embed", "patch"),
+                        kernel_init=_ZEROS, dtype=self.dtype,
+                        param_dtype=self.param_dtype, name="proj")(x)
+
+
+def _pos_table_init(hidden_size: int, max_size: int, base_size: int):
+  """Initializer returning the fixed 2D sin-cos table; ignores the rng."""
+  def init(rng, shape, dtype=jnp.float32):
+    del rng
+    if shape != (max_size * max_size, hidden_size):
+      raise ValueError(f"pos table shape {shape} != "
+                       f"{(max_size * max_size, hidden_size)}")
+    return embeddings.sincos_2d_table(hidden_size, max_size, base_size,
+                                      xp=jnp).astype(dtype)
+  return init
+
+
+class MMDiT(nn.Module):
+  """SD3 MM-DiT predicting the rectified-flow velocity.
+
+  Attributes:
+    patch_size: p; latents are cut into p x p patches.
+    in_channels: latent channels C.
+    out_channels: predicted channels; None means in_channels.
+    hidden_size: model width H (64 * depth in the SD3 family).
+    depth: number of joint blocks; the last one is context_pre_only.
+    num_heads: attention heads (head_dim = H / num_heads).
+    mlp_ratio: MLP hidden width / H.
+    context_dim: width of the input context tokens (joint_attention_dim).
+    pooled_dim: width of the pooled text vector.
+    pos_embed_max_size: M; the (M*M, H) table is center-cropped to the patch
+      grid.
+    pos_embed_base: grid units of the base resolution in the sin-cos init
+      (diffusers: sample_size // patch_size = 64 for SD3).
+    qk_norm: None or "rms_norm" (per-head RMSNorm of q and k).
+    dual_attention_layers: indices of SD3.5 blocks with a second image-only
+      self-attention.
+    dtype: compute dtype.
+    param_dtype: storage dtype.
+    scan_blocks: nn.scan over runs of identical blocks (see block_groups);
+      the group's params get a leading layer axis (stack_blocks converts).
+    remat: "none" or a key of REMAT_POLICIES; rematerialises each block.
+    attention_impl: a key of layers.ATTENTION_IMPLS.
+  """
+  patch_size: int = 2
+  in_channels: int = 16
+  out_channels: int | None = None
+  hidden_size: int = 1536
+  depth: int = 24
+  num_heads: int = 24
+  mlp_ratio: float = 4.0
+  context_dim: int = 4096
+  pooled_dim: int = 2048
+  pos_embed_max_size: int = 192
+  qk_norm: str | None = None
+  dual_attention_layers: tuple[int, ...] = ()
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+  scan_blocks: bool = False
+  remat: str = "none"
+  attention_impl: str = "xla"
+  pos_embed_base: int = 64
+
+  @property
+  def output_channels(self) -> int:
+    return self.in_channels if self.out_channels is None else self.out_channels
+
+  def check_config(self) -> None:
+    """Raises ValueError naming the first inconsistent attribute."""
+    layers.check_divisible("hidden_size", self.hidden_size, "num_heads",
+                           self.num_heads)
+    layers.check_divisible("hidden_size", self.hidden_size, "4", 4)
+    layers.check_in("qk_norm", self.qk_norm, QK_NORMS)
+    layers.check_in("remat", self.remat, REMAT_CHOICES)
+    layers.check_in("attention_impl", self.attention_impl,
+                    tuple(layers.ATTENTION_IMPLS))
+    if self.depth < 1:
+      raise ValueError(f"depth={self.depth} must be >= 1")
+    bad = [i for i in self.dual_attention_layers if not 0 <= i < self.depth]
+    if bad:
+      raise ValueError(f"dual_attention_layers {bad} outside [0, {self.depth})")
+
+  def _block_class(self, scanned: bool):
+    if self.remat == "none":
+      return JointBlock
+    # Inside scan the loop boundary already prevents XLA from CSE-ing the
+    # recomputation away, and prevent_cse would block useful fusions.
+    return nn.remat(JointBlock, policy=REMAT_POLICIES[self.remat],
+                    prevent_cse=not scanned)
+
+  def _blocks(self, tokens: jax.Array, ctx: jax.Array,
+              c: jax.Array) -> jax.Array:
+    """Runs the joint blocks, scanning runs of identical blocks if asked."""
+    for start, stop in block_groups(self):
+      scanned = self.scan_blocks and stop - start > 1
+      block = self._block_class(scanned)(
+          self.hidden_size, self.num_heads, self.mlp_ratio, self.qk_norm,
+          context_pre_only=start == self.depth - 1,
+          dual_attention=start in self.dual_attention_layers,
+          attention_impl=self.attention_impl, dtype=self.dtype,
+          param_dtype=self.param_dtype,
+          name=block_name(start, stop))
+      if not scanned:  # A group of one block.
+        tokens, ctx = block(tokens, ctx, c)
+        continue
+      # Params of the run are stacked on a new leading axis (logical name
+      # None: layers are not sharded).
+      tokens, ctx = nn.scan(
+          lambda mdl, carry, c: (mdl(*carry, c), None),
+          variable_axes={"params": 0}, split_rngs={"params": True},
+          in_axes=nn.broadcast, length=stop - start,
+          metadata_params={nn.PARTITION_NAME: None})(block, (tokens, ctx),
+                                                      c)[0]
+    return tokens
+
+  @nn.compact
+  def __call__(self, x: jax.Array, t: jax.Array, context: jax.Array,
+               pooled: jax.Array) -> jax.Array:
+    """Predicts the velocity.
+
+    Args:
+      x: (B, H, W, C) noisy latents x_t, NHWC.
+      t: (B,) times in [0, 1] (0 data, 1 noise).
+      context: (B, L, context_dim) text tokens.
+      pooled: (B, pooled_dim) pooled text vector.
+
+    Returns:
+      (B, H, W, out_channels) float32 velocity.
+    """
+    self.check_config()
+    p, width = self.patch_size, self.hidden_size
+    dense = functools.partial(layers.Dense, dtype=self.dtype,
+                              param_dtype=self.param_dtype)
+
+    patches = embeddings.patchify(x, p)  # (B, h, w, p*p*C)
+    b, h, w, _ = patches.shape
+    tokens = dense(width, ("patch", "embed"), name="patch_embed")(
+        patches.reshape(b, h * w, -1))  # (B, T, H)
+    table = self.param(
+        "pos_embed",
+        nn.with_logical_partitioning(
+            _pos_table_init(width, self.pos_embed_max_size,
+                            self.pos_embed_base), ("pos", "embed")),
+        (self.pos_embed_max_size**2, width), self.param_dtype)
+    pos = embeddings.crop_pos_table(table, self.pos_embed_max_size, h, w)
+    tokens = tokens + pos.astype(self.dtype)[None]  # (B, T, H)
+    tokens = nn.with_logical_constraint(tokens, ("batch", "length", "embed"))
+
+    t_freq = embeddings.timestep_embedding(t)  # (B, 256)
+    c = embeddings.MlpEmbedder(
+        width, kernel_init=nn.initializers.normal(0.02),
+        param_dtype=self.param_dtype, name="t_embedder")(t_freq)  # (B, H)
+    c = c + embeddings.MlpEmbedder(
+        width, param_dtype=self.param_dtype,
+        name="y_embedder")(pooled.astype(jnp.float32))  # (B, H)
+
+    ctx = dense(width, ("cond", "embed"), name="context_embedder")(context)
+    ctx = nn.with_logical_constraint(ctx, ("batch", "length", "embed"))
+
+    tokens = self._blocks(tokens, ctx, c)  # (B, T, H)
+    out = FinalLayer(p * p * self.output_channels, dtype=self.dtype,
+                     param_dtype=self.param_dtype,
+                     name="final_layer")(tokens, c)  # (B, T, p*p*out)
+    out = embeddings.unpatchify(out.reshape(b, h, w, -1), p,
+                                self.output_channels)
+    return out.astype(jnp.float32)  # (B, H, W, out)
+
+
+def block_groups(model: MMDiT) -> list[tuple[int, int]]:
+  """[start, stop) runs of blocks that scan together.
+
+  Without scan_blocks every block is its own group. With it, maximal runs of
+  blocks of the same kind (dual-attention or not; the context_pre_only last
+  block is always alone) form one group.
+  """
+  if not model.scan_blocks:
+    return [(i, i + 1) for i in range(model.depth)]
+  kind = lambda i: (i in model.dual_attention_layers, i == model.depth - 1)
+  groups, start = [], 0
+  for i in range(1, model.depth + 1):
+    if i == model.depth or kind(i) != kind(start):
+      groups.append((start, i))
+      start = i
+  return groups
+
+
+def block_name(start: int, stop: int) -> str:
+  """Param name of the group [start, stop): blocks_3, or blocks_0_12 (scan)."""
+  if stop == start + 1:
+    return f"blocks_{start}"
+  return f"blocks_{start}_{stop - 1}"
+
+
+def _stack(leaves):
+  if all(isinstance(a, np.ndarray) for a in leaves):
+    return np.stack(leaves)
+  return jnp.stack(leaves)
+
+
+def stack_blocks(params: dict[str, Any], model: MMDiT) -> dict[str, Any]:
+  """Unscanned (blocks_i) params -> the layout of `model` (scanned groups).
+
+  Args:
+    params: unboxed params of model.clone(scan_blocks=False).
+    model: the target model; returned unchanged if it does not scan.
+
+  Returns:
+    A new top-level dict; scanned groups have a leading layer axis.
+  """
+  out = {k: v for k, v in params.items() if not k.startswith("blocks_")}
+  for start, stop in block_groups(model):
+    blocks = [params[f"blocks_{i}"] for i in range(start, stop)]
+    out[block_name(start, stop)] = (
+        blocks[0] if len(blocks) == 1 else jax.tree.map(
+            lambda *xs: _stack(xs), *blocks))
+  return out
+
+
+def unstack_blocks(params: dict[str, Any], model: MMDiT) -> dict[str, Any]:
+  """Inverse of `stack_blocks`: params of `model` -> blocks_i layout."""
+  out = {k: v for k, v in params.items() if not k.startswith("blocks_")}
+  for start, stop in block_groups(model):
+    group = params[block_name(start, stop)]
+    if stop - start == 1:
+      out[f"blocks_{start}"] = group
+      continue
+    for i in range(start, stop):
+      out[f"blocks_{i}"] = jax.tree.map(lambda a, j=i - start: a[j], group)
+  return out
+
+
+def _depth_variant(d: int) -> dict[str, Any]:
+  return dict(depth=d, hidden_size=64 * d, num_heads=d)
+
+
+# Named configurations. "dN": the paper's scaling family (width 64*d, d heads,
+# head_dim 64); presets: the released SD3 / SD3.5 transformers (spec §7).
+VARIANTS: dict[str, dict[str, Any]] = {
+    **{f"d{d}": _depth_variant(d) for d in range(2, 39)},
+    "sd3-medium": dict(_depth_variant(24), pos_embed_max_size=192,
+                       qk_norm=None, dual_attention_layers=()),
+    "sd3.5-medium": dict(_depth_variant(24), pos_embed_max_size=384,
+                         qk_norm="rms_norm",
+                         dual_attention_layers=tuple(range(13))),
+    "sd3.5-large": dict(_depth_variant(38), pos_embed_max_size=192,
+                        qk_norm="rms_norm", dual_attention_layers=()),
+}
+
+
+def variant(name: str) -> dict[str, Any]:
+  """MMDiT constructor kwargs of a named variant ("d24", "sd3.5-large", ...).
+
+  Args:
+    name: a key of VARIANTS.
+
+  Returns:
+    A fresh dict, e.g. `MMDiT(**variant("d24"), in_channels=4)`.
+  """
+  if name not in VARIANTS:
+    raise ValueError(f"unknown MMDiT variant {name!r}; known: "
+                     f"{sorted(VARIANTS)}")
+  return dict(VARIANTS[name])
+
+
+def count_params(model: MMDiT, x_shape: Sequence[int],
+                 context_shape: Sequence[int], pooled_shape: Sequence[int],
+                 include_pos_embed: bool = True) -> int:
+  """Number of parameters, from abstract shapes (allocates nothing).
+
+  Args:
+    model: the module.
+    x_shape: (B, H, W, C) latent shape.
+    context_shape: (B, L, context_dim).
+    pooled_shape: (B, pooled_dim).
+    include_pos_embed: count the (non-trained) positional table too.
+
+  Returns:
+    The parameter count.
+  """
+  f32 = lambda s: jax.ShapeDtypeStruct(tuple(s), jnp.float32)
+  shapes = jax.eval_shape(
+      model.init, jax.random.key(0), f32(x_shape), f32(x_shape[:1]),
+      f32(context_shape), f32(pooled_shape))["params"]
+  shapes = nn.unbox(shapes)
+  if not include_pos_embed:
+    shapes = {k: v for k, v in shapes.items() if k != "pos_embed"}
+  return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(shapes))

@@ -1,0 +1,167 @@
+"""Text conditioning: a word tokenizer and two tiny frozen encoders standing in for CLIP and T5.
+
+Real CLIP/T5 weights cannot be downloaded where rflow_jax is tested, so the built-in tasks use two tiny transformers,
+randomly initialised from `config.text.init_seed` and never trained (like the paper's frozen encoders, so their outputs
+could be precomputed). They are composed exactly as SD3 composes CLIP-L/G and T5 (spec §4):
+
+  * "clip": causal transformer; context = penultimate layer's hidden states (no final norm); pooled = final-norm
+    hidden state at the EOS token.
+  * "t5": bidirectional transformer; context = final-norm hidden states.
+  * context = concat([clip_ctx, t5_ctx], axis=sequence)  # (B, 2L, D); pooled = clip_pooled  # (B, D)
+
+Each encoder's output is zeroed independently with probability `drop_prob` during training (the paper's caption
+dropout for classifier-free guidance); the unconditional input at sampling time is therefore all zeros, matching
+what training saw. The interface (tokens -> (context (B, T, D), pooled (B, P))) is the one the real encoders will have.
+"""
+
+import re
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PAD, BOS, EOS, UNK = 0, 1, 2, 3
+_SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
+# Every word the shapes task can say, in both caption styles; anything else becomes <unk>.
+_WORDS = (
+    ",", "a", "an", "the", "of", "to", "left", "right", "above", "below", "and", "one", "two", "three",
+    "red", "green", "blue", "yellow", "magenta", "cyan",
+    "circle", "square", "triangle", "circles", "squares", "triangles",
+)
+_TOKEN_RE = re.compile(r"[a-z]+|,")
+
+
+class WordTokenizer:
+  """Lower-cases, splits into words and commas, maps to ids: [BOS, words..., EOS, PAD...] of fixed length.
+
+  Picklable (grain workers call it) and pure numpy.
+  """
+
+  def __init__(self, max_length: int):
+    if max_length < 3:
+      raise ValueError(f"text.max_length must be >= 3 (BOS, a word, EOS), got {max_length!r}")
+    self.max_length = max_length
+    self.vocab = _SPECIALS + _WORDS
+    self._ids = {w: i for i, w in enumerate(self.vocab)}
+
+  @property
+  def vocab_size(self) -> int:
+    return len(self.vocab)
+
+  def __call__(self, text: str) -> np.ndarray:
+    words = _TOKEN_RE.findall(text.lower())[: self.max_length - 2]  # Truncate, keeping room for BOS/EOS.
+    ids = [BOS] + [self._ids.get(w, UNK) for w in words] + [EOS]
+    out = np.full((self.max_length,), PAD, np.int32)
+    out[: len(ids)] = ids
+    return out
+
+  def batch(self, texts: Sequence[str]) -> np.ndarray:
+    return np.stack([self(t) for t in texts]) if texts else np.zeros((0, self.max_length), np.int32)
+
+
+class _Block(nn.Module):
+  """Pre-LN transformer block (attention + GELU MLP)."""
+  num_heads: int
+  causal: bool
+
+  @nn.compact
+  def __call__(self, x):  # (B, L, D)
+    width = x.shape[-1]
+    h = nn.LayerNorm(name="ln1")(x)
+    mask = nn.make_causal_mask(x[..., 0]) if self.causal else None
+    h = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, name="attn")(h, h, mask=mask)
+    x = x + h
+    h = nn.LayerNorm(name="ln2")(x)
+    h = nn.Dense(4 * width, name="fc1")(h)
+    h = nn.Dense(width, name="fc2")(nn.gelu(h))
+    return x + h
+
+
+class TinyEncoder(nn.Module):
+  """Token embedding + learned positions + `depth` blocks; returns (all hidden states, final-normed states)."""
+  vocab_size: int
+  max_length: int
+  width: int
+  depth: int
+  num_heads: int
+  causal: bool
+
+  @nn.compact
+  def __call__(self, tokens):  # (B, L) int32
+    # Unit-variance embeddings (not the usual 0.02): the encoder is never trained, and a large token signal keeps
+    # words distinguishable after the random blocks.
+    x = nn.Embed(self.vocab_size, self.width, embedding_init=nn.initializers.normal(1.0), name="tok")(tokens)
+    x = x + self.param("pos", nn.initializers.normal(1.0), (self.max_length, self.width))[: tokens.shape[1]]
+    hidden = [x]
+    for i in range(self.depth):
+      x = _Block(self.num_heads, self.causal, name=f"block{i}")(x)
+      hidden.append(x)
+    return hidden, nn.LayerNorm(name="ln_final")(x)  # (B, L, D) each
+
+
+class TextStack(nn.Module):
+  """The SD3-style composition of a CLIP-like and a T5-like tiny encoder.
+
+  Returns a list of (context, pooled) per encoder, pooled None for T5 — compose them with `compose`, after caption
+  dropout, so that dropout acts per encoder as in the paper.
+  """
+  vocab_size: int
+  max_length: int
+  width: int
+  depth: int
+  num_heads: int
+
+  @nn.compact
+  def __call__(self, tokens):  # (B, L)
+    kw = dict(vocab_size=self.vocab_size, max_length=self.max_length, width=self.width, depth=self.depth,
+              num_heads=self.num_heads)
+    clip_hidden, clip_final = TinyEncoder(causal=True, name="clip", **kw)(tokens)
+    eos_pos = jnp.argmax(tokens == EOS, axis=-1)  # (B,) first EOS, like CLIP's pooled output.
+    pooled = jnp.take_along_axis(clip_final, eos_pos[:, None, None], axis=1)[:, 0]  # (B, D)
+    _, t5_final = TinyEncoder(causal=False, name="t5", **kw)(tokens)
+    # Penultimate layer for CLIP, as SD3 (hidden_states[-2]).
+    return [(clip_hidden[-2], pooled), (t5_final, None)]
+
+
+def drop_and_compose(outputs, key, drop_prob: float):
+  """Applies per-encoder caption dropout and composes the SD3 conditioning.
+
+  Args:
+    outputs: TextStack output: [(clip_ctx (B, L, D), clip_pooled (B, D)), (t5_ctx (B, L, D), None)].
+    key: PRNG key for the dropout draws, or None for no dropout.
+    drop_prob: probability of zeroing each encoder's output, independently per example.
+
+  Returns:
+    context (B, 2L, D) and pooled (B, D), float32.
+  """
+  contexts, pooled = [], None
+  for i, (ctx, pool) in enumerate(outputs):
+    keep = jnp.ones((ctx.shape[0],), ctx.dtype)
+    if key is not None and drop_prob > 0:
+      keep = jax.random.bernoulli(jax.random.fold_in(key, i), 1.0 - drop_prob, keep.shape).astype(ctx.dtype)
+    contexts.append(ctx * keep[:, None, None])
+    if pool is not None:
+      pooled = pool * keep[:, None]
+  return jnp.concatenate(contexts, axis=1), pooled
+
+
+def null_condition(outputs):
+  """The unconditional input for classifier-free guidance: every encoder dropped (all zeros), as in training."""
+  context, pooled = drop_and_compose(outputs, None, 0.0)
+  return jnp.zeros_like(context), jnp.zeros_like(pooled)
+
+
+def build(text_config) -> tuple[WordTokenizer, TextStack]:
+  """Builds the tokenizer and the frozen encoder stack from `config.text`."""
+  tokenizer = WordTokenizer(text_config.max_length)
+  stack = TextStack(vocab_size=tokenizer.vocab_size, max_length=text_config.max_length, width=text_config.width,
+                    depth=text_config.depth, num_heads=text_config.num_heads)
+  return tokenizer, stack
+
+
+def init_params(stack: TextStack, text_config):
+  """The frozen encoders' weights: a pure function of `config.text` (and stored in checkpoints anyway)."""
+  tokens = jnp.zeros((1, text_config.max_length), jnp.int32)
+  return stack.init(jax.random.key(text_config.init_seed), tokens)["params"]

@@ -1,0 +1,1 @@
+"""Training: state, optimiser, the pure train step, checkpointing and the CLU loop."""

@@ -1,0 +1,103 @@
+"""One Orbax CheckpointManager for the train state and the grain iterator state; params-only restore for samplers.
+
+Layout: WORKDIR/checkpoints/<step>/{state, data}. Orbax writes each step into a temporary directory and renames it
+when complete, so a crash mid-save leaves the previous checkpoint untouched and the partial one is never restored.
+`restore_params` does not import the trainer: sampling and export use it.
+"""
+
+import os
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+
+
+def _handlers():
+  # Named explicitly so that metadata and params-only restores work in a manager that has not saved yet.
+  return {"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()}
+
+
+def make_manager(workdir: str, *, max_to_keep: int = 1, async_save: bool = False,
+                 read_only: bool = False) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
+                                         enable_async_checkpointing=async_save)
+  return ocp.CheckpointManager(checkpoint_dir(workdir), item_handlers=_handlers(), options=options)
+
+
+def save(manager: ocp.CheckpointManager, step: int, state, data_iter) -> None:
+  """Starts saving (asynchronously if so configured) the state and the data iterator's position."""
+  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                             data=grain.checkpoint.CheckpointSave(data_iter)))
+
+
+def restore(manager: ocp.CheckpointManager, step: int, abstract_state, data_iter):
+  """Restores state (with the shardings of `abstract_state`) and moves `data_iter` to the saved position."""
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data_iter)))
+  return restored["state"]
+
+
+def _key_name(key) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def _param_shapes(tree) -> dict[str, tuple[int, ...]]:
+  """'a/b/kernel' -> shape for every leaf with a .shape (arrays, ShapeDtypeStructs, Orbax metadata)."""
+  flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+  return {"/".join(_key_name(k) for k in path): tuple(leaf.shape) for path, leaf in flat}
+
+
+def check_compatible(manager: ocp.CheckpointManager, step: int, abstract_state) -> None:
+  """Raises ValueError naming the first parameter whose presence or shape differs from the saved checkpoint.
+
+  Runs before any compilation, so that a workdir of another model is reported in one line and left untouched.
+  Only the model parameters are compared: optimizer state mirrors them.
+  """
+  saved = _param_shapes(manager.item_metadata(step)["state"]["params"])
+  want = _param_shapes(abstract_state.params)
+  where = f"checkpoint at step {step} in {manager.directory}"
+  for name in sorted(set(saved) | set(want)):
+    if name not in saved:
+      raise ValueError(f"{where} has no parameter {name} (this config expects shape {want[name]}): "
+                       "it was written by a different model")
+    if name not in want:
+      raise ValueError(f"{where} has parameter {name} (shape {saved[name]}) that this config does not: "
+                       "it was written by a different model")
+    if saved[name] != want[name]:
+      raise ValueError(f"{where}: parameter {name} has shape {saved[name]}, but this config expects {want[name]}")
+
+
+def latest_step(workdir: str) -> int | None:
+  """Newest complete checkpoint step in the workdir, or None (incomplete temporary directories are ignored)."""
+  if not os.path.isdir(checkpoint_dir(workdir)):
+    return None
+  with make_manager(workdir, read_only=True) as manager:
+    return manager.latest_step()
+
+
+def restore_params(workdir: str, *, use_ema: bool, step: int | None = None) -> tuple[Any, Any, int]:
+  """Loads (mmdit params, text params, step) from a workdir's checkpoint, on the host, without the trainer.
+
+  Raises:
+    FileNotFoundError: naming the workdir, when it holds no complete checkpoint.
+  """
+  directory = checkpoint_dir(workdir)
+  step = latest_step(workdir) if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {directory!r}: train first (python -m rflow_jax.main ...)")
+  with make_manager(workdir, read_only=True) as manager:
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  state = restored["state"]
+  params = state["ema_params"] if use_ema else state["params"]
+  return params, state["text_params"], step

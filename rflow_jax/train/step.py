@@ -1,0 +1,107 @@
+"""The pure train step: (state, batch) -> (state, metrics), jitted once by the trainer.
+
+Statics (model, text stack, formulation, optimiser, config numbers) are bound with functools.partial so the jitted
+function's only arguments are arrays. Randomness is fold_in(seed key, step): a resumed run draws exactly what an
+uninterrupted one would.
+"""
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from rflow_jax.model import text_encoders
+from rflow_jax.train import optimizer as optim_lib
+from rflow_jax.train.state import TrainState
+
+NUM_T_BINS = 4  # Loss is also reported per quarter of t (minRF's lossbin, computed on device).
+
+
+def condition(text_stack, text_params, tokens, key, drop_prob):
+  """Frozen text encoders -> per-encoder caption dropout -> SD3 composition (context, pooled)."""
+  outputs = text_stack.apply({"params": text_params}, tokens)
+  context, pooled = text_encoders.drop_and_compose(outputs, key, drop_prob)
+  return jax.lax.stop_gradient(context), jax.lax.stop_gradient(pooled)
+
+
+def loss_fn(params, text_params, batch, key, *, model, text_stack, formulation, drop_prob):
+  """Mean weighted flow-matching loss of one batch, and the per-example losses and times for diagnostics."""
+  k_drop, k_t, k_eps = jax.random.split(key, 3)
+  x0 = batch["image"]  # (B, H, W, C)
+  context, pooled = condition(text_stack, text_params, batch["tokens"], k_drop, drop_prob)
+  t = formulation.sample_t(k_t, (x0.shape[0],))  # (B,)
+  eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
+  z_t = formulation.noise(x0, eps, t)
+  net_out = model.apply({"params": params}, z_t, formulation.model_time(t), context, pooled)
+  per_example = formulation.loss(net_out, x0, eps, t, z_t)  # (B,)
+  return per_example.mean(), (per_example, t)
+
+
+def _tree_norm(tree):
+  return optax.global_norm(tree)
+
+
+def _binned(values, t):
+  """Mean of `values` in NUM_T_BINS equal bins of t (NaN-free: empty bins report 0)."""
+  bins = jnp.clip((t * NUM_T_BINS).astype(jnp.int32), 0, NUM_T_BINS - 1)
+  sums = jax.ops.segment_sum(values, bins, NUM_T_BINS)
+  counts = jax.ops.segment_sum(jnp.ones_like(values), bins, NUM_T_BINS)
+  return sums / jnp.maximum(counts, 1.0)
+
+
+def train_step(state: TrainState, batch, *, model, text_stack, formulation, tx, seed: int, drop_prob: float,
+               ema_decay: float) -> tuple[TrainState, dict[str, Any]]:
+  """One optimiser update with EMA and a non-finite guard.
+
+  Args:
+    state: the current TrainState.
+    batch: {"image": (B, H, W, C) float32 in [-1, 1], "tokens": (B, L) int32} (global arrays).
+    model, text_stack: Linen modules. formulation: rflow_jax.flow.formulations.Formulation. tx: optax transform.
+    seed: root seed; the step's key is fold_in(key(seed), step).
+    drop_prob: per-encoder caption dropout probability.
+    ema_decay: EMA decay (warmed up, see optimizer.ema_decay).
+
+  Returns:
+    The new state and a dict of scalar metrics (on device).
+  """
+  key = jax.random.fold_in(jax.random.key(seed), state.step)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  (loss, (per_example, t)), grads = grad_fn(
+      state.params, state.text_params, batch, key, model=model, text_stack=text_stack, formulation=formulation,
+      drop_prob=drop_prob)
+  updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+  new_params = optax.apply_updates(state.params, updates)
+  decay = optim_lib.ema_decay(state.step, ema_decay)
+  new_ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, new_params)
+
+  grad_norm = _tree_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  # A non-finite update is never applied: a checkpoint can then never hold NaNs. Whether the run goes on ("skip")
+  # or stops ("halt") is the trainer's policy, decided when it fetches the metrics.
+  pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+  new_state = state.replace(
+      step=state.step + 1,
+      params=pick(new_params, state.params),
+      opt_state=pick(new_opt_state, state.opt_state),
+      ema_params=pick(new_ema, state.ema_params),
+      skipped_steps=state.skipped_steps + jnp.where(finite, 0, 1).astype(state.skipped_steps.dtype))
+  binned = _binned(per_example, t)
+  metrics = {
+      "loss": loss,
+      "grad_norm": grad_norm,
+      "param_norm": _tree_norm(new_state.params),
+      "update_norm": _tree_norm(updates),
+      "nonfinite": 1.0 - finite.astype(jnp.float32),
+      "skipped_steps": new_state.skipped_steps,
+      **{f"loss_t{i}": binned[i] for i in range(NUM_T_BINS)},
+  }
+  return new_state, metrics
+
+
+def bind(config, *, model, text_stack, formulation, tx):
+  """train_step with its statics bound from the config, ready for jax.jit."""
+  return functools.partial(
+      train_step, model=model, text_stack=text_stack, formulation=formulation, tx=tx, seed=config.seed,
+      drop_prob=config.text.drop_prob, ema_decay=config.optim.ema_decay)

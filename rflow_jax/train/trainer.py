@@ -1,0 +1,189 @@
+"""train_and_evaluate(config, workdir): setup, the jitted step, the loop with CLU hooks, checkpoints, final eval.
+
+The entry point (rflow_jax/main.py) only parses flags and calls this; tests call it too.
+"""
+
+import functools
+import json
+import os
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from clu import metric_writers, periodic_actions
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from rflow_jax import config_lib
+from rflow_jax.data import pipeline as data_pipeline, registry as data_registry
+from rflow_jax.flow import formulations
+from rflow_jax.model import mmdit, text_encoders
+from rflow_jax.sampling import pipeline as sampling
+from rflow_jax.sharding import mesh as mesh_lib, rules as rules_lib
+from rflow_jax.train import checkpoint, optimizer as optim_lib, step as step_lib
+from rflow_jax.train.state import TrainState
+
+
+class NonFiniteError(RuntimeError):
+  """Raised when the loss or gradient norm went non-finite under the 'halt' policy."""
+
+
+def build_model(config) -> mmdit.MMDiT:
+  """The MM-DiT of `config.model`; context/pooled widths follow the text stack."""
+  return mmdit.MMDiT(**config_lib.model_kwargs(config))
+
+
+def _dummy_inputs(config, batch_size: int = 1):
+  s, m = config.data.image_size, config.model
+  x = jnp.zeros((batch_size, s, s, m.in_channels), jnp.float32)
+  t = jnp.zeros((batch_size,), jnp.float32)
+  context = jnp.zeros((batch_size, 2 * config.text.max_length, config.text.width), jnp.float32)
+  pooled = jnp.zeros((batch_size, config.text.width), jnp.float32)
+  return x, t, context, pooled
+
+
+def make_init_fn(config, model, text_stack, tx):
+  """A function key -> TrainState whose params still carry their logical-axis boxes (for partition specs)."""
+  def init(key):
+    params = model.init(key, *_dummy_inputs(config))["params"]
+    text_params = text_encoders.init_params(text_stack, config.text)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      ema_params=jax.tree.map(lambda p: p, params), text_params=text_params,
+                      skipped_steps=jnp.zeros((), jnp.int32))
+  return init
+
+
+def state_shardings(init_fn, mesh, rules):
+  """eval_shape -> logical partition specs -> NamedShardings; also returns the unboxed abstract state."""
+  abstract = jax.eval_shape(init_fn, jax.random.key(0))
+  # optax.masked leaves boxes around empty MaskedNode placeholders; drop those boxes so specs match the arrays.
+  is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
+  abstract = jax.tree.map(lambda x: x.unbox() if is_box(x) and not jax.tree.leaves(x.unbox()) else x, abstract,
+                          is_leaf=is_box)
+  specs = nn.get_partition_spec(abstract)
+  shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
+  abstract = nn.meta.unbox(abstract)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  return abstract, shardings
+
+
+class Setup:
+  """Everything the loop needs, built once from the config (also used by tests and the AOT tool)."""
+
+  def __init__(self, config):
+    self.config = config
+    self.model = build_model(config)
+    self.tokenizer, self.text_stack = text_encoders.build(config.text)
+    self.formulation = formulations.get(config.flow.formulation, shift=config.flow.shift)
+    self.tx = optim_lib.make_optimizer(config.optim, config.train.num_steps)
+    self.mesh = mesh_lib.make_mesh(config.sharding.mesh_shape)
+    self.rules = rules_lib.get_rules(config.sharding.rules)
+    self.init_fn = make_init_fn(config, self.model, self.text_stack, self.tx)
+    with self.mesh, nn.logical_axis_rules(self.rules):
+      self.abstract_state, self.state_sharding = state_shardings(self.init_fn, self.mesh, self.rules)
+    self.batch_sharding = NamedSharding(self.mesh, P(("data", "fsdp")))
+    step_fn = step_lib.bind(config, model=self.model, text_stack=self.text_stack, formulation=self.formulation,
+                            tx=self.tx)
+    self.train_step = jax.jit(step_fn, in_shardings=(self.state_sharding, self.batch_sharding),
+                              out_shardings=(self.state_sharding, None), donate_argnums=0)
+
+  def init_state(self):
+    init = jax.jit(lambda k: nn.meta.unbox(self.init_fn(k)), out_shardings=self.state_sharding)
+    with self.mesh, nn.logical_axis_rules(self.rules):
+      return init(jax.random.key(self.config.seed))
+
+  def step(self, state, batch):
+    with self.mesh, nn.logical_axis_rules(self.rules):
+      return self.train_step(state, batch)
+
+  def global_batch(self, local_batch):
+    """Per-process numpy batch -> global jax arrays sharded over (data, fsdp)."""
+    return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(local_batch[k]))
+            for k in ("image", "tokens")}
+
+
+def _data_iterator(config, tokenizer):
+  source = data_registry.make_source(config.data)
+  return data_pipeline.make_train_iterator(
+      source=source, tokenize=tokenizer, global_batch_size=config.train.global_batch_size, seed=config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count(), worker_count=config.data.worker_count)
+
+
+def _write_config(config, workdir):
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def _check_finite(metrics, step, config, last_ckpt):
+  if metrics["nonfinite"] > 0 and config.train.nonfinite == "halt":
+    raise NonFiniteError(
+        f"loss or gradient norm became non-finite between steps {step - config.train.log_every + 1} and {step} "
+        f"(loss={metrics['loss']}, grad_norm={metrics['grad_norm']}); the update was not applied. "
+        f"Last good checkpoint: step {last_ckpt}. Set --config.train.nonfinite=skip to drop such updates.")
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains per `config` into `workdir` (resuming from its newest checkpoint) and returns the final metrics."""
+  config_lib.validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  setup = Setup(config)
+  manager = checkpoint.make_manager(workdir, max_to_keep=config.train.keep_checkpoints,
+                                    async_save=config.ckpt.async_save)
+  data_iter = _data_iterator(config, setup.tokenizer)
+  resume_step = manager.latest_step()
+  if resume_step is not None:
+    # Before any compilation: a workdir of another model is refused, and nothing in it is touched.
+    checkpoint.check_compatible(manager, resume_step, setup.abstract_state)
+    state = checkpoint.restore(manager, resume_step, setup.abstract_state, data_iter)
+    logging.info("Resumed from step %d in %s", resume_step, workdir)
+  else:
+    state = setup.init_state()
+  _write_config(config, workdir)
+
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  num_steps = config.train.num_steps
+  hooks = [periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer, every_steps=config.train.log_every)]
+  sampler = sampling.Sampler.from_setup(setup)
+  step = int(jax.device_get(state.step))
+  last_ckpt = resume_step
+  metrics_acc, last_metrics = [], {}
+  t0 = time.time()
+  while step < num_steps:
+    batch = setup.global_batch(next(data_iter))
+    state, metrics = setup.step(state, batch)
+    step += 1
+    metrics_acc.append(metrics)
+    for hook in hooks:
+      hook(step)
+    if step % config.train.log_every == 0 or step == num_steps:
+      # The only host sync of the loop: averaged over the window since the last fetch.
+      fetched = jax.device_get(metrics_acc)
+      metrics_acc = []
+      last_metrics = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
+      last_metrics["skipped_steps"] = float(fetched[-1]["skipped_steps"])
+      _check_finite({**last_metrics, "nonfinite": max(m["nonfinite"] for m in fetched)}, step, config, last_ckpt)
+      writer.write_scalars(step, last_metrics)
+    if step % config.train.checkpoint_every == 0 or step == num_steps:
+      checkpoint.save(manager, step, state, data_iter)
+      last_ckpt = step
+    if config.train.sample_every and step % config.train.sample_every == 0 and step != num_steps:
+      sampler.write_grid(state, step, workdir, writer)
+  manager.wait_until_finished()
+  logging.info("Training loop done in %.1fs", time.time() - t0)
+
+  results = dict(last_metrics)
+  sampler.write_grid(state, step, workdir, writer)
+  if config.train.eval_at_end and config.data.name == "shapes":
+    from rflow_jax.eval import run_shapes  # pylint: disable=g-import-not-at-top  (scipy only when evaluating)
+    scores = run_shapes.evaluate(sampler, sampler.params_of(state), state.text_params,
+                                 per_kind=config.sample.eval_per_kind, seed=config.sample.eval_seed,
+                                 out_dir=os.path.join(workdir, "eval"))
+    writer.write_scalars(step, {f"shapes_eval/{k}": v for k, v in scores.items() if k != "n"})
+    results.update({f"shapes_eval/{k}": v for k, v in scores.items()})
+    logging.info("ShapesEval at step %d: %s", step, json.dumps(scores))
+  writer.flush()
+  manager.close()
+  return results

@@ -1,0 +1,91 @@
+"""The command-line entry points as a user runs them: one-line errors (exit 2, no traceback) and the sample CLI."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from configs import debug
+from rflow_jax.train import trainer
+
+pytestmark = pytest.mark.slow
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(module, *args):
+  proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
+                        timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+  return proc.returncode, proc.stdout, proc.stderr
+
+
+def _assert_one_line_error(rc, stderr, *needles):
+  assert rc == 2, stderr[-2000:]
+  assert "Traceback" not in stderr, stderr[-2000:]
+  errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+  assert len(errors) == 1, stderr[-2000:]
+  for needle in needles:
+    assert needle in errors[0], errors[0]
+
+
+@pytest.mark.parametrize("override, needles", [
+    ("--config.model.nope=3", ("unknown config key 'nope'", "--config.model.nope=3")),
+    ("--config.model.depth=abc", ("--config.model.depth=abc",)),
+    ("--config.data.image_size=30", ("data.image_size=30", "model.patch_size=8")),
+    ("--config.flow.formulation=rf/banana", ("flow.formulation", "rf/banana")),
+])
+def test_train_cli_bad_config(tmp_path, override, needles):
+  workdir = tmp_path / "w"
+  rc, _, stderr = _run("rflow_jax.main", "--config=configs/debug.py", f"--workdir={workdir}", override)
+  _assert_one_line_error(rc, stderr, *needles)
+  assert not workdir.exists()  # Validated before anything was written.
+
+
+@pytest.fixture(scope="module")
+def trained_workdir(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("run"))
+  config = debug.get_config()
+  config.train.num_steps = 2
+  trainer.train_and_evaluate(config, workdir)
+  return workdir
+
+
+def test_sample_cli_writes_one_png_per_prompt(trained_workdir, tmp_path):
+  prompts = tmp_path / "prompts.txt"
+  prompts.write_text("a red circle\n\n  two blue squares  \na green triangle above a red square\n", encoding="utf-8")
+  out = tmp_path / "out"
+  rc, stdout, stderr = _run("rflow_jax.sample", f"--workdir={trained_workdir}", f"--prompts={prompts}",
+                            f"--out={out}", "--steps=2", "--cfg=2.0", "--seed=3")
+  assert rc == 0, stderr[-3000:]
+  assert sorted(os.listdir(out)) == ["000000.png", "000001.png", "000002.png", "grid.png"]
+  for name in ("000000.png", "000002.png"):
+    with Image.open(out / name) as im:
+      assert im.size == (32, 32) and im.mode == "RGB"
+  assert "wrote 3 images" in stdout
+
+
+@pytest.mark.parametrize("content, needles", [
+    (None, ("--prompts=", "no such file")),
+    (b"\n   \n", ("holds no non-empty line",)),
+    (b"a red circle\n\xff\xfe bad\n", ("is not UTF-8",)),
+])
+def test_sample_cli_bad_prompts(trained_workdir, tmp_path, content, needles):
+  prompts = tmp_path / "prompts.txt"
+  if content is not None:
+    prompts.write_bytes(content)
+  rc, _, stderr = _run("rflow_jax.sample", f"--workdir={trained_workdir}", f"--prompts={prompts}",
+                       f"--out={tmp_path / 'out'}")
+  _assert_one_line_error(rc, stderr, *needles)
+  assert not (tmp_path / "out").exists()
+
+
+def test_sample_cli_bad_workdir_and_negative_cfg(trained_workdir, tmp_path):
+  prompts = tmp_path / "p.txt"
+  prompts.write_text("a red circle\n")
+  rc, _, stderr = _run("rflow_jax.sample", f"--workdir={tmp_path / 'nowhere'}", f"--prompts={prompts}",
+                       f"--out={tmp_path / 'o'}")
+  _assert_one_line_error(rc, stderr, "has no config.json")
+  rc, _, stderr = _run("rflow_jax.sample", f"--workdir={trained_workdir}", f"--prompts={prompts}",
+                       f"--out={tmp_path / 'o'}", "--cfg=-1")
+  _assert_one_line_error(rc, stderr, "sample.cfg_scale=-1.0 must be >= 0")
