@@ -75,7 +75,8 @@ def get_config():
   c.train.keep_checkpoints = 2  # Keep the newest N checkpoints.
   c.train.sample_every = 0  # Write a sample grid (TensorBoard + PNG) every N steps; 0 = only at the end.
   c.train.nonfinite = "halt"  # Loss/grad norm not finite: "halt" stops the run, "skip" drops the update and goes on.
-  c.train.eval_at_end = True  # Score fresh prompts with ShapesEval after the last step.
+  c.train.eval_at_end = True
+  c.train.poison_step = -1  # Fault injection: feed a batch of NaN images at this step (tests the guard); -1 = off.  # Score fresh prompts with ShapesEval after the last step.
 
   # --- Sampling (periodic grids, the end-of-training eval and `python -m rflow_jax.sample`) ------------------------
   c.sample = ml_collections.ConfigDict()

@@ -57,7 +57,7 @@ def _assert_trees_close(actual, desired, rtol):
 def tiny():
   model = mmdit.MMDiT(**TINY, qk_norm="rms_norm", dual_attention_layers=(0,))
   inputs = _inputs()
-  variables = model.init(jax.random.key(0), *inputs)
+  variables = jax.jit(model.init)(jax.random.key(0), *inputs)
   return model, variables, inputs
 
 
@@ -85,13 +85,14 @@ def test_zero_init_policy_and_other_inits(tiny):
 def test_nonzero_params_change_output_and_depend_on_all_inputs(tiny):
   model, variables, inputs = tiny
   params = _perturbed(variables["params"], scale=0.02)
-  out = model.apply({"params": params}, *inputs)
+  apply = jax.jit(model.apply)
+  out = apply({"params": params}, *inputs)
   assert np.all(np.isfinite(np.asarray(out)))
   assert np.abs(np.asarray(out)).max() > 1e-3
   for i in range(1, 4):  # t, context, pooled all matter.
     changed = list(inputs)
     changed[i] = changed[i] + 0.5
-    out2 = model.apply({"params": params}, *changed)
+    out2 = apply({"params": params}, *changed)
     assert np.abs(np.asarray(out2 - out)).max() > 1e-5, i
 
 
@@ -224,10 +225,12 @@ def test_scan_blocks_matches_unscanned(dual, remat):
   plain = mmdit.MMDiT(**kwargs)
   scanned = mmdit.MMDiT(**kwargs, scan_blocks=True, remat=remat)
   inputs = _inputs()
-  params = _perturbed(plain.init(jax.random.key(0), *inputs)["params"])
+  params = _perturbed(
+      jax.jit(plain.init)(jax.random.key(0), *inputs)["params"])
   stacked = mmdit.stack_blocks(params, scanned)
   # Same tree and shapes as the scanned model's own init.
-  init = nn.unbox(scanned.init(jax.random.key(0), *inputs)["params"])
+  init = nn.unbox(jax.eval_shape(scanned.init, jax.random.key(0),
+                                 *inputs)["params"])
   assert jax.tree.map(np.shape, init) == jax.tree.map(np.shape, stacked)
   assert any(k.count("_") == 2 for k in stacked)  # At least one scanned group.
 

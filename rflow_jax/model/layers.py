@@ -79,11 +79,12 @@ class Dense(nn.Module):
         "bias", nn.with_logical_partitioning(self.bias_init,
                                              self.kernel_axes[1:]),
         features, self.param_dtype)
-    x = x.astype(self.dtype)
-    y = jax.lax.dot_general(
-        x, kernel.astype(self.dtype),
-        (((x.ndim - 1,), (0,)), ((), ())))  # (..., *features)
-    return y + bias.astype(self.dtype)
+    lead = x.shape[:-1]
+    # One 2-D matmul over all leading axes: XLA:CPU's weight-gradient of a 3-D dot_general (contracting batch and
+    # tokens) ran ~1.5x slower than the same flops as a 2-D (B*T, H) matmul.
+    x2 = x.reshape(-1, x.shape[-1]).astype(self.dtype)  # (B*T, in)
+    y = x2 @ kernel.reshape(kernel.shape[0], -1).astype(self.dtype)  # (B*T, prod(features))
+    return y.reshape(lead + features) + bias.astype(self.dtype)
 
 
 def layer_norm(x: jax.Array, eps: float = NORM_EPS) -> jax.Array:

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from rflow_jax.flow import losses
 from rflow_jax.model import text_encoders
 from rflow_jax.train import optimizer as optim_lib
 from rflow_jax.train.state import TrainState
@@ -28,27 +29,11 @@ def condition(text_stack, text_params, tokens, key, drop_prob):
 
 def loss_fn(params, text_params, batch, key, *, model, text_stack, formulation, drop_prob):
   """Mean weighted flow-matching loss of one batch, and the per-example losses and times for diagnostics."""
-  k_drop, k_t, k_eps = jax.random.split(key, 3)
-  x0 = batch["image"]  # (B, H, W, C)
+  k_drop, k_loss = jax.random.split(key)
   context, pooled = condition(text_stack, text_params, batch["tokens"], k_drop, drop_prob)
-  t = formulation.sample_t(k_t, (x0.shape[0],))  # (B,)
-  eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
-  z_t = formulation.noise(x0, eps, t)
-  net_out = model.apply({"params": params}, z_t, formulation.model_time(t), context, pooled)
-  per_example = formulation.loss(net_out, x0, eps, t, z_t)  # (B,)
+  model_fn = lambda z_t, model_time: model.apply({"params": params}, z_t, model_time, context, pooled)
+  per_example, t = losses.per_example_loss(formulation, model_fn, batch["image"], k_loss)  # (B,), (B,)
   return per_example.mean(), (per_example, t)
-
-
-def _tree_norm(tree):
-  return optax.global_norm(tree)
-
-
-def _binned(values, t):
-  """Mean of `values` in NUM_T_BINS equal bins of t (NaN-free: empty bins report 0)."""
-  bins = jnp.clip((t * NUM_T_BINS).astype(jnp.int32), 0, NUM_T_BINS - 1)
-  sums = jax.ops.segment_sum(values, bins, NUM_T_BINS)
-  counts = jax.ops.segment_sum(jnp.ones_like(values), bins, NUM_T_BINS)
-  return sums / jnp.maximum(counts, 1.0)
 
 
 def train_step(state: TrainState, batch, *, model, text_stack, formulation, tx, seed: int, drop_prob: float,
@@ -76,7 +61,7 @@ def train_step(state: TrainState, batch, *, model, text_stack, formulation, tx, 
   decay = optim_lib.ema_decay(state.step, ema_decay)
   new_ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, new_params)
 
-  grad_norm = _tree_norm(grads)
+  grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   # A non-finite update is never applied: a checkpoint can then never hold NaNs. Whether the run goes on ("skip")
   # or stops ("halt") is the trainer's policy, decided when it fetches the metrics.
@@ -87,12 +72,13 @@ def train_step(state: TrainState, batch, *, model, text_stack, formulation, tx, 
       opt_state=pick(new_opt_state, state.opt_state),
       ema_params=pick(new_ema, state.ema_params),
       skipped_steps=state.skipped_steps + jnp.where(finite, 0, 1).astype(state.skipped_steps.dtype))
-  binned = _binned(per_example, t)
+  sums, counts = losses.binned_sums(per_example, t, NUM_T_BINS)
+  binned = sums / jnp.maximum(counts, 1.0)  # Empty bins report 0.
   metrics = {
       "loss": loss,
       "grad_norm": grad_norm,
-      "param_norm": _tree_norm(new_state.params),
-      "update_norm": _tree_norm(updates),
+      "param_norm": optax.global_norm(new_state.params),
+      "update_norm": optax.global_norm(updates),
       "nonfinite": 1.0 - finite.astype(jnp.float32),
       "skipped_steps": new_state.skipped_steps,
       **{f"loss_t{i}": binned[i] for i in range(NUM_T_BINS)},

@@ -22,7 +22,7 @@ from rflow_jax.flow import formulations
 from rflow_jax.model import mmdit, text_encoders
 from rflow_jax.sampling import pipeline as sampling
 from rflow_jax.sharding import mesh as mesh_lib, rules as rules_lib
-from rflow_jax.train import checkpoint, optimizer as optim_lib, step as step_lib
+from rflow_jax.train import checkpoint, optimizer as optim_lib, preemption, step as step_lib, workdir as workdir_lib
 from rflow_jax.train.state import TrainState
 
 
@@ -117,64 +117,96 @@ def _write_config(config, workdir):
       f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
-def _check_finite(metrics, step, config, last_ckpt):
-  if metrics["nonfinite"] > 0 and config.train.nonfinite == "halt":
+def _restore_or_init(setup, manager, data_iter, workdir):
+  """Newest complete checkpoint in the workdir (state + data position), else a fresh sharded init."""
+  resume_step = manager.latest_step()
+  if resume_step is None:
+    return setup.init_state(), None
+  # Before any compilation: a workdir of another model is refused, and nothing in it is touched.
+  checkpoint.check_compatible(manager, resume_step, setup.abstract_state)
+  state = checkpoint.restore(manager, resume_step, setup.abstract_state, data_iter)
+  logging.info("Resumed from step %d in %s", resume_step, workdir)
+  return state, resume_step
+
+
+def _fetch_metrics(pending, step, config, last_ckpt) -> dict:
+  """The loop's only host sync: metrics of the steps since the last fetch, averaged; halts on non-finite."""
+  fetched = jax.device_get(pending)
+  metrics = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
+  metrics["skipped_steps"] = float(fetched[-1]["skipped_steps"])
+  if config.train.nonfinite == "halt" and max(m["nonfinite"] for m in fetched) > 0:
+    first = step - len(fetched) + 1
     raise NonFiniteError(
-        f"loss or gradient norm became non-finite between steps {step - config.train.log_every + 1} and {step} "
+        f"loss or gradient norm became non-finite between steps {first} and {step} "
         f"(loss={metrics['loss']}, grad_norm={metrics['grad_norm']}); the update was not applied. "
         f"Last good checkpoint: step {last_ckpt}. Set --config.train.nonfinite=skip to drop such updates.")
+  return metrics
+
+
+def _poison(local_batch):
+  """Fault injection (config.train.poison_step): a batch of NaN images, to exercise the non-finite guard."""
+  return {**local_batch, "image": np.full_like(local_batch["image"], np.nan)}
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains per `config` into `workdir` (resuming from its newest checkpoint) and returns the final metrics."""
+  """Trains per `config` into `workdir` (resuming from its newest checkpoint) and returns the final metrics.
+
+  On SIGTERM (preemption) the current step finishes, a checkpoint is written and committed, and the function
+  returns with results["preempted"] = True; the next call resumes from there.
+  """
   config_lib.validate(config)
   os.makedirs(workdir, exist_ok=True)
-  setup = Setup(config)
-  manager = checkpoint.make_manager(workdir, max_to_keep=config.train.keep_checkpoints,
-                                    async_save=config.ckpt.async_save)
-  data_iter = _data_iterator(config, setup.tokenizer)
-  resume_step = manager.latest_step()
-  if resume_step is not None:
-    # Before any compilation: a workdir of another model is refused, and nothing in it is touched.
-    checkpoint.check_compatible(manager, resume_step, setup.abstract_state)
-    state = checkpoint.restore(manager, resume_step, setup.abstract_state, data_iter)
-    logging.info("Resumed from step %d in %s", resume_step, workdir)
-  else:
-    state = setup.init_state()
-  _write_config(config, workdir)
+  with workdir_lib.exclusive(workdir), preemption.SigtermFlag() as sigterm:
+    workdir_lib.warn_incomplete_checkpoints(checkpoint.checkpoint_dir(workdir))
+    setup = Setup(config)
+    manager = checkpoint.make_manager(workdir, max_to_keep=config.train.keep_checkpoints,
+                                      async_save=config.ckpt.async_save)
+    data_iter = _data_iterator(config, setup.tokenizer)
+    state, last_ckpt = _restore_or_init(setup, manager, data_iter, workdir)
+    _write_config(config, workdir)
+    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    try:
+      results = _train_loop(config, workdir, setup, manager, data_iter, state, last_ckpt, writer, sigterm)
+    finally:
+      manager.wait_until_finished()  # An in-flight async save commits (or is cleanly abandoned) before we leave.
+      writer.flush()
+      manager.close()
+  return results
 
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+
+def _train_loop(config, workdir, setup, manager, data_iter, state, last_ckpt, writer, sigterm) -> dict:
+  """Steps until train.num_steps (or SIGTERM), with periodic metrics, checkpoints and grids; then the final eval."""
   num_steps = config.train.num_steps
-  hooks = [periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer, every_steps=config.train.log_every)]
+  report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
+                                           every_steps=config.train.log_every)
   sampler = sampling.Sampler.from_setup(setup)
   step = int(jax.device_get(state.step))
-  last_ckpt = resume_step
-  metrics_acc, last_metrics = [], {}
+  pending, results = [], {}
   t0 = time.time()
   while step < num_steps:
-    batch = setup.global_batch(next(data_iter))
-    state, metrics = setup.step(state, batch)
+    local = next(data_iter)
+    if step + 1 == config.train.poison_step:
+      local = _poison(local)
+    state, metrics = setup.step(state, setup.global_batch(local))
     step += 1
-    metrics_acc.append(metrics)
-    for hook in hooks:
-      hook(step)
-    if step % config.train.log_every == 0 or step == num_steps:
-      # The only host sync of the loop: averaged over the window since the last fetch.
-      fetched = jax.device_get(metrics_acc)
-      metrics_acc = []
-      last_metrics = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
-      last_metrics["skipped_steps"] = float(fetched[-1]["skipped_steps"])
-      _check_finite({**last_metrics, "nonfinite": max(m["nonfinite"] for m in fetched)}, step, config, last_ckpt)
-      writer.write_scalars(step, last_metrics)
-    if step % config.train.checkpoint_every == 0 or step == num_steps:
+    pending.append(metrics)
+    report(step)
+    stop = sigterm.is_set()
+    if step % config.train.log_every == 0 or step == num_steps or stop:
+      results = _fetch_metrics(pending, step, config, last_ckpt)
+      pending = []
+      writer.write_scalars(step, results)
+    if step % config.train.checkpoint_every == 0 or step == num_steps or stop:
       checkpoint.save(manager, step, state, data_iter)
       last_ckpt = step
+    if stop:
+      manager.wait_until_finished()
+      logging.warning("SIGTERM: checkpoint of step %d committed in %s; exiting", step, workdir)
+      return {**results, "preempted": True, "step": step}
     if config.train.sample_every and step % config.train.sample_every == 0 and step != num_steps:
       sampler.write_grid(state, step, workdir, writer)
   manager.wait_until_finished()
   logging.info("Training loop done in %.1fs", time.time() - t0)
-
-  results = dict(last_metrics)
   sampler.write_grid(state, step, workdir, writer)
   if config.train.eval_at_end and config.data.name == "shapes":
     from rflow_jax.eval import run_shapes  # pylint: disable=g-import-not-at-top  (scipy only when evaluating)
@@ -184,6 +216,4 @@ def train_and_evaluate(config, workdir: str) -> dict:
     writer.write_scalars(step, {f"shapes_eval/{k}": v for k, v in scores.items() if k != "n"})
     results.update({f"shapes_eval/{k}": v for k, v in scores.items()})
     logging.info("ShapesEval at step %d: %s", step, json.dumps(scores))
-  writer.flush()
-  manager.close()
-  return results
+  return {**results, "preempted": False, "step": step}

@@ -1,0 +1,82 @@
+"""Preemption (SIGTERM), workdir locking, the non-finite guard's 'skip' policy and incomplete-checkpoint handling."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs import debug
+from rflow_jax.train import checkpoint, trainer, workdir as workdir_lib
+
+pytestmark = pytest.mark.slow
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _debug(**overrides):
+  c = debug.get_config()
+  for key, value in overrides.items():
+    section, leaf = key.split(".")
+    c[section][leaf] = value
+  return c
+
+
+def test_poisoned_batch_is_skipped_and_counted(tmp_path):
+  workdir = str(tmp_path / "skip")
+  results = trainer.train_and_evaluate(_debug(**{"train.nonfinite": "skip", "train.poison_step": 2}), workdir)
+  assert results["skipped_steps"] == 1 and results["step"] == 4
+  params, _, _ = checkpoint.restore_params(workdir, use_ema=False)
+  assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(params))
+
+
+def test_poisoned_batch_halts_without_saving_nan(tmp_path):
+  workdir = str(tmp_path / "halt")
+  with pytest.raises(trainer.NonFiniteError, match=r"between steps 3 and 4 .*Last good checkpoint: step 2"):
+    trainer.train_and_evaluate(_debug(**{"train.poison_step": 3}), workdir)
+  assert checkpoint.latest_step(workdir) == 2  # Step 4 (after the poisoned step 3) was never written.
+
+
+def test_second_trainer_on_a_busy_workdir_is_refused(tmp_path):
+  workdir = str(tmp_path / "busy")
+  os.makedirs(workdir)
+  with workdir_lib.exclusive(workdir):
+    with pytest.raises(workdir_lib.WorkdirBusyError, match=r"is in use by another trainer \(pid \d+\)"):
+      trainer.train_and_evaluate(_debug(), workdir)
+  assert checkpoint.latest_step(workdir) is None
+
+
+def test_incomplete_checkpoint_dir_is_ignored_with_a_warning(tmp_path):
+  workdir = str(tmp_path / "partial")
+  trainer.train_and_evaluate(_debug(**{"train.num_steps": 2}), workdir)
+  # What a crash during the save of step 4 leaves behind.
+  junk = os.path.join(checkpoint.checkpoint_dir(workdir), "4.orbax-checkpoint-tmp-1234")
+  os.makedirs(os.path.join(junk, "state"))
+  assert workdir_lib.warn_incomplete_checkpoints(checkpoint.checkpoint_dir(workdir)) == [junk]
+  assert checkpoint.latest_step(workdir) == 2
+  results = trainer.train_and_evaluate(_debug(), workdir)
+  assert results["step"] == 4 and checkpoint.latest_step(workdir) == 4
+
+
+def test_sigterm_checkpoints_and_exits_zero_then_resumes(tmp_path):
+  workdir = str(tmp_path / "term")
+  args = [sys.executable, "-m", "rflow_jax.main", "--config=configs/debug.py", f"--workdir={workdir}",
+          "--config.train.num_steps=100000", "--config.train.checkpoint_every=100000", "--config.train.log_every=1000"]
+  proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + 300
+  # Wait until training is under way (the first progress report), then ask it to stop.
+  while time.time() < deadline:
+    line = proc.stdout.readline()
+    if "steps/s" in line or not line:
+      break
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, out[-3000:]
+  step = checkpoint.latest_step(workdir)
+  assert step is not None and step > 0, out[-3000:]
+  assert "SIGTERM: checkpoint of step" in out
+  results = trainer.train_and_evaluate(_debug(**{"train.num_steps": step + 2}), workdir)
+  assert results["step"] == step + 2
