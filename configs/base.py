@@ -38,6 +38,7 @@ def get_config():
 
   # --- Model (MM-DiT; field names are rflow_jax.model.mmdit.MMDiT attributes) ---------------------------------
   c.model = ml_collections.ConfigDict()
+  c.model.arch = "mmdit"  # "mmdit" | the paper's RQ2 baselines "dit", "crossdit", "uvit" (rflow_jax/model/baselines.py).
   c.model.patch_size = 2  # p: p×p patches become tokens.
   c.model.in_channels = 3  # 3 for pixel space (quickstart), 16 for SD3 VAE latents.
   c.model.hidden_size = 128  # Width H (64·depth in the SD3 family).
@@ -45,9 +46,12 @@ def get_config():
   c.model.num_heads = 2  # Attention heads (head_dim = H / heads; 64 in SD3).
   c.model.mlp_ratio = 4.0  # MLP hidden = mlp_ratio·H.
   c.model.qk_norm = "rms_norm"  # None | "rms_norm": RMSNorm on q and k per head (paper §5.3.2, stabilises bf16).
+  c.model.dual_attention_layers = ()  # Blocks with SD3.5's extra image-only self-attention (sd3.5-medium: 0..12).
   c.model.pos_embed_max_size = 16  # M: positional table is M×M patches, centre-cropped to the image's grid.
   c.model.dtype = "float32"  # Compute dtype ("bfloat16" on TPU/GPU); parameters are always stored in float32.
   c.model.attention_impl = "xla"  # jax.nn.dot_product_attention implementation: "xla" | "cudnn".
+  c.model.scan_blocks = False  # nn.scan over runs of identical blocks: compile time ~flat in depth (params stacked).
+  c.model.remat = "none"  # Rematerialise each block: "none" | "full" | "dots" | ... (mmdit.REMAT_POLICIES).
 
   # --- Flow ---------------------------------------------------------------------------------------------------
   c.flow = ml_collections.ConfigDict()
@@ -77,6 +81,12 @@ def get_config():
   c.train.nonfinite = "halt"  # Loss/grad norm not finite: "halt" stops the run, "skip" drops the update and goes on.
   c.train.eval_at_end = True
   c.train.poison_step = -1  # Fault injection: feed a batch of NaN images at this step (tests the guard); -1 = off.  # Score fresh prompts with ShapesEval after the last step.
+  # Peak dense bf16 TFLOP/s of one device, for the MFU logged with the step rate (0 = do not log MFU). E.g. TPU v5p
+  # 459, v6e 918, v5e 197, H100 SXM 989 (dense, no sparsity). Achieved TFLOP/s come from rflow_jax/utils/flops.py.
+  c.train.peak_tflops_per_device = 0.0
+  # Debug only: each process writes the data `index` of every example it trained on to
+  # WORKDIR/seen_indices_p{process_index}.json at the end (tests check the sharding: no duplicates, no gaps).
+  c.train.record_seen_indices = False
 
   # --- Sampling (periodic grids, the end-of-training eval and `python -m rflow_jax.sample`) ------------------------
   c.sample = ml_collections.ConfigDict()
@@ -97,8 +107,15 @@ def get_config():
 
   # --- Sharding ---------------------------------------------------------------------------------------------------
   c.sharding = ml_collections.ConfigDict()
-  c.sharding.mesh_shape = (-1, 1, 1)  # Sizes of the mesh axes (data, fsdp, tensor); one -1 takes the rest.
+  # Sizes of the mesh axes (data, fsdp, tensor) within one slice (ICI); one -1 takes the rest of the slice.
+  c.sharding.mesh_shape = (-1, 1, 1)
   c.sharding.rules = "fsdp"  # Logical-axis rule preset: "dp" | "fsdp" | "fsdp_tp" (rflow_jax/sharding/rules.py).
+  # Slices stacked along each mesh axis over the data-centre network (DCN); the mesh is mesh_shape × dcn_mesh_shape.
+  # A slice is a TPU slice, or one process where devices have no slice index (GPU hosts). E.g. 4 v5p slices
+  # doing data parallelism between them: (4, 1, 1). All 1 = one slice (one -1 takes the number of slices).
+  c.sharding.dcn_mesh_shape = (1, 1, 1)
+  # (logical axis, mesh axes) pairs replacing the preset's entries, e.g. (("mlp", "fsdp"),); checked at startup.
+  c.sharding.rule_overrides = ()
 
   # --- Checkpointing -------------------------------------------------------------------------------------------------
   c.ckpt = ml_collections.ConfigDict()

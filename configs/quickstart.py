@@ -3,7 +3,7 @@
   python -m rflow_jax.main --config=configs/quickstart.py --workdir=runs/quickstart
   (or simply: make train)
 
-32×32 RGB, 4×4 patches (64 image tokens + 32 text tokens), width 128, depth 4 (~1.7M parameters): on 2 cores one step
+32×32 RGB, 4×4 patches (64 image tokens + 32 text tokens), width 128, depth 4 (~2.3M parameters): on 2 cores one step
 of 64 examples takes ~0.7 s, so ~700 steps fit the 10 minutes (benchmarks/train_step.py measures it).
 """
 

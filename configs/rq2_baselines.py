@@ -3,9 +3,6 @@
   python -m rflow_jax.main --config=configs/rq2_baselines.py:arch=dit --workdir=runs/rq2_dit
   (arch = mmdit | dit | crossdit | uvit; everything but the backbone is configs/quickstart.py)
 
-NOT launchable yet: the trainer must build `rflow_jax.model.baselines.ARCHITECTURES[config.model.arch]` and
-configs/base.py must define `model.arch = "mmdit"` (until then MMDiT(**config.model) rejects the `arch` key).
-
 The backbones keep the MM-DiT's depth and change the width so that their trainable parameter counts (without the
 fixed sin-cos `pos_embed` table) are within ±5% of the MM-DiT's. `MATCHED` below was produced by
 `baselines.param_table` (jax.eval_shape only) and is re-checked by tests/model_baselines_test.py:
@@ -14,7 +11,8 @@ fixed sin-cos `pos_embed` table) are within ±5% of the MM-DiT's. `MATCHED` belo
                 width can move in steps of 4. MM-DiT 2,289,456 params; DiT 2,237,808 (−2.3%); CrossDiT 2,328,192
                 (+1.7%); UViT 2,269,332 (−0.9%).
   "d24":        the paper-scale d=24 MM-DiT (H=1536, 16 latent channels, context 4096, pooled 2048, no qk-norm),
-                head_dim fixed at 64 as in the SD3 family.
+                head_dim fixed at 64 as in the SD3 family. MM-DiT 2,028,328,000; DiT 2,079,455,296 (+2.5%); CrossDiT
+                1,974,589,504 (−2.6%); UViT 2,075,394,384 (+2.3%).
 """
 
 import pathlib

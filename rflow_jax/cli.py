@@ -46,11 +46,15 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.load(f))
 
 
-def load_sampler(workdir: str, *, steps=None, cfg=None, use_ema: bool = True):
-  """Rebuilds (sampler, params, text_params, config, step) from a workdir without importing the trainer."""
+def load_sampler(workdir: str, *, steps=None, cfg=None, use_ema: bool = True, transformer: str | None = None):
+  """Rebuilds (sampler, params, text_params, config, step) from a workdir without importing the trainer.
+
+  With `transformer` (a diffusers SD3Transformer2DModel directory) its model and weights replace the workdir's
+  MM-DiT; the workdir still gives the config and the text encoders' weights.
+  """
   from rflow_jax import config_lib  # pylint: disable=g-import-not-at-top
   from rflow_jax.flow import formulations  # pylint: disable=g-import-not-at-top
-  from rflow_jax.model import mmdit, text_encoders  # pylint: disable=g-import-not-at-top
+  from rflow_jax.model import text_encoders  # pylint: disable=g-import-not-at-top
   from rflow_jax.sampling import pipeline  # pylint: disable=g-import-not-at-top
   from rflow_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
 
@@ -61,10 +65,16 @@ def load_sampler(workdir: str, *, steps=None, cfg=None, use_ema: bool = True):
     config.sample.cfg_scale = cfg
   config.sample.use_ema = use_ema
   config_lib.validate_sampling(config.sample)  # Before restoring or compiling anything.
+  model = config_lib.build_model(config)
+  if transformer is not None:  # Checked against the run's text stack before the checkpoint is read.
+    from rflow_jax.export import workdir as export_workdir  # pylint: disable=g-import-not-at-top
+    model, transformer_params = export_workdir.load_transformer_for(transformer, config)
   params, text_params, step = checkpoint.restore_params(workdir, use_ema=use_ema)
+  if transformer is not None:
+    params = transformer_params
   tokenizer, text_stack = text_encoders.build(config.text)
   sampler = pipeline.Sampler(
-      model=mmdit.MMDiT(**config_lib.model_kwargs(config)), text_stack=text_stack, tokenizer=tokenizer,
+      model=model, text_stack=text_stack, tokenizer=tokenizer,
       formulation=formulations.get(config.flow.formulation, shift=config.flow.shift), sample_config=config.sample,
       image_shape=(config.data.image_size, config.data.image_size, config.model.in_channels))
   return sampler, params, text_params, config, step

@@ -26,7 +26,6 @@ def validate(config) -> None:
   from rflow_jax.data import registry as data_registry
   from rflow_jax.flow import formulations
   from rflow_jax.sampling import schedules, solvers
-  from rflow_jax.sharding import rules
 
   m, d, t = config.model, config.data, config.train
   _require(d.name in data_registry.SOURCES, f"data.name={d.name!r} is not a dataset; valid: {sorted(data_registry.SOURCES)}")
@@ -38,6 +37,9 @@ def validate(config) -> None:
            f"model.pos_embed_max_size={m.pos_embed_max_size}")
   _require(m.num_heads > 0 and m.hidden_size % m.num_heads == 0,
            f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}")
+  from rflow_jax.model import baselines  # pylint: disable=g-import-not-at-top
+  _require(m.arch in baselines.ARCHITECTURES,
+           f"model.arch={m.arch!r}; valid: {sorted(baselines.ARCHITECTURES)}")
   _require(m.qk_norm in (None, "rms_norm"), f"model.qk_norm={m.qk_norm!r}; valid: None, 'rms_norm'")
   _require(m.dtype in DTYPES, f"model.dtype={m.dtype!r}; valid: {sorted(DTYPES)}")
   _require(config.text.width % config.text.num_heads == 0,
@@ -56,8 +58,16 @@ def validate(config) -> None:
   _require(config.optim.warmup_steps >= 0, f"optim.warmup_steps={config.optim.warmup_steps} must be >= 0")
   _require(0.0 <= config.optim.ema_decay < 1.0, f"optim.ema_decay={config.optim.ema_decay} must be in [0, 1)")
   validate_sampling(config.sample, schedules, solvers)
+  validate_sharding(config)
+
+
+def validate_sharding(config, devices=None) -> None:
+  """Rule names, mesh sizes against the devices (jax.devices() by default) and the batch split over the mesh."""
+  from rflow_jax.sharding import mesh as mesh_lib, partition, rules  # pylint: disable=g-import-not-at-top
   try:
-    rules.get_rules(config.sharding.rules)
+    logical_rules = rules.rules_from_config(config.sharding)
+    mesh = mesh_lib.mesh_from_config(config.sharding, devices)
+    partition.check_batch(config.train.global_batch_size, mesh, logical_rules)
   except ValueError as e:
     raise ConfigError(str(e)) from None
 
@@ -76,9 +86,16 @@ def validate_sampling(sample, schedules=None, solvers=None) -> None:
 
 
 def model_kwargs(config) -> dict:
-  """MMDiT constructor arguments: config.model plus the widths the text stack dictates."""
+  """Backbone constructor arguments: config.model (less `arch`) plus the widths the text stack dictates."""
   kwargs = dict(config.model)
+  kwargs.pop("arch")
   kwargs["dtype"] = DTYPES[kwargs["dtype"]]
   kwargs["context_dim"] = config.text.width
   kwargs["pooled_dim"] = config.text.width
   return kwargs
+
+
+def build_model(config):
+  """The backbone named by config.model.arch (the MM-DiT or an RQ2 baseline), built from config.model."""
+  from rflow_jax.model import baselines  # pylint: disable=g-import-not-at-top
+  return baselines.build(config.model.arch, **model_kwargs(config))

@@ -3,6 +3,10 @@
   python -m rflow_jax.sample --workdir=runs/quickstart --prompts=prompts.txt --out=OUT [--steps=25] [--cfg=3] [--seed=0]
 
 writes OUT/000000.png, OUT/000001.png, ... (in prompt order) and OUT/grid.png. EMA weights unless --raw.
+
+With --transformer=DIR (a diffusers SD3Transformer2DModel directory, e.g. OUT/transformer of `python -m
+rflow_jax.export`), DIR's weights and architecture replace the run's MM-DiT; --workdir still supplies the config
+(sampling settings, formulation, image size) and the frozen text encoders from its checkpoint.
 """
 
 import os
@@ -17,6 +21,8 @@ flags.DEFINE_integer("steps", None, "ODE steps (default: the run's sample.num_st
 flags.DEFINE_float("cfg", None, "Classifier-free guidance scale (default: the run's sample.cfg_scale).")
 flags.DEFINE_integer("seed", 0, "Noise seed; image i uses fold_in(seed, i).")
 flags.DEFINE_bool("raw", False, "Use the raw (non-EMA) parameters.")
+flags.DEFINE_string("transformer", None, "diffusers transformer directory to sample with instead of the workdir's "
+                    "MM-DiT weights (the workdir still gives the config and the text encoders).")
 FLAGS = flags.FLAGS
 
 
@@ -42,8 +48,10 @@ def main(argv):
   from rflow_jax.sampling import pipeline  # pylint: disable=g-import-not-at-top
   with cli.clean_errors():
     prompts = read_prompts(FLAGS.prompts)  # Before loading or compiling anything.
+    if FLAGS.raw and FLAGS.transformer:
+      raise ValueError("--raw selects the workdir's MM-DiT weights; it has no meaning with --transformer")
     sampler, params, text_params, _, step = cli.load_sampler(
-        FLAGS.workdir, steps=FLAGS.steps, cfg=FLAGS.cfg, use_ema=not FLAGS.raw)
+        FLAGS.workdir, steps=FLAGS.steps, cfg=FLAGS.cfg, use_ema=not FLAGS.raw, transformer=FLAGS.transformer)
     images = sampler.generate(params, text_params, prompts, FLAGS.seed)
     os.makedirs(FLAGS.out, exist_ok=True)
     for i, image in enumerate(images):

@@ -8,11 +8,15 @@ into grain's DataLoader:
     -> ToTrainingExample (uint8 image -> float32 [-1, 1], caption -> tokens)
     -> Batch(global_batch_size // process_count, drop_remainder=True)
 
-Sharding happens in the DataLoader, which hands process p the sampler
-positions p, p + P, p + 2P, ... of one globally shuffled stream. Hence the
-union of all processes' step-k batches is exactly the positions
-[k * G, (k + 1) * G) of that stream (G = global batch), whatever P is, and
-within one epoch every record is seen exactly once across processes.
+Sharding happens in the DataLoader over one globally shuffled stream: with
+P > 1 processes, `ContiguousShardSampler` makes process p's step-k batch the
+positions [k * G + p * B, k * G + (p + 1) * B) of that stream (G = global
+batch, B = G / P). Hence the union of all processes' step-k batches is exactly
+the positions [k * G, (k + 1) * G), whatever P is, and within one epoch every
+record is seen exactly once across processes. Because the trainer's global
+array stacks the processes' local batches in process order, row r of the
+global batch is stream position k * G + r for any P: a 2-process run trains
+on exactly the batches of a 1-process run (tests/multiprocess_test.py).
 
 The returned `grain.DataLoaderIterator` is checkpointable: `it.get_state()`
 returns bytes and `it.set_state(state)` on a fresh iterator of the same
@@ -60,6 +64,33 @@ class ToTrainingExample(grain.transforms.Map):
     if "index" in element:
       example["index"] = np.int64(element["index"])
     return example
+
+
+class ContiguousShardSampler:
+  """Reorders a sampler so that process p reads contiguous blocks of each global batch.
+
+  grain's DataLoader hands shard p the positions p, p + P, p + 2P, ... of its
+  sampler. This wrapper maps shard position i = p + P * (k * B + j) to
+  k * G + p * B + j, so process p's k-th local batch (B consecutive reads) is
+  the p-th block of the k-th global batch.
+  """
+
+  def __init__(self, sampler, local_batch_size: int, process_count: int):
+    self._sampler = sampler
+    self._b = local_batch_size
+    self._p = process_count
+
+  def __len__(self) -> int:
+    return len(self._sampler)
+
+  def __getitem__(self, index: int):
+    process, m = index % self._p, index // self._p
+    k, j = divmod(m, self._b)
+    return self._sampler[k * self._b * self._p + process * self._b + j]
+
+  def __repr__(self) -> str:  # grain checks repr(sampler) when restoring.
+    return (f"ContiguousShardSampler({self._sampler!r}, local_batch_size={self._b}, "
+            f"process_count={self._p})")
 
 
 def _tokens(tokenize: Tokenize, text: str) -> np.ndarray:
@@ -138,6 +169,8 @@ def make_train_iterator(
       num_epochs=num_epochs,
       seed=int(seed),  # grain insists on a Python int (not np.int64).
   )
+  if process_count > 1:  # One process keeps the plain sampler (and its checkpointed repr).
+    sampler = ContiguousShardSampler(sampler, batch_size, process_count)
   shard_options = grain.sharding.ShardOptions(
       shard_index=process_index, shard_count=process_count,
       drop_remainder=True)

@@ -1,4 +1,4 @@
-"""The RQ2 baseline backbones of SD3 (Esser et al. 2024, §5.2): DiT, CrossDiT, UViT.
+"""RQ2 baseline backbones of SD3 (Esser et al. 2024 §5.2.3): DiT, CrossDiT, UViT.
 
 All share MMDiT's interface, inputs and conditioning, so that a comparison
 changes only how text and image tokens interact:
@@ -85,6 +85,9 @@ class _Backbone(nn.Module):
     remat: "none" or a key of mmdit.REMAT_POLICIES; rematerialises blocks.
     attention_impl: a key of layers.ATTENTION_IMPLS.
     pos_embed_base: grid units of the base resolution in the sin-cos init.
+    dual_attention_layers: MMDiT-only; accepted so that one config.model
+      builds any architecture, and must be empty.
+    scan_blocks: MMDiT-only (blocks are not scanned here); must be False.
   """
   patch_size: int = 2
   in_channels: int = 16
@@ -102,6 +105,8 @@ class _Backbone(nn.Module):
   remat: str = "none"
   attention_impl: str = "xla"
   pos_embed_base: int = 64
+  dual_attention_layers: tuple[int, ...] = ()
+  scan_blocks: bool = False
 
   @property
   def output_channels(self) -> int:
@@ -118,6 +123,13 @@ class _Backbone(nn.Module):
                     tuple(layers.ATTENTION_IMPLS))
     if self.depth < 1:
       raise ValueError(f"depth={self.depth} must be >= 1")
+    name = type(self).__name__
+    if self.dual_attention_layers:
+      raise ValueError(f"dual_attention_layers={self.dual_attention_layers}:"
+                       f" {name} has no dual-attention blocks (MMDiT only)")
+    if self.scan_blocks:
+      raise ValueError(f"scan_blocks=True: {name} does not scan its blocks "
+                       f"(MMDiT only); use remat to save memory")
 
   def _remat(self, block_cls):
     if self.remat == "none":
@@ -355,7 +367,8 @@ class UViTBlock(nn.Module):
       # The 2H concat acts like an MLP hidden width: "mlp" shards it the way
       # fc2's input is sharded (and "embed" twice in one kernel could not be).
       x = layers.Dense(width, ("mlp", "embed"), dtype=self.dtype,
-                       param_dtype=self.param_dtype, name="skip")(jnp.concatenate([x, skip], axis=-1))
+                       param_dtype=self.param_dtype, name="skip")(
+                           jnp.concatenate([x, skip], axis=-1))  # (B, S, H)
     attn = mmdit.Attention(width, self.num_heads, self.qk_norm, has_out=True,
                            dtype=self.dtype, param_dtype=self.param_dtype,
                            name="attn")
@@ -535,8 +548,9 @@ def param_table(reference: Mapping[str, Any], *,
   ref = dict(reference)
   target = trainable_param_count(mmdit.MMDiT(**ref))
   shape = {k: ref.pop(k) for k in ("depth", "hidden_size", "num_heads")}
-  # MMDiT-only attributes (dual attention, scan) have no baseline analogue.
-  ref = {k: v for k, v in ref.items() if k in _COMMON_FIELDS}
+  # MMDiT-only attributes (dual attention, scan): the baselines have none.
+  ref = {k: v for k, v in ref.items() if k in _COMMON_FIELDS
+         and k not in ("dual_attention_layers", "scan_blocks")}
   table = {"mmdit": shape}
   for arch in ARCHITECTURES:
     if arch != "mmdit":

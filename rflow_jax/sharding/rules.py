@@ -14,9 +14,14 @@ Vocabulary:
   patch       p·p·C features of the patch embed input / final projection output
   cond        input widths of context / pooled / time-frequency features
   pos         rows of the positional table
+
+`config.sharding.rule_overrides` replaces the preset's entry for a logical name, e.g.
+`(("mlp", "fsdp"),)` shards MLP hidden widths over fsdp; `validate_rules` rejects unknown logical names, unknown
+mesh axes and a mesh axis used twice in one rule before anything is compiled.
 """
 
 MESH_AXES = ("data", "fsdp", "tensor")
+LOGICAL_AXES = ("batch", "length", "embed", "mlp", "heads", "kv", "modulation", "patch", "cond", "pos")
 
 _COMMON = (("batch", ("data", "fsdp")), ("length", None), ("kv", None), ("patch", None), ("cond", None),
            ("pos", None))
@@ -24,15 +29,53 @@ _COMMON = (("batch", ("data", "fsdp")), ("length", None), ("kv", None), ("patch"
 PRESETS = {
     # Pure data parallelism: every parameter replicated.
     "dp": _COMMON + (("embed", None), ("mlp", None), ("heads", None), ("modulation", None)),
-    # ZeRO-3 style: parameters (and with them optimizer and EMA state) sharded over fsdp along the width.
-    "fsdp": _COMMON + (("embed", "fsdp"), ("mlp", None), ("heads", None), ("modulation", None)),
+    # ZeRO-3 style: parameters (and with them optimizer and EMA state) sharded over fsdp along the width. Flax
+    # takes the first rule whose mesh axis is still free, so a kernel with an "embed" axis is split along it, and
+    # arrays without one (biases, the t/y embedders' first layer) along their own width instead of replicated.
+    "fsdp": _COMMON + (("embed", "fsdp"), ("mlp", "fsdp"), ("heads", "fsdp"), ("modulation", "fsdp")),
     # fsdp plus Megatron-style tensor parallelism of the MLP hidden and attention heads.
     "fsdp_tp": _COMMON + (("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"), ("modulation", "tensor")),
 }
 
 
-def get_rules(name: str):
-  """Returns the logical-axis rules of a preset, as Flax expects them (a tuple of (logical, mesh) pairs)."""
+def get_rules(name: str, overrides=()):
+  """The logical-axis rules of a preset with `overrides` applied, as Flax expects them.
+
+  Args:
+    name: a key of PRESETS.
+    overrides: (logical, mesh axis | tuple of mesh axes | None) pairs replacing the preset's entry for that
+      logical name (or appended, if the preset has none).
+
+  Returns:
+    A tuple of (logical, mesh) pairs, validated.
+  """
   if name not in PRESETS:
     raise ValueError(f"sharding.rules={name!r} is not a preset; valid: {sorted(PRESETS)}")
-  return PRESETS[name]
+  table = dict(PRESETS[name])
+  for pair in overrides:
+    if len(pair) != 2:
+      raise ValueError(f"sharding.rule_overrides entry {pair!r} must be a (logical, mesh axes) pair")
+    logical, axes = pair
+    table[logical] = tuple(axes) if isinstance(axes, list) else axes
+  result = tuple(table.items())
+  validate_rules(result)
+  return result
+
+
+def validate_rules(logical_rules) -> None:
+  """Raises ValueError naming the first rule with an unknown logical name, an unknown mesh axis or a repeat."""
+  for logical, axes in logical_rules:
+    if logical not in LOGICAL_AXES:
+      raise ValueError(f"sharding rule ({logical!r}, {axes!r}) names an unknown logical axis; valid: {LOGICAL_AXES}")
+    named = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    unknown = [a for a in named if a not in MESH_AXES]
+    if unknown:
+      raise ValueError(f"sharding rule ({logical!r}, {axes!r}) names mesh axis {unknown[0]!r}, which is not one of "
+                       f"{MESH_AXES}")
+    if len(set(named)) != len(named):
+      raise ValueError(f"sharding rule ({logical!r}, {axes!r}) uses a mesh axis twice")
+
+
+def rules_from_config(sharding_config):
+  """`get_rules` of `config.sharding` (rules preset + rule_overrides)."""
+  return get_rules(sharding_config.rules, sharding_config.rule_overrides)

@@ -14,25 +14,25 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from clu import metric_writers, periodic_actions
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from rflow_jax import config_lib
 from rflow_jax.data import pipeline as data_pipeline, registry as data_registry
 from rflow_jax.flow import formulations
-from rflow_jax.model import mmdit, text_encoders
+from rflow_jax.model import text_encoders
 from rflow_jax.sampling import pipeline as sampling
-from rflow_jax.sharding import mesh as mesh_lib, rules as rules_lib
+from rflow_jax.sharding import mesh as mesh_lib, partition, rules as rules_lib
 from rflow_jax.train import checkpoint, optimizer as optim_lib, preemption, step as step_lib, workdir as workdir_lib
 from rflow_jax.train.state import TrainState
+from rflow_jax.utils import flops as flops_lib
 
 
 class NonFiniteError(RuntimeError):
   """Raised when the loss or gradient norm went non-finite under the 'halt' policy."""
 
 
-def build_model(config) -> mmdit.MMDiT:
-  """The MM-DiT of `config.model`; context/pooled widths follow the text stack."""
-  return mmdit.MMDiT(**config_lib.model_kwargs(config))
+def build_model(config):
+  """The backbone of `config.model`; context/pooled widths follow the text stack."""
+  return config_lib.build_model(config)
 
 
 def _dummy_inputs(config, batch_size: int = 1):
@@ -72,18 +72,21 @@ def state_shardings(init_fn, mesh, rules):
 class Setup:
   """Everything the loop needs, built once from the config (also used by tests and the AOT tool)."""
 
-  def __init__(self, config):
+  def __init__(self, config, devices=None):
+    """Builds model, optimizer, mesh (over `devices`, default all) and the jitted step; compiles nothing."""
     self.config = config
     self.model = build_model(config)
     self.tokenizer, self.text_stack = text_encoders.build(config.text)
     self.formulation = formulations.get(config.flow.formulation, shift=config.flow.shift)
     self.tx = optim_lib.make_optimizer(config.optim, config.train.num_steps)
-    self.mesh = mesh_lib.make_mesh(config.sharding.mesh_shape)
-    self.rules = rules_lib.get_rules(config.sharding.rules)
+    self.mesh = mesh_lib.mesh_from_config(config.sharding, devices)
+    self.rules = rules_lib.rules_from_config(config.sharding)
+    partition.check_batch(config.train.global_batch_size, self.mesh, self.rules)
     self.init_fn = make_init_fn(config, self.model, self.text_stack, self.tx)
     with self.mesh, nn.logical_axis_rules(self.rules):
       self.abstract_state, self.state_sharding = state_shardings(self.init_fn, self.mesh, self.rules)
-    self.batch_sharding = NamedSharding(self.mesh, P(("data", "fsdp")))
+    partition.check_divisible(self.abstract_state)  # Before compiling: uneven shards fail only at the first step.
+    self.batch_sharding = partition.batch_sharding(self.mesh, self.rules)
     step_fn = step_lib.bind(config, model=self.model, text_stack=self.text_stack, formulation=self.formulation,
                             tx=self.tx)
     self.train_step = jax.jit(step_fn, in_shardings=(self.state_sharding, self.batch_sharding),
@@ -143,6 +146,21 @@ def _fetch_metrics(pending, step, config, last_ckpt) -> dict:
   return metrics
 
 
+def _record_seen(workdir, seen, local_batch):
+  """Debug (train.record_seen_indices): WORKDIR/seen_indices_p{i}.json lists the examples this process trained on."""
+  seen.extend(int(i) for i in local_batch["index"])
+  with open(os.path.join(workdir, f"seen_indices_p{jax.process_index()}.json"), "w") as f:
+    json.dump(seen, f)
+
+
+def _append_metrics(workdir, step, metrics):
+  """Also appends the scalars to WORKDIR/metrics.jsonl: plain text any tool can read (a resumed run re-logs the
+  steps after its checkpoint; the last line for a step is the one that counts)."""
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+      f.write(json.dumps({"step": step, **metrics}) + "\n")
+
+
 def _poison(local_batch):
   """Fault injection (config.train.poison_step): a batch of NaN images, to exercise the non-finite guard."""
   return {**local_batch, "image": np.full_like(local_batch["image"], np.nan)}
@@ -182,9 +200,14 @@ def _train_loop(config, workdir, setup, manager, data_iter, state, last_ckpt, wr
   sampler = sampling.Sampler.from_setup(setup)
   step = int(jax.device_get(state.step))
   pending, results = [], {}
+  meter = flops_lib.ThroughputMeter(flops_lib.train_flops_per_step(config), setup.mesh.size,
+                                    config.train.peak_tflops_per_device)
+  seen = [] if config.train.record_seen_indices else None
   t0 = time.time()
   while step < num_steps:
     local = next(data_iter)
+    if seen is not None:
+      _record_seen(workdir, seen, local)
     if step + 1 == config.train.poison_step:
       local = _poison(local)
     state, metrics = setup.step(state, setup.global_batch(local))
@@ -194,8 +217,10 @@ def _train_loop(config, workdir, setup, manager, data_iter, state, last_ckpt, wr
     stop = sigterm.is_set()
     if step % config.train.log_every == 0 or step == num_steps or stop:
       results = _fetch_metrics(pending, step, config, last_ckpt)
+      results.update(meter.measure(len(pending)))  # TFLOP/s per device and MFU (from the 2nd window on).
       pending = []
       writer.write_scalars(step, results)
+      _append_metrics(workdir, step, results)
     if step % config.train.checkpoint_every == 0 or step == num_steps or stop:
       checkpoint.save(manager, step, state, data_iter)
       last_ckpt = step

@@ -1,0 +1,570 @@
+"""The formulation study (SD3 §5.1, Table 1) in miniature: train every variant, evaluate, rank, write the report.
+
+  python launch/formulation_study.py --study_dir=runs/formulations
+  python launch/formulation_study.py --study_dir=runs/form_cheap --steps=300 --only='rf,rf/lognorm(0.00,1.00),eps/linear'
+  python launch/formulation_study.py --study_dir=/tmp/form_smoke --model=debug --steps=10 --sample_steps=2 \
+      --weights=ema --per_kind=4 --only='rf,eps/linear' --out=/tmp/form_smoke/formulations.md
+
+For each `configs/formulations.py` sweep entry (or the --only subset) in turn:
+  1. train into STUDY_DIR/<safe name>/ with `trainer.train_and_evaluate` (train.eval_at_end=False); a run whose
+     newest checkpoint already has the requested step count is skipped, an unfinished one resumes, so re-running
+     the command after an interruption continues where it stopped;
+  2. evaluate its EMA and raw weights at 5, 10 and 25 Euler steps (guidance scale from the config) on
+     3 × --per_kind fresh ShapesEval prompts (120 by default): ShapesEval accuracy and the random-network FD
+     (rflow_jax/eval/fid.py) against real images; evaluations are cached in STUDY_DIR/<safe name>/study_eval.json;
+  3. rank per setting by non-dominated sorting of (ShapesEval ↑, FD ↓), average the ranks (all settings, and per
+     step count) and compare with the paper's Table 1 (rflow_jax/eval/ranking.py);
+  4. write STUDY_DIR/results.json and the markdown report (--out, default docs/results/formulations.md).
+
+Every variant gets the same training compute (configs/formulations.py). Runs are sequential, in this process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import os
+import pathlib
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `configs` and `rflow_jax` importable when run as a script from any cwd.
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np
+from absl import logging
+
+from configs import debug as debug_config
+from configs import formulations as formulations_config
+from rflow_jax import cli
+from rflow_jax import config_lib
+from rflow_jax.data import shapes
+from rflow_jax.eval import fid as fid_lib
+from rflow_jax.eval import ranking
+from rflow_jax.eval import shapes_eval
+from rflow_jax.flow import formulations
+from rflow_jax.sampling import pipeline as sampling
+from rflow_jax.train import checkpoint
+# pylint: enable=g-import-not-at-top,wrong-import-position
+
+SAMPLE_STEPS = (5, 10, 25)  # Euler steps of the evaluation settings (the paper used 5, 25 and 50).
+WEIGHTS = ("ema", "raw")  # EMA and non-EMA parameters, both evaluated as in the paper.
+REFERENCE_SEED = 1000  # Seed of the real reference images; differs from sample.eval_seed (the prompts' scenes).
+REFERENCE_N = 1200  # Real images behind the FD reference statistics.
+MODELS = ("quickstart", "debug")  # --model: the study's model, or the tiny debug one for smoke runs.
+DEFAULT_OUT = ROOT / "docs" / "results" / "formulations.md"
+EVAL_CACHE = "study_eval.json"
+TRAIN_RECORD = "study_train.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+  """One evaluation setting: which weights, how many Euler steps."""
+  weights: str
+  steps: int
+
+  @property
+  def key(self) -> str:
+    return f"{self.weights}/{self.steps}"
+
+
+def settings_of(sample_steps: Sequence[int], weights: Sequence[str]) -> list[Setting]:
+  """The evaluation grid, steps-major (ema/5, raw/5, ema/10, ...)."""
+  bad = [w for w in weights if w not in WEIGHTS]
+  if bad or not weights:
+    raise ValueError(f"weights {list(weights)} must be a non-empty subset of {WEIGHTS}")
+  if not sample_steps or any(s < 1 for s in sample_steps):
+    raise ValueError(f"sample steps {list(sample_steps)} must be a non-empty list of positive integers")
+  return [Setting(w, int(s)) for s in sample_steps for w in weights]
+
+
+def split_names(text: str) -> list[str]:
+  """'rf,rf/lognorm(0.00,1.00), eps/linear' -> the three names (commas inside parentheses do not split)."""
+  names, depth, current = [], 0, ""
+  for ch in text:
+    depth += {"(": 1, ")": -1}.get(ch, 0)
+    if ch == "," and depth == 0:
+      names.append(current)
+      current = ""
+    else:
+      current += ch
+  names.append(current)
+  names = [n.strip() for n in names if n.strip()]
+  if depth != 0:
+    raise ValueError(f"unbalanced parentheses in --only={text!r}")
+  return names
+
+
+def safe_name(name: str) -> str:
+  """A directory name for a formulation: 'rf/lognorm(0.00,1.00)' -> 'rf_lognorm_0.00_1.00' (keeps '-' and '.')."""
+  return re.sub(r"[^A-Za-z0-9.\-]+", "_", name).strip("_")
+
+
+def variant_config(name: str, *, model: str = "quickstart", num_steps: int | None = None):
+  """The training config of one variant: configs/formulations.py (or the debug model), `name` as formulation.
+
+  Args:
+    name: formulation in the paper's notation.
+    model: "quickstart" (the study) or "debug" (smoke runs; configs/debug.py sizes).
+    num_steps: overrides train.num_steps (the same for every variant, so compute stays equal).
+  """
+  if model == "quickstart":
+    c = formulations_config.get_config(name)
+  elif model == "debug":
+    c = debug_config.get_config()
+    c.flow.formulation = name
+    c.train.eval_at_end = False
+  else:
+    raise ValueError(f"model={model!r}; valid: {MODELS}")
+  if num_steps is not None:
+    if num_steps < 1:
+      raise ValueError(f"--steps={num_steps} must be positive")
+    c.train.num_steps = num_steps
+  return c
+
+
+def _read_json(path: str):
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def _write_json(path: str, obj) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)  # Atomic, so an interrupted study never leaves a half-written cache.
+
+
+def train_variant(config, workdir: str) -> dict:
+  """Trains one variant unless its workdir already holds the final checkpoint; returns its training record.
+
+  Raises:
+    ValueError: the workdir holds a run of another formulation, or one trained past the requested steps.
+  """
+  from rflow_jax.train import trainer  # pylint: disable=g-import-not-at-top  (CLU/TF only when training)
+  want_steps, name = config.train.num_steps, config.flow.formulation
+  if os.path.isfile(os.path.join(workdir, "config.json")):
+    _check_same_run(cli.load_config(workdir), config, workdir)
+  done = checkpoint.latest_step(workdir)
+  record_path = os.path.join(workdir, TRAIN_RECORD)
+  if done is not None and done > want_steps:
+    raise ValueError(f"{workdir!r} was trained to step {done} > the requested {want_steps}; use another --study_dir")
+  if done == want_steps:
+    logging.info("%s: finished (step %d), not retraining", name, done)
+    return _read_json(record_path) or {"train_s": math.nan, "steps": done, "resumed_from": None}
+  t0 = time.time()
+  results = trainer.train_and_evaluate(config, workdir)
+  if results.get("preempted"):
+    raise KeyboardInterrupt(f"{name}: preempted at step {results['step']}; re-run the study to resume")
+  prior = (_read_json(record_path) or {}).get("train_s", 0.0) if done else 0.0
+  record = {"train_s": prior + time.time() - t0, "steps": int(results["step"]), "resumed_from": done,
+            "final_loss": float(results.get("loss", math.nan))}
+  _write_json(record_path, record)
+  return record
+
+
+_SAME_RUN_FIELDS = ("flow.formulation", "flow.shift", "model.hidden_size", "model.depth", "model.num_heads",
+                    "model.patch_size", "train.global_batch_size", "data.image_size", "seed")
+
+
+def _check_same_run(saved, config, workdir: str) -> None:
+  """Refuses a workdir trained with another formulation, model or batch (a skipped run would be evaluated as is)."""
+  for field in _SAME_RUN_FIELDS:
+    section, _, leaf = field.rpartition(".")
+    a = saved[section][leaf] if section else saved[leaf]
+    b = config[section][leaf] if section else config[leaf]
+    if field == "flow.formulation":
+      a, b = formulations.get(a).name, formulations.get(b).name
+    if a != b:
+      raise ValueError(f"{workdir!r} holds a run with {field}={a!r}, but this study asks for {b!r}; "
+                       "use another --study_dir")
+
+
+def _eval_meta(config, step: int, per_kind: int, ref_meta: dict) -> dict:
+  """Everything an evaluation depends on besides the setting; a cached result is reused only if it matches."""
+  return {"step": step, "per_kind": per_kind, "cfg_scale": float(config.sample.cfg_scale),
+          "eval_seed": int(config.sample.eval_seed), "solver": config.sample.solver, "shift": config.sample.shift,
+          "feature_seed": fid_lib.FEATURE_SEED, **ref_meta}
+
+
+def evaluate_variant(workdir: str, settings: Sequence[Setting], *, per_kind: int, reference: fid_lib.Stats,
+                     ref_meta: dict) -> dict[str, dict]:
+  """ShapesEval + FD of one trained variant at every setting (cached per setting in WORKDIR/study_eval.json).
+
+  Returns:
+    setting key -> {"overall", "single", "position", "counting", "fid", "compile_s", "sample_s", "score_s", ...}.
+  """
+  config = cli.load_config(workdir)
+  step = checkpoint.latest_step(workdir)
+  meta = _eval_meta(config, step, per_kind, ref_meta)
+  cache_path = os.path.join(workdir, EVAL_CACHE)
+  cache = _read_json(cache_path) or {}
+  if cache.get("meta") != meta:
+    cache = {"meta": meta, "results": {}}
+  prompts = shapes.eval_prompts(per_kind, config.sample.eval_seed)
+  raw_params = None
+  for steps in sorted({s.steps for s in settings}):
+    todo = [s for s in settings if s.steps == steps and s.key not in cache["results"]]
+    if not todo:
+      continue
+    sampler, ema_params, text_params, _, _ = cli.load_sampler(workdir, steps=steps, use_ema=True)
+    t0 = time.time()
+    sampler.generate(ema_params, text_params, prompts[:1], config.sample.eval_seed)  # Compiles (batch padded).
+    compile_s = time.time() - t0
+    for setting in todo:
+      if setting.weights == "raw" and raw_params is None:
+        raw_params, _, _ = checkpoint.restore_params(workdir, use_ema=False)
+      params = ema_params if setting.weights == "ema" else raw_params
+      cache["results"][setting.key] = _score_setting(sampler, params, text_params, prompts, config, reference,
+                                                     os.path.join(workdir, "study_eval", setting.key.replace("/", "_")))
+      cache["results"][setting.key]["compile_s"] = compile_s
+      _write_json(cache_path, cache)
+  return {s.key: cache["results"][s.key] for s in settings}
+
+
+def _score_setting(sampler, params, text_params, prompts, config, reference, out_prefix) -> dict:
+  """Samples the prompts once, scores them; writes a grid PNG next to the cache."""
+  t0 = time.time()
+  images = sampler.generate(params, text_params, prompts, config.sample.eval_seed)
+  sample_s = time.time() - t0
+  t0 = time.time()
+  scores = shapes_eval.evaluate(images, prompts)
+  fd = fid_lib.fid(images, reference)
+  score_s = time.time() - t0
+  os.makedirs(os.path.dirname(out_prefix), exist_ok=True)
+  sampling.save_png(sampling.make_grid(images, ncols=12), out_prefix + ".png")
+  return {**{k: float(v) for k, v in scores.items()}, "fid": fd, "sample_s": sample_s, "score_s": score_s}
+
+
+def reference(study_dir: str, *, n: int, size: int) -> tuple[fid_lib.Stats, dict]:
+  """FD reference statistics of n real images (cached in STUDY_DIR) and their description."""
+  meta = {"ref_n": n, "ref_seed": REFERENCE_SEED, "image_size": size}
+  path = os.path.join(study_dir, f"reference_n{n}_seed{REFERENCE_SEED}_s{size}_f{fid_lib.FEATURE_SEED}.npz")
+  if os.path.isfile(path):
+    return fid_lib.Stats.load(path), meta
+  stats = fid_lib.reference_stats(n, REFERENCE_SEED, size)
+  stats.save(path)
+  return stats, meta
+
+
+def real_baseline(per_kind: int, eval_seed: int, size: int, ref: fid_lib.Stats) -> dict:
+  """Scores of the real scenes behind the evaluation prompts: ShapesEval's ceiling and the FD floor at this N."""
+  images = np.stack([shapes.render(s, size) for s in shapes.eval_scenes(per_kind, eval_seed, size)])
+  scores = shapes_eval.evaluate(images, shapes.eval_prompts(per_kind, eval_seed))  # Same (kind-major) order.
+  return {**{k: float(v) for k, v in scores.items()}, "fid": fid_lib.fid(images, ref)}
+
+
+def run_study(study_dir: str, *, names: Sequence[str] | None = None, num_steps: int | None = None,
+              model: str = "quickstart", per_kind: int = 40, sample_steps: Sequence[int] = SAMPLE_STEPS,
+              weights: Sequence[str] = WEIGHTS, reference_n: int = REFERENCE_N, out: str | None = None,
+              make_config: Callable[[str], object] | None = None, command: str | None = None) -> dict:
+  """Trains, evaluates and ranks every variant; writes STUDY_DIR/results.json and the markdown report.
+
+  Args:
+    study_dir: one subdirectory per variant goes here.
+    names: formulations (paper notation); None = configs/formulations.py STUDY.
+    num_steps: train.num_steps override for every variant.
+    model: "quickstart" or "debug" (see variant_config).
+    per_kind: ShapesEval prompts per scene kind (3 kinds).
+    sample_steps: Euler step counts of the evaluation settings.
+    weights: "ema" and/or "raw".
+    reference_n: real images behind the FD reference.
+    out: markdown path; None = docs/results/formulations.md.
+    make_config: name -> config, replacing variant_config (tests).
+    command: the command line, quoted in the report.
+
+  Returns:
+    The results dict written to results.json.
+  """
+  names = [formulations.get(n).name for n in (names or formulations_config.STUDY)]  # Canonical; fails early.
+  if len(set(names)) != len(names) or len({safe_name(n) for n in names}) != len(names):
+    raise ValueError(f"duplicate formulations in {names}")
+  if per_kind < 1:
+    raise ValueError(f"per_kind={per_kind} must be >= 1")
+  settings = settings_of(sample_steps, weights)
+  make_config = make_config or (lambda n: variant_config(n, model=model, num_steps=num_steps))
+  configs = {n: make_config(n) for n in names}
+  for config in configs.values():  # Every variant's config is checked before hours of training start.
+    config_lib.validate(config)
+  os.makedirs(study_dir, exist_ok=True)
+  first = configs[names[0]]
+  size = first.data.image_size
+  ref, ref_meta = reference(study_dir, n=reference_n, size=size)
+  variants = {}
+  for name in names:
+    workdir = os.path.join(study_dir, safe_name(name))
+    logging.info("=== %s -> %s", name, workdir)
+    train = train_variant(configs[name], workdir)
+    evals = evaluate_variant(workdir, settings, per_kind=per_kind, reference=ref, ref_meta=ref_meta)
+    variants[name] = {"workdir": workdir, "train": train, "evals": evals}
+  results = {
+      "generated": datetime.datetime.now().isoformat(timespec="seconds"),
+      "settings": [s.key for s in settings], "sample_steps": sorted({s.steps for s in settings}),
+      "per_kind": per_kind, "reference": ref_meta, "feature_seed": fid_lib.FEATURE_SEED,
+      "train": {"num_steps": first.train.num_steps, "global_batch_size": first.train.global_batch_size,
+                "model": {k: first.model[k] for k in ("hidden_size", "depth", "num_heads", "patch_size")},
+                "cfg_scale": first.sample.cfg_scale},
+      "real": real_baseline(per_kind, first.sample.eval_seed, size, ref),
+      "variants": variants,
+  }
+  results["ranks"] = rank_results(results)
+  _write_json(os.path.join(study_dir, "results.json"), results)
+  out = str(out or DEFAULT_OUT)
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  with open(out, "w") as f:
+    f.write(render_markdown(results, command=command))
+  logging.info("Wrote %s", out)
+  return results
+
+
+def rank_results(results: dict) -> dict:
+  """Per-setting fronts and average ranks (all settings and per step count) of a results dict."""
+  table = {key: {n: (v["evals"][key]["overall"], v["evals"][key]["fid"]) for n, v in results["variants"].items()}
+           for key in results["settings"]}
+  subsets = {"all": list(table)}
+  for steps in results["sample_steps"]:
+    subsets[f"{steps} steps"] = [k for k in table if int(k.split("/")[1]) == steps]
+  return {"per_setting": {k: ranking.rank_setting(points) for k, points in table.items()},
+          "average": {label: ranking.average_ranks(table, keys) for label, keys in subsets.items()}}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The report.
+
+_RF_TUNED = re.compile(r"rf/(lognorm|mode|cosmap)")  # rf with a non-uniform timestep sampler.
+
+
+def _fmt(x: float, digits: int = 2) -> str:
+  return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def _position(avg: dict[str, float], name: str) -> tuple[int, int]:
+  """(1-based place of `name` in an average-rank map, ties sharing the better place; number of variants)."""
+  return 1 + sum(v < avg[name] for v in avg.values()), len(avg)
+
+
+def _paper_columns(results: dict) -> tuple[str | None, str | None]:
+  """Our subset labels compared with the paper's '5 steps' and '50 steps' columns."""
+  steps = results["sample_steps"]
+  few = f"{min(steps)} steps" if min(steps) <= 10 else None
+  many = f"{max(steps)} steps" if max(steps) >= 20 else None
+  return few, many
+
+
+def _claims(results: dict) -> list[str]:
+  """The paper's Table 1 conclusions, each marked agrees / disagrees / not testable from our average ranks."""
+  avg = results["ranks"]["average"]["all"]
+  lines = []
+
+  def claim(text, needed, verdict_fn):
+    missing = [n for n in needed if n not in avg]
+    if missing:
+      lines.append(f"- **not testable** — {text} (not in this study: {', '.join(missing)})")
+    else:
+      ok, detail = verdict_fn()
+      lines.append(f"- **{'agrees' if ok else 'disagrees'}** — {text}: {detail}")
+
+  best = "rf/lognorm(0.00,1.00)"
+  claim(f"`{best}` has the best average rank (paper 1.54, first of 16)", [best],
+        lambda: (_position(avg, best)[0] == 1, "ours: place {} of {} (avg rank {})".format(
+            *_position(avg, best), _fmt(avg[best]))))
+  claim(f"`{best}` beats uniform `rf` (paper 1.54 vs 5.67)", [best, "rf"],
+        lambda: (avg[best] < avg["rf"], f"ours: {_fmt(avg[best])} vs {_fmt(avg['rf'])}"))
+
+  def only_tuned_rf_beats_eps():
+    better = [n for n in avg if avg[n] < avg["eps/linear"]]
+    ok = bool(better) and all(_RF_TUNED.fullmatch(n.split("(")[0]) for n in better)
+    return ok, f"ours: ahead of eps/linear ({_fmt(avg['eps/linear'])}): " + (", ".join(f"`{n}`" for n in better)
+                                                                             or "none")
+  claim("rf with a modified timestep sampler (lognorm/mode/cosmap), and nothing else, beats `eps/linear`",
+        ["eps/linear"],
+        only_tuned_rf_beats_eps)
+  worst = "edm(-1.20,1.20)"
+  claim(f"`{worst}` (Karras' defaults) ranks last (paper 15.58, last of 16)", [worst],
+        lambda: (avg[worst] == max(avg.values()), "ours: place {} of {}".format(*_position(avg, worst))))
+  few, many = _paper_columns(results)
+  if few and many:
+    lines.append(_degradation_claim(results, few, many))
+  return lines
+
+
+def _degradation_claim(results: dict, few: str, many: str) -> str:
+  """'rf variants degrade least with fewer steps': mean rank change (few − many steps), rf family vs the rest."""
+  avg = results["ranks"]["average"]
+  rf = [n for n in avg["all"] if n == "rf" or n.startswith("rf/")]
+  rest = [n for n in avg["all"] if n not in rf]
+  text = f"rf formulations lose least rank when going from {many} to {few} (paper: RF degrades least at 5 steps)"
+  if not rf or not rest:
+    return f"- **not testable** — {text} (needs rf and non-rf variants)"
+  delta = lambda group: float(np.mean([avg[few][n] - avg[many][n] for n in group]))
+  ok = delta(rf) < delta(rest)
+  return (f"- **{'agrees' if ok else 'disagrees'}** — {text}: mean rank change rf {delta(rf):+.2f}, "
+          f"others {delta(rest):+.2f}")
+
+
+def _settings_table(results: dict) -> list[str]:
+  keys = results["settings"]
+  per_setting = results["ranks"]["per_setting"]
+  lines = ["| variant | " + " | ".join(f"{k}" for k in keys) + " |", "|---|" + "---|" * len(keys)]
+  for name, v in results["variants"].items():
+    cells = [f"{v['evals'][k]['overall']:.3f} / {v['evals'][k]['fid']:.4g} ({per_setting[k][name]})" for k in keys]
+    lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+  real = results["real"]
+  lines.append("| *real images* | " + " | ".join(f"{real['overall']:.3f} / {real['fid']:.4g}" for _ in keys) + " |")
+  return lines
+
+
+def _average_table(results: dict) -> list[str]:
+  avg = results["ranks"]["average"]
+  labels = list(avg)
+  lines = ["| variant | " + " | ".join(f"ours: {l}" for l in labels) + " | paper: all | paper: 5 steps | "
+           "paper: 50 steps |", "|---|" + "---|" * (len(labels) + 3)]
+  for name in avg["all"]:
+    paper = ranking.PAPER_AVERAGE_RANKS.get(name, {})
+    lines.append(f"| `{name}` | " + " | ".join(_fmt(avg[l][name]) for l in labels) + " | " +
+                 " | ".join(_fmt(paper.get(c)) for c in ("all", "5 steps", "50 steps")) + " |")
+  return lines
+
+
+def _order_table(results: dict) -> list[str]:
+  """Our order next to the paper's Table 1 order (restricted to the variants of this study)."""
+  ours = list(results["ranks"]["average"]["all"])
+  paper = [n for n in ranking.PAPER_AVERAGE_RANKS if n in ours]
+  lines = ["| place | ours (avg rank, all) | paper Table 1 (avg rank, all) |", "|---|---|---|"]
+  for i in range(len(ours)):
+    ours_cell = f"`{ours[i]}` ({_fmt(results['ranks']['average']['all'][ours[i]])})"
+    paper_cell = (f"`{paper[i]}` ({_fmt(ranking.PAPER_AVERAGE_RANKS[paper[i]]['all'])})" if i < len(paper) else "")
+    lines.append(f"| {i + 1} | {ours_cell} | {paper_cell} |")
+  return lines
+
+
+def _correlations(results: dict) -> list[str]:
+  avg = results["ranks"]["average"]
+  paper = ranking.PAPER_AVERAGE_RANKS
+  few, many = _paper_columns(results)
+  pairs = [("all", "all")] + ([(few, "5 steps")] if few else []) + ([(many, "50 steps")] if many else [])
+  lines = []
+  for ours, theirs in pairs:
+    rho, n = ranking.spearman(avg[ours], {k: v[theirs] for k, v in paper.items()})
+    lines.append(f"- ours **{ours}** vs paper **{theirs}**: Spearman ρ = {_fmt(rho)} over {n} shared variants")
+  return lines
+
+
+def _train_table(results: dict) -> list[str]:
+  lines = ["| variant | train steps | train wall s | final loss | sample wall s per setting (compile s) |",
+           "|---|---|---|---|---|"]
+  for name, v in results["variants"].items():
+    t = v["train"]
+    samples = ", ".join(f"{k}: {e['sample_s']:.1f} ({e['compile_s']:.1f})" for k, e in v["evals"].items())
+    lines.append(f"| `{name}` | {t.get('steps')} | {_fmt(t.get('train_s'), 0)} | {_fmt(t.get('final_loss'), 4)} | "
+                 f"{samples} |")
+  return lines
+
+
+def render_markdown(results: dict, command: str | None = None) -> str:
+  """The report: settings table, average ranks, side-by-side with Table 1, agreement, wall times."""
+  tr, n_prompts = results["train"], 3 * results["per_kind"]
+  out = [
+      "# Formulation study (SD3 §5.1, Table 1) in miniature — results", "",
+      f"Generated {results['generated']} by `launch/formulation_study.py`"
+      + (f" (`{command}`)" if command else "") + ". Protocol: [docs/results/formulations.md § Protocol]"
+      "(#protocol) below and the module docstring of launch/formulation_study.py.", "",
+      f"Training (equal for all): {tr['num_steps']} steps × batch {tr['global_batch_size']}, MM-DiT "
+      f"{tr['model']}. Sampling: Euler, CFG {tr['cfg_scale']}, {n_prompts} fresh ShapesEval prompts per setting; "
+      f"FD on random-conv features (seed {results['feature_seed']}) against {results['reference']['ref_n']} real "
+      "images.", "",
+      "## Per setting: ShapesEval overall ↑ / FD ↓ (Pareto front)", "",
+      *_settings_table(results), "",
+      "The *real images* row scores the real scenes of the same prompts: ShapesEval's ceiling and the FD floor at "
+      "this sample size.", "",
+      "## Average rank (non-dominated sorting per setting, lower = better)", "", *_average_table(results), "",
+      "## Side by side with the paper's Table 1 order", "", *_order_table(results), "",
+      "## Agrees / disagrees (generated from the numbers above)", "", *_correlations(results), "",
+      *_claims(results), "",
+      "## Wall times", "", *_train_table(results), "",
+      PROTOCOL,
+  ]
+  return "\n".join(out) + "\n"
+
+
+PROTOCOL = """## Protocol
+
+- **Variants**: `configs/formulations.py` (`STUDY`), each trained from the same seed with the same model, batch,
+  steps, optimiser and data order; only `flow.formulation` differs (equal training compute, as in the paper).
+- **Settings**: Euler sampling at each step count × {EMA, raw} weights, guidance scale from the config. The paper
+  used 6 sampler settings (guidance scales × 5/25/50 steps) × EMA/non-EMA × 2 datasets = 24 settings.
+- **Metrics**: ShapesEval overall accuracy (rflow_jax/eval/shapes_eval.py) replaces the CLIP score; FD on the
+  features of a fixed random-weight conv net (rflow_jax/eval/fid.py) replaces FID on CLIP features. Both on the
+  same fresh prompts (`shapes.eval_prompts`, seed `sample.eval_seed`); the FD reference is real images of another
+  seed.
+- **Ranking**: per setting, non-dominated sorting of (ShapesEval ↑, FD ↓); rank = Pareto front index (1 = best,
+  ties share a front); a variant's score is its mean rank over all settings and over each step count.
+- **Comparison**: Spearman correlation of our average ranks with the paper's Table 1 over the shared variants; our
+  longest step count stands in for the paper's 50 steps. The paper's ranks are among 16 variants (ours: fewer), so
+  compare orders, not values.
+- **Not like the paper**: pixel-space 32×32 shapes instead of ImageNet/CC12M latents; tiny model and batch; the last
+  checkpoint is evaluated (the paper picks the step of minimal EMA validation loss); one guidance scale; FD from 120
+  samples is strongly biased (only differences between variants mean something).
+"""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Command line.
+
+
+def _define_flags():
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string("study_dir", None, "One subdirectory per variant, results.json, reference stats.",
+                      required=True)
+  flags.DEFINE_integer("steps", None, "Override train.num_steps for every variant (a cheaper study).")
+  flags.DEFINE_string("only", None, "Subset of formulations (paper notation), comma-separated, e.g. "
+                      "'rf,rf/lognorm(0.00,1.00),eps/linear'. Default: configs/formulations.py STUDY.")
+  flags.DEFINE_integer("per_kind", 40, "ShapesEval prompts per scene kind (3 kinds: 120 prompts by default).")
+  flags.DEFINE_list("sample_steps", [str(s) for s in SAMPLE_STEPS], "Euler step counts of the settings.")
+  flags.DEFINE_list("weights", list(WEIGHTS), "Weights evaluated: ema and/or raw.")
+  flags.DEFINE_enum("model", "quickstart", MODELS, "quickstart = the study; debug = tiny model for smoke runs.")
+  flags.DEFINE_integer("reference_n", REFERENCE_N, "Real images behind the FD reference statistics.")
+  flags.DEFINE_string("out", str(DEFAULT_OUT), "Markdown report path.")
+  return flags.FLAGS
+
+
+def _quiet_and_cpu_safe_runtime():
+  """As rflow_jax/main.py: Orbax's per-file INFO lines off the console; TensorFlow (CLU) never takes the GPU."""
+  import logging as py_logging  # pylint: disable=g-import-not-at-top
+  logging.get_absl_handler().addFilter(
+      lambda r: r.levelno >= py_logging.WARNING or "/orbax/" not in r.pathname)
+  try:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    tf.config.set_visible_devices([], "GPU")
+  except ImportError:
+    pass
+
+
+def main(argv) -> int:
+  del argv
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  _quiet_and_cpu_safe_runtime()
+  f = flags.FLAGS
+  with cli.clean_errors():
+    sample_steps = []
+    for s in f.sample_steps:
+      if not s.strip().isdigit():
+        raise ValueError(f"--sample_steps: {s!r} is not a positive integer")
+      sample_steps.append(int(s))
+    run_study(f.study_dir, names=split_names(f.only) if f.only else None, num_steps=f.steps, model=f.model,
+              per_kind=f.per_kind, sample_steps=sample_steps, weights=f.weights, reference_n=f.reference_n,
+              out=f.out, command="python " + " ".join(sys.argv))
+  return 0
+
+
+if __name__ == "__main__":
+  from absl import app  # pylint: disable=g-import-not-at-top
+  _define_flags()
+  app.run(main, flags_parser=cli.parse_flags)

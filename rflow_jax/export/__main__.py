@@ -1,0 +1,33 @@
+"""Export entry point: a training workdir's MM-DiT as a diffusers directory or a flat safetensors file.
+
+  python -m rflow_jax.export --workdir=runs/quickstart --out=OUT [--format=diffusers|safetensors] [--params=ema|raw]
+                             [--overwrite]
+
+diffusers (default): OUT/transformer/ (SD3Transformer2DModel.from_pretrained) + OUT/scheduler/scheduler_config.json
+(FlowMatchEulerDiscreteScheduler, the run's sample.shift). safetensors: OUT/params.safetensors, '/'-joined names.
+Both: OUT/rflow_jax_export.json (model config, step, params). See docs/export.md and rflow_jax/export/workdir.py.
+"""
+
+from absl import app, flags
+
+flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints).", required=True)
+flags.DEFINE_string("out", None, "Output directory (absent or empty unless --overwrite).", required=True)
+flags.DEFINE_enum("format", "diffusers", ["diffusers", "safetensors"], "Export format.")
+flags.DEFINE_enum("params", "ema", ["ema", "raw"], "Which weights: the EMA (what sampling uses) or the raw ones.")
+flags.DEFINE_bool("overwrite", False, "Replace a non-empty --out.")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  from rflow_jax import cli  # pylint: disable=g-import-not-at-top
+  from rflow_jax.export import workdir  # pylint: disable=g-import-not-at-top
+  with cli.clean_errors():
+    info = workdir.export_workdir(FLAGS.workdir, FLAGS.out, fmt=FLAGS.format, params=FLAGS.params,
+                                  overwrite=FLAGS.overwrite)
+  print(f"wrote {info['format']} export of checkpoint step {info['step']} ({info['params']} params) to {FLAGS.out}")
+
+
+if __name__ == "__main__":
+  from rflow_jax import cli as _cli  # pylint: disable=g-import-not-at-top
+  app.run(main, flags_parser=_cli.parse_flags)

@@ -1,0 +1,1 @@
+"""Small helpers shared across rflow_jax (FLOP accounting, ...)."""

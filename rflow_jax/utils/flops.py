@@ -1,0 +1,96 @@
+"""Analytic training FLOPs of the MM-DiT, and the throughput (TFLOP/s per device, MFU) the trainer logs.
+
+Counted: multiply-adds of every matmul as 2 FLOPs, and the two attention matmuls. Per example and joint block, with
+H the width, r the MLP ratio, T image tokens, L context tokens and N = T + L joint tokens:
+
+  token matmuls (per stream s with n_s tokens):  2 · n_s · (3H² + H² + 2rH²)       qkv, proj, MLP
+                                                  (the last block's context stream: 2 · L · 3H², qkv only)
+  modulation (once per example, not per token):  2 · m · H²                        m = 6 (2 pre-only, 9 dual)
+  joint attention:                                4 · N² · H                        QKᵀ and AV over all heads
+  SD3.5 dual attention (image-only):             2 · T · 4H² + 4 · T² · H
+
+plus patch embed (2·T·p²C·H), final projection (2·T·H·p²C_out), context embedder (2·L·D_ctx·H) and the t/y
+embedder MLPs. A train step costs 3× the forward (the backward pass is two matmuls per forward matmul), so for
+large models this is the familiar 6 · params · tokens + 12 · depth · N² · H.
+
+These are *model* FLOPs: rematerialisation (model.remat) re-runs forward work that is not counted, so MFU is the
+model FLOPs utilisation and the hardware does more (HFU). Elementwise work (norms, GELU, softmax, the optimizer)
+and the frozen text encoders are not counted; XLA's cost analysis of the step (launch/aot_compile.py reports both)
+is a few percent higher for that reason.
+"""
+
+import time
+
+
+def forward_flops_per_example(*, hidden_size: int, depth: int, mlp_ratio: float, image_tokens: int,
+                              context_tokens: int, patch_features_in: int, patch_features_out: int,
+                              context_dim: int, pooled_dim: int, dual_attention_layers=()) -> dict[str, float]:
+  """FLOPs of one MM-DiT forward pass on one example, split into matmul and attention terms.
+
+  Args:
+    hidden_size: H.
+    depth: number of joint blocks (the last one's context stream is pre-only).
+    mlp_ratio: MLP hidden / H.
+    image_tokens: T = (image side / patch)².
+    context_tokens: L, text tokens.
+    patch_features_in: p²·C_in of the patch embed.
+    patch_features_out: p²·C_out of the final projection.
+    context_dim: width of the text tokens.
+    pooled_dim: width of the pooled text vector.
+    dual_attention_layers: indices of SD3.5 blocks with the extra image self-attention.
+
+  Returns:
+    {"matmul": ..., "attention": ..., "total": ...} in FLOPs.
+  """
+  h, t, l = hidden_size, image_tokens, context_tokens
+  token_params = (4 + 2 * mlp_ratio) * h * h  # qkv 3H², proj H², MLP 2rH²
+  matmul = attention = 0.0
+  for i in range(depth):
+    last = i == depth - 1
+    dual = i in dual_attention_layers
+    matmul += 2 * t * token_params + 2 * (l * 3 * h * h if last else l * token_params)
+    matmul += 2 * h * h * ((9 if dual else 6) + (2 if last else 6))  # adaLN modulations of the two streams
+    attention += 4 * (t + l) ** 2 * h
+    if dual:
+      matmul += 2 * t * 4 * h * h
+      attention += 4 * t * t * h
+  matmul += 2 * t * patch_features_in * h + 2 * t * h * patch_features_out + 2 * l * context_dim * h
+  matmul += 2 * (256 * h + h * h) + 2 * (pooled_dim * h + h * h)  # t_embedder and y_embedder MLPs
+  matmul += 2 * h * 2 * h  # final layer modulation
+  return {"matmul": matmul, "attention": attention, "total": matmul + attention}
+
+
+def train_flops_per_step(config) -> float:
+  """Model FLOPs of one training step of `config` (forward + backward over the global batch)."""
+  m = config.model
+  per_example = forward_flops_per_example(
+      hidden_size=m.hidden_size, depth=m.depth, mlp_ratio=m.mlp_ratio,
+      image_tokens=(config.data.image_size // m.patch_size) ** 2, context_tokens=2 * config.text.max_length,
+      patch_features_in=m.patch_size ** 2 * m.in_channels, patch_features_out=m.patch_size ** 2 * m.in_channels,
+      context_dim=config.text.width, pooled_dim=config.text.width,
+      dual_attention_layers=tuple(m.dual_attention_layers))
+  return 3.0 * per_example["total"] * config.train.global_batch_size
+
+
+class ThroughputMeter:
+  """Wall time between metric fetches -> achieved TFLOP/s per device and MFU.
+
+  The first window after a (re)start includes compilation, so it reports nothing.
+  """
+
+  def __init__(self, flops_per_step: float, num_devices: int, peak_tflops_per_device: float = 0.0):
+    self.flops_per_step = flops_per_step
+    self.num_devices = num_devices
+    self.peak = peak_tflops_per_device
+    self._last = None
+
+  def measure(self, steps: int) -> dict[str, float]:
+    """Call at each fetch with the number of steps since the previous one; returns the scalars to log."""
+    now, last, self._last = time.perf_counter(), self._last, time.perf_counter()
+    if last is None or steps <= 0:
+      return {}
+    tflops = self.flops_per_step * steps / (now - last) / self.num_devices / 1e12
+    out = {"tflops_per_device": tflops}
+    if self.peak > 0:
+      out["mfu"] = tflops / self.peak
+    return out

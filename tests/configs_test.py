@@ -1,0 +1,71 @@
+"""Every config file loads, validates, and builds its model and optimizer abstractly; bad values fail in one line."""
+
+import glob
+import importlib
+import os
+
+import jax
+import pytest
+
+from rflow_jax import config_lib
+from rflow_jax.train import trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Families whose get_config takes an argument are covered by their own tests.
+SIMPLE = ["quickstart", "shapes", "debug"]
+
+
+@pytest.mark.parametrize("name", SIMPLE)
+def test_config_validates_and_builds_abstractly(name):
+  config = importlib.import_module(f"configs.{name}").get_config()
+  config_lib.validate(config)
+  model = trainer.build_model(config)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *trainer._dummy_inputs(config)))  # pylint: disable=protected-access
+  assert jax.tree.leaves(shapes)
+
+
+def test_every_config_file_is_listed():
+  files = {os.path.basename(f)[:-3] for f in glob.glob(os.path.join(ROOT, "configs", "*.py"))}
+  assert {"base", "__init__"} | set(SIMPLE) <= files
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("model.hidden_size", 33, "model.hidden_size=33 is not divisible by model.num_heads=2"),
+    ("data.image_size", 36, "data.image_size=36 is not divisible by model.patch_size=8"),
+    ("data.name", "imagenet", "data.name='imagenet' is not a dataset; valid: ['shapes']"),
+    ("train.global_batch_size", 0, "train.global_batch_size=0 must be positive"),
+    ("train.nonfinite", "ignore", "train.nonfinite='ignore'; valid: ('halt', 'skip')"),
+    ("sample.num_steps", 0, "sample.num_steps=0 must be positive"),
+    ("sample.cfg_scale", -1.0, "sample.cfg_scale=-1.0 must be >= 0"),
+    ("sample.solver", "rk4", "sample.solver='rk4'; valid:"),
+    ("model.dtype", "float16", "model.dtype='float16'; valid: ['bfloat16', 'float32']"),
+    ("sharding.rules", "zero3", "sharding.rules='zero3' is not a preset"),
+    ("flow.formulation", "rf/mode(3.00)", "flow.formulation"),
+    ("model.pos_embed_max_size", 2, "larger than model.pos_embed_max_size=2"),
+])
+def test_bad_values_fail_validation_with_the_value_named(field, value, message):
+  from configs import debug  # pylint: disable=g-import-not-at-top
+  config = debug.get_config()
+  section, leaf = field.split(".")
+  config[section][leaf] = value
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.validate(config)
+  assert message in str(e.value)
+
+
+@pytest.mark.parametrize("arch", ["mmdit", "dit", "crossdit", "uvit"])
+def test_rq2_baseline_configs_build(arch):
+  from configs import rq2_baselines  # pylint: disable=g-import-not-at-top
+  config = rq2_baselines.get_config(f"arch={arch}")
+  config_lib.validate(config)
+  model = trainer.build_model(config)
+  assert type(model).__name__.lower() == arch
+  jax.eval_shape(lambda: model.init(jax.random.key(0), *trainer._dummy_inputs(config)))  # pylint: disable=protected-access
+
+
+def test_unknown_arch_is_rejected():
+  from configs import debug  # pylint: disable=g-import-not-at-top
+  config = debug.get_config()
+  config.model.arch = "unet"
+  with pytest.raises(config_lib.ConfigError, match=r"model.arch='unet'; valid: \['crossdit', 'dit', 'mmdit', 'uvit'\]"):
+    config_lib.validate(config)
