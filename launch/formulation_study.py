@@ -1,7 +1,7 @@
 """The formulation study (SD3 §5.1, Table 1) in miniature: train every variant, evaluate, rank, write the report.
 
   python launch/formulation_study.py --study_dir=runs/formulations
-  python launch/formulation_study.py --study_dir=runs/form_cheap --steps=300 --only='rf,rf/lognorm(0.00,1.00),eps/linear'
+  python launch/formulation_study.py --study_dir=runs/form_cheap --steps=300 --only='rf,eps/linear,rf/cosmap'
   python launch/formulation_study.py --study_dir=/tmp/form_smoke --model=debug --steps=10 --sample_steps=2 \
       --weights=ema --per_kind=4 --only='rf,eps/linear' --out=/tmp/form_smoke/formulations.md
 
@@ -142,11 +142,20 @@ def _write_json(path: str, obj) -> None:
   os.replace(tmp, path)  # Atomic, so an interrupted study never leaves a half-written cache.
 
 
+class StudyInterrupted(RuntimeError):
+  """A training run was preempted (SIGTERM); its checkpoint is committed and re-running the study resumes it."""
+
+
 def train_variant(config, workdir: str) -> dict:
   """Trains one variant unless its workdir already holds the final checkpoint; returns its training record.
 
+  A run whose loss goes non-finite is not retried on re-runs: its record says "diverged" and the study ranks it
+  last in every setting (a formulation that cannot be trained with the shared recipe loses, as it would in the
+  paper), instead of stopping the whole study.
+
   Raises:
-    ValueError: the workdir holds a run of another formulation, or one trained past the requested steps.
+    ValueError: the workdir holds a run of another formulation or model, or one trained past the requested steps.
+    StudyInterrupted: the run was preempted.
   """
   from rflow_jax.train import trainer  # pylint: disable=g-import-not-at-top  (CLU/TF only when training)
   want_steps, name = config.train.num_steps, config.flow.formulation
@@ -154,18 +163,27 @@ def train_variant(config, workdir: str) -> dict:
     _check_same_run(cli.load_config(workdir), config, workdir)
   done = checkpoint.latest_step(workdir)
   record_path = os.path.join(workdir, TRAIN_RECORD)
+  previous = _read_json(record_path) or {}
   if done is not None and done > want_steps:
     raise ValueError(f"{workdir!r} was trained to step {done} > the requested {want_steps}; use another --study_dir")
+  if previous.get("diverged") and previous.get("num_steps") == want_steps:
+    logging.warning("%s: diverged before (%s); not retrying", name, previous["diverged"])
+    return previous
   if done == want_steps:
     logging.info("%s: finished (step %d), not retraining", name, done)
-    return _read_json(record_path) or {"train_s": math.nan, "steps": done, "resumed_from": None}
+    return previous or {"train_s": math.nan, "steps": done, "num_steps": want_steps, "resumed_from": None}
   t0 = time.time()
-  results = trainer.train_and_evaluate(config, workdir)
-  if results.get("preempted"):
-    raise KeyboardInterrupt(f"{name}: preempted at step {results['step']}; re-run the study to resume")
-  prior = (_read_json(record_path) or {}).get("train_s", 0.0) if done else 0.0
-  record = {"train_s": prior + time.time() - t0, "steps": int(results["step"]), "resumed_from": done,
-            "final_loss": float(results.get("loss", math.nan))}
+  record = {"num_steps": want_steps, "resumed_from": done}
+  try:
+    results = trainer.train_and_evaluate(config, workdir)
+  except trainer.NonFiniteError as e:
+    logging.error("%s diverged: %s", name, e)
+    record.update(diverged=str(e), steps=checkpoint.latest_step(workdir))
+  else:
+    if results.get("preempted"):
+      raise StudyInterrupted(f"{name}: preempted at step {results['step']}; re-run the study to resume")
+    record.update(steps=int(results["step"]), final_loss=float(results.get("loss", math.nan)))
+  record["train_s"] = (previous.get("train_s", 0.0) if done else 0.0) + time.time() - t0
   _write_json(record_path, record)
   return record
 
@@ -277,7 +295,7 @@ def run_study(study_dir: str, *, names: Sequence[str] | None = None, num_steps: 
     weights: "ema" and/or "raw".
     reference_n: real images behind the FD reference.
     out: markdown path; None = docs/results/formulations.md.
-    make_config: name -> config, replacing variant_config (tests).
+    make_config: name -> config, replacing variant_config (custom studies, notebooks).
     command: the command line, quoted in the report.
 
   Returns:
@@ -302,25 +320,38 @@ def run_study(study_dir: str, *, names: Sequence[str] | None = None, num_steps: 
     workdir = os.path.join(study_dir, safe_name(name))
     logging.info("=== %s -> %s", name, workdir)
     train = train_variant(configs[name], workdir)
-    evals = evaluate_variant(workdir, settings, per_kind=per_kind, reference=ref, ref_meta=ref_meta)
+    if train.get("diverged"):
+      evals = {s.key: dict(DIVERGED_EVAL) for s in settings}
+    else:
+      evals = evaluate_variant(workdir, settings, per_kind=per_kind, reference=ref, ref_meta=ref_meta)
     variants[name] = {"workdir": workdir, "train": train, "evals": evals}
-  results = {
-      "generated": datetime.datetime.now().isoformat(timespec="seconds"),
-      "settings": [s.key for s in settings], "sample_steps": sorted({s.steps for s in settings}),
-      "per_kind": per_kind, "reference": ref_meta, "feature_seed": fid_lib.FEATURE_SEED,
-      "train": {"num_steps": first.train.num_steps, "global_batch_size": first.train.global_batch_size,
-                "model": {k: first.model[k] for k in ("hidden_size", "depth", "num_heads", "patch_size")},
-                "cfg_scale": first.sample.cfg_scale},
-      "real": real_baseline(per_kind, first.sample.eval_seed, size, ref),
-      "variants": variants,
-  }
-  results["ranks"] = rank_results(results)
+  results = _results_dict(first, settings, per_kind, ref_meta, real_baseline(per_kind, first.sample.eval_seed,
+                                                                             size, ref), variants)
   _write_json(os.path.join(study_dir, "results.json"), results)
   out = str(out or DEFAULT_OUT)
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   with open(out, "w") as f:
     f.write(render_markdown(results, command=command))
   logging.info("Wrote %s", out)
+  return results
+
+
+# A diverged variant's scores: NaN counts as the worst value in non-dominated sorting (rflow_jax/eval/ranking.py).
+DIVERGED_EVAL = {"overall": math.nan, "fid": math.nan, "sample_s": math.nan, "compile_s": math.nan}
+
+
+def _results_dict(config, settings, per_kind, ref_meta, real, variants) -> dict:
+  """The study's results (what results.json holds), ranks included."""
+  results = {
+      "generated": datetime.datetime.now().isoformat(timespec="seconds"),
+      "settings": [s.key for s in settings], "sample_steps": sorted({s.steps for s in settings}),
+      "per_kind": per_kind, "reference": ref_meta, "feature_seed": fid_lib.FEATURE_SEED,
+      "train": {"num_steps": config.train.num_steps, "global_batch_size": config.train.global_batch_size,
+                "model": {k: config.model[k] for k in ("hidden_size", "depth", "num_heads", "patch_size")},
+                "cfg_scale": config.sample.cfg_scale},
+      "real": real, "variants": variants,
+  }
+  results["ranks"] = rank_results(results)
   return results
 
 
@@ -463,8 +494,8 @@ def _train_table(results: dict) -> list[str]:
   for name, v in results["variants"].items():
     t = v["train"]
     samples = ", ".join(f"{k}: {e['sample_s']:.1f} ({e['compile_s']:.1f})" for k, e in v["evals"].items())
-    lines.append(f"| `{name}` | {t.get('steps')} | {_fmt(t.get('train_s'), 0)} | {_fmt(t.get('final_loss'), 4)} | "
-                 f"{samples} |")
+    loss = "diverged" if t.get("diverged") else _fmt(t.get("final_loss"), 4)
+    lines.append(f"| `{name}` | {t.get('steps')} | {_fmt(t.get('train_s'), 0)} | {loss} | {samples} |")
   return lines
 
 
@@ -474,8 +505,7 @@ def render_markdown(results: dict, command: str | None = None) -> str:
   out = [
       "# Formulation study (SD3 §5.1, Table 1) in miniature — results", "",
       f"Generated {results['generated']} by `launch/formulation_study.py`"
-      + (f" (`{command}`)" if command else "") + ". Protocol: [docs/results/formulations.md § Protocol]"
-      "(#protocol) below and the module docstring of launch/formulation_study.py.", "",
+      + (f" (`{command}`)" if command else "") + "; the protocol is at the end of this page.", "",
       f"Training (equal for all): {tr['num_steps']} steps × batch {tr['global_batch_size']}, MM-DiT "
       f"{tr['model']}. Sampling: Euler, CFG {tr['cfg_scale']}, {n_prompts} fresh ShapesEval prompts per setting; "
       f"FD on random-conv features (seed {results['feature_seed']}) against {results['reference']['ref_n']} real "

@@ -89,6 +89,20 @@ def test_singular_covariances_stay_finite_via_the_eigen_guard():
   assert fid.frechet_distance(f1, f1) == pytest.approx(0.0, abs=1e-6)
 
 
+@pytest.mark.parametrize("broken_root", [
+    lambda a: np.full_like(a, np.nan),  # sqrtm failed outright
+    lambda a: a + 0j,                   # a "root" whose square is far from the product
+    lambda a: np.eye(len(a)) * 1j,      # purely imaginary
+])
+def test_eigen_guard_replaces_an_untrustworthy_sqrtm(monkeypatch, broken_root):
+  theta = 0.3
+  r = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
+  sigma2 = r @ np.diag([9.0, 1.0]) @ r.T
+  monkeypatch.setattr(fid.scipy.linalg, "sqrtm", broken_root)
+  # tr(I + Σ2 − 2 Σ2^½) = 2 + 10 − 2·(3 + 1) = 4.
+  assert fid.frechet_distance_from_stats([0, 0], np.eye(2), [0, 0], sigma2) == pytest.approx(4.0, rel=1e-9)
+
+
 def _noise(images, sigma, rng):
   return np.clip(images + rng.normal(0.0, sigma, images.shape), 0, 255).astype(np.uint8)
 

@@ -3,6 +3,7 @@
 import json
 import os
 
+import jax
 import ml_collections
 import pytest
 
@@ -118,7 +119,16 @@ def test_report_ranks_and_judges_the_paper_claims_from_the_numbers():
   assert "not testable" not in md
 
 
+@pytest.fixture
+def fast_compile():
+  """XLA without most optimisations: halves the compile time that dominates a 2-step smoke run."""
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", False)
+
+
 @pytest.mark.slow
+@pytest.mark.usefixtures("fast_compile")
 def test_smoke_study_trains_evaluates_ranks_and_resumes(tmp_path):
   names = ["rf/lognorm(0.00,1.00)", "eps/linear"]
   study_dir, out = str(tmp_path / "study"), str(tmp_path / "formulations.md")
@@ -151,6 +161,30 @@ def test_smoke_study_trains_evaluates_ranks_and_resumes(tmp_path):
   # A workdir of another formulation is refused before anything is trained into it.
   with pytest.raises(ValueError, match=r"flow.formulation='eps/linear', but this study asks for 'rf'"):
     study.train_variant(study.variant_config("rf", model="debug", num_steps=2), workdir)
+
+
+def test_a_diverged_run_is_recorded_ranked_last_and_not_retried(tmp_path, monkeypatch):
+  from rflow_jax.train import trainer  # pylint: disable=g-import-not-at-top
+  calls = []
+
+  def diverge(config, workdir):
+    calls.append(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    raise trainer.NonFiniteError("loss or gradient norm became non-finite between steps 1 and 2")
+
+  monkeypatch.setattr(trainer, "train_and_evaluate", diverge)
+  workdir = str(tmp_path / "v_cos")
+  config = study.variant_config("v/cos", model="debug", num_steps=2)
+  record = study.train_variant(config, workdir)
+  assert "non-finite between steps 1 and 2" in record["diverged"] and record["num_steps"] == 2
+  assert study.train_variant(config, workdir) == record and len(calls) == 1  # Not retried.
+
+  results = _fake_results({5: ["rf", "eps/linear", "v/cos"]})
+  results["variants"]["v/cos"]["evals"] = {k: dict(study.DIVERGED_EVAL) for k in results["settings"]}
+  results["variants"]["v/cos"]["train"] = record
+  results["ranks"] = study.rank_results(results)
+  assert list(results["ranks"]["average"]["all"]) == ["rf", "eps/linear", "v/cos"]
+  assert "| diverged |" in study.render_markdown(results)
 
 
 def test_variant_config_rejects_bad_values():

@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -97,7 +96,7 @@ def _worker(out_path):
                    opt_leaves_checked=_opt_leaves_match_params(state))
       abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=setup.batch_sharding)
                         for k, v in batches[0].items()}
-      with setup.mesh, nn.logical_axis_rules(setup.rules):  # As Setup.step traces it.
+      with setup.step_context():  # As Setup.step traces it.
         lowered = setup.train_step.lower(setup.abstract_state, abstract_batch).as_text()
       entry["activation_constraints"] = lowered.count("@Sharding") + lowered.count("sdy.sharding_constraint")
     report[name] = entry

@@ -132,7 +132,7 @@ def _trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
   """tr sqrt(Σ1 Σ2) for covariance matrices (symmetric PSD).
 
   First `scipy.linalg.sqrtm(Σ1 Σ2)` (what pytorch-fid and clean-fid do), real part. Σ1 Σ2 is similar to the PSD
-  matrix Σ1^½ Σ2 Σ1^½, so its square root's trace is real and equals Σ_i sqrt(λ_i) over that matrix's eigenvalues.
+  matrix Σ1^½ Σ2 Σ1^½, so its square root's trace is real: Σ_i sqrt(λ_i) over that matrix's eigenvalues.
   Near-singular covariances (few samples, N ≤ F) can make sqrtm inaccurate or give it imaginary parts; then the
   eigen-guard takes over: the trace from the eigenvalues of the symmetric form, negative rounding clipped to 0.
   """

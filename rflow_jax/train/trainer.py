@@ -3,6 +3,7 @@
 The entry point (rflow_jax/main.py) only parses flags and calls this; tests call it too.
 """
 
+import contextlib
 import functools
 import json
 import os
@@ -97,8 +98,19 @@ class Setup:
     with self.mesh, nn.logical_axis_rules(self.rules):
       return init(jax.random.key(self.config.seed))
 
+  @contextlib.contextmanager
+  def step_context(self):
+    """Mesh and rules the step is traced under (AOT tools use it around .lower() too).
+
+    jax.set_mesh rather than `with mesh:`: Flax applies nn.with_logical_constraint only under an abstract mesh, so
+    under the legacy context every activation constraint is a silent no-op. (Init keeps the legacy context: its
+    batch-of-one dummy forward cannot be constrained to the batch axes.)
+    """
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      yield
+
   def step(self, state, batch):
-    with self.mesh, nn.logical_axis_rules(self.rules):
+    with self.step_context():
       return self.train_step(state, batch)
 
   def global_batch(self, local_batch):

@@ -10,8 +10,9 @@ H the width, r the MLP ratio, T image tokens, L context tokens and N = T + L joi
   SD3.5 dual attention (image-only):             2 · T · 4H² + 4 · T² · H
 
 plus patch embed (2·T·p²C·H), final projection (2·T·H·p²C_out), context embedder (2·L·D_ctx·H) and the t/y
-embedder MLPs. A train step costs 3× the forward (the backward pass is two matmuls per forward matmul), so for
-large models this is the familiar 6 · params · tokens + 12 · depth · N² · H.
+embedder MLPs. A train step costs 3× the forward (the backward pass is two matmuls per forward matmul): the familiar
+6 · params · tokens + 12 · depth · N² · H, with the MM-DiT twist that each stream's weights see only their own
+tokens, 6 · (params_x · T + params_ctx · L) ≈ 3 · params · N, since the two streams hold about half the weights each.
 
 These are *model* FLOPs: rematerialisation (model.remat) re-runs forward work that is not counted, so MFU is the
 model FLOPs utilisation and the hardware does more (HFU). Elementwise work (norms, GELU, softmax, the optimizer)
@@ -60,9 +61,15 @@ def forward_flops_per_example(*, hidden_size: int, depth: int, mlp_ratio: float,
   return {"matmul": matmul, "attention": attention, "total": matmul + attention}
 
 
-def train_flops_per_step(config) -> float:
-  """Model FLOPs of one training step of `config` (forward + backward over the global batch)."""
+def train_flops_per_step(config) -> float | None:
+  """Model FLOPs of one training step of `config` (forward + backward over the global batch).
+
+  Returns:
+    The FLOPs, or None for a backbone other than the MM-DiT (model.arch), which this formula does not describe.
+  """
   m = config.model
+  if m.arch != "mmdit":
+    return None
   per_example = forward_flops_per_example(
       hidden_size=m.hidden_size, depth=m.depth, mlp_ratio=m.mlp_ratio,
       image_tokens=(config.data.image_size // m.patch_size) ** 2, context_tokens=2 * config.text.max_length,
@@ -75,10 +82,11 @@ def train_flops_per_step(config) -> float:
 class ThroughputMeter:
   """Wall time between metric fetches -> achieved TFLOP/s per device and MFU.
 
-  The first window after a (re)start includes compilation, so it reports nothing.
+  The first window after a (re)start includes compilation, so it reports nothing; neither does a backbone without
+  a FLOP formula (flops_per_step None). Windows include checkpoint saves and sample grids that fall in them.
   """
 
-  def __init__(self, flops_per_step: float, num_devices: int, peak_tflops_per_device: float = 0.0):
+  def __init__(self, flops_per_step: float | None, num_devices: int, peak_tflops_per_device: float = 0.0):
     self.flops_per_step = flops_per_step
     self.num_devices = num_devices
     self.peak = peak_tflops_per_device
@@ -87,7 +95,7 @@ class ThroughputMeter:
   def measure(self, steps: int) -> dict[str, float]:
     """Call at each fetch with the number of steps since the previous one; returns the scalars to log."""
     now, last, self._last = time.perf_counter(), self._last, time.perf_counter()
-    if last is None or steps <= 0:
+    if last is None or steps <= 0 or not self.flops_per_step:
       return {}
     tflops = self.flops_per_step * steps / (now - last) / self.num_devices / 1e12
     out = {"tflops_per_device": tflops}

@@ -1,0 +1,71 @@
+"""Compile time of the train step vs depth, with the blocks scanned (model.scan_blocks) or unrolled.
+
+  python benchmarks/compile_time.py [--config=configs/sd3.py:d2] [--depths=4,8,16] [--batch=2] [--config.x=y]
+
+For each depth, builds the trainer's Setup on one device with model.depth overridden (width and everything else
+from the config), then lowers and compiles the step on abstract state and batch (nothing is allocated). Prints one
+JSON line per (depth, scan) and a final summary line {"depths": [...], "unrolled_s": [...], "scan_s": [...], ...}
+(lower + compile wall seconds; *_cpu_s: the compile's CPU seconds, steadier on a shared machine).
+Compile time is what grows with depth; the width barely matters, so the default is a narrow model.
+"""
+
+import json
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", "configs/sd3.py:d2", "Config file (with optional :arg).",
+                                lock_config=False)
+flags.DEFINE_list("depths", ["4", "8", "16"], "Depths to compile.")
+flags.DEFINE_integer("batch", 2, "Global batch of the compiled step.")
+FLAGS = flags.FLAGS
+
+
+def time_compile(config) -> dict:
+  """Lowers and compiles the train step of `config` on one device; returns the seconds of each phase."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from rflow_jax.train import trainer  # pylint: disable=g-import-not-at-top
+
+  t0 = time.perf_counter()
+  setup = trainer.Setup(config, devices=jax.devices()[:1])
+  g, s = config.train.global_batch_size, config.data.image_size
+  batch = {"image": jax.ShapeDtypeStruct((g, s, s, config.model.in_channels), jnp.float32,
+                                         sharding=setup.batch_sharding),
+           "tokens": jax.ShapeDtypeStruct((g, config.text.max_length), jnp.int32, sharding=setup.batch_sharding)}
+  t1 = time.perf_counter()
+  with setup.step_context():
+    lowered = setup.train_step.lower(setup.abstract_state, batch)
+  t2, c2 = time.perf_counter(), time.process_time()
+  lowered.compile()
+  t3, c3 = time.perf_counter(), time.process_time()
+  # CPU seconds too: on a shared machine wall time mostly measures the neighbours.
+  return {"setup_s": round(t1 - t0, 2), "lower_s": round(t2 - t1, 2), "compile_s": round(t3 - t2, 2),
+          "compile_cpu_s": round(c3 - c2, 2)}
+
+
+def main(argv):
+  del argv
+  import jax  # pylint: disable=g-import-not-at-top
+  base = FLAGS.config
+  depths = [int(d) for d in FLAGS.depths]
+  summary = {"depths": depths, "unrolled_s": [], "scan_s": [], "unrolled_cpu_s": [], "scan_cpu_s": [],
+             "hidden_size": base.model.hidden_size,
+             "backend": jax.default_backend()}
+  for depth in depths:
+    for scan in (False, True):
+      config = base.copy_and_resolve_references()
+      config.model.depth = depth
+      config.model.scan_blocks = scan
+      config.train.global_batch_size = FLAGS.batch
+      row = {"depth": depth, "scan_blocks": scan, **time_compile(config)}
+      print(json.dumps(row), flush=True)
+      kind = "scan" if scan else "unrolled"
+      summary[f"{kind}_s"].append(round(row["lower_s"] + row["compile_s"], 2))
+      summary[f"{kind}_cpu_s"].append(row["compile_cpu_s"])
+  print(json.dumps(summary), flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
