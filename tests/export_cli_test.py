@@ -220,8 +220,8 @@ def test_baseline_runs_export_as_safetensors_only(run, tmp_path):
   with pytest.raises(ValueError, match="model.arch='dit'.*--format=safetensors"):
     export_workdir.export_workdir(other, tmp_path / "o")
   # The flat format stores the arch, so load_flat rebuilds the right backbone.
-  arch, kwargs = "dit", {**json.loads((workdir / "config.json").read_text())["model"], "context_dim": 16,
-                         "pooled_dim": 16}
+  run_model = json.loads((workdir / "config.json").read_text())["model"]
+  arch, kwargs = "dit", {**{k: v for k, v in run_model.items() if k != "arch"}, "context_dim": 16, "pooled_dim": 16}
   model = export_workdir.model_from_config(arch, kwargs)
   params = flax.linen.unbox(model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32),
                                        np.zeros((1,), np.float32), np.zeros((1, 16, 16), np.float32),

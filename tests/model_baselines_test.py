@@ -214,8 +214,7 @@ def test_rq2_config_matches_quickstart_and_builds_every_arch():
   assert {k: qs[k] for k in expected} == expected  # The table still describes configs/quickstart.py.
   for arch in rq2_baselines.ARCHS:
     config = rq2_baselines.get_config(f"arch={arch}")
-    kwargs = config_lib.model_kwargs(config)
-    model = baselines.build(kwargs.pop("arch"), **kwargs)
+    model = config_lib.build_model(config)
     s = config.data.image_size
     out = jax.eval_shape(model.init_with_output, jax.random.key(0), jnp.zeros((2, s, s, 3)), jnp.zeros((2,)),
                          jnp.zeros((2, 2 * config.text.max_length, config.text.width)),

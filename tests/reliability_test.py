@@ -80,3 +80,27 @@ def test_sigterm_checkpoints_and_exits_zero_then_resumes(tmp_path):
   assert "SIGTERM: checkpoint of step" in out
   results = trainer.train_and_evaluate(_debug(**{"train.num_steps": step + 2}), workdir)
   assert results["step"] == step + 2
+
+
+def test_full_disk_during_save_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+  workdir = str(tmp_path / "full")
+  trainer.train_and_evaluate(_debug(**{"train.num_steps": 2}), workdir)
+
+  def no_space(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+  monkeypatch.setattr(checkpoint, "save", no_space)  # What Orbax raises when the disk fills during a save.
+  with pytest.raises(checkpoint.CheckpointWriteError,
+                     match=r"checkpoint of step 4 .*No space left on device.*last complete checkpoint \(step 2\) is intact"):
+    trainer.train_and_evaluate(_debug(), workdir)
+  monkeypatch.undo()
+  assert checkpoint.latest_step(workdir) == 2
+  params, _, _ = checkpoint.restore_params(workdir, use_ema=False)
+  assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(params))
+
+
+def test_workdir_that_is_a_file_is_refused(tmp_path):
+  path = tmp_path / "file"
+  path.write_text("not a directory")
+  with pytest.raises(NotADirectoryError, match=r"--workdir=.*file' exists and is not a directory"):
+    trainer.train_and_evaluate(_debug(), str(path))
+  assert path.read_text() == "not a directory"

@@ -16,6 +16,10 @@ import orbax.checkpoint as ocp
 CHECKPOINT_DIR = "checkpoints"
 
 
+class CheckpointWriteError(ValueError):
+  """A checkpoint could not be written; the message says which complete checkpoint is still there."""
+
+
 def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
 

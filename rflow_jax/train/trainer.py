@@ -173,6 +173,16 @@ def _append_metrics(workdir, step, metrics):
       f.write(json.dumps({"step": step, **metrics}) + "\n")
 
 
+def _save(manager, step, state, data_iter, last_ckpt):
+  """Starts a checkpoint save; a write failure (disk full, permissions) becomes one clear error naming what is safe."""
+  try:
+    checkpoint.save(manager, step, state, data_iter)
+  except OSError as e:
+    raise checkpoint.CheckpointWriteError(
+        f"could not write the checkpoint of step {step} in {manager.directory} ({e.strerror or e}); "
+        f"the last complete checkpoint (step {last_ckpt}) is intact and a restart resumes from it") from e
+
+
 def _poison(local_batch):
   """Fault injection (config.train.poison_step): a batch of NaN images, to exercise the non-finite guard."""
   return {**local_batch, "image": np.full_like(local_batch["image"], np.nan)}
@@ -185,7 +195,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   returns with results["preempted"] = True; the next call resumes from there.
   """
   config_lib.validate(config)
-  os.makedirs(workdir, exist_ok=True)
+  workdir_lib.prepare(workdir)
   with workdir_lib.exclusive(workdir), preemption.SigtermFlag() as sigterm:
     workdir_lib.warn_incomplete_checkpoints(checkpoint.checkpoint_dir(workdir))
     setup = Setup(config)
@@ -234,7 +244,7 @@ def _train_loop(config, workdir, setup, manager, data_iter, state, last_ckpt, wr
       writer.write_scalars(step, results)
       _append_metrics(workdir, step, results)
     if step % config.train.checkpoint_every == 0 or step == num_steps or stop:
-      checkpoint.save(manager, step, state, data_iter)
+      _save(manager, step, state, data_iter, last_ckpt)
       last_ckpt = step
     if stop:
       manager.wait_until_finished()

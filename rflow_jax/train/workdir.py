@@ -45,6 +45,22 @@ def exclusive(workdir: str):
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def prepare(workdir: str) -> None:
+  """Creates the workdir and checks it is a writable directory, before anything expensive happens."""
+  if "://" in workdir:
+    return  # Object stores: Orbax and the writers create what they need.
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise NotADirectoryError(f"--workdir={workdir!r} exists and is not a directory")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f".write_probe_{os.getpid()}")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise PermissionError(f"--workdir={workdir!r} is not writable: {e.strerror or e}") from None
+
+
 def warn_incomplete_checkpoints(ckpt_dir: str) -> list[str]:
   """Logs a warning for each temporary (uncommitted) checkpoint directory; Orbax never restores those."""
   partial = sorted(glob.glob(os.path.join(ckpt_dir, "*.orbax-checkpoint-tmp*")))
