@@ -27,7 +27,7 @@ def main(argv):
   it = trainer._data_iterator(config, setup.tokenizer)  # pylint: disable=protected-access
   batches = [setup.global_batch(next(it)) for _ in range(4)]
   t0 = time.perf_counter()
-  with setup.mesh:
+  with setup.step_context():
     compiled = setup.train_step.lower(state, batches[0]).compile()
   compile_s = time.perf_counter() - t0
   cost = compiled.cost_analysis()

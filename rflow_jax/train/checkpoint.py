@@ -101,7 +101,12 @@ def restore_params(workdir: str, *, use_ema: bool, step: int | None = None) -> t
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {directory!r}: train first (python -m rflow_jax.main ...)")
   with make_manager(workdir, read_only=True) as manager:
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    # Restore onto this process's first device whatever mesh wrote the checkpoint (a pod run's checkpoint samples
+    # on a laptop): the target's shardings, not the saved ones, decide placement.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device),
+                          manager.item_metadata(step)["state"], is_leaf=lambda x: hasattr(x, "shape"))
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
   state = restored["state"]
   params = state["ema_params"] if use_ema else state["params"]
   return params, state["text_params"], step
