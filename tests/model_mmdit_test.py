@@ -253,3 +253,25 @@ def test_scanned_params_have_a_leading_unnamed_axis():
   kernel = boxed["blocks_0_1"]["x"]["attn"]["qkv"]["kernel"]
   assert kernel.names == (None, "embed", None, "heads")
   assert kernel.value.shape == (2, 64, 3, 64)
+
+
+def test_registered_attention_kernel_is_used():
+  """The hook for kernels outside jax.nn.dot_product_attention (e.g. a TPU splash kernel)."""
+  from rflow_jax.model import layers  # pylint: disable=g-import-not-at-top
+  calls = []
+
+  def reference(q, k, v):
+    calls.append(q.shape)
+    w = jax.nn.softmax(jnp.einsum("btnd,bsnd->bnts", q, k) / np.sqrt(q.shape[-1]), axis=-1)
+    return jnp.einsum("bnts,bsnd->btnd", w, v)
+
+  layers.register_attention("test_einsum", reference)
+  try:
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, 5, 2, 8)) for i in range(3))
+    np.testing.assert_allclose(layers.dot_product_attention(q, k, v, "test_einsum"),
+                               layers.dot_product_attention(q, k, v, "xla"), atol=1e-5)
+    assert calls == [(2, 5, 2, 8)]
+    with pytest.raises(ValueError, match="already registered"):
+      layers.register_attention("xla", reference)
+  finally:
+    del layers.ATTENTION_IMPLS["test_einsum"]

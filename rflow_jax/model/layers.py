@@ -21,6 +21,7 @@ because they are cheap and the first to lose precision in bfloat16.
 """
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -32,11 +33,21 @@ Initializer = Callable[..., jax.Array]
 NORM_EPS = 1e-6
 
 # `MMDiT.attention_impl` -> `implementation` of jax.nn.dot_product_attention.
-ATTENTION_IMPLS: dict[str, str | None] = {
+# attention_impl name -> jax.nn.dot_product_attention `implementation`, or a callable (q, k, v) -> out on
+# (B, T, N, D) arrays. The callable form is the hook for kernels JAX does not ship behind dot_product_attention,
+# e.g. a TPU Pallas flash/splash kernel: `register_attention("splash", fn)` then `--config.model.attention_impl=splash`.
+ATTENTION_IMPLS: dict[str, Any] = {
     "xla": "xla",
     "cudnn": "cudnn",
     "auto": None,  # Let JAX pick (cuDNN when available, else XLA).
 }
+
+
+def register_attention(name: str, fn: Callable[[jax.Array, jax.Array, jax.Array], jax.Array]) -> None:
+  """Makes `fn(q, k, v) -> out` ((B, T, N, D), unmasked, scale 1/sqrt(D)) selectable as attention_impl=name."""
+  if name in ATTENTION_IMPLS:
+    raise ValueError(f"attention_impl {name!r} is already registered")
+  ATTENTION_IMPLS[name] = fn
 
 
 def xavier_uniform(num_out_axes: int = 1) -> Initializer:
@@ -162,8 +173,10 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   if impl not in ATTENTION_IMPLS:
     raise ValueError(f"attention_impl={impl!r} is not one of "
                      f"{sorted(ATTENTION_IMPLS)}")
-  return jax.nn.dot_product_attention(
-      q, k, v, implementation=ATTENTION_IMPLS[impl])
+  impl_or_fn = ATTENTION_IMPLS[impl]
+  if callable(impl_or_fn):
+    return impl_or_fn(q, k, v)
+  return jax.nn.dot_product_attention(q, k, v, implementation=impl_or_fn)
 
 
 def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
