@@ -494,6 +494,17 @@ def _shards(state_dict: Mapping[str, np.ndarray],
   return shards
 
 
+def replace_dir(tmp: pathlib.Path, out: pathlib.Path) -> None:
+  """Renames the complete directory tmp to out, removing an existing out only once tmp is complete."""
+  if out.exists():
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old)
+  else:
+    tmp.rename(out)
+
+
 def save_transformer(params: Mapping[str, Any], model: mmdit.MMDiT,
                      out_dir: str | os.PathLike[str],
                      max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
@@ -540,13 +551,7 @@ def save_transformer(params: Mapping[str, Any], model: mmdit.MMDiT,
     for name, shard in zip(names, shards):
       safetensors.numpy.save_file(shard, str(tmp / name),
                                   metadata={"format": "pt"})
-    if out_dir.exists():
-      old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-      out_dir.rename(old)
-      tmp.rename(out_dir)
-      shutil.rmtree(old)
-    else:
-      tmp.rename(out_dir)
+    replace_dir(tmp, out_dir)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise

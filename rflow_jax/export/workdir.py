@@ -133,17 +133,6 @@ def _check_out(out: pathlib.Path, workdir: pathlib.Path,
                      f"{str(workdir)!r} that holds the checkpoints")
 
 
-def _replace_dir(tmp: pathlib.Path, out: pathlib.Path) -> None:
-  """Renames tmp to out, removing an existing out only once tmp is complete."""
-  if out.exists():
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old)
-  else:
-    tmp.rename(out)
-
-
 def export_workdir(workdir: str | os.PathLike[str],
                    out: str | os.PathLike[str], *, fmt: str = "diffusers",
                    params: str = "ema", overwrite: bool = False
@@ -209,7 +198,7 @@ def export_workdir(workdir: str | os.PathLike[str],
     else:
       save_flat(weights, tmp / FLAT_WEIGHTS_NAME)
     (tmp / INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
-    _replace_dir(tmp, out)
+    export_diffusers.replace_dir(tmp, out)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
