@@ -80,6 +80,8 @@ def get_config():
   c.train.sample_every = 0  # Write a sample grid (TensorBoard + PNG) every N steps; 0 = only at the end.
   c.train.nonfinite = "halt"  # Loss/grad norm not finite: "halt" stops the run, "skip" drops the update and goes on.
   c.train.eval_at_end = True  # Score fresh prompts with ShapesEval after the last step.
+  # Also every N steps (0 = off), into WORKDIR/eval_step{N}/ and metrics.jsonl: quality against training time.
+  c.train.eval_every = 0
   c.train.poison_step = -1  # Fault injection: feed a batch of NaN images at this step (tests the guard); -1 = off.
   # Peak dense bf16 TFLOP/s of one device, for the MFU logged with the step rate (0 = do not log MFU). E.g. TPU v5p
   # 459, v6e 918, v5e 197, H100 SXM 989 (dense, no sparsity). Achieved TFLOP/s come from rflow_jax/utils/flops.py.

@@ -1,6 +1,7 @@
 """Fault-injection harness: SIGKILL a training run at random moments, restart it, compare with an uninterrupted run.
 
   python launch/fault_injection.py --kills=30 --steps=60 --workdir=/tmp/soak   # the long soak
+  python launch/fault_injection.py --kills=10 --steps=30 --processes=2 --workdir=/tmp/soak_mp   # multi-process
   (tests/fault_injection_test.py runs a short version in CI)
 
 Each attempt starts `python -m rflow_jax.main` on the debug config and SIGKILLs it a random 1-3 steps into its
@@ -17,6 +18,7 @@ import glob
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -24,10 +26,26 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _argv(workdir, steps, extra):
-  return [sys.executable, "-m", "rflow_jax.main", "--config=configs/debug.py", f"--workdir={workdir}",
-          f"--config.train.num_steps={steps}", "--config.train.log_every=1", "--config.train.checkpoint_every=2",
-          "--config.train.keep_checkpoints=2", *extra]
+def _argv(workdir, steps, extra, processes=1):
+  """The training command: one `python -m rflow_jax.main`, or `processes` of them (2 fake devices each, a data=P
+  DCN axis over the processes) under launch/local_multiprocess.py."""
+  args = ["--config=configs/debug.py", f"--workdir={workdir}", f"--config.train.num_steps={steps}",
+          "--config.train.log_every=1", "--config.train.checkpoint_every=2", "--config.train.keep_checkpoints=2",
+          *extra]
+  if processes == 1:
+    return [sys.executable, "-m", "rflow_jax.main", *args]
+  return [sys.executable, os.path.join(ROOT, "launch", "local_multiprocess.py"), f"--num_processes={processes}",
+          "--devices_per_process=2", "--", *args, "--config.sharding.mesh_shape=(1,-1,1)",
+          f"--config.sharding.dcn_mesh_shape=({processes},1,1)"]
+
+
+def _children(pid):
+  """PIDs of a process's children (Linux /proc): the launcher's workers."""
+  try:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+      return [int(c) for c in f.read().split()]
+  except OSError:
+    return []
 
 
 def _latest_step(workdir):
@@ -57,7 +75,8 @@ def final_losses(workdir) -> dict[int, float]:
         record = json.loads(line)
       except json.JSONDecodeError:
         continue  # A line cut by SIGKILL; its step is re-logged by the resumed run.
-      out[record["step"]] = record["loss"]
+      if "loss" in record:  # ShapesEval lines (train.eval_every) carry only shapes_eval/* scores.
+        out[record["step"]] = record["loss"]
   return out
 
 
@@ -67,21 +86,26 @@ def _wait_for(proc, condition, timeout):
     time.sleep(0.01)
 
 
-def run_with_kills(workdir, *, steps, kills, seed, timeout=600.0, extra=(), log=None):
+def run_with_kills(workdir, *, steps, kills, seed, timeout=600.0, extra=(), log=None, processes=1, env=None):
   """Runs to completion while SIGKILLing `kills` times; returns statistics.
 
   Kills are placed by progress, not by wall time (start-up time varies with machine load): each attempt first
   commits one new checkpoint; then a plain kill lands a random 0-2 steps later plus a random 0-0.3 s, and every
   third kill lands as soon as the next checkpoint is being written (an Orbax temporary directory exists).
+
+  With processes > 1 a kill alternates between the whole job (the launcher and every worker at once: a pod losing
+  its slice) and worker 1 alone (one host dies; the launcher then stops the survivors, which may be blocked in a
+  collective or a checkpoint barrier with the dead peer).
   """
   rng = random.Random(seed)
-  stats = {"kills": 0, "kills_during_commit": 0, "restarts": 0, "resumed_from": [], "steps_lost": []}
-  env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+  stats = {"kills": 0, "kills_during_commit": 0, "restarts": 0, "resumed_from": [], "steps_lost": [],
+           "single_worker_kills": 0}
+  env = {**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"}
   while True:
     resumed = _latest_step(workdir) or 0
     stats["resumed_from"].append(resumed)
-    proc = subprocess.Popen(_argv(workdir, steps, extra), cwd=ROOT, stdout=log or subprocess.DEVNULL,
-                            stderr=subprocess.STDOUT, env=env)
+    proc = subprocess.Popen(_argv(workdir, steps, extra, processes), cwd=ROOT, stdout=log or subprocess.DEVNULL,
+                            stderr=subprocess.STDOUT, env=env, start_new_session=True)
     if stats["kills"] < kills:
       # Each attempt first commits one new checkpoint (so the run progresses), then dies at a random point.
       _wait_for(proc, lambda: (_latest_step(workdir) or 0) > resumed, timeout)
@@ -94,7 +118,12 @@ def run_with_kills(workdir, *, steps, kills, seed, timeout=600.0, extra=(), log=
         time.sleep(rng.uniform(0.0, 0.3))
       if proc.poll() is None:
         saving = _saving(workdir)
-        proc.kill()
+        workers = _children(proc.pid)
+        if processes > 1 and stats["kills"] % 2 == 1 and len(workers) > 1:
+          os.kill(workers[1], signal.SIGKILL)
+          stats["single_worker_kills"] += 1
+        else:
+          os.killpg(proc.pid, signal.SIGKILL)  # Its own session: the launcher and all its workers.
         proc.wait()
         stats["kills"] += 1
         stats["kills_during_commit"] += int(saving)
@@ -127,13 +156,15 @@ def main():
   parser.add_argument("--kills", type=int, default=30)
   parser.add_argument("--steps", type=int, default=60)
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--processes", type=int, default=1,
+                      help="Training processes (2 fake CPU devices each, launch/local_multiprocess.py) when > 1.")
   args = parser.parse_args()
   killed, reference = os.path.join(args.workdir, "killed"), os.path.join(args.workdir, "reference")
   t0 = time.time()
-  subprocess.run(_argv(reference, args.steps, ()), cwd=ROOT, check=True, stdout=subprocess.DEVNULL,
+  subprocess.run(_argv(reference, args.steps, (), args.processes), cwd=ROOT, check=True, stdout=subprocess.DEVNULL,
                  stderr=subprocess.STDOUT)
-  stats = run_with_kills(killed, steps=args.steps, kills=args.kills, seed=args.seed)
-  print(json.dumps({**stats, **compare(killed, reference), "steps": args.steps,
+  stats = run_with_kills(killed, steps=args.steps, kills=args.kills, seed=args.seed, processes=args.processes)
+  print(json.dumps({**stats, **compare(killed, reference), "steps": args.steps, "processes": args.processes,
                     "wall_s": round(time.time() - t0, 1)}))
 
 

@@ -52,6 +52,7 @@ def validate(config) -> None:
   for name in ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints", "global_batch_size"):
     _require(t[name] > 0, f"train.{name}={t[name]} must be positive")
   _require(t.sample_every >= 0, f"train.sample_every={t.sample_every} must be >= 0")
+  _require(t.eval_every >= 0, f"train.eval_every={t.eval_every} must be >= 0")
   _require(t.nonfinite in NONFINITE_POLICIES, f"train.nonfinite={t.nonfinite!r}; valid: {NONFINITE_POLICIES}")
   _require(t.global_batch_size % jax.process_count() == 0,
            f"train.global_batch_size={t.global_batch_size} is not divisible by the {jax.process_count()} processes")

@@ -37,6 +37,7 @@ def test_every_config_file_is_listed():
     ("train.nonfinite", "ignore", "train.nonfinite='ignore'; valid: ('halt', 'skip')"),
     ("sample.num_steps", 0, "sample.num_steps=0 must be positive"),
     ("sample.cfg_scale", -1.0, "sample.cfg_scale=-1.0 must be >= 0"),
+    ("train.eval_every", -1, "train.eval_every=-1 must be >= 0"),
     ("sample.solver", "rk4", "sample.solver='rk4'; valid:"),
     ("model.dtype", "float16", "model.dtype='float16'; valid: ['bfloat16', 'float32']"),
     ("sharding.rules", "zero3", "sharding.rules='zero3' is not a preset"),

@@ -1,6 +1,7 @@
 """SIGKILL at random moments (some during a checkpoint commit), restart each time: the run ends bitwise equal to an
 uninterrupted one, with the same logged losses. The long soak is `python launch/fault_injection.py`."""
 
+import os
 import subprocess
 
 import pytest
@@ -23,5 +24,22 @@ def test_ten_sigkills_resume_bitwise(tmp_path):
   assert len(set(stats["resumed_from"])) >= 4 and max(stats["resumed_from"]) >= 6, stats
   # At most the steps since the last committed checkpoint: one interval (2) plus those run while a save commits.
   assert max(stats["steps_lost"]) <= 6, stats
+  assert result == {"params_bitwise_equal": True, "ema_params_bitwise_equal": True, "losses_equal": True}
+  assert sorted(fault_injection.final_losses(killed)) == list(range(1, steps + 1))
+
+
+def test_two_process_run_survives_job_and_worker_kills_bitwise(tmp_path):
+  """The multi-host path: 2 processes × 2 fake devices (data=2 over processes, fsdp=2 within). Kills alternate
+  between the whole job and one worker; restarts resume from the multi-process checkpoint (each process's data
+  iterator included) and end bitwise equal to an uninterrupted 2-process run."""
+  reference, killed = str(tmp_path / "reference"), str(tmp_path / "killed")
+  steps, env = 8, {**os.environ, "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}  # Same env for both: same programs.
+  subprocess.run(fault_injection._argv(reference, steps, (), processes=2), cwd=fault_injection.ROOT, check=True,  # pylint: disable=protected-access
+                 stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=env, timeout=600)
+  stats = fault_injection.run_with_kills(killed, steps=steps, kills=2, seed=1, processes=2, env=env)
+  result = fault_injection.compare(killed, reference)
+  print(stats, result)
+  assert stats["kills"] == 2 and stats["single_worker_kills"] == 1, stats
+  assert stats["resumed_from"][0] == 0 and stats["resumed_from"][-1] >= 4, stats
   assert result == {"params_bitwise_equal": True, "ema_params_bitwise_equal": True, "losses_equal": True}
   assert sorted(fault_injection.final_losses(killed)) == list(range(1, steps + 1))

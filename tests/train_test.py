@@ -1,6 +1,7 @@
 """End-to-end trainer tests on the debug config: outputs, resume == uninterrupted, wrong-model workdirs refused."""
 
 import glob
+import json
 import os
 
 import jax
@@ -36,8 +37,16 @@ def _snapshot(workdir):
 
 def test_train_writes_outputs_and_resume_equals_uninterrupted(tmp_path):
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-  results = trainer.train_and_evaluate(_config(**{"train.sample_every": 2}), straight)
+  # The straight run also evaluates mid-run; the resumed one does not, so equality below also shows that a
+  # periodic ShapesEval leaves the training trajectory alone.
+  results = trainer.train_and_evaluate(_config(**{"train.sample_every": 2, "train.eval_every": 2}), straight)
   assert np.isfinite(results["loss"]) and results["skipped_steps"] == 0
+  with open(os.path.join(straight, "eval_step2", "scores.json")) as f:
+    assert set(json.load(f)) == {"single", "position", "counting", "overall", "n"}
+  with open(os.path.join(straight, "metrics.jsonl")) as f:
+    evals = [r for r in map(json.loads, f) if "shapes_eval/overall" in r]
+  assert [r["step"] for r in evals] == [2]  # Only mid-run: eval_at_end is off in the debug config.
+  assert 0.0 <= evals[0]["shapes_eval/overall"] <= 1.0
   assert os.path.isfile(os.path.join(straight, "config.json"))
   assert glob.glob(os.path.join(straight, "events.out.tfevents.*"))
   assert os.path.isfile(os.path.join(straight, "samples", "grid_000002.png"))

@@ -166,8 +166,9 @@ def _record_seen(workdir, seen, local_batch):
 
 
 def _append_metrics(workdir, step, metrics):
-  """Also appends the scalars to WORKDIR/metrics.jsonl: plain text any tool can read (a resumed run re-logs the
-  steps after its checkpoint; the last line for a step is the one that counts)."""
+  """Also appends the scalars to WORKDIR/metrics.jsonl: plain text any tool can read. Training scalars and
+  ShapesEval scores of one step are separate lines; a resumed run re-logs the steps after its checkpoint, and for
+  each key of a step the last line that has it is the one that counts."""
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
       f.write(json.dumps({"step": step, **metrics}) + "\n")
@@ -252,15 +253,26 @@ def _train_loop(config, workdir, setup, manager, data_iter, state, last_ckpt, wr
       return {**results, "preempted": True, "step": step}
     if config.train.sample_every and step % config.train.sample_every == 0 and step != num_steps:
       sampler.write_grid(state, step, workdir, writer)
+    if (config.train.eval_every and step % config.train.eval_every == 0 and step != num_steps
+        and config.data.name == "shapes"):
+      _shapes_eval(config, sampler, state, step, workdir, writer, f"eval_step{step}")
   manager.wait_until_finished()
   logging.info("Training loop done in %.1fs", time.time() - t0)
   sampler.write_grid(state, step, workdir, writer)
   if config.train.eval_at_end and config.data.name == "shapes":
-    from rflow_jax.eval import run_shapes  # pylint: disable=g-import-not-at-top  (scipy only when evaluating)
-    scores = run_shapes.evaluate(sampler, sampler.params_of(state), state.text_params,
-                                 per_kind=config.sample.eval_per_kind, seed=config.sample.eval_seed,
-                                 out_dir=os.path.join(workdir, "eval"))
-    writer.write_scalars(step, {f"shapes_eval/{k}": v for k, v in scores.items() if k != "n"})
-    results.update({f"shapes_eval/{k}": v for k, v in scores.items()})
-    logging.info("ShapesEval at step %d: %s", step, json.dumps(scores))
+    results.update(_shapes_eval(config, sampler, state, step, workdir, writer, "eval"))
   return {**results, "preempted": False, "step": step}
+
+
+def _shapes_eval(config, sampler, state, step, workdir, writer, subdir) -> dict:
+  """ShapesEval of `state` on fresh prompts (images in WORKDIR/subdir); logs and returns {"shapes_eval/k": v}."""
+  from rflow_jax.eval import run_shapes  # pylint: disable=g-import-not-at-top  (scipy only when evaluating)
+  t0 = time.time()
+  scores = run_shapes.evaluate(sampler, sampler.params_of(state), state.text_params,
+                               per_kind=config.sample.eval_per_kind, seed=config.sample.eval_seed,
+                               out_dir=os.path.join(workdir, subdir))
+  logged = {f"shapes_eval/{k}": v for k, v in scores.items() if k != "n"}
+  writer.write_scalars(step, logged)
+  _append_metrics(workdir, step, logged)
+  logging.info("ShapesEval at step %d (%.1fs): %s", step, time.time() - t0, json.dumps(scores))
+  return {f"shapes_eval/{k}": v for k, v in scores.items()}
