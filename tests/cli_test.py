@@ -1,32 +1,16 @@
 """The command-line entry points as a user runs them: one-line errors (exit 2, no traceback) and the sample CLI."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 from PIL import Image
 
+import cli_util  # tests/cli_util.py (pytest puts tests/ on sys.path)
 from configs import debug
 from rflow_jax.train import trainer
 
 pytestmark = pytest.mark.slow
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _run(module, *args):
-  proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
-                        timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-  return proc.returncode, proc.stdout, proc.stderr
-
-
-def _assert_one_line_error(rc, stderr, *needles):
-  assert rc == 2, stderr[-2000:]
-  assert "Traceback" not in stderr, stderr[-2000:]
-  errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
-  assert len(errors) == 1, stderr[-2000:]
-  for needle in needles:
-    assert needle in errors[0], errors[0]
+_run, _assert_one_line_error = cli_util.run_module, cli_util.assert_one_line_error
 
 
 @pytest.mark.parametrize("override, needles", [

@@ -6,8 +6,6 @@ and our MMDiT with the checkpoint's EMA params get the same random inputs (NCHW,
 
 import json
 import os
-import subprocess
-import sys
 
 import flax
 import jax
@@ -18,6 +16,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from PIL import Image
 
+import cli_util  # tests/cli_util.py (pytest puts tests/ on sys.path)
 from configs import debug
 from rflow_jax import config_lib
 from rflow_jax.export import workdir as export_workdir
@@ -25,24 +24,9 @@ from rflow_jax.model import mmdit
 from rflow_jax.train import checkpoint, trainer
 
 pytestmark = pytest.mark.slow
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # max |ours - diffusers| / max |diffusers| in float32.
 PARITY_RTOL = 1e-5
-
-
-def _run(module, *args):
-  proc = subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                        timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-  return proc.returncode, proc.stdout, proc.stderr
-
-
-def _assert_one_line_error(rc, stderr, *needles):
-  assert rc == 2, stderr[-2000:]
-  assert "Traceback" not in stderr, stderr[-2000:]
-  errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
-  assert len(errors) == 1, stderr[-2000:]
-  for needle in needles:
-    assert needle in errors[0], errors[0]
+_run, _assert_one_line_error = cli_util.run_module, cli_util.assert_one_line_error
 
 
 @pytest.fixture(scope="module")
