@@ -226,6 +226,8 @@ def _train_loop(config, workdir, setup, manager, data_iter, state, last_ckpt, wr
   meter = flops_lib.ThroughputMeter(flops_lib.train_flops_per_step(config), setup.mesh.size,
                                     config.train.peak_tflops_per_device)
   seen = [] if config.train.record_seen_indices else None
+  scores_shapes = config.data.name == "shapes"  # ShapesEval scores the built-in shapes task only.
+  shapes_eval_every = config.train.eval_every if scores_shapes else 0
   t0 = time.time()
   while step < num_steps:
     local = next(data_iter)
@@ -253,13 +255,12 @@ def _train_loop(config, workdir, setup, manager, data_iter, state, last_ckpt, wr
       return {**results, "preempted": True, "step": step}
     if config.train.sample_every and step % config.train.sample_every == 0 and step != num_steps:
       sampler.write_grid(state, step, workdir, writer)
-    if (config.train.eval_every and step % config.train.eval_every == 0 and step != num_steps
-        and config.data.name == "shapes"):
+    if shapes_eval_every and step % shapes_eval_every == 0 and step != num_steps:
       _shapes_eval(config, sampler, state, step, workdir, writer, f"eval_step{step}")
   manager.wait_until_finished()
   logging.info("Training loop done in %.1fs", time.time() - t0)
   sampler.write_grid(state, step, workdir, writer)
-  if config.train.eval_at_end and config.data.name == "shapes":
+  if config.train.eval_at_end and scores_shapes:
     results.update(_shapes_eval(config, sampler, state, step, workdir, writer, "eval"))
   return {**results, "preempted": False, "step": step}
 
@@ -271,8 +272,9 @@ def _shapes_eval(config, sampler, state, step, workdir, writer, subdir) -> dict:
   scores = run_shapes.evaluate(sampler, sampler.params_of(state), state.text_params,
                                per_kind=config.sample.eval_per_kind, seed=config.sample.eval_seed,
                                out_dir=os.path.join(workdir, subdir))
-  logged = {f"shapes_eval/{k}": v for k, v in scores.items() if k != "n"}
+  prefixed = {f"shapes_eval/{k}": v for k, v in scores.items()}
+  logged = {k: v for k, v in prefixed.items() if k != "shapes_eval/n"}  # The prompt count is not a score.
   writer.write_scalars(step, logged)
   _append_metrics(workdir, step, logged)
   logging.info("ShapesEval at step %d (%.1fs): %s", step, time.time() - t0, json.dumps(scores))
-  return {f"shapes_eval/{k}": v for k, v in scores.items()}
+  return prefixed
