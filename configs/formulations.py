@@ -12,8 +12,10 @@ number of steps, optimiser and data order. Only `flow.formulation` differs betwe
 also fixed the compute per formulation and changed nothing but the formulation.
 
 Differences from the paper's protocol (docs/results/formulations.md has the full list): pixel-space shapes data
-instead of ImageNet/CC12M latents; 700 steps of batch 64 instead of batch 1024; the last checkpoint is evaluated
-(the paper picks the step of minimal EMA validation loss).
+instead of ImageNet/CC12M latents; the quickstart's 1300 steps of batch 32 instead of batch 1024; the quickstart's
+timestep shift α = 3 on every variant's training times and sampling grid (the paper's study had none; see
+configs/quickstart.py for why this data needs it); the last checkpoint is evaluated (the paper picks the step of
+minimal EMA validation loss).
 """
 
 import pathlib

@@ -348,7 +348,8 @@ def _results_dict(config, settings, per_kind, ref_meta, real, variants) -> dict:
       "per_kind": per_kind, "reference": ref_meta, "feature_seed": fid_lib.FEATURE_SEED,
       "train": {"num_steps": config.train.num_steps, "global_batch_size": config.train.global_batch_size,
                 "model": {k: config.model[k] for k in ("hidden_size", "depth", "num_heads", "patch_size")},
-                "cfg_scale": config.sample.cfg_scale},
+                "cfg_scale": config.sample.cfg_scale, "train_shift": config.flow.shift,
+                "sample_shift": config.sample.shift},
       "real": real, "variants": variants,
   }
   results["ranks"] = rank_results(results)
@@ -507,7 +508,8 @@ def render_markdown(results: dict, command: str | None = None) -> str:
       f"Generated {results['generated']} by `launch/formulation_study.py`"
       + (f" (`{command}`)" if command else "") + "; the protocol is at the end of this page.", "",
       f"Training (equal for all): {tr['num_steps']} steps × batch {tr['global_batch_size']}, MM-DiT "
-      f"{tr['model']}. Sampling: Euler, CFG {tr['cfg_scale']}, {n_prompts} fresh ShapesEval prompts per setting; "
+      f"{tr['model']}, timestep shift α = {tr.get('train_shift', 'n/a')}. Sampling: Euler, CFG {tr['cfg_scale']}, "
+      f"shift α = {tr.get('sample_shift', 'n/a')}, {n_prompts} fresh ShapesEval prompts per setting; "
       f"FD on random-conv features (seed {results['feature_seed']}) against {results['reference']['ref_n']} real "
       "images.", "",
       "## Per setting: ShapesEval overall ↑ / FD ↓ (Pareto front)", "",
@@ -539,7 +541,9 @@ PROTOCOL = """## Protocol
 - **Comparison**: Spearman correlation of our average ranks with the paper's Table 1 over the shared variants; our
   longest step count stands in for the paper's 50 steps. The paper's ranks are among 16 variants (ours: fewer), so
   compare orders, not values.
-- **Not like the paper**: pixel-space 32×32 shapes instead of ImageNet/CC12M latents; tiny model and batch; the last
+- **Not like the paper**: pixel-space 32×32 shapes instead of ImageNet/CC12M latents; tiny model and batch; the
+  config's timestep shift acts on every variant's training times (in rf-equivalent σ) and sampling grid, so e.g.
+  `rf/lognorm(0.00,1.00)` at α = 3 trains on the times of lognorm(log 3 ≈ 1.10, 1.00); the last
   checkpoint is evaluated (the paper picks the step of minimal EMA validation loss); one guidance scale; FD from 120
   samples is strongly biased (only differences between variants mean something).
 """

@@ -191,3 +191,48 @@ def test_evaluate_reports_only_present_kinds():
   assert metrics == {"single": 1.0, "overall": 1.0, "n": 1}
   with pytest.raises(ValueError, match="2 prompts"):
     shapes_eval.evaluate([np.zeros((32, 32, 3), np.uint8)], ["a", "b"])
+
+
+def test_diagnose_names_the_first_failed_requirement():
+  left = shapes.render(shapes.Scene("position", (
+      shapes.Obj("red", "square", 8, 5.5, 5.5),
+      shapes.Obj("blue", "circle", 8, 24.5, 7.5)), "to the left of"), 32)
+  two = shapes.render(shapes.Scene("counting", (
+      shapes.Obj("green", "circle", 8, 5.5, 5.5),
+      shapes.Obj("green", "circle", 8, 20.5, 20.5))), 32)
+  reason = lambda image, p: shapes_eval.diagnose(image, p)["reason"]
+  assert reason(left, "a red square to the left of a blue circle") == "ok"
+  assert reason(left, "a red square to the right of a blue circle") == (
+      "relation")
+  assert reason(left, "a red circle to the left of a blue square") == (
+      "binding")
+  assert reason(left, "a red triangle to the left of a blue circle") == (
+      "shape")
+  assert reason(left, "a red square to the left of a cyan circle") == (
+      "colour")
+  assert reason(two, "three green circles") == "too few objects"
+  assert reason(two, "a green circle") == "too many objects"
+  got = shapes_eval.diagnose(two, "two green squares")
+  assert (got["correct"], got["reason"]) == (False, "shape")
+  assert got["shapes"] == [("square", "circle")] * 2
+
+
+def test_failure_breakdown_counts_every_image_once(ground_truth):
+  scenes, images = ground_truth
+  prompts = [shapes.caption(s, "sentence") for s in scenes]
+  ok = shapes_eval.failure_breakdown(images, prompts)
+  assert {k: set(v) for k, v in ok["reasons"].items()} == {
+      k: {"ok"} for k in shapes.KINDS}
+  assert ok["shape_confusion"] == {}
+  # Every single-object prompt asks for the next shape: all fail on shape, and
+  # the confusion matrix records what was drawn instead.
+  singles = [(img, s) for img, s in zip(images, scenes) if s.kind == "single"]
+  wrong = [shapes.caption(dataclasses.replace(s, objects=(dataclasses.replace(
+      s.objects[0], shape=_next_shape(s.objects[0].shape)),)), "sentence")
+           for _, s in singles]
+  bad = shapes_eval.failure_breakdown([img for img, _ in singles], wrong)
+  assert bad["reasons"] == {"single": {"shape": len(singles)}}
+  assert sum(bad["shape_confusion"].values()) == len(singles)
+  for key in bad["shape_confusion"]:
+    asked, got = key.split("->")
+    assert got == shapes.SHAPES[(shapes.SHAPES.index(asked) - 1) % 3]

@@ -42,7 +42,12 @@ def test_train_writes_outputs_and_resume_equals_uninterrupted(tmp_path):
   results = trainer.train_and_evaluate(_config(**{"train.sample_every": 2, "train.eval_every": 2}), straight)
   assert np.isfinite(results["loss"]) and results["skipped_steps"] == 0
   with open(os.path.join(straight, "eval_step2", "scores.json")) as f:
-    assert set(json.load(f)) == {"single", "position", "counting", "overall", "n"}
+    scores = json.load(f)
+  assert set(scores) == {"single", "position", "counting", "overall", "n"}
+  with open(os.path.join(straight, "eval_step2", "failures.json")) as f:
+    failures = json.load(f)
+  # Every evaluated image is counted once, under one reason.
+  assert sum(sum(r.values()) for r in failures["reasons"].values()) == scores["n"]
   with open(os.path.join(straight, "metrics.jsonl")) as f:
     evals = [r for r in map(json.loads, f) if "shapes_eval/overall" in r]
   assert [r["step"] for r in evals] == [2]  # Only mid-run: eval_at_end is off in the debug config.

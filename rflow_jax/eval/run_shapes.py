@@ -2,7 +2,8 @@
 
   python -m rflow_jax.eval.run_shapes --workdir=runs/quickstart [--per_kind=40] [--steps=25] [--cfg=3.0]
 
-prints one JSON line with the per-kind and overall scores and writes the images to WORKDIR/eval/.
+prints one JSON line with the per-kind and overall scores and writes to WORKDIR/eval_step{STEP}/: grid.png, prompts.txt,
+scores.json and failures.json (why the failed images failed: shapes_eval.failure_breakdown).
 """
 
 import json
@@ -15,7 +16,8 @@ from rflow_jax.sampling import pipeline as sampling
 
 
 def evaluate(sampler: sampling.Sampler, params, text_params, *, per_kind: int, seed: int, out_dir: str) -> dict:
-  """Samples `per_kind` fresh prompts of each scene kind, scores them, writes grid.png + prompts.txt to out_dir."""
+  """Samples `per_kind` fresh prompts of each scene kind, scores them; writes grid.png, prompts.txt, scores.json and
+  failures.json to out_dir. Returns the scores."""
   prompts = shapes.eval_prompts(per_kind, seed)
   images = sampler.generate(params, text_params, prompts, seed)
   scores = shapes_eval.evaluate(images, prompts)
@@ -25,6 +27,8 @@ def evaluate(sampler: sampling.Sampler, params, text_params, *, per_kind: int, s
     f.write("\n".join(prompts) + "\n")
   with open(os.path.join(out_dir, "scores.json"), "w") as f:
     json.dump(scores, f, indent=2)
+  with open(os.path.join(out_dir, "failures.json"), "w") as f:
+    json.dump(shapes_eval.failure_breakdown(images, prompts), f, indent=2)
   return scores
 
 

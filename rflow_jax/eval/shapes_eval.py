@@ -52,6 +52,11 @@ position = exactly two objects matching the two (colour, shape) specs whose
 centroids satisfy the relation (`shapes.relation_holds`: right sign, and the
 relation's axis difference exceeds the other axis's); counting = exactly N
 objects, all of the right colour and shape.
+
+Diagnosis (`diagnose`, `failure_breakdown`): the first requirement a failed
+image misses, in the order object count, colour, shape, colour-shape binding,
+relation; and which shapes were drawn where others were asked. It tells a
+model that cannot separate objects from one that cannot draw their outlines.
 """
 
 from __future__ import annotations
@@ -365,6 +370,81 @@ def score(image: np.ndarray, prompt: str) -> dict[str, object]:
   spec = parse_prompt(prompt)
   return {"kind": spec.kind, "correct": bool(_CHECKS[spec.kind](
       analyze(image), spec))}
+
+
+# Failure reasons of `diagnose`, in the order they are checked: the first that
+# applies is reported, so each failed image has exactly one.
+FAILURES = (
+    "too few objects",  # Fewer objects detected than asked for (often merged).
+    "too many objects",  # More (often one object split into specks).
+    "colour",  # The detected colours are not the asked ones (as multisets).
+    "shape",  # Colours right, shapes not ("unknown" = ragged or malformed).
+    "binding",  # Right colours and shapes, wrongly paired (position only).
+    "relation",  # Both objects right, the spatial relation does not hold.
+)
+
+
+def diagnose(image: np.ndarray, prompt: str) -> dict[str, object]:
+  """Why an image fails its prompt: `score` plus the first failed requirement.
+
+  Args:
+    image: (S, S, 3) uint8 image.
+    prompt: sentence-style shapes prompt.
+
+  Returns:
+    {"kind", "correct", "reason"} with reason "ok" or one of `FAILURES`, and
+    "shapes": (asked, detected) shape pairs when colours and count are right
+    and the asked shape is unambiguous (single and counting prompts).
+  """
+  spec = parse_prompt(prompt)
+  dets = analyze(image)
+  correct = bool(_CHECKS[spec.kind](dets, spec))
+  out: dict[str, object] = {"kind": spec.kind, "correct": correct,
+                            "reason": "ok", "shapes": []}
+  if correct:
+    return out
+  asked_colors = sorted(c for c, _ in spec.objects)
+  if len(dets) != len(spec.objects):
+    out["reason"] = FAILURES[0] if len(dets) < len(spec.objects) else FAILURES[1]
+  elif sorted(d.color for d in dets) != asked_colors:
+    out["reason"] = "colour"
+  elif sorted(d.shape for d in dets) != sorted(s for _, s in spec.objects):
+    out["reason"] = "shape"
+  elif spec.kind == "position" and not any(
+      _matches(a, spec.objects[0]) and _matches(b, spec.objects[1])
+      for a, b in itertools.permutations(dets)):
+    out["reason"] = "binding"
+  else:
+    out["reason"] = "relation"
+  if (out["reason"] in ("shape", "binding")
+      and len({s for _, s in spec.objects}) == 1):
+    out["shapes"] = [(spec.objects[0][1], d.shape) for d in dets]
+  return out
+
+
+def failure_breakdown(images: Sequence[np.ndarray],
+                      prompts: Sequence[str]) -> dict[str, object]:
+  """Counts of `diagnose` reasons per scene kind, and the shape confusions.
+
+  Returns:
+    {"reasons": {kind: {reason: count}}, "shape_confusion": {"asked->got":
+    count}} over the images whose colours and count were right but whose
+    shapes were not: where a model that places and colours objects correctly
+    still loses its score.
+  """
+  if len(images) != len(prompts):
+    raise ValueError(
+        f"got {len(images)} images but {len(prompts)} prompts; need one each")
+  reasons: dict[str, dict[str, int]] = {}
+  confusion: dict[str, int] = {}
+  for image, prompt in zip(images, prompts):
+    d = diagnose(image, prompt)
+    per_kind = reasons.setdefault(d["kind"], {})
+    per_kind[d["reason"]] = per_kind.get(d["reason"], 0) + 1
+    for asked, got in d["shapes"]:
+      key = f"{asked}->{got}"
+      confusion[key] = confusion.get(key, 0) + 1
+  return {"reasons": reasons, "shape_confusion": dict(sorted(confusion.items()))}
 
 
 def evaluate(images: Sequence[np.ndarray],
