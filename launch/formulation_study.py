@@ -2,6 +2,7 @@
 
   python launch/formulation_study.py --study_dir=runs/formulations
   python launch/formulation_study.py --study_dir=runs/form_cheap --steps=300 --only='rf,eps/linear,rf/cosmap'
+  python launch/formulation_study.py --study_dir=runs/formulations_shift1 --shift=1  # the paper's protocol: no shift
   python launch/formulation_study.py --study_dir=/tmp/form_smoke --model=debug --steps=10 --sample_steps=2 \
       --weights=ema --per_kind=4 --only='rf,eps/linear' --out=/tmp/form_smoke/formulations.md
 
@@ -105,13 +106,16 @@ def safe_name(name: str) -> str:
   return re.sub(r"[^A-Za-z0-9.\-]+", "_", name).strip("_")
 
 
-def variant_config(name: str, *, model: str = "quickstart", num_steps: int | None = None):
+def variant_config(name: str, *, model: str = "quickstart", num_steps: int | None = None,
+                   shift: float | None = None):
   """The training config of one variant: configs/formulations.py (or the debug model), `name` as formulation.
 
   Args:
     name: formulation in the paper's notation.
     model: "quickstart" (the study) or "debug" (smoke runs; configs/debug.py sizes).
     num_steps: overrides train.num_steps (the same for every variant, so compute stays equal).
+    shift: overrides the timestep shift α of training (flow.shift) and sampling (sample.shift) together; 1.0 is
+      the paper's protocol (its study had no shift), the quickstart recipe uses 3.0.
   """
   if model == "quickstart":
     c = formulations_config.get_config(name)
@@ -125,6 +129,10 @@ def variant_config(name: str, *, model: str = "quickstart", num_steps: int | Non
     if num_steps < 1:
       raise ValueError(f"--steps={num_steps} must be positive")
     c.train.num_steps = num_steps
+  if shift is not None:
+    if not shift > 0:
+      raise ValueError(f"--shift={shift} must be > 0")
+    c.flow.shift = c.sample.shift = float(shift)
   return c
 
 
@@ -280,7 +288,7 @@ def real_baseline(per_kind: int, eval_seed: int, size: int, ref: fid_lib.Stats) 
 
 
 def run_study(study_dir: str, *, names: Sequence[str] | None = None, num_steps: int | None = None,
-              model: str = "quickstart", per_kind: int = 40, sample_steps: Sequence[int] = SAMPLE_STEPS,
+              shift: float | None = None, model: str = "quickstart", per_kind: int = 40, sample_steps: Sequence[int] = SAMPLE_STEPS,
               weights: Sequence[str] = WEIGHTS, reference_n: int = REFERENCE_N, out: str | None = None,
               make_config: Callable[[str], object] | None = None, command: str | None = None) -> dict:
   """Trains, evaluates and ranks every variant; writes STUDY_DIR/results.json and the markdown report.
@@ -289,6 +297,7 @@ def run_study(study_dir: str, *, names: Sequence[str] | None = None, num_steps: 
     study_dir: one subdirectory per variant goes here.
     names: formulations (paper notation); None = configs/formulations.py STUDY.
     num_steps: train.num_steps override for every variant.
+    shift: timestep shift α override (training and sampling) for every variant.
     model: "quickstart" or "debug" (see variant_config).
     per_kind: ShapesEval prompts per scene kind (3 kinds).
     sample_steps: Euler step counts of the evaluation settings.
@@ -307,7 +316,8 @@ def run_study(study_dir: str, *, names: Sequence[str] | None = None, num_steps: 
   if per_kind < 1:
     raise ValueError(f"per_kind={per_kind} must be >= 1")
   settings = settings_of(sample_steps, weights)
-  make_config = make_config or (lambda n: variant_config(n, model=model, num_steps=num_steps))
+  make_config = make_config or (lambda n: variant_config(n, model=model, num_steps=num_steps,
+                                                               shift=shift))
   configs = {n: make_config(n) for n in names}
   for config in configs.values():  # Every variant's config is checked before hours of training start.
     config_lib.validate(config)
@@ -558,6 +568,8 @@ def _define_flags():
   flags.DEFINE_string("study_dir", None, "One subdirectory per variant, results.json, reference stats.",
                       required=True)
   flags.DEFINE_integer("steps", None, "Override train.num_steps for every variant (a cheaper study).")
+  flags.DEFINE_float("shift", None, "Override the timestep shift α of training and sampling for every variant "
+                     "(1.0 = the paper's protocol; default: the config's, 3.0).")
   flags.DEFINE_string("only", None, "Subset of formulations (paper notation), comma-separated, e.g. "
                       "'rf,rf/lognorm(0.00,1.00),eps/linear'. Default: configs/formulations.py STUDY.")
   flags.DEFINE_integer("per_kind", 40, "ShapesEval prompts per scene kind (3 kinds: 120 prompts by default).")
@@ -592,7 +604,7 @@ def main(argv) -> int:
       if not s.strip().isdigit():
         raise ValueError(f"--sample_steps: {s!r} is not a positive integer")
       sample_steps.append(int(s))
-    run_study(f.study_dir, names=split_names(f.only) if f.only else None, num_steps=f.steps, model=f.model,
+    run_study(f.study_dir, names=split_names(f.only) if f.only else None, num_steps=f.steps, shift=f.shift, model=f.model,
               per_kind=f.per_kind, sample_steps=sample_steps, weights=f.weights, reference_n=f.reference_n,
               out=f.out, command="python " + " ".join(sys.argv))
   return 0

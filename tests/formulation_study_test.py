@@ -192,4 +192,9 @@ def test_variant_config_rejects_bad_values():
     study.variant_config("rf", model="huge")
   with pytest.raises(ValueError, match=r"--steps=0"):
     study.variant_config("rf", num_steps=0)
+  with pytest.raises(ValueError, match=r"--shift=0.0"):
+    study.variant_config("rf", shift=0.0)
+  paper = study.variant_config("rf/lognorm(0.00,1.00)", shift=1.0)
+  assert (paper.flow.shift, paper.sample.shift) == (1.0, 1.0)
+  assert study.variant_config("rf/lognorm(0.00,1.00)").flow.shift == 3.0  # The quickstart recipe's.
   assert isinstance(study.variant_config("rf", model="debug", num_steps=3), ml_collections.ConfigDict)
