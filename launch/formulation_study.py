@@ -288,8 +288,9 @@ def real_baseline(per_kind: int, eval_seed: int, size: int, ref: fid_lib.Stats) 
 
 
 def run_study(study_dir: str, *, names: Sequence[str] | None = None, num_steps: int | None = None,
-              shift: float | None = None, model: str = "quickstart", per_kind: int = 40, sample_steps: Sequence[int] = SAMPLE_STEPS,
-              weights: Sequence[str] = WEIGHTS, reference_n: int = REFERENCE_N, out: str | None = None,
+              shift: float | None = None, model: str = "quickstart", per_kind: int = 40,
+              sample_steps: Sequence[int] = SAMPLE_STEPS, weights: Sequence[str] = WEIGHTS,
+              reference_n: int = REFERENCE_N, out: str | None = None,
               make_config: Callable[[str], object] | None = None, command: str | None = None) -> dict:
   """Trains, evaluates and ranks every variant; writes STUDY_DIR/results.json and the markdown report.
 
@@ -316,8 +317,7 @@ def run_study(study_dir: str, *, names: Sequence[str] | None = None, num_steps: 
   if per_kind < 1:
     raise ValueError(f"per_kind={per_kind} must be >= 1")
   settings = settings_of(sample_steps, weights)
-  make_config = make_config or (lambda n: variant_config(n, model=model, num_steps=num_steps,
-                                                               shift=shift))
+  make_config = make_config or (lambda n: variant_config(n, model=model, num_steps=num_steps, shift=shift))
   configs = {n: make_config(n) for n in names}
   for config in configs.values():  # Every variant's config is checked before hours of training start.
     config_lib.validate(config)
@@ -512,6 +512,7 @@ def _train_table(results: dict) -> list[str]:
 
 def render_markdown(results: dict, command: str | None = None) -> str:
   """The report: settings table, average ranks, side-by-side with Table 1, agreement, wall times."""
+  # results.json files written before the shifts were recorded lack them; they still render ("n/a").
   tr, n_prompts = results["train"], 3 * results["per_kind"]
   out = [
       "# Formulation study (SD3 §5.1, Table 1) in miniature — results", "",
@@ -604,9 +605,9 @@ def main(argv) -> int:
       if not s.strip().isdigit():
         raise ValueError(f"--sample_steps: {s!r} is not a positive integer")
       sample_steps.append(int(s))
-    run_study(f.study_dir, names=split_names(f.only) if f.only else None, num_steps=f.steps, shift=f.shift, model=f.model,
-              per_kind=f.per_kind, sample_steps=sample_steps, weights=f.weights, reference_n=f.reference_n,
-              out=f.out, command="python " + " ".join(sys.argv))
+    run_study(f.study_dir, names=split_names(f.only) if f.only else None, num_steps=f.steps, shift=f.shift,
+              model=f.model, per_kind=f.per_kind, sample_steps=sample_steps, weights=f.weights,
+              reference_n=f.reference_n, out=f.out, command="python " + " ".join(sys.argv))
   return 0
 
 

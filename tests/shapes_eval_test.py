@@ -212,6 +212,15 @@ def test_diagnose_names_the_first_failed_requirement():
       "colour")
   assert reason(two, "three green circles") == "too few objects"
   assert reason(two, "a green circle") == "too many objects"
+  # Every documented reason is reachable, and only those (plus "ok") occur.
+  reasons = {reason(left, p) for p in (
+      "a red square to the left of a blue circle",
+      "a red square to the right of a blue circle",
+      "a red circle to the left of a blue square",
+      "a red triangle to the left of a blue circle",
+      "a red square to the left of a cyan circle")}
+  reasons |= {reason(two, "three green circles"), reason(two, "a green circle")}
+  assert reasons == {"ok", *shapes_eval.FAILURES}
   got = shapes_eval.diagnose(two, "two green squares")
   assert (got["correct"], got["reason"]) == (False, "shape")
   assert got["shapes"] == [("square", "circle")] * 2

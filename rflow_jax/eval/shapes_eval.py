@@ -331,18 +331,23 @@ def _check_single(dets: list[Detection], spec: PromptSpec) -> bool:
   return len(dets) == 1 and _matches(dets[0], spec.objects[0])
 
 
-def _check_position(dets: list[Detection], spec: PromptSpec) -> bool:
-  if len(dets) != 2:
-    return False
+def _position_pairs(dets: list[Detection], spec: PromptSpec):
+  """(subject, reference) detections matching the two specs, in either order.
+
+  Both orders are tried: the generator may draw the objects in any order.
+  """
   subject_spec, reference_spec = spec.objects
-  # Try both assignments: the generator may draw the objects in any order.
-  for subject, reference in itertools.permutations(dets):
-    if (_matches(subject, subject_spec) and _matches(reference, reference_spec)
-        and shapes.relation_holds((subject.cx, subject.cy),
-                                  (reference.cx, reference.cy),
-                                  spec.relation)):
-      return True
-  return False
+  return [(subject, reference)
+          for subject, reference in itertools.permutations(dets)
+          if _matches(subject, subject_spec)
+          and _matches(reference, reference_spec)]
+
+
+def _check_position(dets: list[Detection], spec: PromptSpec) -> bool:
+  return len(dets) == 2 and any(
+      shapes.relation_holds((subject.cx, subject.cy),
+                            (reference.cx, reference.cy), spec.relation)
+      for subject, reference in _position_pairs(dets, spec))
 
 
 def _check_counting(dets: list[Detection], spec: PromptSpec) -> bool:
@@ -367,9 +372,14 @@ def score(image: np.ndarray, prompt: str) -> dict[str, object]:
   Returns:
     {"kind": prompt kind, "correct": bool}.
   """
-  spec = parse_prompt(prompt)
-  return {"kind": spec.kind, "correct": bool(_CHECKS[spec.kind](
-      analyze(image), spec))}
+  d = diagnose(image, prompt)
+  return {"kind": d["kind"], "correct": d["correct"]}
+
+
+def _check_pairs(images: Sequence[np.ndarray], prompts: Sequence[str]) -> None:
+  if len(images) != len(prompts):
+    raise ValueError(
+        f"got {len(images)} images but {len(prompts)} prompts; need one each")
 
 
 # Failure reasons of `diagnose`, in the order they are checked: the first that
@@ -403,16 +413,15 @@ def diagnose(image: np.ndarray, prompt: str) -> dict[str, object]:
                             "reason": "ok", "shapes": []}
   if correct:
     return out
-  asked_colors = sorted(c for c, _ in spec.objects)
-  if len(dets) != len(spec.objects):
-    out["reason"] = FAILURES[0] if len(dets) < len(spec.objects) else FAILURES[1]
-  elif sorted(d.color for d in dets) != asked_colors:
+  if len(dets) < len(spec.objects):
+    out["reason"] = "too few objects"
+  elif len(dets) > len(spec.objects):
+    out["reason"] = "too many objects"
+  elif sorted(d.color for d in dets) != sorted(c for c, _ in spec.objects):
     out["reason"] = "colour"
   elif sorted(d.shape for d in dets) != sorted(s for _, s in spec.objects):
     out["reason"] = "shape"
-  elif spec.kind == "position" and not any(
-      _matches(a, spec.objects[0]) and _matches(b, spec.objects[1])
-      for a, b in itertools.permutations(dets)):
+  elif spec.kind == "position" and not _position_pairs(dets, spec):
     out["reason"] = "binding"
   else:
     out["reason"] = "relation"
@@ -432,9 +441,7 @@ def failure_breakdown(images: Sequence[np.ndarray],
     shapes were not: where a model that places and colours objects correctly
     still loses its score.
   """
-  if len(images) != len(prompts):
-    raise ValueError(
-        f"got {len(images)} images but {len(prompts)} prompts; need one each")
+  _check_pairs(images, prompts)
   reasons: dict[str, dict[str, int]] = {}
   confusion: dict[str, int] = {}
   for image, prompt in zip(images, prompts):
@@ -459,9 +466,7 @@ def evaluate(images: Sequence[np.ndarray],
     Accuracy per kind present among the prompts (keys from `shapes.KINDS`),
     "overall" (mean over all images) and "n" (number of images).
   """
-  if len(images) != len(prompts):
-    raise ValueError(
-        f"got {len(images)} images but {len(prompts)} prompts; need one each")
+  _check_pairs(images, prompts)
   if not prompts:
     raise ValueError("evaluate needs at least one image; got none")
   results = [score(img, p) for img, p in zip(images, prompts)]
