@@ -7,7 +7,7 @@ CONFIG ?= configs/quickstart.py
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: train test test-fast sample install freeze bench clean
+.PHONY: train test test-fast sample install freeze bench device-wheels clean
 
 # torch goes in first and alone: torch==2.13.0 is a local CPU wheel, while anything that pulls torch unpinned
 # downloads a multi-GB CUDA build. The rest is pinned exactly by constraints.txt.
@@ -38,6 +38,15 @@ sample: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_step.py
+
+# Wheels for launch/device_shapes.sh: what the lent GPU machine (Python 3.12, JAX preinstalled, no network) lacks,
+# at this project's pins, into .whl/ (git-ignored; the device call carries it).
+DEVICE_WHEELS := grain array_record ml_collections clu portpicker
+device-wheels: $(STAMP)
+	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux2014_x86_64 -d .whl \
+	  $$(for p in $(DEVICE_WHEELS); do grep -i "^$$p==" constraints.txt; done)
 
 # Re-pin after changing setup.cfg: installs the ranges fresh and writes the resolved versions.
 freeze: $(STAMP)

@@ -24,6 +24,22 @@ def test_config_validates_and_builds_abstractly(name):
   assert jax.tree.leaves(shapes)
 
 
+def _param_count(config):
+  model = trainer.build_model(config)
+  inputs = trainer._dummy_inputs(config)  # pylint: disable=protected-access
+  params = jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs))
+  return sum(x.size for x in jax.tree.leaves(params))
+
+
+def test_shapes_gpu_variant_validates_and_unknown_variants_fail():
+  from configs import shapes  # pylint: disable=g-import-not-at-top
+  config = shapes.get_config("gpu")
+  config_lib.validate(config)
+  assert _param_count(config) > 5 * _param_count(shapes.get_config())
+  with pytest.raises(ValueError, match="configs/shapes.py:tpu: valid variants are 'cpu' and 'gpu'"):
+    shapes.get_config("tpu")
+
+
 def test_every_config_file_is_listed():
   files = {os.path.basename(f)[:-3] for f in glob.glob(os.path.join(ROOT, "configs", "*.py"))}
   assert {"base", "__init__"} | set(SIMPLE) <= files
