@@ -34,7 +34,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader >"$OUT/gpu.txt" 2
 
 if [[ " $* " != *" --config.train.num_steps="* ]]; then
   "$PY" launch/no_tf.py benchmarks/train_step.py --config="$CONFIG" --steps=20 "$@" \
-    >"$OUT/bench.json" 2>"$OUT/train.log"
+    >"$OUT/bench.json" 2>"$OUT/train.log" || { tail -30 "$OUT/train.log"; exit 1; }
   tail -1 "$OUT/bench.json"
   steps=$("$PY" -c "import json, sys; s = json.loads(open(sys.argv[1]).read().splitlines()[-1])['step_s_median']
 print(max(200, int(float(sys.argv[2]) / s) // 100 * 100))" "$OUT/bench.json" "$TRAIN_S")
@@ -54,7 +54,7 @@ echo "train rc=$rc wall_s=$(( $(date +%s) - start ))" | tee -a "$OUT/gpu.txt"
 grep -E "steps/s|ShapesEval|rror" "$OUT/train.log" | tail -20 || true
 
 # A run stopped by the budget skipped its final ShapesEval: score its last checkpoint now (into eval_step<N>/).
-if [[ $rc == 0 && ! -f "$WORKDIR/eval/scores.json" ]]; then
+if [[ $rc == 0 ]] && grep -q "SIGTERM: checkpoint of step" "$OUT/train.log"; then
   "$PY" -m rflow_jax.eval.run_shapes --workdir="$WORKDIR" 2>&1 | tail -3
 fi
 cp "$WORKDIR/metrics.jsonl" "$WORKDIR/config.json" "$OUT/" 2>/dev/null || true
