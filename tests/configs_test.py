@@ -8,6 +8,7 @@ import jax
 import pytest
 
 from rflow_jax import config_lib
+from rflow_jax.model import mmdit
 from rflow_jax.train import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,10 +26,8 @@ def test_config_validates_and_builds_abstractly(name):
 
 
 def _param_count(config):
-  model = trainer.build_model(config)
-  inputs = trainer._dummy_inputs(config)  # pylint: disable=protected-access
-  params = jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs))
-  return sum(x.size for x in jax.tree.leaves(params))
+  x, _, context, pooled = trainer._dummy_inputs(config)  # pylint: disable=protected-access
+  return mmdit.count_params(trainer.build_model(config), x.shape, context.shape, pooled.shape)
 
 
 def test_shapes_gpu_variant_validates_and_unknown_variants_fail():
