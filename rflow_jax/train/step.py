@@ -61,7 +61,7 @@ def train_step(state: TrainState, batch, *, model, text_stack, formulation, tx, 
   decay = optim_lib.ema_decay(state.step, ema_decay)
   new_ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, new_params)
 
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   # A non-finite update is never applied: a checkpoint can then never hold NaNs. Whether the run goes on ("skip")
   # or stops ("halt") is the trainer's policy, decided when it fetches the metrics.
@@ -77,8 +77,8 @@ def train_step(state: TrainState, batch, *, model, text_stack, formulation, tx, 
   metrics = {
       "loss": loss,
       "grad_norm": grad_norm,
-      "param_norm": optax.global_norm(new_state.params),
-      "update_norm": optax.global_norm(updates),
+      "param_norm": optax.tree.norm(new_state.params),
+      "update_norm": optax.tree.norm(updates),
       "nonfinite": 1.0 - finite.astype(jnp.float32),
       "skipped_steps": new_state.skipped_steps,
       **{f"loss_t{i}": binned[i] for i in range(NUM_T_BINS)},
