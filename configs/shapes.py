@@ -7,10 +7,12 @@ Same data, text stack, width, depth and formulation as the quickstart, but 2×2 
 64): at equal training compute smaller patches win (the DiT finding), and at 4×4 the samples stay visibly built of
 4×4 blocks. One step of 32 examples takes ~1.2 s on 2 idle cores (3.4× the quickstart's).
 
-Measured 2026-11-26 (2-core machine, partly shared): 3600 steps in 92 min; ShapesEval overall 0.08 / 0.12 / 0.13
-at steps 1200 / 2400 / 3600 (single 0.23 / 0.35 / 0.40, position and counting 0): far below the 0.8 target. The
-high-noise loss (t in [0.75, 1], where layouts are decided) stops improving after ~1800 steps; see the closing
-note of the foundation issue for what to try next.
+Schedule: 20000 steps (640k examples), cosine to 0, ShapesEval every 2000 steps: ~8-9 h on these 2 cores, so on
+this machine it is a run that resumes across sittings (`make train` again continues it). The first schedule, 3600
+steps in 92 min, reached only 0.08 / 0.12 / 0.13 overall at steps 1200 / 2400 / 3600 (single 0.23 / 0.35 / 0.40,
+position and counting 0), with every t-quarter of the loss still falling, and a model with ~6x the parameters (at
+4×4 patches) did no better in the same time: too few examples, rather than too small a model. README.md ("What
+quality to expect") has the scores of the 20000-step run so far.
 """
 
 import pathlib
@@ -31,11 +33,11 @@ def get_config(arg: str = "cpu"):
   c.model.patch_size = 2
   c.model.pos_embed_max_size = 16  # The 16×16 patch grid of a 32² image.
   c.optim.warmup_steps = 200
-  c.train.num_steps = 3600
+  c.train.num_steps = 20000
   c.train.log_every = 100
-  c.train.checkpoint_every = 600
-  c.train.sample_every = 600
-  c.train.eval_every = 1200
+  c.train.checkpoint_every = 500
+  c.train.sample_every = 2000
+  c.train.eval_every = 2000
   if arg == "gpu":
     c.model.hidden_size = 256
     c.model.num_heads = 4  # head_dim 64, as in SD3.
