@@ -84,10 +84,7 @@ class Setup:
     self.rules = rules_lib.rules_from_config(config.sharding)
     partition.check_batch(config.train.global_batch_size, self.mesh, self.rules)
     self.init_fn = make_init_fn(config, self.model, self.text_stack, self.tx)
-    # Rules only, no mesh context: Flax constrains activations only under an abstract mesh (jax.set_mesh), and the
-    # init's batch-of-one dummy forward cannot be constrained to the batch axes. (The legacy `with mesh:` did nothing
-    # here and is deprecated in jax 0.10.)
-    with nn.logical_axis_rules(self.rules):
+    with nn.logical_axis_rules(self.rules):  # No mesh context for init: see step_context.
       self.abstract_state, self.state_sharding = state_shardings(self.init_fn, self.mesh, self.rules)
     partition.check_divisible(self.abstract_state)  # Before compiling: uneven shards fail only at the first step.
     self.batch_sharding = partition.batch_sharding(self.mesh, self.rules)
@@ -98,7 +95,7 @@ class Setup:
 
   def init_state(self):
     init = jax.jit(lambda k: nn.meta.unbox(self.init_fn(k)), out_shardings=self.state_sharding)
-    with nn.logical_axis_rules(self.rules):  # Placement comes from out_shardings; see __init__ on the mesh.
+    with nn.logical_axis_rules(self.rules):  # Placement comes from out_shardings; no mesh context (step_context).
       return init(jax.random.key(self.config.seed))
 
   @contextlib.contextmanager
@@ -106,8 +103,8 @@ class Setup:
     """Mesh and rules the step is traced under (AOT tools use it around .lower() too).
 
     jax.set_mesh rather than `with mesh:`: Flax applies nn.with_logical_constraint only under an abstract mesh, so
-    under the legacy context every activation constraint is a silent no-op. (Init runs under no mesh: its
-    batch-of-one dummy forward cannot be constrained to the batch axes.)
+    under the legacy context (deprecated since jax 0.10) every activation constraint is a silent no-op. Init runs
+    under no mesh at all: its batch-of-one dummy forward cannot be constrained to the batch axes.
     """
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       yield
