@@ -7,7 +7,7 @@ Same data, text stack, width, depth and formulation as the quickstart, but 2×2 
 64): at equal training compute smaller patches win (the DiT finding), and at 4×4 the samples stay visibly built of
 4×4 blocks. One step of 32 examples takes ~1.2 s on 2 idle cores (3.4× the quickstart's).
 
-Schedule: 20000 steps (640k examples), cosine to 0, ShapesEval every 2000 steps: ~8-9 h on these 2 cores, so on
+Schedule: 20000 steps (640k examples), cosine to 0, ShapesEval every 2000 steps: ~7.5 h on these 2 cores, so on
 this machine it is a run that resumes across sittings (`make train` again continues it). The first schedule, 3600
 steps in 92 min, reached only 0.08 / 0.12 / 0.13 overall at steps 1200 / 2400 / 3600 (single 0.23 / 0.35 / 0.40,
 position and counting 0), with every t-quarter of the loss still falling, and a model with ~6x the parameters (at
