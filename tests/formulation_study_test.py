@@ -8,6 +8,7 @@ import ml_collections
 import pytest
 
 from configs import formulations as formulations_config
+from launch import formulation_report as report
 from launch import formulation_study as study
 from rflow_jax import config_lib
 from rflow_jax.flow import formulations
@@ -90,7 +91,7 @@ def _fake_results(order_by_steps):
              "reference": {"ref_n": 1200}, "feature_seed": 1,
              "train": {"num_steps": 7, "global_batch_size": 64, "model": {}, "cfg_scale": 3.0},
              "real": {"overall": 1.0, "fid": 0.01}, "variants": variants}
-  results["ranks"] = study.rank_results(results)
+  results["ranks"] = report.rank_results(results)
   return results
 
 
@@ -100,7 +101,7 @@ def test_report_ranks_and_judges_the_paper_claims_from_the_numbers():
   avg = results["ranks"]["average"]
   assert avg["all"] == {lognorm: 1.0, "rf": 2.5, "eps/linear": 2.5, edm: 4.0}
   assert avg["5 steps"]["rf"] == 2.0 and avg["25 steps"]["rf"] == 3.0
-  md = study.render_markdown(results, command="python launch/formulation_study.py --study_dir=x")
+  md = report.render_markdown(results, command="python launch/formulation_study.py --study_dir=x")
   for name in (lognorm, "rf", "eps/linear", edm):
     assert f"| `{name}` |" in md
   assert "| `rf/lognorm(0.00,1.00)` | 0.900 / 1 (1) | 0.900 / 1 (1) | 0.900 / 1 (1) | 0.900 / 1 (1) |" in md
@@ -113,7 +114,7 @@ def test_report_ranks_and_judges_the_paper_claims_from_the_numbers():
   assert "**agrees** — rf formulations lose least rank" in md  # rf: −0.5, others: +0.5.
 
   reversed_results = _fake_results({5: [edm, "eps/linear", "rf", lognorm], 25: [edm, "eps/linear", "rf", lognorm]})
-  md = study.render_markdown(reversed_results)
+  md = report.render_markdown(reversed_results)
   assert f"**disagrees** — `{lognorm}` has the best average rank" in md
   assert "**disagrees** — rf with a modified timestep sampler" in md
   assert "not testable" not in md
@@ -182,9 +183,9 @@ def test_a_diverged_run_is_recorded_ranked_last_and_not_retried(tmp_path, monkey
   results = _fake_results({5: ["rf", "eps/linear", "v/cos"]})
   results["variants"]["v/cos"]["evals"] = {k: dict(study.DIVERGED_EVAL) for k in results["settings"]}
   results["variants"]["v/cos"]["train"] = record
-  results["ranks"] = study.rank_results(results)
+  results["ranks"] = report.rank_results(results)
   assert list(results["ranks"]["average"]["all"]) == ["rf", "eps/linear", "v/cos"]
-  assert "| diverged |" in study.render_markdown(results)
+  assert "| diverged |" in report.render_markdown(results)
 
 
 def test_variant_config_rejects_bad_values():
