@@ -200,6 +200,10 @@ def test_diagnose_names_the_first_failed_requirement():
   two = shapes.render(shapes.Scene("counting", (
       shapes.Obj("green", "circle", 8, 5.5, 5.5),
       shapes.Obj("green", "circle", 8, 20.5, 20.5))), 32)
+  # The square of `left` and a 1-pixel red line under it: a stray stripe, not
+  # a second object (the score still fails it).
+  striped = left.copy()
+  striped[20, 2:14] = shapes.PALETTE["red"]
   reason = lambda image, p: shapes_eval.diagnose(image, p)["reason"]
   assert reason(left, "a red square to the left of a blue circle") == "ok"
   assert reason(left, "a red square to the right of a blue circle") == (
@@ -212,6 +216,10 @@ def test_diagnose_names_the_first_failed_requirement():
       "colour")
   assert reason(two, "three green circles") == "too few objects"
   assert reason(two, "a green circle") == "too many objects"
+  assert reason(striped, "a red square to the left of a blue circle") == (
+      "stray stripe")
+  assert not shapes_eval.score(
+      striped, "a red square to the left of a blue circle")["correct"]
   # Every documented reason is reachable, and only those (plus "ok") occur.
   reasons = {reason(left, p) for p in (
       "a red square to the left of a blue circle",
@@ -219,7 +227,8 @@ def test_diagnose_names_the_first_failed_requirement():
       "a red circle to the left of a blue square",
       "a red triangle to the left of a blue circle",
       "a red square to the left of a cyan circle")}
-  reasons |= {reason(two, "three green circles"), reason(two, "a green circle")}
+  reasons |= {reason(two, "three green circles"), reason(two, "a green circle"),
+              reason(striped, "a red square to the left of a blue circle")}
   assert reasons == {"ok", *shapes_eval.FAILURES}
   got = shapes_eval.diagnose(two, "two green squares")
   assert (got["correct"], got["reason"]) == (False, "shape")
