@@ -3,7 +3,9 @@
   python -m rflow_jax.eval.run_shapes --workdir=runs/quickstart [--per_kind=40] [--steps=25] [--cfg=3.0]
 
 prints one JSON line with the per-kind and overall scores and writes to WORKDIR/eval_step{STEP}/: grid.png, prompts.txt,
-scores.json and failures.json (why the failed images failed: shapes_eval.failure_breakdown).
+scores.json and failures.json (why the failed images failed: shapes_eval.failure_breakdown). That is the directory
+the trainer's periodic evals use, so with the run's own settings the two agree; each flag set to another value adds
+a suffix (e.g. eval_step20000_cfg5_steps50/), so a probe never overwrites the run's own evaluation.
 """
 
 import json
@@ -32,11 +34,22 @@ def evaluate(sampler: sampling.Sampler, params, text_params, *, per_kind: int, s
   return scores
 
 
+def out_dir_name(step: int, config, *, per_kind: int, steps: int, cfg: float, seed: int, raw: bool) -> str:
+  """eval_step{step}, plus one suffix per setting that differs from the run's config (what its evals used)."""
+  s = config.sample
+  suffixes = [f"_{name}{value:g}" for name, value, default in (
+      ("cfg", cfg, s.cfg_scale), ("steps", steps, s.num_steps), ("seed", seed, s.eval_seed),
+      ("per_kind", per_kind, s.eval_per_kind)) if value != default]
+  if raw == s.use_ema:  # Evaluated with the other parameter set than the run's.
+    suffixes.append("_raw" if raw else "_ema")
+  return f"eval_step{step}" + "".join(suffixes)
+
+
 def main(argv=None) -> int:
   from absl import flags  # pylint: disable=g-import-not-at-top
   from rflow_jax import cli  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string("workdir", None, "Training workdir holding config.json and checkpoints.", required=True)
-  flags.DEFINE_integer("per_kind", 40, "Fresh prompts per scene kind.")
+  flags.DEFINE_integer("per_kind", None, "Fresh prompts per scene kind (default: the run's sample.eval_per_kind).")
   flags.DEFINE_integer("steps", None, "Sampling steps (default: the run's sample.num_steps).")
   flags.DEFINE_float("cfg", None, "Guidance scale (default: the run's sample.cfg_scale).")
   flags.DEFINE_integer("seed", None, "Prompt/noise seed (default: the run's sample.eval_seed).")
@@ -44,11 +57,17 @@ def main(argv=None) -> int:
   flags.FLAGS(sys.argv if argv is None else argv)
   f = flags.FLAGS
   with cli.clean_errors():
+    if f.per_kind is not None and f.per_kind < 1:  # Before any restore or compile.
+      raise ValueError(f"--per_kind={f.per_kind} must be >= 1")
+    run_config = cli.load_config(f.workdir)  # As trained: load_sampler's config carries the overrides.
     sampler, params, text_params, config, step = cli.load_sampler(
         f.workdir, steps=f.steps, cfg=f.cfg, use_ema=not f.raw)
     seed = config.sample.eval_seed if f.seed is None else f.seed
-    scores = evaluate(sampler, params, text_params, per_kind=f.per_kind, seed=seed,
-                      out_dir=os.path.join(f.workdir, f"eval_step{step}"))
+    per_kind = config.sample.eval_per_kind if f.per_kind is None else f.per_kind
+    name = out_dir_name(step, run_config, per_kind=per_kind, steps=config.sample.num_steps,
+                        cfg=config.sample.cfg_scale, seed=seed, raw=f.raw)
+    scores = evaluate(sampler, params, text_params, per_kind=per_kind, seed=seed,
+                      out_dir=os.path.join(f.workdir, name))
     print(json.dumps({"step": step, **scores}))
   return 0
 
