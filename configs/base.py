@@ -95,7 +95,7 @@ def get_config():
   c.sample.num_steps = 25  # ODE steps.
   c.sample.cfg_scale = 3.0  # Classifier-free guidance scale g (v = v_u + g·(v_c − v_u)); 1 = no guidance.
   c.sample.shift = 1.0  # Timestep shift α of the sampling schedule.
-  c.sample.solver = "euler"  # "euler" (see rflow_jax/sampling/solvers.py for the rest).
+  c.sample.solver = "euler"  # "euler" | "heun" | "dpmpp_2m" (ODE) | "euler_stochastic" (rflow_jax/sampling/solvers.py).
   c.sample.schedule = "shifted_linear"  # "shifted_linear" | "diffusers" (FlowMatchEulerDiscreteScheduler's grid).
   c.sample.use_ema = True  # Sample with EMA parameters.
   c.sample.batch_size = 40  # Prompts per jitted sampling call.

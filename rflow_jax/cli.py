@@ -46,7 +46,8 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.load(f))
 
 
-def load_sampler(workdir: str, *, steps=None, cfg=None, use_ema: bool = True, transformer: str | None = None):
+def load_sampler(workdir: str, *, steps=None, cfg=None, solver=None, use_ema: bool = True,
+                 transformer: str | None = None):
   """Rebuilds (sampler, params, text_params, config, step) from a workdir without importing the trainer.
 
   With `transformer` (a diffusers SD3Transformer2DModel directory) its model and weights replace the workdir's
@@ -63,6 +64,8 @@ def load_sampler(workdir: str, *, steps=None, cfg=None, use_ema: bool = True, tr
     config.sample.num_steps = steps
   if cfg is not None:
     config.sample.cfg_scale = cfg
+  if solver is not None:
+    config.sample.solver = solver
   config.sample.use_ema = use_ema
   config_lib.validate_sampling(config.sample)  # Before restoring or compiling anything.
   model = config_lib.build_model(config)

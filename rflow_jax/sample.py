@@ -1,6 +1,7 @@
 """Sampling entry point: one PNG per non-empty prompt line, plus a grid.
 
-  python -m rflow_jax.sample --workdir=runs/quickstart --prompts=prompts.txt --out=OUT [--steps=25] [--cfg=3] [--seed=0]
+  python -m rflow_jax.sample --workdir=runs/quickstart --prompts=prompts.txt --out=OUT [--steps=25] [--cfg=3] \
+      [--solver=euler_stochastic] [--seed=0]
 
 writes OUT/000000.png, OUT/000001.png, ... (in prompt order) and OUT/grid.png. EMA weights unless --raw.
 
@@ -19,6 +20,7 @@ flags.DEFINE_string("prompts", None, "UTF-8 text file, one prompt per line (empt
 flags.DEFINE_string("out", None, "Output directory.", required=True)
 flags.DEFINE_integer("steps", None, "ODE steps (default: the run's sample.num_steps).")
 flags.DEFINE_float("cfg", None, "Classifier-free guidance scale (default: the run's sample.cfg_scale).")
+flags.DEFINE_string("solver", None, "Sampler (default: the run's sample.solver); rflow_jax/sampling/solvers.py.")
 flags.DEFINE_integer("seed", 0, "Noise seed; image i uses fold_in(seed, i).")
 flags.DEFINE_bool("raw", False, "Use the raw (non-EMA) parameters.")
 flags.DEFINE_string("transformer", None, "diffusers transformer directory to sample with instead of the workdir's "
@@ -51,7 +53,8 @@ def main(argv):
     if FLAGS.raw and FLAGS.transformer:
       raise ValueError("--raw selects the workdir's MM-DiT weights; it has no meaning with --transformer")
     sampler, params, text_params, _, step = cli.load_sampler(
-        FLAGS.workdir, steps=FLAGS.steps, cfg=FLAGS.cfg, use_ema=not FLAGS.raw, transformer=FLAGS.transformer)
+        FLAGS.workdir, steps=FLAGS.steps, cfg=FLAGS.cfg, solver=FLAGS.solver, use_ema=not FLAGS.raw,
+        transformer=FLAGS.transformer)
     images = sampler.generate(params, text_params, prompts, FLAGS.seed)
     os.makedirs(FLAGS.out, exist_ok=True)
     for i, image in enumerate(images):

@@ -64,7 +64,7 @@ def test_sample_cli_bad_prompts(trained_workdir, tmp_path, content, needles):
   assert not (tmp_path / "out").exists()
 
 
-def test_sample_cli_bad_workdir_and_negative_cfg(trained_workdir, tmp_path):
+def test_sample_cli_bad_workdir_cfg_and_solver(trained_workdir, tmp_path):
   prompts = tmp_path / "p.txt"
   prompts.write_text("a red circle\n")
   rc, _, stderr = _run("rflow_jax.sample", f"--workdir={tmp_path / 'nowhere'}", f"--prompts={prompts}",
@@ -73,6 +73,10 @@ def test_sample_cli_bad_workdir_and_negative_cfg(trained_workdir, tmp_path):
   rc, _, stderr = _run("rflow_jax.sample", f"--workdir={trained_workdir}", f"--prompts={prompts}",
                        f"--out={tmp_path / 'o'}", "--cfg=-1")
   _assert_one_line_error(rc, stderr, "sample.cfg_scale=-1.0 must be >= 0")
+  rc, _, stderr = _run("rflow_jax.sample", f"--workdir={trained_workdir}", f"--prompts={prompts}",
+                       f"--out={tmp_path / 'o'}", "--solver=rk4")
+  _assert_one_line_error(rc, stderr, "sample.solver='rk4'", "euler_stochastic")
+  assert not (tmp_path / "o").exists()
 
 
 def test_run_shapes_cli_keeps_the_runs_own_eval_apart_from_probes(trained_workdir):
@@ -82,11 +86,11 @@ def test_run_shapes_cli_keeps_the_runs_own_eval_apart_from_probes(trained_workdi
   own = os.path.join(trained_workdir, "eval_step2")
   assert sorted(os.listdir(own)) == ["failures.json", "grid.png", "prompts.txt", "scores.json"]
   before = {n: open(os.path.join(own, n), "rb").read() for n in os.listdir(own)}
-  # Another guidance scale and the raw weights: a directory of its own; the run's own eval is left as it was.
+  # Another guidance scale, solver and the raw weights: a directory of its own; the run's own eval is left as it was.
   rc, _, stderr = _run("rflow_jax.eval.run_shapes", f"--workdir={trained_workdir}", "--cfg=5", "--raw",
-                       "--per_kind=1")
+                       "--per_kind=1", "--solver=euler_stochastic")
   assert rc == 0, stderr[-3000:]
-  probe = os.path.join(trained_workdir, "eval_step2_cfg5_per_kind1_raw")
+  probe = os.path.join(trained_workdir, "eval_step2_cfg5_per_kind1_euler_stochastic_raw")
   assert open(os.path.join(probe, "prompts.txt")).read().count("\n") == 3
   assert before == {n: open(os.path.join(own, n), "rb").read() for n in os.listdir(own)}
   rc, _, stderr = _run("rflow_jax.eval.run_shapes", f"--workdir={trained_workdir}", "--per_kind=0")

@@ -40,8 +40,8 @@ def test_diffusers_double_shift_differs_from_clean_grid():
   assert abs(clean[-2] - diff[-2]) > 1e-3
 
 
-@pytest.mark.parametrize("steps,shift", [(5, 3.0), (28, 3.0), (12, 1.0)])
-def test_euler_matches_diffusers_step_loop(steps, shift):
+def _diffusers_and_ours(steps, shift, stochastic):
+  """Runs one fixed velocity field through diffusers' step() loop and through our solver with the same noise."""
   rng = np.random.default_rng(0)
   x_init = rng.standard_normal((2, 3, 4, 4)).astype(np.float32)
   w = rng.standard_normal((4,)).astype(np.float32)
@@ -50,18 +50,36 @@ def test_euler_matches_diffusers_step_loop(steps, shift):
     # A fixed nonlinear field depending on x and σ, written once for both libraries.
     return lib.sin(x * w) * sigma - 0.3 * x + sigma**2
 
-  scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+  scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift, stochastic_sampling=stochastic)
   scheduler.set_timesteps(steps)
   x = torch.from_numpy(x_init)
   wt = torch.from_numpy(w)
+  generator = torch.Generator().manual_seed(0)
   for t in scheduler.timesteps:
     sigma = t / 1000.0
     v = torch.sin(x * wt) * sigma - 0.3 * x + sigma**2
-    x = scheduler.step(v, t, x, return_dict=False)[0]
+    x = scheduler.step(v, t, x, return_dict=False, generator=generator)[0]
 
+  # The noise diffusers drew at step i (one randn of the sample's shape per step, from the same generator).
+  replay = torch.Generator().manual_seed(0)
+  noise = jnp.asarray(np.stack([torch.randn(x_init.shape, generator=replay).numpy() for _ in range(steps)]))
   sigmas = jnp.asarray(schedules.flow_sigmas(steps, shift, "diffusers"))
-  ours = solvers.sample(lambda x, s: velocity(x, s, jnp), jnp.asarray(x_init), sigmas, "euler")
-  np.testing.assert_allclose(ours, x.numpy(), atol=2e-5)
+  ours = solvers.sample(lambda x, s: velocity(x, s, jnp), jnp.asarray(x_init), sigmas,
+                        "euler_stochastic" if stochastic else "euler", key=lambda i: noise[i])
+  return ours, x.numpy()
+
+
+@pytest.mark.parametrize("steps,shift", [(5, 3.0), (28, 3.0), (12, 1.0)])
+def test_euler_matches_diffusers_step_loop(steps, shift):
+  ours, theirs = _diffusers_and_ours(steps, shift, stochastic=False)
+  np.testing.assert_allclose(ours, theirs, atol=2e-5)
+
+
+@pytest.mark.parametrize("steps,shift", [(5, 3.0), (12, 1.0)])
+def test_euler_stochastic_matches_diffusers_stochastic_sampling(steps, shift):
+  ours, theirs = _diffusers_and_ours(steps, shift, stochastic=True)
+  np.testing.assert_allclose(ours, theirs, atol=2e-5)
+  assert np.abs(ours - _diffusers_and_ours(steps, shift, stochastic=False)[0]).max() > 0.1  # The noise mattered.
 
 
 def test_errors():

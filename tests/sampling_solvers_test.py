@@ -45,11 +45,12 @@ def _order(steps, errors):
 @pytest.mark.parametrize("solver", solvers.SOLVERS)
 def test_exact_on_straight_paths(solver):
   # A single data point x0 makes every rf trajectory a straight line, v = (x - x0)/σ is constant along
-  # it, so all three solvers are exact on any schedule (here a shifted, non-uniform one).
+  # it, so every solver is exact on any schedule (here a shifted, non-uniform one).
   x0 = jnp.array([[0.3, -1.2, 2.0]])
   velocity_fn = lambda x, sigma: (x - x0) / sigma
   x_init = jax.random.normal(jax.random.key(1), (5, 3))
-  out = solvers.sample(velocity_fn, x_init, schedules.flow_sigmas(7, shift=3.0), solver)
+  # euler_stochastic too: its x̂0 is exact at every step, so its fresh noise is scaled away by σ_n = 0.
+  out = solvers.sample(velocity_fn, x_init, schedules.flow_sigmas(7, shift=3.0), solver, key=jax.random.key(2))
   np.testing.assert_allclose(out, jnp.broadcast_to(x0, out.shape), atol=1e-5)
 
 
@@ -102,6 +103,41 @@ def test_dpmpp_2m_converges_on_full_schedule(shift, steps, min_order):
 def test_heun_beats_euler_at_equal_steps():
   steps = [16]
   assert _global_errors("heun", steps)[0] < 0.1 * _global_errors("euler", steps)[0]
+
+
+def _renoised_variance(sigmas):
+  """Closed-form variance of euler_stochastic's output on the Gaussian data with the exact velocity."""
+  var_x = 1.0  # x at σ_0 = 1 is pure noise.
+  for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+    gain = (1 - s) * S**2 / ((1 - s) ** 2 * S**2 + s**2)  # x̂0 - MU = gain · (x - (1 - σ) MU)
+    var_x0 = gain**2 * var_x
+    var_x = (1 - s_next) ** 2 * var_x0 + s_next**2  # Fresh noise, independent of x̂0.
+  return var_x
+
+
+def test_euler_stochastic_keeps_the_mean_and_shrinks_the_spread_as_predicted():
+  # Each step keeps only the posterior MEAN x̂0 and re-noises around it, so unlike the ODE it is not exact for a
+  # perfect model: on Gaussian data the spread shrinks by the factor the recursion above predicts (0.84 here);
+  # the mean is kept.
+  n = 20000
+  sigmas = schedules.flow_sigmas(10, 3.0)
+  out = solvers.sample(gaussian_velocity, jax.random.normal(jax.random.key(4), (n,)), sigmas, "euler_stochastic",
+                       key=jax.random.key(5))
+  predicted = _renoised_variance(np.asarray(sigmas, np.float64))
+  assert predicted < 0.9 * S**2, predicted
+  np.testing.assert_allclose(float(out.var()), predicted, rtol=0.04)  # 4 standard errors of a variance estimate.
+  assert abs(float(out.mean()) - MU) < 4 * np.sqrt(predicted / n)
+
+
+def test_euler_stochastic_needs_one_key_or_one_per_example():
+  sigmas, x = schedules.flow_sigmas(4), jnp.zeros((3, 2))
+  with pytest.raises(ValueError, match="'euler_stochastic' draws fresh noise every step: pass key"):
+    solvers.sample(gaussian_velocity, x, sigmas, "euler_stochastic")
+  with pytest.raises(ValueError, match=r"key has shape \(2,\).*\(3,\)"):
+    solvers.sample(gaussian_velocity, x, sigmas, "euler_stochastic", key=jax.random.split(jax.random.key(0), 2))
+  per_example = solvers.sample(gaussian_velocity, x, sigmas, "euler_stochastic",
+                               key=jax.random.split(jax.random.key(0), 3))
+  assert per_example.shape == (3, 2) and len(np.unique(np.asarray(per_example))) == 6
 
 
 def test_non_rf_model_drives_solver():

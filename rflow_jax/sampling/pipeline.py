@@ -1,8 +1,8 @@
 """Prompts -> tokens -> frozen text encoders -> one jitted guided ODE solve -> images (and grids, PNGs, ShapesEval).
 
 Used by the trainer (periodic grids, the end-of-training eval) and by `python -m rflow_jax.sample`. The initial noise
-of prompt i is drawn from fold_in(key(seed), i), so an image depends only on (params, prompt, seed, i), never on how
-prompts were batched.
+of prompt i is drawn from k_i = fold_in(key(seed), i), and a stochastic solver's per-step noise from fold_in(k_i, 1),
+so an image depends only on (params, prompt, seed, i), never on how prompts were batched.
 """
 
 import functools
@@ -50,7 +50,8 @@ def _sample(params, text_params, tokens, keys, *, model, text_stack, formulation
     return formulation.as_velocity_fn(net)(x, sigma)
 
   velocity_fn = guidance.cfg_velocity(rf_velocity, cond, uncond, cfg_scale)
-  return solvers.sample(velocity_fn, x_init, sigmas, solver)
+  step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, 1)  # A stream apart from x_init's.
+  return solvers.sample(velocity_fn, x_init, sigmas, solver, key=step_keys)
 
 
 class Sampler:
