@@ -18,7 +18,7 @@ from absl import app, flags
 flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints).", required=True)
 flags.DEFINE_string("prompts", None, "UTF-8 text file, one prompt per line (empty lines skipped).", required=True)
 flags.DEFINE_string("out", None, "Output directory.", required=True)
-flags.DEFINE_integer("steps", None, "ODE steps (default: the run's sample.num_steps).")
+flags.DEFINE_integer("steps", None, "Sampling steps (default: the run's sample.num_steps).")
 flags.DEFINE_float("cfg", None, "Classifier-free guidance scale (default: the run's sample.cfg_scale).")
 flags.DEFINE_string("solver", None, "Sampler (default: the run's sample.solver); rflow_jax/sampling/solvers.py.")
 flags.DEFINE_integer("seed", 0, "Noise seed; image i uses fold_in(seed, i).")

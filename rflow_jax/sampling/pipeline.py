@@ -1,4 +1,4 @@
-"""Prompts -> tokens -> frozen text encoders -> one jitted guided ODE solve -> images (and grids, PNGs, ShapesEval).
+"""Prompts -> tokens -> frozen text encoders -> one jitted guided solve -> images (and grids, PNGs, ShapesEval).
 
 Used by the trainer (periodic grids, the end-of-training eval) and by `python -m rflow_jax.sample`. The initial noise
 of prompt i is drawn from k_i = fold_in(key(seed), i), and a stochastic solver's per-step noise from fold_in(k_i, 1),
