@@ -77,6 +77,10 @@ def get_config():
   c.train.log_every = 50  # Fetch and write scalar metrics every N steps (metrics stay on device in between).
   c.train.checkpoint_every = 500  # Save state + data-iterator state every N steps (and always at the end).
   c.train.keep_checkpoints = 2  # Keep the newest N checkpoints.
+  # Warm start: a training workdir whose newest checkpoint gives this run's initial params, EMA params and text
+  # encoders (same model shapes); step, optimizer state and data order start fresh. Used only when WORKDIR has no
+  # checkpoint of its own (a restarted warm-started run resumes itself). "" = random init.
+  c.train.init_from = ""
   c.train.sample_every = 0  # Write a sample grid (TensorBoard + PNG) every N steps; 0 = only at the end.
   c.train.nonfinite = "halt"  # Loss/grad norm not finite: "halt" stops the run, "skip" drops the update and goes on.
   c.train.eval_at_end = True  # Score fresh prompts with ShapesEval after the last step.

@@ -2,7 +2,8 @@
 
 Layout: WORKDIR/checkpoints/<step>/{state, data}. Orbax writes each step into a temporary directory and renames it
 when complete, so a crash mid-save leaves the previous checkpoint untouched and the partial one is never restored.
-`restore_params` does not import the trainer: sampling and export use it.
+`restore_params` does not import the trainer: sampling and export use it. `restore_weights` reads only the weights
+of another run, for a warm start (train.init_from).
 """
 
 import os
@@ -66,10 +67,13 @@ def check_compatible(manager: ocp.CheckpointManager, step: int, abstract_state) 
   """Raises ValueError naming the first parameter whose presence or shape differs from the saved checkpoint.
 
   Runs before any compilation, so that a workdir of another model is reported in one line and left untouched.
-  Only the model parameters are compared: optimizer state mirrors them.
+  The model and text-encoder parameters are compared: optimizer state mirrors the former.
   """
-  saved = _param_shapes(manager.item_metadata(step)["state"]["params"])
+  metadata = manager.item_metadata(step)["state"]
+  saved = _param_shapes(metadata["params"])
   want = _param_shapes(abstract_state.params)
+  saved.update({f"text_params/{k}": v for k, v in _param_shapes(metadata["text_params"]).items()})
+  want.update({f"text_params/{k}": v for k, v in _param_shapes(abstract_state.text_params).items()})
   where = f"checkpoint at step {step} in {manager.directory}"
   for name in sorted(set(saved) | set(want)):
     if name not in saved:
@@ -80,6 +84,36 @@ def check_compatible(manager: ocp.CheckpointManager, step: int, abstract_state) 
                        "it was written by a different model")
     if saved[name] != want[name]:
       raise ValueError(f"{where}: parameter {name} has shape {saved[name]}, but this config expects {want[name]}")
+
+
+WEIGHTS = ("params", "ema_params", "text_params")  # What a warm start takes from another run.
+
+
+def restore_weights(workdir: str, abstract_state) -> tuple[dict[str, Any], int]:
+  """({params, ema_params, text_params}, step) of `workdir`'s newest checkpoint, placed like `abstract_state`.
+
+  The warm start of train.init_from: optimizer state, step and data position are not read, so the other run may
+  have used any optimizer or schedule. Checked before anything is compiled.
+
+  Raises:
+    FileNotFoundError: `workdir` holds no complete checkpoint.
+    ValueError: its model or text encoders differ from `abstract_state`'s (check_compatible).
+  """
+  step = latest_step(workdir)
+  if step is None:
+    raise FileNotFoundError(f"train.init_from={workdir!r} holds no complete checkpoint")
+  target = {name: getattr(abstract_state, name) for name in WEIGHTS}
+  restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), target)
+  # The state item was written by StandardCheckpointHandler, i.e. as a PyTree checkpoint: the PyTree handler reads a
+  # subset of it (partial_restore), each leaf straight into this run's sharding.
+  # The data handler is named only so that Orbax knows the (unread) item instead of warning about it.
+  handlers = {"state": ocp.PyTreeCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()}
+  with ocp.CheckpointManager(checkpoint_dir(workdir), item_handlers=handlers,
+                             options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
+    check_compatible(manager, step, abstract_state)
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=target, restore_args=restore_args, partial_restore=True)))
+  return restored["state"], step
 
 
 def latest_step(workdir: str) -> int | None:

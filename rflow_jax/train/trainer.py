@@ -133,10 +133,18 @@ def _write_config(config, workdir):
 
 
 def _restore_or_init(setup, manager, data_iter, workdir):
-  """Newest complete checkpoint in the workdir (state + data position), else a fresh sharded init."""
+  """Newest complete checkpoint in the workdir (state + data position), else a fresh sharded init whose weights come
+  from train.init_from's newest checkpoint when that is set (a warm start: step 0, fresh optimizer and data order)."""
   resume_step = manager.latest_step()
+  init_from = setup.config.train.init_from
   if resume_step is None:
-    return setup.init_state(), None
+    if not init_from:
+      return setup.init_state(), None
+    weights, from_step = checkpoint.restore_weights(init_from, setup.abstract_state)  # Checked before compiling.
+    logging.info("Weights (params, EMA, text encoders) from step %d of %s", from_step, init_from)
+    return setup.init_state().replace(**weights), None
+  if init_from:
+    logging.info("Resuming this run's own checkpoint; train.init_from=%s is not read", init_from)
   # Before any compilation: a workdir of another model is refused, and nothing in it is touched.
   checkpoint.check_compatible(manager, resume_step, setup.abstract_state)
   state = checkpoint.restore(manager, resume_step, setup.abstract_state, data_iter)
