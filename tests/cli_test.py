@@ -6,8 +6,6 @@ import pytest
 from PIL import Image
 
 import cli_util  # tests/cli_util.py (pytest puts tests/ on sys.path)
-from configs import debug
-from rflow_jax.train import trainer
 
 pytestmark = pytest.mark.slow
 _run, _assert_one_line_error = cli_util.run_module, cli_util.assert_one_line_error
@@ -28,11 +26,7 @@ def test_train_cli_bad_config(tmp_path, override, needles):
 
 @pytest.fixture(scope="module")
 def trained_workdir(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("run"))
-  config = debug.get_config()
-  config.train.num_steps = 2
-  trainer.train_and_evaluate(config, workdir)
-  return workdir
+  return cli_util.train_debug_run(tmp_path_factory, "run")
 
 
 def test_sample_cli_writes_one_png_per_prompt(trained_workdir, tmp_path):

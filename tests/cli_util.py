@@ -1,10 +1,22 @@
-"""Helpers of the CLI tests: run an entry point as a user does, and check its one-line error contract."""
+"""Helpers of the CLI tests: run an entry point as a user does, check its one-line error contract, and make a
+tiny trained workdir to run them on."""
 
 import os
 import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def train_debug_run(tmp_path_factory, name: str, num_steps: int = 2) -> str:
+  """A fresh temporary workdir holding a `num_steps`-step run of configs/debug.py (checkpoint, config.json)."""
+  from configs import debug  # pylint: disable=g-import-not-at-top
+  from rflow_jax.train import trainer  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path_factory.mktemp(name))
+  config = debug.get_config()
+  config.train.num_steps = num_steps
+  trainer.train_and_evaluate(config, workdir)
+  return workdir
 
 
 def run_module(module, *args):

@@ -2,9 +2,11 @@
 
 import os
 
+import jax
 import numpy as np
 import pytest
 
+import cli_util  # tests/cli_util.py (pytest puts tests/ on sys.path)
 from configs import debug
 from rflow_jax.train import checkpoint, trainer
 
@@ -13,17 +15,12 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def source_run(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("source"))
-  config = debug.get_config()
-  config.train.num_steps = 2
-  trainer.train_and_evaluate(config, workdir)
-  return workdir
+  return cli_util.train_debug_run(tmp_path_factory, "source")
 
 
 def _assert_trees_equal(a, b):
   flat_a, flat_b = (checkpoint._param_shapes(t) for t in (a, b))  # pylint: disable=protected-access
   assert flat_a == flat_b
-  import jax  # pylint: disable=g-import-not-at-top
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
