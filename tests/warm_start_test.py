@@ -2,8 +2,7 @@
 
 import os
 
-import jax
-import numpy as np
+import chex
 import pytest
 
 import cli_util  # tests/cli_util.py (pytest puts tests/ on sys.path)
@@ -18,13 +17,6 @@ def source_run(tmp_path_factory):
   return cli_util.train_debug_run(tmp_path_factory, "source")
 
 
-def _assert_trees_equal(a, b):
-  flat_a, flat_b = (checkpoint._param_shapes(t) for t in (a, b))  # pylint: disable=protected-access
-  assert flat_a == flat_b
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
 def test_warm_start_takes_the_weights_and_starts_at_step_zero(source_run, tmp_path):
   config = debug.get_config()
   config.train.num_steps = 1  # Step 0 runs at learning rate 0 (linear warmup from 0): params stay as loaded.
@@ -34,8 +26,8 @@ def test_warm_start_takes_the_weights_and_starts_at_step_zero(source_run, tmp_pa
   params, text_params, step = checkpoint.restore_params(str(tmp_path), use_ema=False)
   source_params, source_text, source_step = checkpoint.restore_params(source_run, use_ema=False)
   assert (step, source_step) == (1, 2)
-  _assert_trees_equal(params, source_params)
-  _assert_trees_equal(text_params, source_text)
+  chex.assert_trees_all_equal(params, source_params)  # Same structure, bitwise equal leaves.
+  chex.assert_trees_all_equal(text_params, source_text)
 
 
 def test_warm_start_from_another_model_or_no_checkpoint_fails_before_compiling(source_run, tmp_path):

@@ -25,16 +25,20 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
 
 
-def _handlers():
+def _handlers(partial_state: bool):
   # Named explicitly so that metadata and params-only restores work in a manager that has not saved yet.
-  return {"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()}
+  # StandardCheckpointHandler writes the state as a PyTree checkpoint; reading it back with the PyTree handler allows
+  # a partial restore (a subset of the saved tree).
+  state = ocp.PyTreeCheckpointHandler() if partial_state else ocp.StandardCheckpointHandler()
+  return {"state": state, "data": grain.checkpoint.CheckpointHandler()}
 
 
-def make_manager(workdir: str, *, max_to_keep: int = 1, async_save: bool = False,
-                 read_only: bool = False) -> ocp.CheckpointManager:
+def make_manager(workdir: str, *, max_to_keep: int = 1, async_save: bool = False, read_only: bool = False,
+                 partial_state: bool = False) -> ocp.CheckpointManager:
+  """The workdir's manager. partial_state (read-only use): restore a subset of the state with PyTreeRestore."""
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
                                          enable_async_checkpointing=async_save)
-  return ocp.CheckpointManager(checkpoint_dir(workdir), item_handlers=_handlers(), options=options)
+  return ocp.CheckpointManager(checkpoint_dir(workdir), item_handlers=_handlers(partial_state), options=options)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state, data_iter) -> None:
@@ -70,10 +74,10 @@ def check_compatible(manager: ocp.CheckpointManager, step: int, abstract_state) 
   The model and text-encoder parameters are compared: optimizer state mirrors the former.
   """
   metadata = manager.item_metadata(step)["state"]
-  saved = _param_shapes(metadata["params"])
-  want = _param_shapes(abstract_state.params)
-  saved.update({f"text_params/{k}": v for k, v in _param_shapes(metadata["text_params"]).items()})
-  want.update({f"text_params/{k}": v for k, v in _param_shapes(abstract_state.text_params).items()})
+  saved, want = {}, {}
+  for group, prefix in (("params", ""), ("text_params", "text_params/")):
+    saved.update({prefix + k: v for k, v in _param_shapes(metadata[group]).items()})
+    want.update({prefix + k: v for k, v in _param_shapes(getattr(abstract_state, group)).items()})
   where = f"checkpoint at step {step} in {manager.directory}"
   for name in sorted(set(saved) | set(want)):
     if name not in saved:
@@ -104,12 +108,8 @@ def restore_weights(workdir: str, abstract_state) -> tuple[dict[str, Any], int]:
     raise FileNotFoundError(f"train.init_from={workdir!r} holds no complete checkpoint")
   target = {name: getattr(abstract_state, name) for name in WEIGHTS}
   restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), target)
-  # The state item was written by StandardCheckpointHandler, i.e. as a PyTree checkpoint: the PyTree handler reads a
-  # subset of it (partial_restore), each leaf straight into this run's sharding.
-  # The data handler is named only so that Orbax knows the (unread) item instead of warning about it.
-  handlers = {"state": ocp.PyTreeCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()}
-  with ocp.CheckpointManager(checkpoint_dir(workdir), item_handlers=handlers,
-                             options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
+  # Only the weights are read (partial_restore), each leaf straight into this run's sharding.
+  with make_manager(workdir, read_only=True, partial_state=True) as manager:
     check_compatible(manager, step, abstract_state)
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item=target, restore_args=restore_args, partial_restore=True)))
