@@ -81,6 +81,10 @@ def get_config():
   # encoders (same model shapes); step, optimizer state and data order start fresh. Used only when WORKDIR has no
   # checkpoint of its own (a restarted warm-started run resumes itself). "" = random init.
   c.train.init_from = ""
+  # With init_from: the source may have fewer joint blocks. Its blocks are spread over this model's depth and the
+  # added ones start as identity (adaLN-zero gates 0), so step 0 computes exactly the source's function (needs
+  # model.scan_blocks=False in both runs; mmdit.grown_block_positions says which block goes where).
+  c.train.init_grow_depth = False
   c.train.sample_every = 0  # Write a sample grid (TensorBoard + PNG) every N steps; 0 = only at the end.
   c.train.nonfinite = "halt"  # Loss/grad norm not finite: "halt" stops the run, "skip" drops the update and goes on.
   c.train.eval_at_end = True  # Score fresh prompts with ShapesEval after the last step.

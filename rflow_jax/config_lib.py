@@ -53,6 +53,10 @@ def validate(config) -> None:
     _require(t[name] > 0, f"train.{name}={t[name]} must be positive")
   _require(t.sample_every >= 0, f"train.sample_every={t.sample_every} must be >= 0")
   _require(t.eval_every >= 0, f"train.eval_every={t.eval_every} must be >= 0")
+  _require(t.init_from or not t.init_grow_depth, "train.init_grow_depth=True grows another run's weights: "
+           "set train.init_from too")
+  _require(not (t.init_grow_depth and m.scan_blocks),
+           "train.init_grow_depth=True places single blocks: set model.scan_blocks=False")
   _require(t.nonfinite in NONFINITE_POLICIES, f"train.nonfinite={t.nonfinite!r}; valid: {NONFINITE_POLICIES}")
   _require(t.global_batch_size % jax.process_count() == 0,
            f"train.global_batch_size={t.global_batch_size} is not divisible by the {jax.process_count()} processes")

@@ -30,12 +30,18 @@ def _param_count(config):
   return mmdit.count_params(trainer.build_model(config), x.shape, context.shape, pooled.shape)
 
 
-def test_shapes_gpu_variant_validates_and_unknown_variants_fail():
+def test_shapes_variants_validate_and_unknown_variants_fail():
   from configs import shapes  # pylint: disable=g-import-not-at-top
   config = shapes.get_config("gpu")
   config_lib.validate(config)
   assert _param_count(config) > 5 * _param_count(shapes.get_config())
-  with pytest.raises(ValueError, match="configs/shapes.py:tpu: valid variants are 'cpu' and 'gpu'"):
+  grow, cpu = shapes.get_config("grow"), shapes.get_config("cpu")
+  config_lib.validate(grow)
+  # Stage 2 grows stage 1's model in depth only (what train.init_grow_depth accepts).
+  assert grow.train.init_grow_depth and grow.model.depth > cpu.model.depth
+  assert {k: v for k, v in grow.model.items() if k != "depth"} == {k: v for k, v in cpu.model.items() if k != "depth"}
+  assert grow.text == cpu.text and grow.data == cpu.data
+  with pytest.raises(ValueError, match="configs/shapes.py:tpu: valid variants are 'cpu', 'grow' and 'gpu'"):
     shapes.get_config("tpu")
 
 

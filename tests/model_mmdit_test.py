@@ -219,6 +219,18 @@ def test_block_groups():
   assert mmdit.block_name(4, 5) == "blocks_4"
 
 
+def test_grown_block_positions():
+  assert mmdit.grown_block_positions(4, 6) == [0, 2, 4, 5]
+  assert mmdit.grown_block_positions(5, 5) == [0, 1, 2, 3, 4]  # Same depth: each block stays.
+  assert mmdit.grown_block_positions(1, 3) == [2]  # Only the context_pre_only block: it stays last.
+  for src in range(1, 9):
+    for dst in range(src, 12):
+      pos = mmdit.grown_block_positions(src, dst)
+      assert len(pos) == src and pos == sorted(set(pos)) and pos[0] in (0, dst - 1) and pos[-1] == dst - 1
+  with pytest.raises(ValueError, match="cannot grow a depth-5 MM-DiT into depth 3"):
+    mmdit.grown_block_positions(5, 3)
+
+
 @pytest.mark.parametrize("dual,remat", [((), "none"), ((0, 1), "full")])
 def test_scan_blocks_matches_unscanned(dual, remat):
   kwargs = dict(TINY, qk_norm="rms_norm", dual_attention_layers=dual)

@@ -414,6 +414,20 @@ def block_groups(model: MMDiT) -> list[tuple[int, int]]:
   return groups
 
 
+def grown_block_positions(src_depth: int, dst_depth: int) -> list[int]:
+  """Where the blocks of a depth-`src_depth` MM-DiT go in a depth-`dst_depth` one grown from it.
+
+  The full joint blocks 0..src_depth-2 are spread evenly over 0..dst_depth-2 (first to first, order kept) and the
+  context_pre_only last block goes last, e.g. 4 -> 6: [0, 2, 4, 5]. The positions left over get new blocks; adaLN-zero
+  starts their gates at 0, so each is the identity on both streams and the grown model computes exactly the
+  source's function until training moves them (train.init_grow_depth).
+  """
+  if not 1 <= src_depth <= dst_depth:
+    raise ValueError(f"cannot grow a depth-{src_depth} MM-DiT into depth {dst_depth}: growth only adds blocks")
+  full = np.round(np.linspace(0, dst_depth - 2, src_depth - 1)).astype(int)  # Spacing >= 1: no collisions.
+  return [int(i) for i in full] + [dst_depth - 1]
+
+
 def block_name(start: int, stop: int) -> str:
   """Param name of the group [start, stop): blocks_3, or blocks_0_12 (scan)."""
   if stop == start + 1:

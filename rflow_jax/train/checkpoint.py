@@ -14,6 +14,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from rflow_jax.model import mmdit
+
 CHECKPOINT_DIR = "checkpoints"
 
 
@@ -73,11 +75,16 @@ def check_compatible(manager: ocp.CheckpointManager, step: int, abstract_state) 
   Runs before any compilation, so that a workdir of another model is reported in one line and left untouched.
   The model and text-encoder parameters are compared: optimizer state mirrors the former.
   """
+  _check_shapes(manager, step, {group: getattr(abstract_state, group) for group in ("params", "text_params")})
+
+
+def _check_shapes(manager: ocp.CheckpointManager, step: int, groups: dict[str, Any]) -> None:
+  """check_compatible for {"params": tree, "text_params": tree} (a warm start's renamed subset, or a whole state)."""
   metadata = manager.item_metadata(step)["state"]
   saved, want = {}, {}
   for group, prefix in (("params", ""), ("text_params", "text_params/")):
     saved.update({prefix + k: v for k, v in _param_shapes(metadata[group]).items()})
-    want.update({prefix + k: v for k, v in _param_shapes(getattr(abstract_state, group)).items()})
+    want.update({prefix + k: v for k, v in _param_shapes(groups[group]).items()})
   where = f"checkpoint at step {step} in {manager.directory}"
   for name in sorted(set(saved) | set(want)):
     if name not in saved:
@@ -93,27 +100,57 @@ def check_compatible(manager: ocp.CheckpointManager, step: int, abstract_state) 
 WEIGHTS = ("params", "ema_params", "text_params")  # What a warm start takes from another run.
 
 
-def restore_weights(workdir: str, abstract_state) -> tuple[dict[str, Any], int]:
+def restore_weights(workdir: str, abstract_state, *, grow_depth: bool = False) -> tuple[dict[str, Any], int]:
   """({params, ema_params, text_params}, step) of `workdir`'s newest checkpoint, placed like `abstract_state`.
 
   The warm start of train.init_from: optimizer state, step and data position are not read, so the other run may
   have used any optimizer or schedule. Checked before anything is compiled.
 
+  With grow_depth (train.init_grow_depth) the source may have fewer joint blocks than this model: block i is read into
+  this model's block mmdit.grown_block_positions(...)[i], and the params and EMA params returned lack the other
+  blocks, which the caller keeps from its fresh init (identity blocks under adaLN-zero).
+
   Raises:
     FileNotFoundError: `workdir` holds no complete checkpoint.
-    ValueError: its model or text encoders differ from `abstract_state`'s (check_compatible).
+    ValueError: its model or text encoders differ from `abstract_state`'s (check_compatible), other than in depth
+      with grow_depth; or it is deeper than this model, or either model scans its blocks, with grow_depth.
   """
   step = latest_step(workdir)
   if step is None:
     raise FileNotFoundError(f"train.init_from={workdir!r} holds no complete checkpoint")
   target = {name: getattr(abstract_state, name) for name in WEIGHTS}
-  restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), target)
   # Only the weights are read (partial_restore), each leaf straight into this run's sharding.
   with make_manager(workdir, read_only=True, partial_state=True) as manager:
-    check_compatible(manager, step, abstract_state)
+    source_of = {}  # This model's top-level param name -> the source's (growth only; identity otherwise).
+    if grow_depth:
+      source_of = _grown_names(list(manager.item_metadata(step)["state"]["params"]), list(target["params"]),
+                               workdir)
+      for group in ("params", "ema_params"):
+        target[group] = {source_of.get(k, k): v for k, v in target[group].items()
+                         if k in source_of or not k.startswith("blocks_")}
+    _check_shapes(manager, step, target)
+    restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), target)
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=target, restore_args=restore_args, partial_restore=True)))
-  return restored["state"], step
+        item=target, restore_args=restore_args, partial_restore=True)))["state"]
+  this_of = {v: k for k, v in source_of.items()}
+  for group in ("params", "ema_params"):
+    restored[group] = {this_of.get(k, k): v for k, v in restored[group].items()}
+  return restored, step
+
+
+def _grown_names(source_params: list[str], params: list[str], workdir: str) -> dict[str, str]:
+  """{this model's block name: the source block read into it} for a depth-growing warm start."""
+  blocks = lambda names: [n for n in names if n.startswith("blocks_")]
+  scanned = [n for n in blocks(source_params) + blocks(params) if n.count("_") > 1]  # blocks_0_12: a scanned group.
+  if scanned:
+    raise ValueError(f"train.init_grow_depth reads and writes single blocks, but {scanned[0]!r} is a scanned group: "
+                     "set model.scan_blocks=False in both runs")
+  src_depth, depth = len(blocks(source_params)), len(blocks(params))
+  try:
+    positions = mmdit.grown_block_positions(src_depth, depth)
+  except ValueError as e:
+    raise ValueError(f"train.init_from={workdir!r}: {e}") from None
+  return {f"blocks_{p}": f"blocks_{i}" for i, p in enumerate(positions)}
 
 
 def latest_step(workdir: str) -> int | None:

@@ -140,9 +140,12 @@ def _restore_or_init(setup, manager, data_iter, workdir):
   if resume_step is None:
     if not init_from:
       return setup.init_state(), None
-    weights, from_step = checkpoint.restore_weights(init_from, setup.abstract_state)  # Checked before compiling.
+    weights, from_step = checkpoint.restore_weights(  # Checked before compiling.
+        init_from, setup.abstract_state, grow_depth=setup.config.train.init_grow_depth)
     logging.info("Weights (params, EMA, text encoders) from step %d of %s", from_step, init_from)
-    return setup.init_state().replace(**weights), None
+    state = setup.init_state()
+    # Top-level merge: blocks a depth-growing warm start did not read keep their fresh (identity) init.
+    return state.replace(**{group: {**getattr(state, group), **w} for group, w in weights.items()}), None
   if init_from:
     logging.info("Resuming this run's own checkpoint; train.init_from=%s is not read", init_from)
   # Before any compilation: a workdir of another model is refused, and nothing in it is touched.
@@ -226,8 +229,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
 def _train_loop(config, workdir, setup, manager, data_iter, state, last_ckpt, writer, sigterm) -> dict:
   """Steps until train.num_steps (or SIGTERM), with periodic metrics, checkpoints and grids; then the final eval."""
   num_steps = config.train.num_steps
-  report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
-                                           every_steps=config.train.log_every)
+  # Called after each metrics fetch only (see the loop), so every call reports: every_secs=0, no every_steps (which
+  # would demand a call per step).
+  report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer, every_secs=0.0)
   sampler = sampling.Sampler.from_setup(setup)
   step = int(jax.device_get(state.step))
   pending, results = [], {}
@@ -246,10 +250,12 @@ def _train_loop(config, workdir, setup, manager, data_iter, state, last_ckpt, wr
     state, metrics = setup.step(state, setup.global_batch(local))
     step += 1
     pending.append(metrics)
-    report(step)
     stop = sigterm.is_set()
     if step % config.train.log_every == 0 or step == num_steps or stop:
       results = _fetch_metrics(pending, step, config, last_ckpt)
+      # Only here, after the fetch has waited for the device: between fetches the loop runs ahead of the device
+      # (async dispatch), so a report there would log the dispatch rate and then a stall, not steps/s.
+      report(step)
       results.update(meter.measure(len(pending)))  # TFLOP/s per device and MFU (from the 2nd window on).
       pending = []
       writer.write_scalars(step, results)
