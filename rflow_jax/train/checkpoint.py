@@ -75,17 +75,18 @@ def check_compatible(manager: ocp.CheckpointManager, step: int, abstract_state) 
   Runs before any compilation, so that a workdir of another model is reported in one line and left untouched.
   The model and text-encoder parameters are compared: optimizer state mirrors the former.
   """
-  _check_shapes(manager, step, {group: getattr(abstract_state, group) for group in ("params", "text_params")})
+  _check_shapes(manager, step, manager.item_metadata(step)["state"],
+                {group: getattr(abstract_state, group) for group in ("params", "text_params")})
 
 
-def _check_shapes(manager: ocp.CheckpointManager, step: int, groups: dict[str, Any]) -> None:
-  """check_compatible for {"params": tree, "text_params": tree} (a warm start's renamed subset, or a whole state)."""
-  metadata = manager.item_metadata(step)["state"]
+def _check_shapes(manager: ocp.CheckpointManager, step: int, metadata, groups: dict[str, Any]) -> None:
+  """check_compatible against the saved state's `metadata` (read by the caller), for {"params": tree,
+  "text_params": tree}: a whole state, or a warm start's renamed subset."""
+  where = f"checkpoint at step {step} in {manager.directory}"
   saved, want = {}, {}
   for group, prefix in (("params", ""), ("text_params", "text_params/")):
     saved.update({prefix + k: v for k, v in _param_shapes(metadata[group]).items()})
     want.update({prefix + k: v for k, v in _param_shapes(groups[group]).items()})
-  where = f"checkpoint at step {step} in {manager.directory}"
   for name in sorted(set(saved) | set(want)):
     if name not in saved:
       raise ValueError(f"{where} has no parameter {name} (this config expects shape {want[name]}): "
@@ -121,14 +122,14 @@ def restore_weights(workdir: str, abstract_state, *, grow_depth: bool = False) -
   target = {name: getattr(abstract_state, name) for name in WEIGHTS}
   # Only the weights are read (partial_restore), each leaf straight into this run's sharding.
   with make_manager(workdir, read_only=True, partial_state=True) as manager:
+    metadata = manager.item_metadata(step)["state"]  # Read once: growth names and the shape check both use it.
     source_of = {}  # This model's top-level param name -> the source's (growth only; identity otherwise).
     if grow_depth:
-      source_of = _grown_names(list(manager.item_metadata(step)["state"]["params"]), list(target["params"]),
-                               workdir)
+      source_of = _grown_names(list(metadata["params"]), list(target["params"]), workdir)
       for group in ("params", "ema_params"):
         target[group] = {source_of.get(k, k): v for k, v in target[group].items()
                          if k in source_of or not k.startswith("blocks_")}
-    _check_shapes(manager, step, target)
+    _check_shapes(manager, step, metadata, target)
     restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), target)
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item=target, restore_args=restore_args, partial_restore=True)))["state"]
