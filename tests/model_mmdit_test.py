@@ -287,3 +287,18 @@ def test_registered_attention_kernel_is_used():
       layers.register_attention("xla", reference)
   finally:
     del layers.ATTENTION_IMPLS["test_einsum"]
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_einsum_attention_matches_jax_attention(dtype, tol):
+  """The default kernel is jax.nn.dot_product_attention's function: outputs and all three gradients agree."""
+  from rflow_jax.model import layers  # pylint: disable=g-import-not-at-top
+  q, k, v, g = (jax.random.normal(jax.random.key(i), (2, 7, 3, 16), dtype) for i in range(4))
+
+  def vjp(impl):
+    out, pullback = jax.vjp(lambda *a: layers.dot_product_attention(*a, impl), q, k, v)
+    return (out,) + pullback(g)
+
+  for ours, ref in zip(vjp("einsum"), vjp("xla")):
+    assert ours.dtype == ref.dtype == dtype
+    np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(ref, np.float32), atol=tol, rtol=tol)

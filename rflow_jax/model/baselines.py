@@ -103,7 +103,7 @@ class _Backbone(nn.Module):
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   remat: str = "none"
-  attention_impl: str = "xla"
+  attention_impl: str = "einsum"
   pos_embed_base: int = 64
   dual_attention_layers: tuple[int, ...] = ()
   scan_blocks: bool = False
