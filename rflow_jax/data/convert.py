@@ -234,7 +234,8 @@ def convert(options: Options) -> dict:
   with open(bad_path + ".tmp", "w") as f:
     f.writelines(json.dumps(b, sort_keys=True) + "\n" for b in bad)
   os.replace(bad_path + ".tmp", bad_path)
-  source = {"format": options.format, "input": os.path.abspath(options.input), **options.record_options()}
+  source = {"format": options.format, "input": os.path.abspath(options.input),
+            "records_per_shard": options.records_per_shard, **options.record_options()}
   manifest = {"format": records.FORMAT, "format_version": records.FORMAT_VERSION, "source": source,
               "caption_field": options.caption_field, "num_records": first, "num_bad_records": len(bad),
               "image_sizes": _size_summary(notes.values()), "shards": shards}

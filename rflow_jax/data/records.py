@@ -40,7 +40,7 @@ import os
 
 import msgpack
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 FORMAT = "rflow_jax.image_text_records"
 FORMAT_VERSION = 1
@@ -57,6 +57,9 @@ class BadRecordError(ValueError):
   def __init__(self, key: str, reason: str):
     self.key, self.reason = key, " ".join(str(reason).split())  # One line, whatever the decoder said.
     super().__init__(f"bad record {key}: {self.reason}")
+
+  def __reduce__(self):  # Crosses from a converter worker process to the parent.
+    return BadRecordError, (self.key, self.reason)
 
 
 class ManifestError(ValueError):
@@ -114,6 +117,8 @@ def normalize_image(data: bytes, key: str, min_size: int = 0) -> tuple[bytes, st
     if mode in ("RGB", "RGBA") and "16" in tile_mode:
       mode += ";16"  # Decoded from 16 bits per channel by Pillow, which keeps the high byte.
     image.load()  # Decodes every pixel: a truncated or corrupt file fails here, not in training.
+  except UnidentifiedImageError:
+    raise BadRecordError(key, "not an image file Pillow can decode") from None
   except Exception as e:  # pylint: disable=broad-except  # Pillow raises many types for bad files.
     raise BadRecordError(key, f"cannot decode image: {type(e).__name__}: {e}") from None
   width, height = image.size
