@@ -230,10 +230,8 @@ def convert(options: Options) -> dict:
     raise ValueError(f"--input={options.input!r} gave no usable records ({len(bad)} bad inputs: see "
                      f"{os.path.join(out, records.BAD_RECORDS)})" if bad else
                      f"--input={options.input!r} holds no {options.format} examples (empty source)")
-  bad_path = os.path.join(out, records.BAD_RECORDS)
-  with open(bad_path + ".tmp", "w") as f:
-    f.writelines(json.dumps(b, sort_keys=True) + "\n" for b in bad)
-  os.replace(bad_path + ".tmp", bad_path)
+  records.write_text_atomic(os.path.join(out, records.BAD_RECORDS),
+                            "".join(json.dumps(b, sort_keys=True) + "\n" for b in bad))
   source = {"format": options.format, "input": os.path.abspath(options.input),
             "records_per_shard": options.records_per_shard, **options.record_options()}
   manifest = {"format": records.FORMAT, "format_version": records.FORMAT_VERSION, "source": source,

@@ -100,8 +100,7 @@ def _plan_imagefolder(options) -> tuple[list[dict], list]:
     caption = captions.get(rel)
     txt = os.path.splitext(rel)[0] + ".txt"
     if isinstance(caption, records.BadRecordError):
-      caption = str(caption.reason)
-      items.append({"path": rel, "error": caption})
+      items.append({"path": rel, "error": caption.reason})
     elif caption is not None:
       items.append({"path": rel, "caption": caption})
     elif os.path.isfile(os.path.join(root, txt)):

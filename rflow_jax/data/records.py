@@ -158,13 +158,18 @@ def sha256_file(path: str) -> str:
   return digest.hexdigest()
 
 
-def write_json_atomic(path: str, obj) -> None:
-  """Writes JSON to a temporary name beside `path`, then renames it into place (a reader sees all or nothing)."""
-  tmp = f"{path}.tmp-{os.getpid()}"
+def write_text_atomic(path: str, text: str) -> None:
+  """Writes `text` to a temporary name beside `path`, then renames it into place (a reader sees all or nothing)."""
+  directory, name = os.path.split(path)
+  tmp = os.path.join(directory, f".{name}.tmp-{os.getpid()}")  # Hidden, and removed by the next convert if stale.
   with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1, sort_keys=True)
-    f.write("\n")
+    f.write(text)
   os.replace(tmp, path)
+
+
+def write_json_atomic(path: str, obj) -> None:
+  """Writes `obj` as JSON (sorted keys, so equal objects give equal bytes) atomically (write_text_atomic)."""
+  write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
 def load_manifest(directory: str) -> dict:
