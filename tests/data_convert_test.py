@@ -3,7 +3,9 @@
 import io
 import json
 import os
+import struct
 import tarfile
+import zlib
 
 import grain
 import numpy as np
@@ -25,6 +27,18 @@ def _jpeg(array) -> bytes:
   out = io.BytesIO()
   Image.fromarray(array).save(out, format="JPEG", quality=90)
   return out.getvalue()
+
+
+def _png_rgb16(array) -> bytes:
+  """A 16-bit-per-channel RGB PNG (Pillow cannot write one), written from the PNG specification."""
+  height, width, _ = array.shape
+  raw = b"".join(b"\x00" + array[y].astype(">u2").tobytes() for y in range(height))
+
+  def chunk(kind, data):
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+  header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
+  return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
 
 
 def _write(path, data):
@@ -53,6 +67,7 @@ def _files(directory):
 _RNG = np.random.default_rng(0)
 _RGB = [_RNG.integers(0, 256, (12 + i, 16, 3), dtype=np.uint8) for i in range(4)]
 _GRAY16 = (np.arange(16 * 16, dtype=np.uint32).reshape(16, 16) * 257).astype(np.uint16)
+_RGB16 = _RNG.integers(0, 65536, (8, 8, 3), dtype=np.uint16)
 _RGBA = np.zeros((16, 16, 4), np.uint8)
 _RGBA[:8] = (10, 20, 30, 255)  # Top half opaque; the bottom half transparent, so white after conversion.
 
@@ -67,10 +82,11 @@ def folder(tmp_path_factory):
   _write(f"{root}/gray16.png", _png(_GRAY16))
   _write(f"{root}/gray.png", _png(_RGB[3][..., 0]))
   _write(f"{root}/rgba.png", _png(_RGBA))
+  _write(f"{root}/rgb16.png", _png_rgb16(_RGB16))
   _write(f"{root}/sub/d.png", _png(_RGB[3]))
   _write(f"{root}/sub/d.txt", " a caption from a text file \n".encode())
   lines = [{"file_name": n, "text": f"caption of {n} ünïcode"} for n in
-           ("a.png", "b.png", "c.jpg", "gray16.png", "gray.png", "rgba.png")]
+           ("a.png", "b.png", "c.jpg", "gray16.png", "gray.png", "rgb16.png", "rgba.png")]
   _write(f"{root}/metadata.jsonl", "".join(json.dumps(line) + "\n" for line in lines).encode())
   return root
 
@@ -79,8 +95,9 @@ def test_imagefolder_round_trip_and_pixel_policy(folder, tmp_path):
   manifest = convert.convert(convert.Options("imagefolder", folder, str(tmp_path), records_per_shard=3))
   manifest_again, recs = _read_all(str(tmp_path))
   assert manifest == manifest_again
-  assert [r["key"] for r in recs] == ["a.png", "b.png", "c.jpg", "gray.png", "gray16.png", "rgba.png", "sub/d.png"]
-  assert manifest["num_records"] == 7 and [s["num_records"] for s in manifest["shards"]] == [3, 3, 1]
+  assert [r["key"] for r in recs] == ["a.png", "b.png", "c.jpg", "gray.png", "gray16.png", "rgb16.png", "rgba.png",
+                                      "sub/d.png"]
+  assert manifest["num_records"] == 8 and [s["num_records"] for s in manifest["shards"]] == [3, 3, 2]
   assert [s["first_index"] for s in manifest["shards"]] == [0, 3, 6]
   for s in manifest["shards"]:
     assert records.sha256_file(os.path.join(tmp_path, s["file"])) == s["sha256"]
@@ -102,6 +119,9 @@ def test_imagefolder_round_trip_and_pixel_policy(folder, tmp_path):
   expected = np.repeat((_GRAY16 // 257).astype(np.uint8)[..., None], 3, axis=-1)
   np.testing.assert_array_equal(records.decode_image(by_key["gray16.png"]), expected)
   assert by_key["gray16.png"]["source_mode"] == "I;16" and by_key["gray16.png"]["image_format"] == "PNG"
+  # 16-bit RGB: Pillow's decoder keeps the high byte; the record says where it came from.
+  np.testing.assert_array_equal(records.decode_image(by_key["rgb16.png"]), (_RGB16 >> 8).astype(np.uint8))
+  assert by_key["rgb16.png"]["source_mode"] == "RGB;16"
   # RGBA: composited over white.
   rgba = records.decode_image(by_key["rgba.png"])
   assert (rgba[:8] == (10, 20, 30)).all() and (rgba[8:] == 255).all()
@@ -135,6 +155,7 @@ def test_tfds_class_labels_get_the_caption_template(tmp_path):
                                                caption_template="a photo of the digit {label}"))
   _, recs = _read_all(str(tmp_path))
   assert [s["num_records"] for s in manifest["shards"]] == [2, 2, 1] and manifest["caption_field"] == "label"
+  assert manifest["source"]["input"] == "mnist"
   assert [r["key"] for r in recs] == [f"train[{i}]" for i in range(5)]
   assert [r["caption"] for r in recs] == [f"a photo of the digit {int(e['label'])}" for e in examples]
   assert [r["label"] for r in recs] == [int(e["label"]) for e in examples]
@@ -146,12 +167,12 @@ def test_crash_then_restart_is_bitwise_identical(folder, tmp_path, monkeypatch):
   # The uninterrupted run uses two worker processes: the result does not depend on the worker count either.
   convert.convert(convert.Options("imagefolder", folder, str(tmp_path / "clean"), records_per_shard=2, workers=2))
   crashed = convert.Options("imagefolder", folder, str(tmp_path / "crashed"), records_per_shard=2)
-  read_job, calls = ingest.read_job, []
+  read_job, calls, crash = ingest.read_job, [], [True]
 
   def crash_in_third_shard(job, opts):
     calls.append(job["items"][0]["path"])
     for n, example in enumerate(read_job(job, opts)):
-      if len(calls) == 3 and n == 1:
+      if crash[0] and len(calls) == 3 and n == 1:
         raise RuntimeError("injected crash")
       yield example
 
@@ -170,8 +191,9 @@ def test_crash_then_restart_is_bitwise_identical(folder, tmp_path, monkeypatch):
     f.seek(100)
     f.write(b"\xff")
   calls.clear()
+  crash[0] = False
   convert.convert(crashed)
-  assert calls == ["c.jpg", "gray16.png", "sub/d.png"]  # Shard 0 skipped (verified by hash); 1 redone: damaged.
+  assert calls == ["c.jpg", "gray16.png", "rgba.png"]  # Shard 0 skipped (verified by hash); 1 redone: damaged.
   assert _files(tmp_path / "crashed") == _files(tmp_path / "clean")
 
 

@@ -232,7 +232,10 @@ def convert(options: Options) -> dict:
                      f"--input={options.input!r} holds no {options.format} examples (empty source)")
   records.write_text_atomic(os.path.join(out, records.BAD_RECORDS),
                             "".join(json.dumps(b, sort_keys=True) + "\n" for b in bad))
-  source = {"format": options.format, "input": os.path.abspath(options.input),
+  # A TFDS name stays a name; paths are made absolute.
+  source_input = options.input if options.format == "tfds" and not os.path.isdir(options.input) else \
+      os.path.abspath(options.input)
+  source = {"format": options.format, "input": source_input,
             "records_per_shard": options.records_per_shard, **options.record_options()}
   manifest = {"format": records.FORMAT, "format_version": records.FORMAT_VERSION, "source": source,
               "caption_field": options.caption_field, "num_records": first, "num_bad_records": len(bad),
