@@ -241,6 +241,11 @@ def test_empty_source_and_bad_metadata(tmp_path):
   (tmp_path / "empty").mkdir()
   with pytest.raises(ValueError, match=r"holds no imagefolder examples \(empty source\)"):
     convert.convert(convert.Options("imagefolder", str(tmp_path / "empty"), str(tmp_path / "out")))
+  _write(str(tmp_path / "all_bad" / "x.png"), b"not a png")
+  with pytest.raises(ValueError, match=r"gave no usable records \(1 bad inputs: see .*bad_records.jsonl\)"):
+    convert.convert(convert.Options("imagefolder", str(tmp_path / "all_bad"), str(tmp_path / "out_bad"),
+                                    on_bad_record="skip"))
+  assert not os.path.exists(tmp_path / "out_bad" / "manifest.json")  # Nothing to train on.
   root = _one_bad(tmp_path, "x.png", _png(_RGB[0]))
   _write(os.path.join(root, "metadata.jsonl"), b'{"file_name": "gone.png", "text": "t"}\n\xff\n')
   with pytest.raises(records.BadRecordError) as e:  # The first bad input in source order.

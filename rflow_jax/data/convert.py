@@ -226,12 +226,12 @@ def convert(options: Options) -> dict:
     shards.append({"file": os.path.basename(path), "num_records": note["num_records"], "first_index": first,
                    "num_bad_records": len(note["bad_records"]), "sha256": note["sha256"]})
     first += note["num_records"]
-  if first == 0:
+  records.write_text_atomic(os.path.join(out, records.BAD_RECORDS),
+                            "".join(json.dumps(b, sort_keys=True) + "\n" for b in bad))
+  if first == 0:  # No manifest: there is nothing to train on.
     raise ValueError(f"--input={options.input!r} gave no usable records ({len(bad)} bad inputs: see "
                      f"{os.path.join(out, records.BAD_RECORDS)})" if bad else
                      f"--input={options.input!r} holds no {options.format} examples (empty source)")
-  records.write_text_atomic(os.path.join(out, records.BAD_RECORDS),
-                            "".join(json.dumps(b, sort_keys=True) + "\n" for b in bad))
   # A TFDS name stays a name; paths are made absolute.
   source_input = options.input if options.format == "tfds" and not os.path.isdir(options.input) else \
       os.path.abspath(options.input)
