@@ -17,12 +17,15 @@ def get_config():
 
   # --- Data -------------------------------------------------------------------------------------------------
   c.data = ml_collections.ConfigDict()
-  c.data.name = "shapes"  # Registry key in rflow_jax/data/pipeline.py; "shapes" is the procedural built-in set.
+  c.data.name = "shapes"  # rflow_jax/data/registry.py: "shapes" (procedural, built in) | "arrayrecord" (data.path).
   c.data.image_size = 32  # Canvas side S in pixels (shapes supports 32 and 64).
   c.data.num_records = 1_000_000  # Size of the (procedural, deterministic) source; one epoch = this many examples.
   c.data.caption_style = "mixed"  # "mixed" = 50/50 sentence/tag captions (the paper's original/synthetic mix).
   c.data.worker_count = 0  # grain worker processes; 0 = produce batches in the training process.
   c.data.seed = 0  # Seed of the procedural records (which image record i is), independent of the shuffle seed.
+  # With name="arrayrecord": the output directory of `python -m rflow_jax.data.convert` (docs/data.md); its images
+  # are resized and centre-cropped to image_size. num_records, caption_style and seed apply to shapes only.
+  c.data.path = ""
 
   # --- Text conditioning --------------------------------------------------------------------------------------
   # Two tiny frozen, randomly initialised encoders stand in for CLIP and T5 (real weights cannot be downloaded

@@ -1,6 +1,6 @@
 """Dataset registry: `config.data.name` -> a function building the random-access source from `config.data`."""
 
-from rflow_jax.data import shapes
+from rflow_jax.data import arrayrecord, shapes
 
 
 def _shapes(data_config):
@@ -8,7 +8,14 @@ def _shapes(data_config):
                              num_records=data_config.num_records, caption_style=data_config.caption_style)
 
 
-SOURCES = {"shapes": _shapes}
+def _arrayrecord(data_config):
+  if not data_config.path:
+    raise ValueError('data.name="arrayrecord" reads a converted dataset: set data.path to the output directory of '
+                     "python -m rflow_jax.data.convert")
+  return arrayrecord.ArrayRecordImageSource(data_config.path, data_config.image_size)
+
+
+SOURCES = {"shapes": _shapes, "arrayrecord": _arrayrecord}
 
 
 def make_source(data_config):
