@@ -1,8 +1,8 @@
 """Every default of rflow_jax, once, each commented.
 
 Family configs (quickstart.py, shapes.py, ...) start from `get_config()` here and override what differs. Library code
-never supplies a default of its own: it reads these fields, and `rflow_jax.configs.validate` checks them before any
-compilation.
+never supplies a default of its own: it reads these fields, and `rflow_jax.config_lib.validate` checks them before
+any compilation.
 
 Not a launchable config by itself; see configs/quickstart.py for the launch command.
 """
@@ -14,10 +14,13 @@ def get_config():
   """Returns the base ConfigDict with every field rflow_jax reads."""
   c = ml_collections.ConfigDict()
   c.seed = 0  # Root seed: parameters, the data order and every per-step RNG are derived from it.
+  # What is trained: a key of rflow_jax/train/tasks.py's TASKS ("flow" = the backbone on frozen text encoders with
+  # the flow-matching loss).
+  c.task = "flow"
 
   # --- Data -------------------------------------------------------------------------------------------------
   c.data = ml_collections.ConfigDict()
-  c.data.name = "shapes"  # Registry key in rflow_jax/data/pipeline.py; "shapes" is the procedural built-in set.
+  c.data.name = "shapes"  # Registry key in rflow_jax/data/registry.py; "shapes" is the procedural built-in set.
   c.data.image_size = 32  # Canvas side S in pixels (shapes supports 32 and 64).
   c.data.num_records = 1_000_000  # Size of the (procedural, deterministic) source; one epoch = this many examples.
   c.data.caption_style = "mixed"  # "mixed" = 50/50 sentence/tag captions (the paper's original/synthetic mix).
@@ -89,7 +92,10 @@ def get_config():
   c.train.init_grow_depth = False
   c.train.sample_every = 0  # Write a sample grid (TensorBoard + PNG) every N steps; 0 = only at the end.
   c.train.nonfinite = "halt"  # Loss/grad norm not finite: "halt" stops the run, "skip" drops the update and goes on.
-  c.train.eval_at_end = True  # Score fresh prompts with ShapesEval after the last step.
+  # Evaluators (keys of rflow_jax/eval/evaluators.py's EVALUATORS) run at eval_every and at the end; their scores go
+  # to TensorBoard and metrics.jsonl as "<name>/<score>". "shapes" = ShapesEval of fresh prompts (the shapes data).
+  c.train.evaluators = ("shapes",)
+  c.train.eval_at_end = True  # Run the evaluators after the last step (into WORKDIR/eval/).
   # Also every N steps (0 = off), into WORKDIR/eval_step{N}/ and metrics.jsonl: quality against training time.
   c.train.eval_every = 0
   c.train.poison_step = -1  # Fault injection: feed a batch of NaN images at this step (tests the guard); -1 = off.
@@ -132,8 +138,4 @@ def get_config():
   # --- Checkpointing -------------------------------------------------------------------------------------------------
   c.ckpt = ml_collections.ConfigDict()
   c.ckpt.async_save = True  # Write checkpoints in a background thread while training continues.
-
-  # --- Runtime --------------------------------------------------------------------------------------------------------
-  c.runtime = ml_collections.ConfigDict()
-  c.runtime.debug_nans = False  # jax_debug_nans (slow; for hunting a NaN).
   return c

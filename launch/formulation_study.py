@@ -46,6 +46,7 @@ from configs import formulations as formulations_config
 from launch import formulation_report as report
 from rflow_jax import cli
 from rflow_jax import config_lib
+from rflow_jax import rundir
 from rflow_jax.data import shapes
 from rflow_jax.eval import fid as fid_lib
 from rflow_jax.eval import shapes_eval
@@ -169,7 +170,7 @@ def train_variant(config, workdir: str) -> dict:
   from rflow_jax.train import trainer  # pylint: disable=g-import-not-at-top  (CLU/TF only when training)
   want_steps, name = config.train.num_steps, config.flow.formulation
   if os.path.isfile(os.path.join(workdir, "config.json")):
-    _check_same_run(cli.load_config(workdir), config, workdir)
+    _check_same_run(rundir.load_config(workdir), config, workdir)
   done = checkpoint.latest_step(workdir)
   record_path = os.path.join(workdir, TRAIN_RECORD)
   previous = _read_json(record_path) or {}
@@ -228,7 +229,7 @@ def evaluate_variant(workdir: str, settings: Sequence[Setting], *, per_kind: int
   Returns:
     setting key -> {"overall", "single", "position", "counting", "fid", "compile_s", "sample_s", "score_s", ...}.
   """
-  config = cli.load_config(workdir)
+  config = rundir.load_config(workdir)
   step = checkpoint.latest_step(workdir)
   meta = _eval_meta(config, step, per_kind, ref_meta)
   cache_path = os.path.join(workdir, EVAL_CACHE)
@@ -241,7 +242,7 @@ def evaluate_variant(workdir: str, settings: Sequence[Setting], *, per_kind: int
     todo = [s for s in settings if s.steps == steps and s.key not in cache["results"]]
     if not todo:
       continue
-    sampler, ema_params, text_params, _, _ = cli.load_sampler(workdir, steps=steps, use_ema=True)
+    sampler, ema_params, text_params, _, _ = rundir.load_sampler(workdir, steps=steps, use_ema=True)
     t0 = time.time()
     sampler.generate(ema_params, text_params, prompts[:1], config.sample.eval_seed)  # Compiles (batch padded).
     compile_s = time.time() - t0

@@ -9,7 +9,7 @@ import pytest
 
 from rflow_jax import config_lib
 from rflow_jax.model import mmdit
-from rflow_jax.train import trainer
+from rflow_jax.model import registry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Families whose get_config takes an argument are covered by their own tests.
@@ -20,14 +20,14 @@ SIMPLE = ["quickstart", "shapes", "debug"]
 def test_config_validates_and_builds_abstractly(name):
   config = importlib.import_module(f"configs.{name}").get_config()
   config_lib.validate(config)
-  model = trainer.build_model(config)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *trainer._dummy_inputs(config)))  # pylint: disable=protected-access
+  model = registry.build_model(config)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *registry.dummy_inputs(config)))
   assert jax.tree.leaves(shapes)
 
 
 def _param_count(config):
-  x, _, context, pooled = trainer._dummy_inputs(config)  # pylint: disable=protected-access
-  return mmdit.count_params(trainer.build_model(config), x.shape, context.shape, pooled.shape)
+  x, _, context, pooled = registry.dummy_inputs(config)
+  return mmdit.count_params(registry.build_model(config), x.shape, context.shape, pooled.shape)
 
 
 def test_shapes_variants_validate_and_unknown_variants_fail():
@@ -80,9 +80,9 @@ def test_rq2_baseline_configs_build(arch):
   from configs import rq2_baselines  # pylint: disable=g-import-not-at-top
   config = rq2_baselines.get_config(f"arch={arch}")
   config_lib.validate(config)
-  model = trainer.build_model(config)
+  model = registry.build_model(config)
   assert type(model).__name__.lower() == arch
-  jax.eval_shape(lambda: model.init(jax.random.key(0), *trainer._dummy_inputs(config)))  # pylint: disable=protected-access
+  jax.eval_shape(lambda: model.init(jax.random.key(0), *registry.dummy_inputs(config)))
 
 
 def test_unknown_arch_is_rejected():

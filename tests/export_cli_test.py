@@ -56,7 +56,7 @@ def test_diffusers_export_matches_our_model(run):
 
   params, _, step = checkpoint.restore_params(str(workdir), use_ema=True)
   assert step == 2
-  model = mmdit.MMDiT(**config_lib.model_kwargs(config))
+  model = mmdit.MMDiT(**registry.model_kwargs(config))
   rng = np.random.RandomState(0)
   b, s = 3, config.data.image_size
   x = rng.randn(b, s, s, 3).astype(np.float32)
@@ -86,7 +86,7 @@ def test_scheduler_config_and_export_info(run):
   assert info["sample"]["shift"] == 3.0 and info["workdir"] == str(workdir.resolve())
   assert info["arch"] == "mmdit"
   assert export_workdir.model_from_config(info["arch"], info["model"]) == mmdit.MMDiT(
-      **config_lib.model_kwargs(config))
+      **registry.model_kwargs(config))
 
 
 @pytest.mark.parametrize("which", ["raw", "ema"])
@@ -105,7 +105,7 @@ def test_safetensors_export_roundtrips_bitwise(run, tmp_path, which):
     assert saved[name].dtype == value.dtype and saved[name].shape == value.shape, name
     np.testing.assert_array_equal(saved[name], value, err_msg=name)
   model, params, info = export_workdir.load_flat(out)
-  assert info["params"] == which and model == mmdit.MMDiT(**config_lib.model_kwargs(config))
+  assert info["params"] == which and model == mmdit.MMDiT(**registry.model_kwargs(config))
   assert set(_flat(params)) == set(expected)
 
 
@@ -227,7 +227,7 @@ def test_quickstart_architecture_parity_with_random_weights(tmp_path):
   from configs import quickstart  # pylint: disable=g-import-not-at-top
   from rflow_jax.export import diffusers as export_diffusers  # pylint: disable=g-import-not-at-top
   config = quickstart.get_config()
-  model = mmdit.MMDiT(**config_lib.model_kwargs(config))
+  model = mmdit.MMDiT(**registry.model_kwargs(config))
   rng = np.random.RandomState(1)
   b, s, length, width = 2, config.data.image_size, 2 * config.text.max_length, config.text.width
   inputs = (rng.randn(b, s, s, 3).astype(np.float32), np.array([0.3, 0.8], np.float32),

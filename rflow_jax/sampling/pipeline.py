@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from rflow_jax.flow import formulations
 from rflow_jax.model import text_encoders
 from rflow_jax.sampling import guidance, schedules, solvers
 
@@ -68,11 +69,12 @@ class Sampler:
         sigmas=sigmas, solver=sample_config.solver, cfg_scale=sample_config.cfg_scale))
 
   @classmethod
-  def from_setup(cls, setup):
-    c = setup.config
-    return cls(model=setup.model, text_stack=setup.text_stack, tokenizer=setup.tokenizer,
-               formulation=setup.formulation, sample_config=c.sample,
-               image_shape=(c.data.image_size, c.data.image_size, c.model.in_channels))
+  def from_config(cls, config, *, model, text_stack, tokenizer):
+    """The sampler of a run's config: its formulation, config.sample and image shape."""
+    return cls(model=model, text_stack=text_stack, tokenizer=tokenizer,
+               formulation=formulations.get(config.flow.formulation, shift=config.flow.shift),
+               sample_config=config.sample,
+               image_shape=(config.data.image_size, config.data.image_size, config.model.in_channels))
 
   def generate(self, params, text_params, prompts, seed: int) -> np.ndarray:
     """uint8 images (N, H, W, C) for N prompts; batches are padded to one shape so the sampler compiles once."""
