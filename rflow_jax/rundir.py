@@ -13,6 +13,7 @@ import ml_collections
 
 from rflow_jax import config_lib
 from rflow_jax.export import diffusers as export_diffusers
+from rflow_jax.export import diffusers_io
 from rflow_jax.model import mmdit
 from rflow_jax.model import registry
 from rflow_jax.model import text_encoders
@@ -83,9 +84,9 @@ def load_transformer_for(path: str | os.PathLike[str], config) -> tuple[mmdit.MM
   """
   path = pathlib.Path(path)
   overrides = dict(dtype=registry.DTYPES[config.model.dtype], attention_impl=config.model.attention_impl)
-  config_file = path / export_diffusers.CONFIG_NAME
+  config_file = path / diffusers_io.CONFIG_NAME
   if not config_file.is_file():
-    raise FileNotFoundError(f"--transformer={str(path)!r} has no {export_diffusers.CONFIG_NAME}: not a diffusers "
+    raise FileNotFoundError(f"--transformer={str(path)!r} has no {diffusers_io.CONFIG_NAME}: not a diffusers "
                             f"transformer directory")
   # The architecture is checked against the run before any weight is read.
   model = export_diffusers.model_from_diffusers_config(json.loads(config_file.read_text()), **overrides)
@@ -102,4 +103,4 @@ def load_transformer_for(path: str | os.PathLike[str], config) -> tuple[mmdit.MM
     raise ValueError(
         f"--transformer={str(path)!r} (patch_size={model.patch_size}, pos_embed_max_size={model.pos_embed_max_size}) "
         f"cannot take the workdir's data.image_size={config.data.image_size}")
-  return export_diffusers.load_transformer(path, **overrides)
+  return diffusers_io.load_transformer(path, **overrides)

@@ -11,7 +11,6 @@ rflow_jax.export`), DIR's weights and architecture replace the run's MM-DiT; --w
 """
 
 import os
-import sys
 
 from absl import app, flags
 

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 
 from configs import debug
-from rflow_jax.sampling import pipeline
 from rflow_jax.train import trainer
 
 PROMPTS = ["a red circle", "two blue squares", "a green triangle above a red square"]

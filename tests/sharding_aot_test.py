@@ -14,6 +14,7 @@ import pytest
 from configs import sd3
 from rflow_jax import config_lib
 from rflow_jax.model import mmdit
+from rflow_jax.model import registry
 from rflow_jax.utils import flops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -40,7 +40,7 @@ import numpy as np
 import safetensors.numpy
 
 from rflow_jax import rundir
-from rflow_jax.export import diffusers as export_diffusers
+from rflow_jax.export import diffusers_io
 from rflow_jax.flow import formulations
 from rflow_jax.model import registry
 from rflow_jax.sampling import schedules
@@ -188,14 +188,14 @@ def export_workdir(workdir: str | os.PathLike[str],
                                       dir=out.parent))
   try:
     if fmt == "diffusers":
-      export_diffusers.save_transformer(weights, model, tmp / TRANSFORMER_DIR)
+      diffusers_io.save_transformer(weights, model, tmp / TRANSFORMER_DIR)
       (tmp / SCHEDULER_DIR).mkdir()
       (tmp / SCHEDULER_DIR / SCHEDULER_CONFIG_NAME).write_text(
           json.dumps(scheduler_config(config.sample.shift), indent=2) + "\n")
     else:
       save_flat(weights, tmp / FLAT_WEIGHTS_NAME)
     (tmp / INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
-    export_diffusers.replace_dir(tmp, out)
+    diffusers_io.replace_dir(tmp, out)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise

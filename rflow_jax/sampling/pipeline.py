@@ -13,14 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from rflow_jax.data import pixels
 from rflow_jax.flow import formulations
 from rflow_jax.model import text_encoders
 from rflow_jax.sampling import guidance, schedules, solvers
-
-
-def to_uint8(images) -> np.ndarray:
-  """[-1, 1] float images (B, H, W, C) -> uint8 (the pixel-space convention of the built-in datasets)."""
-  return np.asarray(jnp.clip(jnp.round((images + 1.0) * 127.5), 0, 255)).astype(np.uint8)
 
 
 def make_grid(images: np.ndarray, ncols: int = 8, pad: int = 2) -> np.ndarray:
@@ -87,7 +83,7 @@ class Sampler:
       chunk += [""] * (bs - n)  # Padding prompts; their images are dropped.
       tokens = jnp.asarray(self.tokenizer.batch(chunk))
       keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(start, start + bs))
-      out.append(to_uint8(self._fn(params, text_params, tokens, keys))[:n])
+      out.append(pixels.to_uint8(self._fn(params, text_params, tokens, keys))[:n])
     return np.concatenate(out) if out else np.zeros((0,) + self.image_shape, np.uint8)
 
   def params_of(self, state):
