@@ -448,7 +448,7 @@ def _depth_variant(d: int) -> dict[str, Any]:
 
 
 # Named configurations. "dN": the paper's scaling family (width 64*d, d heads,
-# head_dim 64); presets: the released SD3 / SD3.5 transformers (spec §7).
+# head_dim 64); presets: the released SD3 / SD3.5 transformers (their diffusers configs).
 VARIANTS: dict[str, dict[str, Any]] = {
     **{f"d{d}": _depth_variant(d) for d in range(2, 39)},
     "sd3-medium": dict(_depth_variant(24), pos_embed_max_size=192,
