@@ -24,7 +24,6 @@ Every variant gets the same training compute (configs/formulations.py). Runs are
 from __future__ import annotations
 
 import datetime
-import json
 import math
 import os
 import pathlib
@@ -37,8 +36,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `configs` and `rflow_jax` importable when run as a script from any cwd.
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-import numpy as np
-from absl import logging
+import logging as py_logging
+
+from absl import app, flags, logging
 
 from configs import debug as debug_config
 from configs import formulations as formulations_config
@@ -49,8 +49,8 @@ from rflow_jax.eval import fid as fid_lib
 from rflow_jax.eval import formulation_eval
 from rflow_jax.eval import formulation_report as report
 from rflow_jax.flow import formulations
-from rflow_jax.sampling import pipeline as sampling
 from rflow_jax.train import checkpoint
+from rflow_jax.train import trainer
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 SAMPLE_STEPS = (5, 10, 25)  # Euler steps of the evaluation settings (the paper used 5, 25 and 50).
@@ -127,7 +127,6 @@ def train_variant(config, workdir: str) -> dict:
     ValueError: the workdir holds a run of another formulation or model, or one trained past the requested steps.
     StudyInterrupted: the run was preempted.
   """
-  from rflow_jax.train import trainer  # pylint: disable=g-import-not-at-top  (CLU/TF only when training)
   want_steps, name = config.train.num_steps, config.flow.formulation
   if os.path.isfile(os.path.join(workdir, "config.json")):
     _check_same_run(rundir.load_config(workdir), config, workdir)
@@ -260,7 +259,6 @@ def _results_dict(config, settings, per_kind, ref_meta, real, variants) -> dict:
 
 
 def _define_flags():
-  from absl import flags  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string("study_dir", None, "One subdirectory per variant, results.json, reference stats.",
                       required=True)
   flags.DEFINE_integer("steps", None, "Override train.num_steps for every variant (a cheaper study).")
@@ -277,22 +275,15 @@ def _define_flags():
   return flags.FLAGS
 
 
-def _quiet_and_cpu_safe_runtime():
-  """As rflow_jax/main.py: Orbax's per-file INFO lines off the console; TensorFlow (CLU) never takes the GPU."""
-  import logging as py_logging  # pylint: disable=g-import-not-at-top
+def _quiet_orbax():
+  """As rflow_jax/main.py: Orbax's per-file INFO lines off the console."""
   logging.get_absl_handler().addFilter(
       lambda r: r.levelno >= py_logging.WARNING or "/orbax/" not in r.pathname)
-  try:
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    tf.config.set_visible_devices([], "GPU")
-  except ImportError:
-    pass
 
 
 def main(argv) -> int:
   del argv
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  _quiet_and_cpu_safe_runtime()
+  _quiet_orbax()
   f = flags.FLAGS
   with cli.clean_errors():
     sample_steps = []
@@ -307,6 +298,5 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-  from absl import app  # pylint: disable=g-import-not-at-top
   _define_flags()
   app.run(main, flags_parser=cli.parse_flags)
