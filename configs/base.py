@@ -98,12 +98,13 @@ def get_config():
   c.train.eval_at_end = True  # Run the evaluators after the last step (into WORKDIR/eval/).
   # Also every N steps (0 = off), into WORKDIR/eval_step{N}/ and metrics.jsonl: quality against training time.
   c.train.eval_every = 0
-  c.train.poison_step = -1  # Fault injection: feed a batch of NaN images at this step (tests the guard); -1 = off.
+  # Fault injection (rflow_jax/train/hooks.py): feed a batch of NaN images at this step (tests the guard); -1 = off.
+  c.train.poison_step = -1
   # Peak dense bf16 TFLOP/s of one device, for the MFU logged with the step rate (0 = do not log MFU). E.g. TPU v5p
   # 459, v6e 918, v5e 197, H100 SXM 989 (dense, no sparsity). Achieved TFLOP/s come from rflow_jax/utils/flops.py.
   c.train.peak_tflops_per_device = 0.0
-  # Debug only: each process writes the data `index` of every example it trained on to
-  # WORKDIR/seen_indices_p{process_index}.json at the end (tests check the sharding: no duplicates, no gaps).
+  # Debug only (rflow_jax/train/hooks.py): each process keeps the data `index` of every example it trained on in
+  # WORKDIR/seen_indices_p{process_index}.json (tests check the sharding: no duplicates, no gaps).
   c.train.record_seen_indices = False
 
   # --- Sampling (periodic grids, the end-of-training eval and `python -m rflow_jax.sample`) ------------------------
