@@ -13,7 +13,11 @@ import json
 import time
 
 from absl import app, flags
+import jax
 from ml_collections import config_flags
+
+from rflow_jax import cli
+from rflow_jax.train import trainer
 
 config_flags.DEFINE_config_file("config", "configs/sd3.py:d2", "Config file (with optional :arg).",
                                 lock_config=False)
@@ -24,19 +28,11 @@ FLAGS = flags.FLAGS
 
 def time_compile(config) -> dict:
   """Lowers and compiles the train step of `config` on one device; returns the seconds of each phase."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from rflow_jax.train import trainer  # pylint: disable=g-import-not-at-top
-
   t0 = time.perf_counter()
   setup = trainer.Setup(config, devices=jax.devices()[:1])
-  g, s = config.train.global_batch_size, config.data.image_size
-  batch = {"image": jax.ShapeDtypeStruct((g, s, s, config.model.in_channels), jnp.float32,
-                                         sharding=setup.batch_sharding),
-           "tokens": jax.ShapeDtypeStruct((g, config.text.max_length), jnp.int32, sharding=setup.batch_sharding)}
   t1 = time.perf_counter()
   with setup.step_context():
-    lowered = setup.train_step.lower(setup.abstract_state, batch)
+    lowered = setup.train_step.lower(setup.abstract_state, setup.batch_spec)
   t2, c2 = time.perf_counter(), time.process_time()
   lowered.compile()
   t3, c3 = time.perf_counter(), time.process_time()
@@ -47,7 +43,6 @@ def time_compile(config) -> dict:
 
 def main(argv):
   del argv
-  import jax  # pylint: disable=g-import-not-at-top
   base = FLAGS.config
   depths = [int(d) for d in FLAGS.depths]
   summary = {"depths": depths, "unrolled_s": [], "scan_s": [], "unrolled_cpu_s": [], "scan_cpu_s": [],
@@ -68,4 +63,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

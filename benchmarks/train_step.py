@@ -13,6 +13,9 @@ from ml_collections import config_flags
 import jax
 import numpy as np
 
+from rflow_jax import cli
+from rflow_jax.train import trainer
+
 config_flags.DEFINE_config_file("config", "configs/quickstart.py", "Config file.", lock_config=True)
 flags.DEFINE_integer("steps", 20, "Timed steps (after one warm-up step).")
 FLAGS = flags.FLAGS
@@ -20,11 +23,10 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
-  from rflow_jax.train import trainer  # pylint: disable=g-import-not-at-top
   config = FLAGS.config
   setup = trainer.Setup(config)
   state = setup.init_state()
-  it = trainer._data_iterator(config, setup.tokenizer)  # pylint: disable=protected-access
+  it = setup.data_iterator()
   batches = [setup.global_batch(next(it)) for _ in range(4)]
   t0 = time.perf_counter()
   with setup.step_context():
@@ -51,4 +53,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -1,8 +1,8 @@
 """Every default of rflow_jax, once, each commented.
 
 Family configs (quickstart.py, shapes.py, ...) start from `get_config()` here and override what differs. Library code
-never supplies a default of its own: it reads these fields, and `rflow_jax.configs.validate` checks them before any
-compilation.
+never supplies a default of its own: it reads these fields, and `rflow_jax.config_lib.validate` checks them before
+any compilation.
 
 Not a launchable config by itself; see configs/quickstart.py for the launch command.
 """
@@ -14,6 +14,9 @@ def get_config():
   """Returns the base ConfigDict with every field rflow_jax reads."""
   c = ml_collections.ConfigDict()
   c.seed = 0  # Root seed: parameters, the data order and every per-step RNG are derived from it.
+  # What is trained: a key of rflow_jax/train/tasks.py's TASKS ("flow" = the backbone on frozen text encoders with
+  # the flow-matching loss).
+  c.task = "flow"
 
   # --- Data -------------------------------------------------------------------------------------------------
   c.data = ml_collections.ConfigDict()
@@ -92,15 +95,19 @@ def get_config():
   c.train.init_grow_depth = False
   c.train.sample_every = 0  # Write a sample grid (TensorBoard + PNG) every N steps; 0 = only at the end.
   c.train.nonfinite = "halt"  # Loss/grad norm not finite: "halt" stops the run, "skip" drops the update and goes on.
-  c.train.eval_at_end = True  # Score fresh prompts with ShapesEval after the last step.
+  # Evaluators (keys of rflow_jax/eval/evaluators.py's EVALUATORS) run at eval_every and at the end; their scores go
+  # to TensorBoard and metrics.jsonl as "<name>/<score>". "shapes" = ShapesEval of fresh prompts (the shapes data).
+  c.train.evaluators = ("shapes",)
+  c.train.eval_at_end = True  # Run the evaluators after the last step (into WORKDIR/eval/).
   # Also every N steps (0 = off), into WORKDIR/eval_step{N}/ and metrics.jsonl: quality against training time.
   c.train.eval_every = 0
-  c.train.poison_step = -1  # Fault injection: feed a batch of NaN images at this step (tests the guard); -1 = off.
+  # Fault injection (rflow_jax/train/hooks.py): feed a batch of NaN images at this step (tests the guard); -1 = off.
+  c.train.poison_step = -1
   # Peak dense bf16 TFLOP/s of one device, for the MFU logged with the step rate (0 = do not log MFU). E.g. TPU v5p
   # 459, v6e 918, v5e 197, H100 SXM 989 (dense, no sparsity). Achieved TFLOP/s come from rflow_jax/utils/flops.py.
   c.train.peak_tflops_per_device = 0.0
-  # Debug only: each process writes the data `index` of every example it trained on to
-  # WORKDIR/seen_indices_p{process_index}.json at the end (tests check the sharding: no duplicates, no gaps).
+  # Debug only (rflow_jax/train/hooks.py): each process keeps the data `index` of every example it trained on in
+  # WORKDIR/seen_indices_p{process_index}.json (tests check the sharding: no duplicates, no gaps).
   c.train.record_seen_indices = False
 
   # --- Sampling (periodic grids, the end-of-training eval and `python -m rflow_jax.sample`) ------------------------
@@ -135,8 +142,4 @@ def get_config():
   # --- Checkpointing -------------------------------------------------------------------------------------------------
   c.ckpt = ml_collections.ConfigDict()
   c.ckpt.async_save = True  # Write checkpoints in a background thread while training continues.
-
-  # --- Runtime --------------------------------------------------------------------------------------------------------
-  c.runtime = ml_collections.ConfigDict()
-  c.runtime.debug_nans = False  # jax_debug_nans (slow; for hunting a NaN).
   return c

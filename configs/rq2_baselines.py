@@ -5,7 +5,8 @@
 
 The backbones keep the MM-DiT's depth and change the width so that their trainable parameter counts (without the
 fixed sin-cos `pos_embed` table) are within ±5% of the MM-DiT's. `MATCHED` below was produced by
-`baselines.param_table` (jax.eval_shape only) and is re-checked by tests/model_baselines_test.py:
+`rflow_jax.model.param_matching.param_table` (jax.eval_shape only) and is re-checked by
+tests/model_baselines_test.py:
 
   "quickstart": the quickstart MM-DiT (d=4, H=128, 2 heads; pixel space, text width 64), heads fixed at 2 so the
                 width can move in steps of 4. MM-DiT 2,289,456 params; DiT 2,237,808 (−2.3%); CrossDiT 2,328,192
@@ -60,7 +61,7 @@ def get_config(arg: str = "arch=mmdit"):
   """The quickstart run with the backbone `arch` at the quickstart MM-DiT's parameter count."""
   arch = parse_arch(arg)
   c = quickstart.get_config()
-  c.model.arch = arch  # rflow_jax.model.baselines.ARCHITECTURES key.
+  c.model.arch = arch  # rflow_jax.model.registry.ARCHITECTURES key.
   for key, value in MATCHED["quickstart"][arch].items():
     setattr(c.model, key, value)
   return c

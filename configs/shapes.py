@@ -7,17 +7,11 @@ Same data, text stack, width, depth and formulation as the quickstart, but 2×2 
 64): at equal training compute smaller patches win (the DiT finding), and at 4×4 the samples stay visibly built of
 4×4 blocks. One step of 32 examples takes ~1.2 s on 2 idle cores (3.4× the quickstart's).
 
-Schedule: 20000 steps (640k examples), cosine to 0, ShapesEval every 2000 steps: ~7.2 h on these 2 cores, so on
-this machine it is a run that resumes across sittings (`make train` again continues it). The first schedule, 3600
-steps in 92 min, reached only 0.08 / 0.12 / 0.13 overall at steps 1200 / 2400 / 3600 (single 0.23 / 0.35 / 0.40,
-position and counting 0), with every t-quarter of the loss still falling, and a model with ~6x the parameters (at
-4×4 patches) did no better in the same time: too few examples, rather than too small a model. The 20000-step run
-ended at 0.67 overall with the Euler ODE sampler (single 0.90, position 0.63, counting 0.48). Sampled with
-`euler_stochastic` (set below) the same checkpoint scores 0.79 over 600 fresh prompts (0.77 on the run's own eval
-prompts). Stage 2, `--config=configs/shapes.py:grow --workdir=runs/shapes_grow`, grows that run to 6 blocks and trains
-2800 more steps (108 min here; ~9 h for both stages): 0.81 over the same 600 prompts (0.78 on the run's own), at the
-0.8 target within its standard error (~0.016). README.md ("What quality to expect") has the scores every 2000 steps,
-per seed, and why the rest fail.
+Recipe: 20000 steps (640k examples, batch 32, cosine to 0, ShapesEval every 2000 steps; ~7.2 h on 2 cores, resumed
+across sittings by running `make train` again), sampled with `euler_stochastic`; then stage 2,
+`--config=configs/shapes.py:grow --workdir=runs/shapes_grow`, grows that run to 6 blocks and trains 2800 more steps
+(~9 h for both stages). Result: ShapesEval 0.81 over 600 fresh prompts (standard error ~0.016). The scores along the
+way, per seed and per sampler, and why the rest fail: docs/results/shapes.md.
 """
 
 import pathlib

@@ -55,7 +55,15 @@ import json
 import time
 
 from absl import app, flags
+import jax
 from ml_collections import config_flags
+import numpy as np
+
+from rflow_jax import cli
+from rflow_jax import config_lib
+from rflow_jax.model import mmdit, registry
+from rflow_jax.sharding import mesh as mesh_lib, partition
+from rflow_jax.train import trainer
 
 config_flags.DEFINE_config_file("config", None, "Config file (with optional :arg).", lock_config=True)
 flags.DEFINE_string("mesh", "fsdp=1", "Mesh sizes as data=D,fsdp=F,tensor=T (omitted axes are 1; no -1).")
@@ -63,46 +71,27 @@ flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 
 
-def abstract_batch(config, sharding):
-  """ShapeDtypeStructs of one global batch, as Setup.global_batch would produce."""
-  import jax
-  import jax.numpy as jnp
-  g, s = config.train.global_batch_size, config.data.image_size
-  return {"image": jax.ShapeDtypeStruct((g, s, s, config.model.in_channels), jnp.float32, sharding=sharding),
-          "tokens": jax.ShapeDtypeStruct((g, config.text.max_length), jnp.int32, sharding=sharding)}
-
-
 def count_params(abstract_params) -> int:
-  import jax
-  import numpy as np
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(abstract_params)))
 
 
 def params_with_sd3_text_dims(config) -> int:
   """MM-DiT parameters with SD3's context (4096) and pooled (2048) widths, from abstract shapes."""
-  from rflow_jax import config_lib
-  from rflow_jax.model import mmdit
   if config.model.arch != "mmdit":
     return 0
-  kwargs = config_lib.model_kwargs(config)
+  kwargs = registry.model_kwargs(config)
   s, length = config.data.image_size, 2 * config.text.max_length
   return mmdit.count_params(mmdit.MMDiT(**kwargs), (1, s, s, config.model.in_channels), (1, length, 4096), (1, 2048))
 
 
 def compile_report(config) -> dict:
   """Builds Setup on all (fake) devices, lowers and compiles the train step; returns the report dict."""
-  import jax
-  from rflow_jax import config_lib
-  from rflow_jax.sharding import partition
-  from rflow_jax.train import trainer
-  from rflow_jax.utils import flops as flops_lib
 
   config_lib.validate(config)  # Bad mesh sizes, rules or batch splits: one line, before anything is traced.
   setup = trainer.Setup(config)
-  batch = abstract_batch(config, setup.batch_sharding)
   t0 = time.perf_counter()
   with setup.step_context():
-    lowered = setup.train_step.lower(setup.abstract_state, batch)
+    lowered = setup.train_step.lower(setup.abstract_state, setup.batch_spec)
   t1 = time.perf_counter()
   compiled = lowered.compile()
   t2 = time.perf_counter()
@@ -112,7 +101,7 @@ def compile_report(config) -> dict:
   devices = setup.mesh.size
   per_device = (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
                 - memory.alias_size_in_bytes)
-  analytic = flops_lib.train_flops_per_step(config)
+  analytic = setup.task.flops_per_step
   return {
       "params": count_params(setup.abstract_state.params),
       "params_sd3_text_dims": params_with_sd3_text_dims(config),
@@ -134,8 +123,6 @@ def compile_report(config) -> dict:
 
 def main(argv):
   del argv
-  from rflow_jax import cli
-  from rflow_jax.sharding import mesh as mesh_lib
   config = FLAGS.config
   with cli.clean_errors():
     mesh_shape = mesh_lib.parse_mesh_flag(FLAGS.mesh)
@@ -152,5 +139,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from rflow_jax import cli as _cli
-  app.run(main, flags_parser=_cli.parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

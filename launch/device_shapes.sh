@@ -5,7 +5,7 @@
 #   device: run(command="bash launch/device_shapes.sh [--config.x=y ...]", carry=[".whl"], timeout_s=600)
 #
 # That machine has Python 3.12 with JAX (CUDA), flax, optax and orbax, but not grain, ml_collections, CLU or
-# TensorFlow, and it cannot download anything. The carried wheels go into /tmp/site; launch/no_tf.py trains without
+# TensorFlow, and it cannot download anything. The carried wheels go into /tmp/site; the trainer runs without
 # TensorFlow (no TensorBoard events; metrics.jsonl, PNGs and ShapesEval as usual). Arguments after the script name
 # are config overrides.
 #
@@ -33,7 +33,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader >"$OUT/gpu.txt" 2
   | tee -a "$OUT/gpu.txt"
 
 if [[ " $* " != *" --config.train.num_steps="* ]]; then
-  "$PY" launch/no_tf.py benchmarks/train_step.py --config="$CONFIG" --steps=20 "$@" \
+  "$PY" benchmarks/train_step.py --config="$CONFIG" --steps=20 "$@" \
     >"$OUT/bench.json" 2>"$OUT/train.log" || { tail -30 "$OUT/train.log"; exit 1; }
   tail -1 "$OUT/bench.json"
   steps=$("$PY" -c "import json, sys; s = json.loads(open(sys.argv[1]).read().splitlines()[-1])['step_s_median']
@@ -47,11 +47,11 @@ start=$(date +%s)
 set +e
 # --preserve-status: a run stopped by the budget exits 0 like any preempted run (it checkpointed on SIGTERM).
 timeout --preserve-status --signal=TERM --kill-after=120 "$BUDGET_S" \
-  "$PY" launch/no_tf.py --config="$CONFIG" --workdir="$WORKDIR" "$@" >>"$OUT/train.log" 2>&1
+  "$PY" -m rflow_jax.main --config="$CONFIG" --workdir="$WORKDIR" "$@" >>"$OUT/train.log" 2>&1
 rc=$?
 set -e
 echo "train rc=$rc wall_s=$(( $(date +%s) - start ))" | tee -a "$OUT/gpu.txt"
-grep -E "steps/s|ShapesEval|rror" "$OUT/train.log" | tail -20 || true
+grep -E "steps/s|Evaluator|rror" "$OUT/train.log" | tail -20 || true
 
 # A run stopped by the budget skipped its final ShapesEval: score its last checkpoint now (into eval_step<N>/).
 if [[ $rc == 0 ]] && grep -q "SIGTERM: checkpoint of step" "$OUT/train.log"; then

@@ -75,7 +75,7 @@ def final_losses(workdir) -> dict[int, float]:
         record = json.loads(line)
       except json.JSONDecodeError:
         continue  # A line cut by SIGKILL; its step is re-logged by the resumed run.
-      if "loss" in record:  # ShapesEval lines (train.eval_every) carry only shapes_eval/* scores.
+      if "loss" in record:  # ShapesEval lines (train.eval_every) carry only evaluator scores (shapes/*).
         out[record["step"]] = record["loss"]
   return out
 

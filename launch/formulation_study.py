@@ -16,16 +16,14 @@ For each `configs/formulations.py` sweep entry (or the --only subset) in turn:
   3. rank per setting by non-dominated sorting of (ShapesEval ↑, FD ↓), average the ranks (all settings, and per
      step count) and compare with the paper's Table 1 (rflow_jax/eval/ranking.py);
   4. write STUDY_DIR/results.json and the markdown report (--out, default docs/results/formulations.md;
-     launch/formulation_report.py).
+     rflow_jax/eval/formulation_report.py).
 
 Every variant gets the same training compute (configs/formulations.py). Runs are sequential, in this process.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
-import json
 import math
 import os
 import pathlib
@@ -38,51 +36,28 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `configs` and `rflow_jax` importable when run as a script from any cwd.
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-import numpy as np
-from absl import logging
+import logging as py_logging
+
+from absl import app, flags, logging
 
 from configs import debug as debug_config
 from configs import formulations as formulations_config
-from launch import formulation_report as report
 from rflow_jax import cli
 from rflow_jax import config_lib
-from rflow_jax.data import shapes
+from rflow_jax import rundir
 from rflow_jax.eval import fid as fid_lib
-from rflow_jax.eval import shapes_eval
+from rflow_jax.eval import formulation_eval
+from rflow_jax.eval import formulation_report as report
 from rflow_jax.flow import formulations
-from rflow_jax.sampling import pipeline as sampling
 from rflow_jax.train import checkpoint
+from rflow_jax.train import trainer
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 SAMPLE_STEPS = (5, 10, 25)  # Euler steps of the evaluation settings (the paper used 5, 25 and 50).
-WEIGHTS = ("ema", "raw")  # EMA and non-EMA parameters, both evaluated as in the paper.
-REFERENCE_SEED = 1000  # Seed of the real reference images; differs from sample.eval_seed (the prompts' scenes).
 REFERENCE_N = 1200  # Real images behind the FD reference statistics.
 MODELS = ("quickstart", "debug")  # --model: the study's model, or the tiny debug one for smoke runs.
 DEFAULT_OUT = ROOT / "docs" / "results" / "formulations.md"
-EVAL_CACHE = "study_eval.json"
 TRAIN_RECORD = "study_train.json"
-
-
-@dataclasses.dataclass(frozen=True)
-class Setting:
-  """One evaluation setting: which weights, how many Euler steps."""
-  weights: str
-  steps: int
-
-  @property
-  def key(self) -> str:
-    return f"{self.weights}/{self.steps}"
-
-
-def settings_of(sample_steps: Sequence[int], weights: Sequence[str]) -> list[Setting]:
-  """The evaluation grid, steps-major (ema/5, raw/5, ema/10, ...)."""
-  bad = [w for w in weights if w not in WEIGHTS]
-  if bad or not weights:
-    raise ValueError(f"weights {list(weights)} must be a non-empty subset of {WEIGHTS}")
-  if not sample_steps or any(s < 1 for s in sample_steps):
-    raise ValueError(f"sample steps {list(sample_steps)} must be a non-empty list of positive integers")
-  return [Setting(w, int(s)) for s in sample_steps for w in weights]
 
 
 def split_names(text: str) -> list[str]:
@@ -137,20 +112,6 @@ def variant_config(name: str, *, model: str = "quickstart", num_steps: int | Non
   return c
 
 
-def _read_json(path: str):
-  if not os.path.isfile(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
-
-
-def _write_json(path: str, obj) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)  # Atomic, so an interrupted study never leaves a half-written cache.
-
-
 class StudyInterrupted(RuntimeError):
   """A training run was preempted (SIGTERM); its checkpoint is committed and re-running the study resumes it."""
 
@@ -166,13 +127,12 @@ def train_variant(config, workdir: str) -> dict:
     ValueError: the workdir holds a run of another formulation or model, or one trained past the requested steps.
     StudyInterrupted: the run was preempted.
   """
-  from rflow_jax.train import trainer  # pylint: disable=g-import-not-at-top  (CLU/TF only when training)
   want_steps, name = config.train.num_steps, config.flow.formulation
   if os.path.isfile(os.path.join(workdir, "config.json")):
-    _check_same_run(cli.load_config(workdir), config, workdir)
+    _check_same_run(rundir.load_config(workdir), config, workdir)
   done = checkpoint.latest_step(workdir)
   record_path = os.path.join(workdir, TRAIN_RECORD)
-  previous = _read_json(record_path) or {}
+  previous = formulation_eval.read_json(record_path) or {}
   if done is not None and done > want_steps:
     raise ValueError(f"{workdir!r} was trained to step {done} > the requested {want_steps}; use another --study_dir")
   if previous.get("diverged") and previous.get("num_steps") == want_steps:
@@ -193,7 +153,7 @@ def train_variant(config, workdir: str) -> dict:
       raise StudyInterrupted(f"{name}: preempted at step {results['step']}; re-run the study to resume")
     record.update(steps=int(results["step"]), final_loss=float(results.get("loss", math.nan)))
   record["train_s"] = (previous.get("train_s", 0.0) if done else 0.0) + time.time() - t0
-  _write_json(record_path, record)
+  formulation_eval.write_json(record_path, record)
   return record
 
 
@@ -214,83 +174,9 @@ def _check_same_run(saved, config, workdir: str) -> None:
                        "use another --study_dir")
 
 
-def _eval_meta(config, step: int, per_kind: int, ref_meta: dict) -> dict:
-  """Everything an evaluation depends on besides the setting; a cached result is reused only if it matches."""
-  return {"step": step, "per_kind": per_kind, "cfg_scale": float(config.sample.cfg_scale),
-          "eval_seed": int(config.sample.eval_seed), "solver": config.sample.solver, "shift": config.sample.shift,
-          "feature_seed": fid_lib.FEATURE_SEED, **ref_meta}
-
-
-def evaluate_variant(workdir: str, settings: Sequence[Setting], *, per_kind: int, reference: fid_lib.Stats,
-                     ref_meta: dict) -> dict[str, dict]:
-  """ShapesEval + FD of one trained variant at every setting (cached per setting in WORKDIR/study_eval.json).
-
-  Returns:
-    setting key -> {"overall", "single", "position", "counting", "fid", "compile_s", "sample_s", "score_s", ...}.
-  """
-  config = cli.load_config(workdir)
-  step = checkpoint.latest_step(workdir)
-  meta = _eval_meta(config, step, per_kind, ref_meta)
-  cache_path = os.path.join(workdir, EVAL_CACHE)
-  cache = _read_json(cache_path) or {}
-  if cache.get("meta") != meta:
-    cache = {"meta": meta, "results": {}}
-  prompts = shapes.eval_prompts(per_kind, config.sample.eval_seed)
-  raw_params = None
-  for steps in sorted({s.steps for s in settings}):
-    todo = [s for s in settings if s.steps == steps and s.key not in cache["results"]]
-    if not todo:
-      continue
-    sampler, ema_params, text_params, _, _ = cli.load_sampler(workdir, steps=steps, use_ema=True)
-    t0 = time.time()
-    sampler.generate(ema_params, text_params, prompts[:1], config.sample.eval_seed)  # Compiles (batch padded).
-    compile_s = time.time() - t0
-    for setting in todo:
-      if setting.weights == "raw" and raw_params is None:
-        raw_params, _, _ = checkpoint.restore_params(workdir, use_ema=False)
-      params = ema_params if setting.weights == "ema" else raw_params
-      cache["results"][setting.key] = _score_setting(sampler, params, text_params, prompts, config, reference,
-                                                     os.path.join(workdir, "study_eval", setting.key.replace("/", "_")))
-      cache["results"][setting.key]["compile_s"] = compile_s
-      _write_json(cache_path, cache)
-  return {s.key: cache["results"][s.key] for s in settings}
-
-
-def _score_setting(sampler, params, text_params, prompts, config, reference, out_prefix) -> dict:
-  """Samples the prompts once, scores them; writes a grid PNG next to the cache."""
-  t0 = time.time()
-  images = sampler.generate(params, text_params, prompts, config.sample.eval_seed)
-  sample_s = time.time() - t0
-  t0 = time.time()
-  scores = shapes_eval.evaluate(images, prompts)
-  fd = fid_lib.fid(images, reference)
-  score_s = time.time() - t0
-  os.makedirs(os.path.dirname(out_prefix), exist_ok=True)
-  sampling.save_png(sampling.make_grid(images, ncols=12), out_prefix + ".png")
-  return {**{k: float(v) for k, v in scores.items()}, "fid": fd, "sample_s": sample_s, "score_s": score_s}
-
-
-def reference(study_dir: str, *, n: int, size: int) -> tuple[fid_lib.Stats, dict]:
-  """FD reference statistics of n real images (cached in STUDY_DIR) and their description."""
-  meta = {"ref_n": n, "ref_seed": REFERENCE_SEED, "image_size": size}
-  path = os.path.join(study_dir, f"reference_n{n}_seed{REFERENCE_SEED}_s{size}_f{fid_lib.FEATURE_SEED}.npz")
-  if os.path.isfile(path):
-    return fid_lib.Stats.load(path), meta
-  stats = fid_lib.reference_stats(n, REFERENCE_SEED, size)
-  stats.save(path)
-  return stats, meta
-
-
-def real_baseline(per_kind: int, eval_seed: int, size: int, ref: fid_lib.Stats) -> dict:
-  """Scores of the real scenes behind the evaluation prompts: ShapesEval's ceiling and the FD floor at this N."""
-  images = np.stack([shapes.render(s, size) for s in shapes.eval_scenes(per_kind, eval_seed, size)])
-  scores = shapes_eval.evaluate(images, shapes.eval_prompts(per_kind, eval_seed))  # Same (kind-major) order.
-  return {**{k: float(v) for k, v in scores.items()}, "fid": fid_lib.fid(images, ref)}
-
-
 def run_study(study_dir: str, *, names: Sequence[str] | None = None, num_steps: int | None = None,
               shift: float | None = None, model: str = "quickstart", per_kind: int = 40,
-              sample_steps: Sequence[int] = SAMPLE_STEPS, weights: Sequence[str] = WEIGHTS,
+              sample_steps: Sequence[int] = SAMPLE_STEPS, weights: Sequence[str] = formulation_eval.WEIGHTS,
               reference_n: int = REFERENCE_N, out: str | None = None,
               make_config: Callable[[str], object] | None = None, command: str | None = None) -> dict:
   """Trains, evaluates and ranks every variant; writes STUDY_DIR/results.json and the markdown report.
@@ -317,7 +203,7 @@ def run_study(study_dir: str, *, names: Sequence[str] | None = None, num_steps: 
     raise ValueError(f"duplicate formulations in {names}")
   if per_kind < 1:
     raise ValueError(f"per_kind={per_kind} must be >= 1")
-  settings = settings_of(sample_steps, weights)
+  settings = formulation_eval.settings_of(sample_steps, weights)
   make_config = make_config or (lambda n: variant_config(n, model=model, num_steps=num_steps, shift=shift))
   configs = {n: make_config(n) for n in names}
   for config in configs.values():  # Every variant's config is checked before hours of training start.
@@ -325,7 +211,7 @@ def run_study(study_dir: str, *, names: Sequence[str] | None = None, num_steps: 
   os.makedirs(study_dir, exist_ok=True)
   first = configs[names[0]]
   size = first.data.image_size
-  ref, ref_meta = reference(study_dir, n=reference_n, size=size)
+  ref, ref_meta = formulation_eval.reference(study_dir, n=reference_n, size=size)
   variants = {}
   for name in names:
     workdir = os.path.join(study_dir, safe_name(name))
@@ -334,11 +220,12 @@ def run_study(study_dir: str, *, names: Sequence[str] | None = None, num_steps: 
     if train.get("diverged"):
       evals = {s.key: dict(DIVERGED_EVAL) for s in settings}
     else:
-      evals = evaluate_variant(workdir, settings, per_kind=per_kind, reference=ref, ref_meta=ref_meta)
+      evals = formulation_eval.evaluate_variant(workdir, settings, per_kind=per_kind, reference=ref,
+                                                ref_meta=ref_meta)
     variants[name] = {"workdir": workdir, "train": train, "evals": evals}
-  results = _results_dict(first, settings, per_kind, ref_meta, real_baseline(per_kind, first.sample.eval_seed,
-                                                                             size, ref), variants)
-  _write_json(os.path.join(study_dir, "results.json"), results)
+  real = formulation_eval.real_baseline(per_kind, first.sample.eval_seed, size, ref)
+  results = _results_dict(first, settings, per_kind, ref_meta, real, variants)
+  formulation_eval.write_json(os.path.join(study_dir, "results.json"), results)
   out = str(out or DEFAULT_OUT)
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   with open(out, "w") as f:
@@ -372,7 +259,6 @@ def _results_dict(config, settings, per_kind, ref_meta, real, variants) -> dict:
 
 
 def _define_flags():
-  from absl import flags  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string("study_dir", None, "One subdirectory per variant, results.json, reference stats.",
                       required=True)
   flags.DEFINE_integer("steps", None, "Override train.num_steps for every variant (a cheaper study).")
@@ -382,29 +268,22 @@ def _define_flags():
                       "'rf,rf/lognorm(0.00,1.00),eps/linear'. Default: configs/formulations.py STUDY.")
   flags.DEFINE_integer("per_kind", 40, "ShapesEval prompts per scene kind (3 kinds: 120 prompts by default).")
   flags.DEFINE_list("sample_steps", [str(s) for s in SAMPLE_STEPS], "Euler step counts of the settings.")
-  flags.DEFINE_list("weights", list(WEIGHTS), "Weights evaluated: ema and/or raw.")
+  flags.DEFINE_list("weights", list(formulation_eval.WEIGHTS), "Weights evaluated: ema and/or raw.")
   flags.DEFINE_enum("model", "quickstart", MODELS, "quickstart = the study; debug = tiny model for smoke runs.")
   flags.DEFINE_integer("reference_n", REFERENCE_N, "Real images behind the FD reference statistics.")
   flags.DEFINE_string("out", str(DEFAULT_OUT), "Markdown report path.")
   return flags.FLAGS
 
 
-def _quiet_and_cpu_safe_runtime():
-  """As rflow_jax/main.py: Orbax's per-file INFO lines off the console; TensorFlow (CLU) never takes the GPU."""
-  import logging as py_logging  # pylint: disable=g-import-not-at-top
+def _quiet_orbax():
+  """As rflow_jax/main.py: Orbax's per-file INFO lines off the console."""
   logging.get_absl_handler().addFilter(
       lambda r: r.levelno >= py_logging.WARNING or "/orbax/" not in r.pathname)
-  try:
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    tf.config.set_visible_devices([], "GPU")
-  except ImportError:
-    pass
 
 
 def main(argv) -> int:
   del argv
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  _quiet_and_cpu_safe_runtime()
+  _quiet_orbax()
   f = flags.FLAGS
   with cli.clean_errors():
     sample_steps = []
@@ -419,6 +298,5 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-  from absl import app  # pylint: disable=g-import-not-at-top
   _define_flags()
   app.run(main, flags_parser=cli.parse_flags)

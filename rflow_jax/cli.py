@@ -1,11 +1,13 @@
-"""Shared pieces of the command-line entry points: one-line errors, and a sampler rebuilt from a workdir."""
+"""What every command-line entry point shares: flag parsing and user errors as one line (`error: ...`, exit 2).
+
+Every entry point runs as `app.run(main, flags_parser=cli.parse_flags)` and wraps its work in `cli.clean_errors()`.
+Loading a run (config, model, weights, sampler) is library code: rflow_jax/rundir.py.
+"""
 
 import contextlib
-import json
-import os
 import sys
 
-import ml_collections
+from absl import flags
 
 # Errors a user can cause with bad input; the CLIs print them as one line (no traceback) and exit 2.
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, UnicodeDecodeError)
@@ -26,7 +28,6 @@ def parse_flags(argv):
 
   Use as `app.run(main, flags_parser=parse_flags)`.
   """
-  from absl import flags  # pylint: disable=g-import-not-at-top
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
@@ -35,49 +36,3 @@ def parse_flags(argv):
     bad = [a for a in argv[1:] if a.startswith("--config.")]
     print(f"error: unknown config key {str(e).strip(chr(34))} in {' '.join(bad)}", file=sys.stderr)
   sys.exit(2)
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The resolved config a training run saved to WORKDIR/config.json."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"--workdir={workdir!r} has no config.json: not a rflow_jax training workdir")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
-
-
-def load_sampler(workdir: str, *, steps=None, cfg=None, solver=None, use_ema: bool = True,
-                 transformer: str | None = None):
-  """Rebuilds (sampler, params, text_params, config, step) from a workdir without importing the trainer.
-
-  With `transformer` (a diffusers SD3Transformer2DModel directory) its model and weights replace the workdir's
-  MM-DiT; the workdir still gives the config and the text encoders' weights.
-  """
-  from rflow_jax import config_lib  # pylint: disable=g-import-not-at-top
-  from rflow_jax.flow import formulations  # pylint: disable=g-import-not-at-top
-  from rflow_jax.model import text_encoders  # pylint: disable=g-import-not-at-top
-  from rflow_jax.sampling import pipeline  # pylint: disable=g-import-not-at-top
-  from rflow_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
-
-  config = load_config(workdir)
-  if steps is not None:
-    config.sample.num_steps = steps
-  if cfg is not None:
-    config.sample.cfg_scale = cfg
-  if solver is not None:
-    config.sample.solver = solver
-  config.sample.use_ema = use_ema
-  config_lib.validate_sampling(config.sample)  # Before restoring or compiling anything.
-  model = config_lib.build_model(config)
-  if transformer is not None:  # Checked against the run's text stack before the checkpoint is read.
-    from rflow_jax.export import workdir as export_workdir  # pylint: disable=g-import-not-at-top
-    model, transformer_params = export_workdir.load_transformer_for(transformer, config)
-  params, text_params, step = checkpoint.restore_params(workdir, use_ema=use_ema)
-  if transformer is not None:
-    params = transformer_params
-  tokenizer, text_stack = text_encoders.build(config.text)
-  sampler = pipeline.Sampler(
-      model=model, text_stack=text_stack, tokenizer=tokenizer,
-      formulation=formulations.get(config.flow.formulation, shift=config.flow.shift), sample_config=config.sample,
-      image_shape=(config.data.image_size, config.data.image_size, config.model.in_channels))
-  return sampler, params, text_params, config, step

@@ -1,13 +1,17 @@
-"""Validation of a resolved config and the few values derived from it (one place for both).
+"""Validation of a resolved config: every cross-field constraint, in one place.
 
 `validate` runs before anything is built or compiled, so a bad value costs one clear line, not a traceback after a
 minute of compilation. Defaults are not here: they live in configs/base.py.
 """
 
 import jax
-import jax.numpy as jnp
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+from rflow_jax.data import registry as data_registry
+from rflow_jax.flow import formulations
+from rflow_jax.model import registry as model_registry
+from rflow_jax.sampling import schedules, solvers
+from rflow_jax.sharding import mesh as mesh_lib, partition, rules
+
 NONFINITE_POLICIES = ("halt", "skip")
 
 
@@ -22,11 +26,6 @@ def _require(ok: bool, message: str):
 
 def validate(config) -> None:
   """Raises ConfigError naming the first bad field; checks cross-field constraints no flag parser can."""
-  # Imported here so that configs can be validated without importing the model code at module import.
-  from rflow_jax.data import registry as data_registry
-  from rflow_jax.flow import formulations
-  from rflow_jax.sampling import schedules, solvers
-
   m, d, t = config.model, config.data, config.train
   _require(d.name in data_registry.SOURCES, f"data.name={d.name!r} is not a dataset; valid: {sorted(data_registry.SOURCES)}")
   _require(m.patch_size > 0 and d.image_size % m.patch_size == 0,
@@ -37,11 +36,12 @@ def validate(config) -> None:
            f"model.pos_embed_max_size={m.pos_embed_max_size}")
   _require(m.num_heads > 0 and m.hidden_size % m.num_heads == 0,
            f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}")
-  from rflow_jax.model import baselines  # pylint: disable=g-import-not-at-top
-  _require(m.arch in baselines.ARCHITECTURES,
-           f"model.arch={m.arch!r}; valid: {sorted(baselines.ARCHITECTURES)}")
+  try:
+    model_registry.check_arch(m.arch)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   _require(m.qk_norm in (None, "rms_norm"), f"model.qk_norm={m.qk_norm!r}; valid: None, 'rms_norm'")
-  _require(m.dtype in DTYPES, f"model.dtype={m.dtype!r}; valid: {sorted(DTYPES)}")
+  _require(m.dtype in model_registry.DTYPES, f"model.dtype={m.dtype!r}; valid: {sorted(model_registry.DTYPES)}")
   _require(config.text.width % config.text.num_heads == 0,
            f"text.width={config.text.width} is not divisible by text.num_heads={config.text.num_heads}")
   _require(0.0 <= config.text.drop_prob < 1.0, f"text.drop_prob={config.text.drop_prob} must be in [0, 1)")
@@ -62,13 +62,12 @@ def validate(config) -> None:
            f"train.global_batch_size={t.global_batch_size} is not divisible by the {jax.process_count()} processes")
   _require(config.optim.warmup_steps >= 0, f"optim.warmup_steps={config.optim.warmup_steps} must be >= 0")
   _require(0.0 <= config.optim.ema_decay < 1.0, f"optim.ema_decay={config.optim.ema_decay} must be in [0, 1)")
-  validate_sampling(config.sample, schedules, solvers)
+  validate_sampling(config.sample)
   validate_sharding(config)
 
 
 def validate_sharding(config, devices=None) -> None:
   """Rule names, mesh sizes against the devices (jax.devices() by default) and the batch split over the mesh."""
-  from rflow_jax.sharding import mesh as mesh_lib, partition, rules  # pylint: disable=g-import-not-at-top
   try:
     logical_rules = rules.rules_from_config(config.sharding)
     mesh = mesh_lib.mesh_from_config(config.sharding, devices)
@@ -77,10 +76,8 @@ def validate_sharding(config, devices=None) -> None:
     raise ConfigError(str(e)) from None
 
 
-def validate_sampling(sample, schedules=None, solvers=None) -> None:
+def validate_sampling(sample) -> None:
   """Checks `config.sample` (also used by the sampling CLI for its flag overrides)."""
-  if schedules is None:
-    from rflow_jax.sampling import schedules, solvers  # pylint: disable=g-import-not-at-top,redefined-outer-name
   _require(sample.num_steps > 0, f"sample.num_steps={sample.num_steps} must be positive")
   _require(sample.cfg_scale >= 0, f"sample.cfg_scale={sample.cfg_scale} must be >= 0 (1 = no guidance)")
   _require(sample.shift > 0, f"sample.shift={sample.shift} must be positive")
@@ -88,19 +85,3 @@ def validate_sampling(sample, schedules=None, solvers=None) -> None:
   _require(sample.schedule in schedules.STYLES,
            f"sample.schedule={sample.schedule!r}; valid: {sorted(schedules.STYLES)}")
   _require(sample.batch_size > 0, f"sample.batch_size={sample.batch_size} must be positive")
-
-
-def model_kwargs(config) -> dict:
-  """Backbone constructor arguments: config.model (less `arch`) plus the widths the text stack dictates."""
-  kwargs = dict(config.model)
-  kwargs.pop("arch")
-  kwargs["dtype"] = DTYPES[kwargs["dtype"]]
-  kwargs["context_dim"] = config.text.width
-  kwargs["pooled_dim"] = config.text.width
-  return kwargs
-
-
-def build_model(config):
-  """The backbone named by config.model.arch (the MM-DiT or an RQ2 baseline), built from config.model."""
-  from rflow_jax.model import baselines  # pylint: disable=g-import-not-at-top
-  return baselines.build(config.model.arch, **model_kwargs(config))

@@ -6,8 +6,15 @@ Multi-process (one process per host): on TPU VMs and SLURM, jax.distributed find
 (--distributed=auto); elsewhere pass --coordinator_address, --num_processes and --process_id.
 """
 
+import logging as py_logging
+
 from absl import app, flags, logging
+import jax
 from ml_collections import config_flags
+
+from rflow_jax import cli
+from rflow_jax import config_lib
+from rflow_jax.train import trainer
 
 config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file (with optional :arg).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where config.json, checkpoints, TensorBoard events and samples go.")
@@ -21,7 +28,6 @@ FLAGS = flags.FLAGS
 
 
 def _init_distributed():
-  import jax  # pylint: disable=g-import-not-at-top
   if FLAGS.distributed == "auto":
     jax.distributed.initialize()
   elif FLAGS.distributed == "explicit":
@@ -31,7 +37,6 @@ def _init_distributed():
 
 def _quiet_orbax():
   """Orbax logs every file it writes at INFO; keep the console to the trainer's own lines and warnings."""
-  import logging as py_logging  # pylint: disable=g-import-not-at-top
   handler = logging.get_absl_handler()
   handler.addFilter(lambda r: r.levelno >= py_logging.WARNING or "/orbax/" not in r.pathname)
 
@@ -39,14 +44,6 @@ def _quiet_orbax():
 def main(argv):
   del argv
   _quiet_orbax()
-  # TensorFlow (imported by CLU's writers) must never take accelerator memory from JAX.
-  try:
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    tf.config.set_visible_devices([], "GPU")
-  except ImportError:
-    pass
-  from rflow_jax import cli, config_lib  # pylint: disable=g-import-not-at-top
-  from rflow_jax.train import trainer  # pylint: disable=g-import-not-at-top
   _init_distributed()
   with cli.clean_errors():
     try:
@@ -57,5 +54,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from rflow_jax import cli as _cli  # pylint: disable=g-import-not-at-top
-  app.run(main, flags_parser=_cli.parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

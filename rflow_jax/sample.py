@@ -11,9 +11,12 @@ rflow_jax.export`), DIR's weights and architecture replace the run's MM-DiT; --w
 """
 
 import os
-import sys
 
 from absl import app, flags
+
+from rflow_jax import cli
+from rflow_jax import rundir
+from rflow_jax.sampling import pipeline
 
 flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints).", required=True)
 flags.DEFINE_string("prompts", None, "UTF-8 text file, one prompt per line (empty lines skipped).", required=True)
@@ -46,13 +49,11 @@ def read_prompts(path: str) -> list[str]:
 
 def main(argv):
   del argv
-  from rflow_jax import cli  # pylint: disable=g-import-not-at-top
-  from rflow_jax.sampling import pipeline  # pylint: disable=g-import-not-at-top
   with cli.clean_errors():
     prompts = read_prompts(FLAGS.prompts)  # Before loading or compiling anything.
     if FLAGS.raw and FLAGS.transformer:
       raise ValueError("--raw selects the workdir's MM-DiT weights; it has no meaning with --transformer")
-    sampler, params, text_params, _, step = cli.load_sampler(
+    sampler, params, text_params, _, step = rundir.load_sampler(
         FLAGS.workdir, steps=FLAGS.steps, cfg=FLAGS.cfg, solver=FLAGS.solver, use_ema=not FLAGS.raw,
         transformer=FLAGS.transformer)
     images = sampler.generate(params, text_params, prompts, FLAGS.seed)
@@ -64,5 +65,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from rflow_jax import cli as _cli  # pylint: disable=g-import-not-at-top
-  app.run(main, flags_parser=_cli.parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -18,9 +18,9 @@ from PIL import Image
 
 import cli_util  # tests/cli_util.py (pytest puts tests/ on sys.path)
 from configs import debug
-from rflow_jax import config_lib
 from rflow_jax.export import workdir as export_workdir
 from rflow_jax.model import mmdit
+from rflow_jax.model import registry
 from rflow_jax.train import checkpoint, trainer
 
 pytestmark = pytest.mark.slow
@@ -56,7 +56,7 @@ def test_diffusers_export_matches_our_model(run):
 
   params, _, step = checkpoint.restore_params(str(workdir), use_ema=True)
   assert step == 2
-  model = mmdit.MMDiT(**config_lib.model_kwargs(config))
+  model = mmdit.MMDiT(**registry.model_kwargs(config))
   rng = np.random.RandomState(0)
   b, s = 3, config.data.image_size
   x = rng.randn(b, s, s, 3).astype(np.float32)
@@ -86,7 +86,7 @@ def test_scheduler_config_and_export_info(run):
   assert info["sample"]["shift"] == 3.0 and info["workdir"] == str(workdir.resolve())
   assert info["arch"] == "mmdit"
   assert export_workdir.model_from_config(info["arch"], info["model"]) == mmdit.MMDiT(
-      **config_lib.model_kwargs(config))
+      **registry.model_kwargs(config))
 
 
 @pytest.mark.parametrize("which", ["raw", "ema"])
@@ -105,7 +105,7 @@ def test_safetensors_export_roundtrips_bitwise(run, tmp_path, which):
     assert saved[name].dtype == value.dtype and saved[name].shape == value.shape, name
     np.testing.assert_array_equal(saved[name], value, err_msg=name)
   model, params, info = export_workdir.load_flat(out)
-  assert info["params"] == which and model == mmdit.MMDiT(**config_lib.model_kwargs(config))
+  assert info["params"] == which and model == mmdit.MMDiT(**registry.model_kwargs(config))
   assert set(_flat(params)) == set(expected)
 
 
@@ -225,9 +225,9 @@ def test_baseline_runs_export_as_safetensors_only(run, tmp_path):
 def test_quickstart_architecture_parity_with_random_weights(tmp_path):
   """The quickstart MM-DiT (patch 4, 3 channels, text width 64) with every weight random, through save_transformer."""
   from configs import quickstart  # pylint: disable=g-import-not-at-top
-  from rflow_jax.export import diffusers as export_diffusers  # pylint: disable=g-import-not-at-top
+  from rflow_jax.export import diffusers_io  # pylint: disable=g-import-not-at-top
   config = quickstart.get_config()
-  model = mmdit.MMDiT(**config_lib.model_kwargs(config))
+  model = mmdit.MMDiT(**registry.model_kwargs(config))
   rng = np.random.RandomState(1)
   b, s, length, width = 2, config.data.image_size, 2 * config.text.max_length, config.text.width
   inputs = (rng.randn(b, s, s, 3).astype(np.float32), np.array([0.3, 0.8], np.float32),
@@ -238,7 +238,7 @@ def test_quickstart_architecture_parity_with_random_weights(tmp_path):
       lambda path, a: (1.0 if "norm" in jax.tree_util.keystr(path) else 0.0)
       + (0.2 if "norm" in jax.tree_util.keystr(path) else 0.05) * rng.randn(*a.shape).astype(np.float32), shapes)
   params["pos_embed"] = np.asarray(model.init(jax.random.key(0), *inputs)["params"]["pos_embed"].unbox())
-  export_diffusers.save_transformer(params, model, tmp_path / "transformer")
+  diffusers_io.save_transformer(params, model, tmp_path / "transformer")
   ref = SD3Transformer2DModel.from_pretrained(tmp_path / "transformer").eval()
   ours = np.asarray(model.apply({"params": params}, *inputs))
   x, t, ctx, pooled = inputs

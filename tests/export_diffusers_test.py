@@ -18,6 +18,7 @@ from diffusers import SD3Transformer2DModel
 from diffusers.loaders import single_file_utils
 
 from rflow_jax.export import diffusers as export_diffusers
+from rflow_jax.export import diffusers_io
 from rflow_jax.export import original as export_original
 from rflow_jax.model import mmdit
 
@@ -142,12 +143,12 @@ def test_save_transformer_loads_in_diffusers(tmp_path):
   params = _perturbed_init(model, inputs)
   ours = model.apply({"params": params}, *inputs)
 
-  single = export_diffusers.save_transformer(params, model, tmp_path / "one")
-  assert (single / export_diffusers.WEIGHTS_NAME).exists()
+  single = diffusers_io.save_transformer(params, model, tmp_path / "one")
+  assert (single / diffusers_io.WEIGHTS_NAME).exists()
   # A tiny shard limit forces the sharded layout with its index.
-  sharded = export_diffusers.save_transformer(params, model, tmp_path / "many",
+  sharded = diffusers_io.save_transformer(params, model, tmp_path / "many",
                                               max_shard_bytes=256 * 1024)
-  index = json.loads((sharded / export_diffusers.INDEX_NAME).read_text())
+  index = json.loads((sharded / diffusers_io.INDEX_NAME).read_text())
   assert len(set(index["weight_map"].values())) > 1
   assert not list(tmp_path.glob(".*"))  # No temporary directories left.
 
@@ -156,7 +157,7 @@ def test_save_transformer_loads_in_diffusers(tmp_path):
     err = _rel_err(ours, _diffusers_forward(ref, *inputs))
     print(f"save -> from_pretrained ({path.name}): {err:.2e}")
     assert err < PARITY_RTOL
-    model2, params2 = export_diffusers.load_transformer(path)
+    model2, params2 = diffusers_io.load_transformer(path)
     assert model2 == model
     jax.tree.map(np.testing.assert_array_equal, params2,
                  jax.tree.map(np.asarray, params))
@@ -166,10 +167,10 @@ def test_save_transformer_refuses_to_clobber(tmp_path):
   cfg, hw = CONFIGS["plain_c16"]
   model = export_diffusers.model_from_diffusers_config(cfg)
   params = _perturbed_init(model, _inputs(cfg, hw))
-  out = export_diffusers.save_transformer(params, model, tmp_path / "t")
+  out = diffusers_io.save_transformer(params, model, tmp_path / "t")
   with pytest.raises(FileExistsError, match="overwrite"):
-    export_diffusers.save_transformer(params, model, out)
-  export_diffusers.save_transformer(params, model, out, overwrite=True)
+    diffusers_io.save_transformer(params, model, out)
+  diffusers_io.save_transformer(params, model, out, overwrite=True)
   assert sorted(p.name for p in tmp_path.iterdir()) == ["t"]
 
 
@@ -224,7 +225,7 @@ def test_pickle_checkpoints_are_refused(tmp_path):
   (folder / "config.json").write_text(json.dumps(CONFIGS["plain_c16"][0]))
   (folder / "diffusion_pytorch_model.bin").write_bytes(b"not read")
   with pytest.raises(ValueError, match="refusing to unpickle"):
-    export_diffusers.load_transformer(folder)
+    diffusers_io.load_transformer(folder)
 
 
 def _to_original(sd: dict, num_layers: int, dual: tuple[int, ...],

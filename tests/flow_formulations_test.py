@@ -261,7 +261,7 @@ def test_edm_preconditioning_matches_karras():
 
 @pytest.mark.parametrize("name", ALL)
 def test_loss_is_monte_carlo_estimate_of_l_w(name):
-  # loss(t) = -½ w_t λ'_t ||ε̂ - ε||² / π(t) for the spec-§1 weight of every formulation.
+  # loss(t) = -½ w_t λ'_t ||ε̂ - ε||² / π(t) for the paper's L_w weight (arXiv 2403.03206 §2) of every formulation.
   f = formulations.get(name)
   x0, eps, key = _data()
   t = jnp.array([0.07, 0.2, 0.35, 0.5, 0.7, 0.9])

@@ -8,9 +8,10 @@ import ml_collections
 import pytest
 
 from configs import formulations as formulations_config
-from launch import formulation_report as report
 from launch import formulation_study as study
 from rflow_jax import config_lib
+from rflow_jax.eval import formulation_eval
+from rflow_jax.eval import formulation_report as report
 from rflow_jax.flow import formulations
 
 REQUIRED = ("rf", "rf/lognorm(0.00,1.00)", "rf/lognorm(0.50,0.60)", "rf/lognorm(1.00,0.60)", "rf/mode(1.29)",
@@ -69,17 +70,17 @@ def test_names_split_and_map_to_distinct_directories():
 
 
 def test_settings_grid_and_its_errors():
-  assert [s.key for s in study.settings_of((5, 25), ("ema", "raw"))] == ["ema/5", "raw/5", "ema/25", "raw/25"]
+  assert [s.key for s in formulation_eval.settings_of((5, 25), ("ema", "raw"))] == ["ema/5", "raw/5", "ema/25", "raw/25"]
   with pytest.raises(ValueError, match=r"weights \['best'\]"):
-    study.settings_of((5,), ("best",))
+    formulation_eval.settings_of((5,), ("best",))
   with pytest.raises(ValueError, match=r"sample steps \[0\]"):
-    study.settings_of((0,), ("ema",))
+    formulation_eval.settings_of((0,), ("ema",))
 
 
 def _fake_results(order_by_steps):
   """A results dict whose every setting ranks variants strictly in the given order (each dominates the next)."""
   names = order_by_steps[5]
-  settings = [s.key for s in study.settings_of(sorted(order_by_steps), ("ema", "raw"))]
+  settings = [s.key for s in formulation_eval.settings_of(sorted(order_by_steps), ("ema", "raw"))]
   variants = {n: {"workdir": "/x", "train": {"train_s": 1.0, "steps": 7, "final_loss": 0.5}, "evals": {}}
               for n in names}
   for key in settings:
@@ -154,7 +155,7 @@ def test_smoke_study_trains_evaluates_ranks_and_resumes(tmp_path):
 
   # Re-running resumes: nothing is retrained or re-evaluated.
   workdir = os.path.join(study_dir, study.safe_name("eps/linear"))
-  stamps = {f: os.path.getmtime(os.path.join(workdir, f)) for f in (study.TRAIN_RECORD, study.EVAL_CACHE)}
+  stamps = {f: os.path.getmtime(os.path.join(workdir, f)) for f in (study.TRAIN_RECORD, formulation_eval.EVAL_CACHE)}
   again = study.run_study(study_dir, **kwargs)
   assert again["ranks"] == results["ranks"]
   assert stamps == {f: os.path.getmtime(os.path.join(workdir, f)) for f in stamps}

@@ -9,9 +9,10 @@ import pytest
 
 from configs import quickstart
 from configs import rq2_baselines
-from rflow_jax import config_lib
 from rflow_jax.model import baselines
 from rflow_jax.model import mmdit
+from rflow_jax.model import param_matching
+from rflow_jax.model import registry
 
 # Every logical name a param may carry (rflow_jax/sharding/rules.py), plus None (replicated).
 VOCAB = {"embed", "mlp", "heads", "kv", "modulation", "patch", "cond", "pos", None}
@@ -26,10 +27,10 @@ def _inputs(b=2, h=8, w=12, c=3, length=5, context_dim=16, pooled_dim=12, seed=1
           jax.random.normal(keys[2], (b, length, context_dim)), jax.random.normal(keys[3], (b, pooled_dim)))
 
 
-@pytest.fixture(scope="module", params=sorted(baselines.ARCHITECTURES))
+@pytest.fixture(scope="module", params=sorted(registry.ARCHITECTURES))
 def tiny(request):
   arch = request.param
-  model = baselines.build(arch, **TINY)
+  model = registry.build(arch, **TINY)
   inputs = _inputs()
   variables = jax.jit(model.init)(jax.random.key(0), *inputs)
   return arch, model, variables, inputs
@@ -109,7 +110,7 @@ def test_jit_grad_is_finite_and_reaches_the_blocks(tiny):
 
 def test_structure_of_each_architecture():
   inputs = _inputs()
-  names = {arch: set(_flat(jax.eval_shape(baselines.build(arch, **TINY).init, jax.random.key(0), *inputs)["params"]))
+  names = {arch: set(_flat(jax.eval_shape(registry.build(arch, **TINY).init, jax.random.key(0), *inputs)["params"]))
            for arch in ("dit", "crossdit", "uvit")}
   stem = {"pos_embed", "patch_embed/kernel", "t_embedder/fc1/kernel", "y_embedder/fc2/kernel",
           "context_embedder/kernel"}
@@ -126,7 +127,7 @@ def test_structure_of_each_architecture():
   assert blocks == {"in_blocks_0", "mid_block", "out_blocks_0"}
   assert sorted(k for k in names["uvit"] if "/skip/" in k) == ["out_blocks_0/skip/bias", "out_blocks_0/skip/kernel"]
   assert not any("modulation" in k for k in names["uvit"])
-  even = _flat(jax.eval_shape(baselines.build("uvit", **{**TINY, "depth": 4}).init, jax.random.key(0),
+  even = _flat(jax.eval_shape(registry.build("uvit", **{**TINY, "depth": 4}).init, jax.random.key(0),
                               *inputs)["params"])
   assert {k.split("/")[0] for k in even if "blocks" in k} == {"in_blocks_0", "in_blocks_1", "out_blocks_0",
                                                                "out_blocks_1"}
@@ -134,7 +135,7 @@ def test_structure_of_each_architecture():
 
 def test_uvit_long_skips_pair_mirrored_blocks():
   """depth 5: out_blocks_0 takes in_blocks_1's output as its skip, out_blocks_1 takes in_blocks_0's (LIFO)."""
-  model = baselines.build("uvit", **{**TINY, "depth": 5})
+  model = registry.build("uvit", **{**TINY, "depth": 5})
   inputs = _inputs()
   variables = model.init(jax.random.key(0), *inputs)
   _, state = model.apply(variables, *inputs,
@@ -153,23 +154,23 @@ def test_uvit_long_skips_pair_mirrored_blocks():
 
 def test_bad_arch_and_config_values_are_named():
   with pytest.raises(ValueError, match="'vit'"):
-    baselines.build("vit", **TINY)
+    registry.build("vit", **TINY)
   inputs = _inputs()
   for arch in ("dit", "crossdit", "uvit"):
     with pytest.raises(ValueError, match="hidden_size=30"):
-      baselines.build(arch, **{**TINY, "hidden_size": 30}).init(jax.random.key(0), *inputs)
+      registry.build(arch, **{**TINY, "hidden_size": 30}).init(jax.random.key(0), *inputs)
     with pytest.raises(ValueError, match="qk_norm='layer'"):
-      baselines.build(arch, **{**TINY, "qk_norm": "layer"}).init(jax.random.key(0), *inputs)
+      registry.build(arch, **{**TINY, "qk_norm": "layer"}).init(jax.random.key(0), *inputs)
     with pytest.raises(ValueError, match=r"dual_attention_layers=\(0,\).*MMDiT only"):
-      baselines.build(arch, **{**TINY, "dual_attention_layers": (0,)}).init(jax.random.key(0), *inputs)
+      registry.build(arch, **{**TINY, "dual_attention_layers": (0,)}).init(jax.random.key(0), *inputs)
     with pytest.raises(ValueError, match="scan_blocks=True"):
-      baselines.build(arch, **{**TINY, "scan_blocks": True}).init(jax.random.key(0), *inputs)
+      registry.build(arch, **{**TINY, "scan_blocks": True}).init(jax.random.key(0), *inputs)
 
 
 @pytest.mark.parametrize("arch", ["dit", "crossdit", "uvit"])
 def test_remat_and_bf16_match_plain(arch):
   inputs = _inputs()
-  model = baselines.build(arch, **TINY)
+  model = registry.build(arch, **TINY)
   params = nn.unbox(model.init(jax.random.key(0), *inputs)["params"])
   leaves, tree = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.key(5), len(leaves))
@@ -185,36 +186,36 @@ def test_remat_and_bf16_match_plain(arch):
 def test_param_matched_width_hits_the_target():
   # Width 128: steps of 4 (2 heads fixed) move the count by ~6%, so some width lands within ±5%.
   common = {k: v for k, v in TINY.items() if k not in ("depth", "hidden_size", "num_heads")}
-  target = baselines.trainable_param_count(mmdit.MMDiT(**common, depth=2, hidden_size=128, num_heads=2))
+  target = param_matching.trainable_param_count(mmdit.MMDiT(**common, depth=2, hidden_size=128, num_heads=2))
   for arch in ("dit", "crossdit", "uvit"):
-    shape = baselines.param_matched_width(arch, 2, target, num_heads=2, **common)
+    shape = param_matching.param_matched_width(arch, 2, target, num_heads=2, **common)
     assert shape["depth"] == 2 and shape["num_heads"] == 2 and shape["hidden_size"] % 4 == 0
-    count = baselines.trainable_param_count(baselines.build(arch, **common, **shape))
+    count = param_matching.trainable_param_count(registry.build(arch, **common, **shape))
     assert abs(count / target - 1) <= 0.05, (arch, shape, count, target)
   with pytest.raises(ValueError, match="exactly one of head_dim"):
-    baselines.param_matched_width("dit", 2, target, **common)
+    param_matching.param_matched_width("dit", 2, target, **common)
   with pytest.raises(ValueError, match=r"closest width \d+ has \d+ params"):  # Steps of 64 are too coarse here.
-    baselines.param_matched_width("dit", 2, target, head_dim=64, **common)
+    param_matching.param_matched_width("dit", 2, target, head_dim=64, **common)
 
 
 @pytest.mark.parametrize("scale", sorted(rq2_baselines.MATCHED))
 def test_rq2_table_is_matched_within_5_percent(scale):
   table, kwargs = rq2_baselines.MATCHED[scale], rq2_baselines.REFERENCE_KWARGS[scale]
-  assert set(table) == set(baselines.ARCHITECTURES)
-  target = baselines.trainable_param_count(mmdit.MMDiT(**kwargs, **table["mmdit"]))
+  assert set(table) == set(registry.ARCHITECTURES)
+  target = param_matching.trainable_param_count(mmdit.MMDiT(**kwargs, **table["mmdit"]))
   for arch, shape in table.items():
-    count = baselines.trainable_param_count(baselines.build(arch, **kwargs, **shape))
+    count = param_matching.trainable_param_count(registry.build(arch, **kwargs, **shape))
     print(f"{scale} {arch}: {shape} -> {count:,} params ({count / target - 1:+.1%})")
     assert abs(count / target - 1) <= 0.05, (arch, count, target)
 
 
 def test_rq2_config_matches_quickstart_and_builds_every_arch():
-  qs = config_lib.model_kwargs(quickstart.get_config())
+  qs = registry.model_kwargs(quickstart.get_config())
   expected = {**rq2_baselines.REFERENCE_KWARGS["quickstart"], **rq2_baselines.MATCHED["quickstart"]["mmdit"]}
   assert {k: qs[k] for k in expected} == expected  # The table still describes configs/quickstart.py.
   for arch in rq2_baselines.ARCHS:
     config = rq2_baselines.get_config(f"arch={arch}")
-    model = config_lib.build_model(config)
+    model = registry.build_model(config)
     s = config.data.image_size
     out = jax.eval_shape(model.init_with_output, jax.random.key(0), jnp.zeros((2, s, s, 3)), jnp.zeros((2,)),
                          jnp.zeros((2, 2 * config.text.max_length, config.text.width)),

@@ -71,7 +71,7 @@ def _worker(workdir, out_path):
   config.sharding.mesh_shape = (1, -1, 1)  # fsdp=4 over this process's 4 devices.
   setup = trainer.Setup(config)
   state = setup.init_state()
-  data = trainer._data_iterator(config, setup.tokenizer)  # pylint: disable=protected-access
+  data = setup.data_iterator()
   losses, indices = [], []
   for _ in range(NUM_STEPS):
     local = next(data)

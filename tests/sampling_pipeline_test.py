@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 
 from configs import debug
-from rflow_jax.sampling import pipeline
 from rflow_jax.train import trainer
 
 PROMPTS = ["a red circle", "two blue squares", "a green triangle above a red square"]
@@ -33,7 +32,7 @@ def _generate(setup_and_params, *, solver, batch_size, prompts=PROMPTS, seed=3):
   setup, params, text_params = setup_and_params
   setup.config.sample.solver = solver
   setup.config.sample.batch_size = batch_size
-  return pipeline.Sampler.from_setup(setup).generate(params, text_params, prompts, seed)
+  return setup.task.sampler.generate(params, text_params, prompts, seed)
 
 
 @pytest.mark.parametrize("solver", ["euler", "euler_stochastic"])

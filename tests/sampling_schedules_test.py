@@ -35,7 +35,7 @@ def test_shifted_linear(steps, shift):
 
 
 def test_diffusers_double_shift_differs_from_clean_grid():
-  # Documented oddity (spec §8): diffusers shifts twice at the low end.
+  # Documented oddity of FlowMatchEulerDiscreteScheduler: diffusers shifts twice at the low end.
   clean, diff = schedules.flow_sigmas(28, 3.0), schedules.flow_sigmas(28, 3.0, "diffusers")
   assert abs(clean[-2] - diff[-2]) > 1e-3
 

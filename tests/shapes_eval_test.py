@@ -7,6 +7,8 @@ import pytest
 from scipy import ndimage
 
 from rflow_jax.data import shapes
+from rflow_jax.data import pixels
+from rflow_jax.eval import shapes_detector
 from rflow_jax.eval import shapes_eval
 
 _N = 300
@@ -110,19 +112,19 @@ def test_analyze_finds_objects_and_attributes():
   objs = (shapes.Obj("red", "square", 10, 6.5, 6.5),
           shapes.Obj("cyan", "circle", 12, 22.5, 8.5))
   image = shapes.render(shapes.Scene("counting", objs), 32)
-  found = sorted(shapes_eval.analyze(image), key=lambda d: d.cx)
+  found = sorted(shapes_detector.analyze(image), key=lambda d: d.cx)
   assert [(d.color, d.shape) for d in found] == [
       ("red", "square"), ("cyan", "circle")]
   for det, obj in zip(found, objs):
     np.testing.assert_allclose([det.cx, det.cy], [obj.cx, obj.cy], atol=1e-4)
-  assert shapes_eval.analyze(np.zeros((32, 32, 3), np.uint8)) == []
+  assert shapes_detector.analyze(np.zeros((32, 32, 3), np.uint8)) == []
 
 
 def test_unlisted_colours_and_shapes_are_unknown():
   image = np.zeros((32, 32, 3), np.uint8)
   image[4:14, 4:14] = (200, 200, 200)  # Grey square: no palette hue.
   image[18:30, 14:17] = (220, 40, 40)  # Red bar: far too elongated.
-  found = sorted(shapes_eval.analyze(image), key=lambda d: d.cy)
+  found = sorted(shapes_detector.analyze(image), key=lambda d: d.cy)
   assert [(d.color, d.shape) for d in found] == [
       ("unknown", "square"), ("red", "unknown")]
 
@@ -132,8 +134,8 @@ def test_analyze_reads_a_float_image_after_conversion():
   image = shapes.render(scene, 32)
   as_float = image.astype(np.float32) / 127.5 - 1.0
   with pytest.raises(ValueError, match="to_uint8"):
-    shapes_eval.analyze(as_float)
-  np.testing.assert_array_equal(shapes_eval.to_uint8(as_float), image)
+    shapes_detector.analyze(as_float)
+  np.testing.assert_array_equal(pixels.to_uint8(as_float), image)
 
 
 def test_position_needs_the_dominant_axis():

@@ -49,9 +49,9 @@ def test_train_writes_outputs_and_resume_equals_uninterrupted(tmp_path):
   # Every evaluated image is counted once, under one reason.
   assert sum(sum(r.values()) for r in failures["reasons"].values()) == scores["n"]
   with open(os.path.join(straight, "metrics.jsonl")) as f:
-    evals = [r for r in map(json.loads, f) if "shapes_eval/overall" in r]
+    evals = [r for r in map(json.loads, f) if "shapes/overall" in r]
   assert [r["step"] for r in evals] == [2]  # Only mid-run: eval_at_end is off in the debug config.
-  assert 0.0 <= evals[0]["shapes_eval/overall"] <= 1.0
+  assert 0.0 <= evals[0]["shapes/overall"] <= 1.0
   assert os.path.isfile(os.path.join(straight, "config.json"))
   assert glob.glob(os.path.join(straight, "events.out.tfevents.*"))
   assert os.path.isfile(os.path.join(straight, "samples", "grid_000002.png"))

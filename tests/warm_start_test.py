@@ -11,6 +11,7 @@ import cli_util  # tests/cli_util.py (pytest puts tests/ on sys.path)
 from configs import debug
 from rflow_jax import config_lib
 from rflow_jax.model import mmdit
+from rflow_jax.model import registry
 from rflow_jax.train import checkpoint, trainer
 
 pytestmark = pytest.mark.slow
@@ -79,9 +80,9 @@ def test_depth_growing_warm_start_computes_the_source_function(source_run, tmp_p
   keys = jax.random.split(jax.random.key(0), len(leaves))
   random_source = jax.tree.unflatten(treedef, [0.3 * jax.random.normal(k, v.shape) for k, v in zip(keys, leaves)])
   grown = {k: (v if k in ("blocks_1", "blocks_2") else random_source[source_of.get(k, k)]) for k, v in params.items()}
-  inputs = [jax.random.normal(jax.random.key(i), x.shape) for i, x in enumerate(trainer._dummy_inputs(config, 2))]
-  out_grown = config_lib.build_model(config).apply({"params": grown}, *inputs)
-  out_source = config_lib.build_model(debug.get_config()).apply({"params": random_source}, *inputs)
+  inputs = [jax.random.normal(jax.random.key(i), x.shape) for i, x in enumerate(registry.dummy_inputs(config, 2))]
+  out_grown = registry.build_model(config).apply({"params": grown}, *inputs)
+  out_source = registry.build_model(debug.get_config()).apply({"params": random_source}, *inputs)
   assert np.abs(out_source).mean() > 0.1  # Far from the zero output of a fresh model.
   np.testing.assert_allclose(out_grown, out_source, rtol=1e-5, atol=1e-5)
 
@@ -96,7 +97,7 @@ def test_depth_growing_warm_start_refusals(source_run, tmp_path):
   config = debug.get_config()
   config.model.depth = 3
   config.train.init_from = source_run  # Without init_grow_depth another depth is another model.
-  with pytest.raises(ValueError, match=r"has (no )?parameter blocks_\d.*it was written by a different model"):
+  with pytest.raises(ValueError, match=r"has (no )?parameter params/blocks_\d.*it was written by a different model"):
     trainer.train_and_evaluate(config, str(tmp_path / "no_grow"))
   config = debug.get_config()
   config.train.init_grow_depth = True

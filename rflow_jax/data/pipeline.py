@@ -36,6 +36,8 @@ from typing import Any
 import grain
 import numpy as np
 
+from rflow_jax.data import pixels
+
 Tokenize = Callable[[str], np.ndarray]
 
 
@@ -58,7 +60,7 @@ class ToTrainingExample(grain.transforms.Map):
           f"shape {image.shape}")
     example = {
         # uint8 [0, 255] -> [-1, 1]: the data end of the flow path (t = 0).
-        "image": image.astype(np.float32) / 127.5 - 1.0,
+        "image": pixels.to_float(image),
         "tokens": _tokens(self._tokenize, element["caption"]),
     }
     if "index" in element:

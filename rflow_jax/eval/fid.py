@@ -33,6 +33,7 @@ import numpy as np
 import scipy.linalg
 from numpy.lib.stride_tricks import sliding_window_view
 
+from rflow_jax.data import pixels
 from rflow_jax.data import shapes
 
 FEATURE_SEED = 20240305  # Seed of the fixed feature-net weights; changing it changes every FD number.
@@ -89,7 +90,7 @@ def features(images: np.ndarray) -> np.ndarray:
   k1, k2, k3 = _weights()
   out = []
   for start in range(0, len(images), _CHUNK):
-    x = images[start:start + _CHUNK].astype(np.float32) / 127.5 - 1.0
+    x = pixels.to_float(images[start:start + _CHUNK])
     x = _avg_pool2(_conv3x3_relu(x, k1))
     x = _avg_pool2(_conv3x3_relu(x, k2))
     out.append(_conv3x3_relu(x, k3).mean(axis=(1, 2)))

@@ -1,4 +1,4 @@
-"""ShapesEval of a trained model on fresh prompts: library function + CLI.
+"""ShapesEval of a trained run on fresh prompts (the CLI; the library function is eval/evaluators.py).
 
   python -m rflow_jax.eval.run_shapes --workdir=runs/quickstart [--per_kind=40] [--steps=25] [--cfg=3.0] \
       [--solver=euler_stochastic] [--seed=7] [--raw]
@@ -11,28 +11,21 @@ a suffix (e.g. eval_step20000_cfg5_steps50/, _euler_stochastic), so a probe neve
 
 import json
 import os
-import sys
 
-from rflow_jax.data import shapes
-from rflow_jax.eval import shapes_eval
-from rflow_jax.sampling import pipeline as sampling
+from absl import app, flags
 
+from rflow_jax import cli
+from rflow_jax import rundir
+from rflow_jax.eval import evaluators
 
-def evaluate(sampler: sampling.Sampler, params, text_params, *, per_kind: int, seed: int, out_dir: str) -> dict:
-  """Samples `per_kind` fresh prompts of each scene kind, scores them; writes grid.png, prompts.txt, scores.json and
-  failures.json to out_dir. Returns the scores."""
-  prompts = shapes.eval_prompts(per_kind, seed)
-  images = sampler.generate(params, text_params, prompts, seed)
-  scores = shapes_eval.evaluate(images, prompts)
-  os.makedirs(out_dir, exist_ok=True)
-  sampling.save_png(sampling.make_grid(images, ncols=12), os.path.join(out_dir, "grid.png"))
-  with open(os.path.join(out_dir, "prompts.txt"), "w") as f:
-    f.write("\n".join(prompts) + "\n")
-  with open(os.path.join(out_dir, "scores.json"), "w") as f:
-    json.dump(scores, f, indent=2)
-  with open(os.path.join(out_dir, "failures.json"), "w") as f:
-    json.dump(shapes_eval.failure_breakdown(images, prompts), f, indent=2)
-  return scores
+flags.DEFINE_string("workdir", None, "Training workdir holding config.json and checkpoints.", required=True)
+flags.DEFINE_integer("per_kind", None, "Fresh prompts per scene kind (default: the run's sample.eval_per_kind).")
+flags.DEFINE_integer("steps", None, "Sampling steps (default: the run's sample.num_steps).")
+flags.DEFINE_float("cfg", None, "Guidance scale (default: the run's sample.cfg_scale).")
+flags.DEFINE_string("solver", None, "Sampler (default: the run's sample.solver).")
+flags.DEFINE_integer("seed", None, "Prompt/noise seed (default: the run's sample.eval_seed).")
+flags.DEFINE_bool("raw", False, "Use the raw (non-EMA) parameters.")
+FLAGS = flags.FLAGS
 
 
 def out_dir_name(step: int, config, *, per_kind: int, steps: int, cfg: float, seed: int, raw: bool,
@@ -49,33 +42,23 @@ def out_dir_name(step: int, config, *, per_kind: int, steps: int, cfg: float, se
   return f"eval_step{step}" + "".join(suffixes)
 
 
-def main(argv=None) -> int:
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from rflow_jax import cli  # pylint: disable=g-import-not-at-top
-  flags.DEFINE_string("workdir", None, "Training workdir holding config.json and checkpoints.", required=True)
-  flags.DEFINE_integer("per_kind", None, "Fresh prompts per scene kind (default: the run's sample.eval_per_kind).")
-  flags.DEFINE_integer("steps", None, "Sampling steps (default: the run's sample.num_steps).")
-  flags.DEFINE_float("cfg", None, "Guidance scale (default: the run's sample.cfg_scale).")
-  flags.DEFINE_string("solver", None, "Sampler (default: the run's sample.solver).")
-  flags.DEFINE_integer("seed", None, "Prompt/noise seed (default: the run's sample.eval_seed).")
-  flags.DEFINE_bool("raw", False, "Use the raw (non-EMA) parameters.")
-  flags.FLAGS(sys.argv if argv is None else argv)
-  f = flags.FLAGS
+def main(argv):
+  del argv
+  f = FLAGS
   with cli.clean_errors():
     if f.per_kind is not None and f.per_kind < 1:  # Before any restore or compile.
       raise ValueError(f"--per_kind={f.per_kind} must be >= 1")
-    run_config = cli.load_config(f.workdir)  # As trained: load_sampler's config carries the overrides.
-    sampler, params, text_params, config, step = cli.load_sampler(
+    run_config = rundir.load_config(f.workdir)  # As trained: load_sampler's config carries the overrides.
+    sampler, params, text_params, config, step = rundir.load_sampler(
         f.workdir, steps=f.steps, cfg=f.cfg, solver=f.solver, use_ema=not f.raw)
     seed = config.sample.eval_seed if f.seed is None else f.seed
     per_kind = config.sample.eval_per_kind if f.per_kind is None else f.per_kind
     name = out_dir_name(step, run_config, per_kind=per_kind, steps=config.sample.num_steps,
                         cfg=config.sample.cfg_scale, seed=seed, raw=f.raw, solver=config.sample.solver)
-    scores = evaluate(sampler, params, text_params, per_kind=per_kind, seed=seed,
-                      out_dir=os.path.join(f.workdir, name))
+    scores = evaluators.shapes_scores(sampler, params, text_params, per_kind=per_kind, seed=seed,
+                                      out_dir=os.path.join(f.workdir, name))
     print(json.dumps({"step": step, **scores}))
-  return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  app.run(main, flags_parser=cli.parse_flags)

@@ -10,6 +10,9 @@ Both: OUT/rflow_jax_export.json (model config, step, params). See docs/export.md
 
 from absl import app, flags
 
+from rflow_jax import cli
+from rflow_jax.export import workdir
+
 flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints).", required=True)
 flags.DEFINE_string("out", None, "Output directory (absent or empty unless --overwrite).", required=True)
 flags.DEFINE_enum("format", "diffusers", ["diffusers", "safetensors"], "Export format.")
@@ -20,8 +23,6 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
-  from rflow_jax import cli  # pylint: disable=g-import-not-at-top
-  from rflow_jax.export import workdir  # pylint: disable=g-import-not-at-top
   with cli.clean_errors():
     info = workdir.export_workdir(FLAGS.workdir, FLAGS.out, fmt=FLAGS.format, params=FLAGS.params,
                                   overwrite=FLAGS.overwrite)
@@ -29,5 +30,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from rflow_jax import cli as _cli  # pylint: disable=g-import-not-at-top
-  app.run(main, flags_parser=_cli.parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -16,17 +16,12 @@ Timesteps: diffusers' forward takes `timestep = 1000 * sigma`; ours takes
 t = sigma in [0, 1] and applies the factor inside (embeddings.TIMESTEP_SCALE),
 so converted weights need no change. Latents: diffusers NCHW, ours NHWC.
 
-Checkpoints are read and written with safetensors only; pickle-based files
-(.bin/.pt/.ckpt/.pth) are refused, never unpickled.
+This module is the name and layout map (and the model config); reading and
+writing diffusers directories is rflow_jax/export/diffusers_io.py.
 """
 
 from collections.abc import Callable, Mapping, Sequence
 import dataclasses
-import json
-import os
-import pathlib
-import shutil
-import tempfile
 from typing import Any
 
 import flax
@@ -34,19 +29,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import safetensors.numpy
 
 from rflow_jax.model import mmdit
 
 Params = dict[str, Any]
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
-PICKLE_SUFFIXES = (".bin", ".pt", ".ckpt", ".pth", ".pkl")
-# diffusers' save_pretrained default shard size ("10GB").
-DEFAULT_MAX_SHARD_BYTES = 10 * 10**9
-_CLASS_NAME = "SD3Transformer2DModel"
+CLASS_NAME = "SD3Transformer2DModel"
 
 
 # ----------------------------------------------------------------------------
@@ -390,7 +378,7 @@ def diffusers_config(model: mmdit.MMDiT) -> dict[str, Any]:
                      f"transformer has a fixed MLP ratio of 4")
   model.check_config()
   return {
-      "_class_name": _CLASS_NAME,
+      "_class_name": CLASS_NAME,
       "_diffusers_version": "0.42.1",
       "sample_size": model.pos_embed_base * model.patch_size,
       "patch_size": model.patch_size,
@@ -406,153 +394,3 @@ def diffusers_config(model: mmdit.MMDiT) -> dict[str, Any]:
       "dual_attention_layers": list(model.dual_attention_layers),
       "qk_norm": model.qk_norm,
   }
-
-
-# ----------------------------------------------------------------------------
-# Files.
-# ----------------------------------------------------------------------------
-
-
-def refuse_pickle(path: str | os.PathLike[str]) -> None:
-  """Raises ValueError for pickle-based checkpoints (never unpickled)."""
-  path = pathlib.Path(path)
-  if path.suffix.lower() in PICKLE_SUFFIXES:
-    raise ValueError(
-        f"{path} is a pickle-based PyTorch checkpoint; refusing to unpickle "
-        f"it (arbitrary code execution). Convert it to safetensors first, "
-        f"e.g. in a trusted environment: SD3Transformer2DModel."
-        f"from_pretrained(...).save_pretrained(dir, safe_serialization=True) "
-        f"or safetensors.torch.save_file(torch.load(f), out)")
-
-
-def load_safetensors(files: Sequence[pathlib.Path]) -> dict[str, np.ndarray]:
-  """Merges safetensors files into one numpy dict (duplicates are errors)."""
-  out: dict[str, np.ndarray] = {}
-  for f in files:
-    refuse_pickle(f)
-    tensors = safetensors.numpy.load_file(str(f))
-    dup = sorted(set(tensors) & set(out))
-    if dup:
-      raise ValueError(f"{f} repeats tensors {dup[:5]}")
-    out.update(tensors)
-  return out
-
-
-def _weight_files(path: pathlib.Path) -> list[pathlib.Path]:
-  index = path / INDEX_NAME
-  if index.exists():
-    weight_map = json.loads(index.read_text())["weight_map"]
-    return [path / f for f in sorted(set(weight_map.values()))]
-  single = path / WEIGHTS_NAME
-  if single.exists():
-    return [single]
-  pickles = sorted(p.name for p in path.iterdir()
-                   if p.suffix.lower() in PICKLE_SUFFIXES)
-  if pickles:
-    refuse_pickle(path / pickles[0])
-  raise FileNotFoundError(f"{path} has neither {WEIGHTS_NAME} nor {INDEX_NAME}")
-
-
-def load_transformer(path: str | os.PathLike[str],
-                     **overrides: Any) -> tuple[mmdit.MMDiT, Params]:
-  """Loads a diffusers SD3 transformer directory as (MMDiT, params).
-
-  Args:
-    path: directory with config.json and diffusion_pytorch_model.safetensors
-      (or its sharded index), e.g. `<pipeline>/transformer`.
-    **overrides: non-architectural MMDiT attributes (dtype, remat, ...).
-
-  Returns:
-    The model and its params (host numpy arrays, param_dtype).
-  """
-  path = pathlib.Path(path)
-  refuse_pickle(path)
-  if not path.is_dir():
-    raise ValueError(f"{path} is not a diffusers transformer directory")
-  cfg = json.loads((path / CONFIG_NAME).read_text())
-  if cfg.get("_class_name", _CLASS_NAME) != _CLASS_NAME:
-    raise ValueError(f"{path / CONFIG_NAME} describes {cfg['_class_name']}, "
-                     f"not {_CLASS_NAME}")
-  model = model_from_diffusers_config(cfg, **overrides)
-  state_dict = load_safetensors(_weight_files(path))
-  return model, params_from_diffusers(state_dict, model)
-
-
-def _shards(state_dict: Mapping[str, np.ndarray],
-            max_shard_bytes: int) -> list[dict[str, np.ndarray]]:
-  """Greedy split in key order; a tensor larger than the limit stands alone."""
-  shards, current, size = [], {}, 0
-  for key in sorted(state_dict):
-    n = state_dict[key].nbytes
-    if current and size + n > max_shard_bytes:
-      shards.append(current)
-      current, size = {}, 0
-    current[key] = state_dict[key]
-    size += n
-  if current:
-    shards.append(current)
-  return shards
-
-
-def replace_dir(tmp: pathlib.Path, out: pathlib.Path) -> None:
-  """Renames the complete directory tmp to out, removing an existing out only once tmp is complete."""
-  if out.exists():
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old)
-  else:
-    tmp.rename(out)
-
-
-def save_transformer(params: Mapping[str, Any], model: mmdit.MMDiT,
-                     out_dir: str | os.PathLike[str],
-                     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                     overwrite: bool = False) -> pathlib.Path:
-  """Writes a diffusers SD3Transformer2DModel directory.
-
-  config.json plus diffusion_pytorch_model.safetensors, or numbered shards
-  and diffusion_pytorch_model.safetensors.index.json when the tensors exceed
-  `max_shard_bytes`. Everything is written to a temporary sibling directory
-  that is renamed into place, so readers never see a partial checkpoint.
-
-  Args:
-    params: our param tree (boxed or unboxed; device or host arrays).
-    model: the MMDiT the params belong to.
-    out_dir: target directory (loadable by SD3Transformer2DModel.
-      from_pretrained).
-    max_shard_bytes: largest shard size before splitting.
-    overwrite: replace an existing out_dir.
-
-  Returns:
-    The output directory.
-  """
-  out_dir = pathlib.Path(out_dir)
-  if out_dir.exists() and not overwrite:
-    raise FileExistsError(f"{out_dir} exists; pass overwrite=True to replace")
-  config = diffusers_config(model)
-  state_dict = params_to_diffusers(params, model)
-  shards = _shards(state_dict, max_shard_bytes)
-  out_dir.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-",
-                                      dir=out_dir.parent))
-  try:
-    (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-    if len(shards) == 1:
-      names = [WEIGHTS_NAME]
-    else:
-      stem = WEIGHTS_NAME.removesuffix(".safetensors")
-      names = [f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-               for i in range(len(shards))]
-      index = {"metadata": {"total_size": sum(a.nbytes for a in
-                                              state_dict.values())},
-               "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
-      (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-    for name, shard in zip(names, shards):
-      safetensors.numpy.save_file(shard, str(tmp / name),
-                                  metadata={"format": "pt"})
-    replace_dir(tmp, out_dir)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  return out_dir

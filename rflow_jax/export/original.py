@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from rflow_jax.export import diffusers as diffusers_export
+from rflow_jax.export import diffusers_io
 from rflow_jax.model import mmdit
 
 Entry = diffusers_export.Entry
@@ -113,5 +114,5 @@ def load_original(path: str | os.PathLike[str], model: mmdit.MMDiT,
   Returns:
     Our params (host numpy arrays).
   """
-  state_dict = diffusers_export.load_safetensors([pathlib.Path(path)])
+  state_dict = diffusers_io.load_safetensors([pathlib.Path(path)])
   return params_from_original(state_dict, model, prefix)

@@ -39,11 +39,12 @@ import jax
 import numpy as np
 import safetensors.numpy
 
-from rflow_jax import cli
-from rflow_jax import config_lib
-from rflow_jax.export import diffusers as export_diffusers
-from rflow_jax.model import baselines
-from rflow_jax.model import mmdit
+from rflow_jax import rundir
+from rflow_jax.export import diffusers_io
+from rflow_jax.flow import formulations
+from rflow_jax.model import registry
+from rflow_jax.sampling import schedules
+from rflow_jax.train import checkpoint
 
 FORMATS = ("diffusers", "safetensors")
 PARAM_CHOICES = ("ema", "raw")
@@ -52,8 +53,6 @@ SCHEDULER_DIR = "scheduler"
 SCHEDULER_CONFIG_NAME = "scheduler_config.json"
 FLAT_WEIGHTS_NAME = "params.safetensors"
 INFO_NAME = "rflow_jax_export.json"
-# FlowMatchEulerDiscreteScheduler's num_train_timesteps in every SD3 release.
-NUM_TRAIN_TIMESTEPS = 1000
 
 
 def scheduler_config(shift: float) -> dict[str, Any]:
@@ -70,7 +69,7 @@ def scheduler_config(shift: float) -> dict[str, Any]:
     raise ValueError(f"sample.shift={shift} must be positive")
   return {"_class_name": "FlowMatchEulerDiscreteScheduler",
           "_diffusers_version": "0.42.1",
-          "num_train_timesteps": NUM_TRAIN_TIMESTEPS, "shift": float(shift)}
+          "num_train_timesteps": schedules.DIFFUSERS_NUM_TRAIN_TIMESTEPS, "shift": float(shift)}
 
 
 def model_config(config) -> tuple[str, dict[str, Any]]:
@@ -78,7 +77,7 @@ def model_config(config) -> tuple[str, dict[str, Any]]:
 
   The dtype is stored by name.
   """
-  kwargs = config_lib.model_kwargs(config)
+  kwargs = registry.model_kwargs(config)
   arch = config.model.arch
   kwargs["dtype"] = config.model.dtype
   return arch, {k: list(v) if isinstance(v, tuple) else v
@@ -89,11 +88,11 @@ def model_from_config(arch: str, kwargs: dict[str, Any]) -> nn.Module:
   """Inverse of `model_config`: the backbone (MMDiT or an RQ2 baseline)."""
   kwargs = {k: tuple(v) if isinstance(v, list) else v
             for k, v in kwargs.items()}
-  if kwargs.get("dtype") not in config_lib.DTYPES:
+  if kwargs.get("dtype") not in registry.DTYPES:
     raise ValueError(f"model dtype {kwargs.get('dtype')!r} is not one of "
-                     f"{sorted(config_lib.DTYPES)}")
-  kwargs["dtype"] = config_lib.DTYPES[kwargs["dtype"]]
-  return baselines.build(arch, **kwargs)
+                     f"{sorted(registry.DTYPES)}")
+  kwargs["dtype"] = registry.DTYPES[kwargs["dtype"]]
+  return registry.build(arch, **kwargs)
 
 
 def save_flat(params: Any, path: str | os.PathLike[str]) -> None:
@@ -153,8 +152,6 @@ def export_workdir(workdir: str | os.PathLike[str],
     ValueError / FileNotFoundError: naming the bad argument (missing workdir
       or checkpoint, occupied out, a non-rf run exported as diffusers).
   """
-  from rflow_jax.flow import formulations  # pylint: disable=g-import-not-at-top
-  from rflow_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
   if fmt not in FORMATS:
     raise ValueError(f"--format={fmt!r} is not one of {list(FORMATS)}")
   if params not in PARAM_CHOICES:
@@ -163,7 +160,7 @@ def export_workdir(workdir: str | os.PathLike[str],
   workdir, out = pathlib.Path(workdir), pathlib.Path(out)
   if not workdir.is_dir():
     raise FileNotFoundError(f"--workdir={str(workdir)!r} is not a directory")
-  config = cli.load_config(str(workdir))
+  config = rundir.load_config(str(workdir))
   _check_out(out, workdir, overwrite)
   formulation = formulations.get(config.flow.formulation,
                                  shift=config.flow.shift)
@@ -191,67 +188,15 @@ def export_workdir(workdir: str | os.PathLike[str],
                                       dir=out.parent))
   try:
     if fmt == "diffusers":
-      export_diffusers.save_transformer(weights, model, tmp / TRANSFORMER_DIR)
+      diffusers_io.save_transformer(weights, model, tmp / TRANSFORMER_DIR)
       (tmp / SCHEDULER_DIR).mkdir()
       (tmp / SCHEDULER_DIR / SCHEDULER_CONFIG_NAME).write_text(
           json.dumps(scheduler_config(config.sample.shift), indent=2) + "\n")
     else:
       save_flat(weights, tmp / FLAT_WEIGHTS_NAME)
     (tmp / INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
-    export_diffusers.replace_dir(tmp, out)
+    diffusers_io.replace_dir(tmp, out)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return info
-
-
-def load_transformer_for(path: str | os.PathLike[str], config
-                         ) -> tuple[mmdit.MMDiT, Any]:
-  """A diffusers transformer directory as the MM-DiT of a run's config.
-
-  The compute settings (dtype, attention_impl) come from the config; the
-  architecture comes from the directory and must fit the run's text stack
-  (context and pooled widths = text.width), channels and image size.
-
-  Args:
-    path: a diffusers SD3Transformer2DModel directory.
-    config: the resolved config of the workdir that supplies the text stack.
-
-  Returns:
-    (model, params) with host numpy params.
-
-  Raises:
-    ValueError: naming the first mismatch between the directory and the run.
-  """
-  path = pathlib.Path(path)
-  overrides = dict(dtype=config_lib.DTYPES[config.model.dtype],
-                   attention_impl=config.model.attention_impl)
-  config_file = path / export_diffusers.CONFIG_NAME
-  if not config_file.is_file():
-    raise FileNotFoundError(f"--transformer={str(path)!r} has no "
-                            f"{export_diffusers.CONFIG_NAME}: not a diffusers "
-                            f"transformer directory")
-  # The architecture is checked against the run before any weight is read.
-  model = export_diffusers.model_from_diffusers_config(
-      json.loads(config_file.read_text()), **overrides)
-  grid = config.data.image_size // model.patch_size
-  checks = [
-      ("joint_attention_dim", model.context_dim, "text.width",
-       config.text.width),
-      ("pooled_projection_dim", model.pooled_dim, "text.width",
-       config.text.width),
-      ("in_channels", model.in_channels, "model.in_channels",
-       config.model.in_channels),
-      ("out_channels", model.output_channels, "model.in_channels",
-       config.model.in_channels)]
-  for theirs, value, ours, expected in checks:
-    if value != expected:
-      raise ValueError(f"--transformer={str(path)!r} has {theirs}={value}, "
-                       f"but the workdir's {ours}={expected}")
-  if (config.data.image_size % model.patch_size
-      or grid > model.pos_embed_max_size):
-    raise ValueError(
-        f"--transformer={str(path)!r} (patch_size={model.patch_size}, "
-        f"pos_embed_max_size={model.pos_embed_max_size}) cannot take the "
-        f"workdir's data.image_size={config.data.image_size}")
-  return export_diffusers.load_transformer(path, **overrides)

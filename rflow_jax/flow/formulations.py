@@ -16,7 +16,7 @@ The loss of every formulation is the per-example Monte-Carlo estimate of the uni
   L_w = -½ E_{t~U(0,1), ε} [ w_t λ'_t ||ε̂ - ε||² ]   (SD3 eq. for L_w; λ_t = log a_t²/b_t²)
 under the formulation's own t-sampler π: loss(t) = -½ w_t λ'_t ||ε̂ - ε||² / π(t), evaluated in the
 network's output space where it is numerically stable (see _LOSS_SCALES). The weights w_t are those of
-spec §1 (`Formulation.weight`); tests check the identity numerically for every formulation.
+the paper's weighted loss L_w (arXiv 2403.03206 §2; `Formulation.weight`); tests check the identity numerically for every formulation.
 
 Times, paths and the rf-equivalence used by `to_velocity` are defined in rflow_jax/flow/paths.py.
 """
@@ -56,7 +56,7 @@ F = "F"                # EDM F: D(z) = c_skip z_ve + c_out F
 EPS_T_MAX = 0.999
 
 # Per-example loss = scale · mean((net_out - target)²). With ε̂ - ε = k_t (net_out - target), the scale
-# equals -½ w_t λ'_t k_t² / π(t) for the w_t of spec §1; it is a constant for every formulation:
+# equals -½ w_t λ'_t k_t² / π(t) for the w_t of the paper's L_w (§2); it is a constant for every formulation:
 #   rf:         w = t/(1-t)·π(t), λ' = -2/(t(1-t)), k = 1-t          -> 1 (the paper's L_CFM, plain v-MSE)
 #   eps/linear: w = -2/λ' (standard ε-MSE)                          -> 1
 #   v/linear:   w = -2(1+e^{-λ})/λ' (standard v-MSE), k = a          -> 1
@@ -207,7 +207,7 @@ class Formulation:
     return scale * _mean_sq(net_out - self.target(x0, eps, t))
 
   def weight(self, t: jax.Array) -> jax.Array:
-    """w_t of L_w (spec §1) for this formulation at shift 1 (the shift changes the sampling density)."""
+    """w_t of L_w (arXiv 2403.03206 §2) for this formulation at shift 1 (the shift changes the sampling density)."""
     t = jnp.asarray(t, jnp.float32)
     lam = paths.log_snr(self.path, t)
     dlam = paths.d_log_snr(self.path, t)

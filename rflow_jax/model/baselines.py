@@ -6,11 +6,9 @@ changes only how text and image tokens interact:
   __call__(x (B, H, W, C) NHWC, t (B,), context (B, L, context_dim),
            pooled (B, pooled_dim)) -> velocity (B, H, W, out) float32
 
-and the same embedding stem as MMDiT (same param names and inits): patchify +
-`patch_embed` Dense, the fixed 2D sin-cos `pos_embed` table (center-cropped,
-image tokens only), `t_embedder` (sinusoid of 1000 t -> MLP), `y_embedder`
-(pooled text -> MLP) and `context_embedder` (Dense). Context tokens get no
-positional embedding (as in MMDiT: the text encoders already encode order).
+and MMDiT's own front end (rflow_jax/model/frontend.py: patches + sin-cos
+positions, time, pooled-text and context embeddings; same param names and
+inits).
 
   DiT       Text and image tokens concatenated into ONE sequence processed by
             ONE set of weights per block (SD3's "DiT" baseline: MMDiT with
@@ -43,22 +41,18 @@ positional embedding (as in MMDiT: the text encoders already encode order).
             Without adaLN-zero, its output at init is not zero.
 
 Every param carries logical-axis names from the vocabulary of
-rflow_jax/sharding/rules.py. `ARCHITECTURES` is the registry a trainer
-dispatches on; `param_matched_width` finds parameter-matched widths with
-jax.eval_shape (nothing is allocated).
+rflow_jax/sharding/rules.py. The registry is rflow_jax/model/registry.py;
+parameter-matched widths are rflow_jax/model/param_matching.py.
 """
 
-from collections.abc import Mapping
 import dataclasses
 import functools
-import math
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rflow_jax.model import embeddings
+from rflow_jax.model import frontend
 from rflow_jax.model import layers
 from rflow_jax.model import mmdit
 
@@ -140,50 +134,6 @@ class _Backbone(nn.Module):
     return layers.Dense(features, axes, dtype=self.dtype,
                         param_dtype=self.param_dtype, name=name, **kwargs)
 
-  def _image_tokens(self, x: jax.Array) -> tuple[jax.Array, int, int]:
-    """(B, H, W, C) -> patch tokens + positions (B, h*w, H), and (h, w)."""
-    patches = embeddings.patchify(x, self.patch_size)  # (B, h, w, p*p*C)
-    b, h, w, _ = patches.shape
-    tokens = self._dense(self.hidden_size, ("patch", "embed"), "patch_embed")(
-        patches.reshape(b, h * w, -1))  # (B, T, H)
-    table = self.param(
-        "pos_embed",
-        nn.with_logical_partitioning(
-            mmdit._pos_table_init(  # pylint: disable=protected-access
-                self.hidden_size, self.pos_embed_max_size,
-                self.pos_embed_base), ("pos", "embed")),
-        (self.pos_embed_max_size**2, self.hidden_size), self.param_dtype)
-    pos = embeddings.crop_pos_table(table, self.pos_embed_max_size, h, w)
-    tokens = tokens + pos.astype(self.dtype)[None]  # (B, T, H)
-    return _constrain(tokens), h, w
-
-  def _t_emb(self, t: jax.Array) -> jax.Array:
-    """(B,) -> (B, H) float32, MMDiT's t_embedder."""
-    return embeddings.MlpEmbedder(
-        self.hidden_size, kernel_init=nn.initializers.normal(0.02),
-        param_dtype=self.param_dtype,
-        name="t_embedder")(embeddings.timestep_embedding(t))
-
-  def _y_emb(self, pooled: jax.Array) -> jax.Array:
-    """(B, pooled_dim) -> (B, H) float32, MMDiT's y_embedder."""
-    return embeddings.MlpEmbedder(
-        self.hidden_size, param_dtype=self.param_dtype,
-        name="y_embedder")(pooled.astype(jnp.float32))
-
-  def _context(self, context: jax.Array) -> jax.Array:
-    """(B, L, context_dim) -> (B, L, H), MMDiT's context_embedder."""
-    return _constrain(self._dense(self.hidden_size, ("cond", "embed"),
-                                  "context_embedder")(context))
-
-  def _unpatchify(self, out: jax.Array, h: int, w: int) -> jax.Array:
-    """(B, h*w, p*p*out) -> (B, h*p, w*p, out)."""
-    return embeddings.unpatchify(out.reshape(out.shape[0], h, w, -1),
-                                 self.patch_size, self.output_channels)
-
-
-def _constrain(x: jax.Array) -> jax.Array:
-  return nn.with_logical_constraint(x, ("batch", "length", "embed"))
-
 
 class DiTBlock(mmdit.Stream):
   """One MMDiT stream applied to the whole [image; text] sequence.
@@ -199,7 +149,7 @@ class DiTBlock(mmdit.Stream):
     (q, k, v), mods = self.pre_attention(tokens, c)
     out = layers.dot_product_attention(q, k, v, self.attention_impl)
     n = tokens.shape[1] if self.num_outputs is None else self.num_outputs
-    return _constrain(self.post_attention(tokens[:, :n], out[:, :n], mods))
+    return frontend.constrain(self.post_attention(tokens[:, :n], out[:, :n], mods))
 
 
 class DiT(_Backbone):
@@ -210,10 +160,10 @@ class DiT(_Backbone):
                pooled: jax.Array) -> jax.Array:
     """Predicts the velocity; see the module docstring for the interface."""
     self.check_config()
-    tokens, h, w = self._image_tokens(x)  # (B, T, H)
-    c = self._t_emb(t) + self._y_emb(pooled)  # (B, H) float32
+    tokens, h, w = frontend.image_tokens(self, x)  # (B, T, H)
+    c = frontend.time_embedding(self, t) + frontend.pooled_embedding(self, pooled)  # (B, H) float32
     # Image tokens first, so that the last block can keep just them.
-    seq = jnp.concatenate([tokens, self._context(context)], axis=1)
+    seq = jnp.concatenate([tokens, frontend.context_tokens(self, context)], axis=1)
     n_img = tokens.shape[1]
     block = self._remat(DiTBlock)
     for i in range(self.depth):
@@ -227,7 +177,7 @@ class DiT(_Backbone):
     out = mmdit.FinalLayer(
         self.patch_size**2 * self.output_channels, dtype=self.dtype,
         param_dtype=self.param_dtype, name="final_layer")(seq, c)
-    return self._unpatchify(out, h, w).astype(jnp.float32)
+    return frontend.unpatchify(self, out, h, w).astype(jnp.float32)
 
 
 class CrossAttention(nn.Module):
@@ -302,7 +252,7 @@ class CrossDiTBlock(nn.Module):
                    param_dtype=self.param_dtype, name="mlp")(
                        h.astype(self.dtype))  # (B, T, H)
     x = x + gate_mlp[:, None] * h.astype(jnp.float32)
-    return _constrain(x.astype(self.dtype))
+    return frontend.constrain(x.astype(self.dtype))
 
 
 class CrossDiT(_Backbone):
@@ -313,9 +263,9 @@ class CrossDiT(_Backbone):
                pooled: jax.Array) -> jax.Array:
     """Predicts the velocity; see the module docstring for the interface."""
     self.check_config()
-    tokens, h, w = self._image_tokens(x)  # (B, T, H)
-    c = self._t_emb(t) + self._y_emb(pooled)  # (B, H) float32
-    ctx = self._context(context)  # (B, L, H)
+    tokens, h, w = frontend.image_tokens(self, x)  # (B, T, H)
+    c = frontend.time_embedding(self, t) + frontend.pooled_embedding(self, pooled)  # (B, H) float32
+    ctx = frontend.context_tokens(self, context)  # (B, L, H)
     block = self._remat(CrossDiTBlock)
     for i in range(self.depth):
       tokens = block(self.hidden_size, self.num_heads, self.mlp_ratio,
@@ -325,7 +275,7 @@ class CrossDiT(_Backbone):
     out = mmdit.FinalLayer(
         self.patch_size**2 * self.output_channels, dtype=self.dtype,
         param_dtype=self.param_dtype, name="final_layer")(tokens, c)
-    return self._unpatchify(out, h, w).astype(jnp.float32)
+    return frontend.unpatchify(self, out, h, w).astype(jnp.float32)
 
 
 class LayerNorm(nn.Module):
@@ -381,7 +331,7 @@ class UViTBlock(nn.Module):
     h = layers.Mlp(int(width * self.mlp_ratio), dtype=self.dtype,
                    param_dtype=self.param_dtype, name="mlp")(
                        h.astype(self.dtype))
-    return _constrain((x + h.astype(jnp.float32)).astype(self.dtype))
+    return frontend.constrain((x + h.astype(jnp.float32)).astype(self.dtype))
 
 
 class UViT(_Backbone):
@@ -392,10 +342,10 @@ class UViT(_Backbone):
                pooled: jax.Array) -> jax.Array:
     """Predicts the velocity; see the module docstring for the interface."""
     self.check_config()
-    tokens, h, w = self._image_tokens(x)  # (B, T, H)
-    extras = jnp.stack([self._t_emb(t), self._y_emb(pooled)],
+    tokens, h, w = frontend.image_tokens(self, x)  # (B, T, H)
+    extras = jnp.stack([frontend.time_embedding(self, t), frontend.pooled_embedding(self, pooled)],
                        axis=1).astype(self.dtype)  # (B, 2, H)
-    seq = jnp.concatenate([extras, self._context(context), tokens],
+    seq = jnp.concatenate([extras, frontend.context_tokens(self, context), tokens],
                           axis=1)  # (B, 2+L+T, H)
     block = functools.partial(
         self._remat(UViTBlock), self.hidden_size, self.num_heads,
@@ -414,7 +364,7 @@ class UViT(_Backbone):
     out = self._dense(self.patch_size**2 * self.output_channels,
                       ("embed", "patch"), "decoder_pred")(
                           seq[:, -tokens.shape[1]:])
-    out = self._unpatchify(out, h, w)  # (B, H, W, out)
+    out = frontend.unpatchify(self, out, h, w)  # (B, H, W, out)
     c = self.output_channels
     # U-ViT's final 3x3 conv smooths patch seams; tiny, so left replicated.
     out = nn.Conv(
@@ -427,134 +377,5 @@ class UViT(_Backbone):
     return out.astype(jnp.float32)
 
 
-# Constructor arguments every architecture accepts.
-_COMMON_FIELDS = frozenset(
-    f.name for f in dataclasses.fields(_Backbone)) - {"parent", "name"}
-
-# The registry a trainer dispatches on (config.model.arch -> class). Every
-# class takes MMDiT's common constructor arguments (see _Backbone) and has
-# the same __call__ signature.
-ARCHITECTURES: dict[str, type[nn.Module]] = {
-    "mmdit": mmdit.MMDiT,
-    "dit": DiT,
-    "crossdit": CrossDiT,
-    "uvit": UViT,
-}
-
-
-def build(arch: str, **kwargs: Any) -> nn.Module:
-  """ARCHITECTURES[arch](**kwargs), with an error that names a bad arch."""
-  if arch not in ARCHITECTURES:
-    raise ValueError(f"model arch {arch!r} is not one of "
-                     f"{sorted(ARCHITECTURES)}")
-  return ARCHITECTURES[arch](**kwargs)
-
-
-def trainable_param_count(model: nn.Module) -> int:
-  """Parameters of a backbone without the fixed `pos_embed` table.
-
-  Independent of the image size (the table's size is pos_embed_max_size), so
-  the smallest input is traced; jax.eval_shape allocates nothing.
-  """
-  p = model.patch_size
-  return mmdit.count_params(model, (1, p, p, model.in_channels),
-                            (1, 1, model.context_dim), (1, model.pooled_dim),
-                            include_pos_embed=False)
-
-
-def param_matched_width(arch: str, depth: int, target_params: int, *,
-                        head_dim: int | None = None,
-                        num_heads: int | None = None, tol: float = 0.05,
-                        **kwargs: Any) -> dict[str, int]:
-  """The width at which `arch` of a given depth has ~target_params params.
-
-  Trainable params (without pos_embed) are an exact quadratic in the width
-  for a fixed depth and head rule, so three abstract counts determine it;
-  the nearest admissible widths are then counted exactly.
-
-  Args:
-    arch: a key of ARCHITECTURES.
-    depth: number of blocks (kept fixed).
-    target_params: the count to match, e.g. trainable_param_count(mmdit).
-    head_dim: keep head_dim fixed (num_heads = width / head_dim), as the SD3
-      family does (64). Exactly one of head_dim / num_heads.
-    num_heads: keep the number of heads fixed instead (head_dim varies);
-      finer width steps, for small models.
-    tol: accepted relative difference |count / target - 1|.
-    **kwargs: the other constructor arguments (patch_size, in_channels,
-      context_dim, pooled_dim, qk_norm, mlp_ratio, ...).
-
-  Returns:
-    {"depth": depth, "hidden_size": width, "num_heads": heads}.
-
-  Raises:
-    ValueError: bad arguments, or no admissible width within tol (the
-      message names the closest width and its count).
-  """
-  if (head_dim is None) == (num_heads is None):
-    raise ValueError(f"give exactly one of head_dim={head_dim} and "
-                     f"num_heads={num_heads}")
-  if target_params <= 0:
-    raise ValueError(f"target_params={target_params} must be positive")
-  fixed = head_dim if head_dim is not None else num_heads
-  if fixed <= 0:
-    raise ValueError(f"head_dim/num_heads={fixed} must be positive")
-  # Widths must be multiples of the head rule and of 4 (sin-cos table).
-  step = math.lcm(fixed, 4)
-
-  def kwargs_at(k: int) -> dict[str, int]:
-    width = k * step
-    heads = width // head_dim if head_dim is not None else num_heads
-    return dict(depth=depth, hidden_size=width, num_heads=heads)
-
-  def count(k: int) -> int:
-    return trainable_param_count(build(arch, **kwargs, **kwargs_at(k)))
-
-  p1, p2, p3 = count(1), count(2), count(3)
-  a = (p1 - 2 * p2 + p3) / 2
-  b = p2 - p1 - 3 * a
-  c = p1 - a - b
-  if a > 0:
-    k = (-b + math.sqrt(max(b * b - 4 * a * (c - target_params), 0.0))) / (
-        2 * a)
-  else:
-    k = (target_params - c) / b
-  candidates = sorted({max(1, math.floor(k)), max(1, math.ceil(k))})
-  best = min(((abs(count(j) / target_params - 1), j) for j in candidates))
-  if best[0] > tol:
-    got = count(best[1])
-    raise ValueError(
-        f"{arch} at depth={depth}: closest width {best[1] * step} has {got} "
-        f"params, {best[0]:.1%} from target_params={target_params} "
-        f"(tol {tol:.0%}); use num_heads= for finer width steps or change "
-        f"the depth")
-  return kwargs_at(best[1])
-
-
-def param_table(reference: Mapping[str, Any], *,
-                head_dim: int | None = None, num_heads: int | None = None,
-                tol: float = 0.05) -> dict[str, dict[str, int]]:
-  """Parameter-matched variants of every architecture at MMDiT's depth.
-
-  Args:
-    reference: MMDiT constructor kwargs (the model to match).
-    head_dim: see param_matched_width.
-    num_heads: see param_matched_width.
-    tol: see param_matched_width.
-
-  Returns:
-    arch -> {"depth", "hidden_size", "num_heads"}; "mmdit" is the reference.
-  """
-  ref = dict(reference)
-  target = trainable_param_count(mmdit.MMDiT(**ref))
-  shape = {k: ref.pop(k) for k in ("depth", "hidden_size", "num_heads")}
-  # MMDiT-only attributes (dual attention, scan): the baselines have none.
-  ref = {k: v for k, v in ref.items() if k in _COMMON_FIELDS
-         and k not in ("dual_attention_layers", "scan_blocks")}
-  table = {"mmdit": shape}
-  for arch in ARCHITECTURES:
-    if arch != "mmdit":
-      table[arch] = param_matched_width(arch, shape["depth"], target,
-                                        head_dim=head_dim,
-                                        num_heads=num_heads, tol=tol, **ref)
-  return table
+# Constructor arguments every architecture accepts (MMDiT's common ones; see _Backbone).
+COMMON_FIELDS = frozenset(f.name for f in dataclasses.fields(_Backbone)) - {"parent", "name"}

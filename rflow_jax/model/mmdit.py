@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rflow_jax.model import embeddings
+from rflow_jax.model import frontend
 from rflow_jax.model import layers
 
 QK_NORMS = (None, "rms_norm")
@@ -233,18 +233,6 @@ class FinalLayer(nn.Module):
                         param_dtype=self.param_dtype, name="proj")(x)
 
 
-def _pos_table_init(hidden_size: int, max_size: int, base_size: int):
-  """Initializer returning the fixed 2D sin-cos table; ignores the rng."""
-  def init(rng, shape, dtype=jnp.float32):
-    del rng
-    if shape != (max_size * max_size, hidden_size):
-      raise ValueError(f"pos table shape {shape} != "
-                       f"{(max_size * max_size, hidden_size)}")
-    return embeddings.sincos_2d_table(hidden_size, max_size, base_size,
-                                      xp=jnp).astype(dtype)
-  return init
-
-
 class MMDiT(nn.Module):
   """SD3 MM-DiT predicting the rectified-flow velocity.
 
@@ -358,42 +346,16 @@ class MMDiT(nn.Module):
       (B, H, W, out_channels) float32 velocity.
     """
     self.check_config()
-    p, width = self.patch_size, self.hidden_size
-    dense = functools.partial(layers.Dense, dtype=self.dtype,
-                              param_dtype=self.param_dtype)
-
-    patches = embeddings.patchify(x, p)  # (B, h, w, p*p*C)
-    b, h, w, _ = patches.shape
-    tokens = dense(width, ("patch", "embed"), name="patch_embed")(
-        patches.reshape(b, h * w, -1))  # (B, T, H)
-    table = self.param(
-        "pos_embed",
-        nn.with_logical_partitioning(
-            _pos_table_init(width, self.pos_embed_max_size,
-                            self.pos_embed_base), ("pos", "embed")),
-        (self.pos_embed_max_size**2, width), self.param_dtype)
-    pos = embeddings.crop_pos_table(table, self.pos_embed_max_size, h, w)
-    tokens = tokens + pos.astype(self.dtype)[None]  # (B, T, H)
-    tokens = nn.with_logical_constraint(tokens, ("batch", "length", "embed"))
-
-    t_freq = embeddings.timestep_embedding(t)  # (B, 256)
-    c = embeddings.MlpEmbedder(
-        width, kernel_init=nn.initializers.normal(0.02),
-        param_dtype=self.param_dtype, name="t_embedder")(t_freq)  # (B, H)
-    c = c + embeddings.MlpEmbedder(
-        width, param_dtype=self.param_dtype,
-        name="y_embedder")(pooled.astype(jnp.float32))  # (B, H)
-
-    ctx = dense(width, ("cond", "embed"), name="context_embedder")(context)
-    ctx = nn.with_logical_constraint(ctx, ("batch", "length", "embed"))
+    p = self.patch_size
+    tokens, h, w = frontend.image_tokens(self, x)  # (B, T, H)
+    c = frontend.time_embedding(self, t) + frontend.pooled_embedding(self, pooled)  # (B, H)
+    ctx = frontend.context_tokens(self, context)  # (B, L, H)
 
     tokens = self._blocks(tokens, ctx, c)  # (B, T, H)
     out = FinalLayer(p * p * self.output_channels, dtype=self.dtype,
                      param_dtype=self.param_dtype,
                      name="final_layer")(tokens, c)  # (B, T, p*p*out)
-    out = embeddings.unpatchify(out.reshape(b, h, w, -1), p,
-                                self.output_channels)
-    return out.astype(jnp.float32)  # (B, H, W, out)
+    return frontend.unpatchify(self, out, h, w).astype(jnp.float32)  # (B, H, W, out)
 
 
 def block_groups(model: MMDiT) -> list[tuple[int, int]]:
@@ -433,6 +395,14 @@ def block_name(start: int, stop: int) -> str:
   if stop == start + 1:
     return f"blocks_{start}"
   return f"blocks_{start}_{stop - 1}"
+
+
+def parse_block_name(name: str) -> tuple[int, int] | None:
+  """Inverse of block_name: "blocks_3" -> (3, 4), "blocks_0_12" -> (0, 13); None for a param that is no block."""
+  parts = name.split("_")
+  if parts[0] != "blocks" or not 2 <= len(parts) <= 3 or not all(p.isdigit() for p in parts[1:]):
+    return None
+  return int(parts[1]), int(parts[-1]) + 1
 
 
 def _stack(leaves):
@@ -478,7 +448,7 @@ def _depth_variant(d: int) -> dict[str, Any]:
 
 
 # Named configurations. "dN": the paper's scaling family (width 64*d, d heads,
-# head_dim 64); presets: the released SD3 / SD3.5 transformers (spec §7).
+# head_dim 64); presets: the released SD3 / SD3.5 transformers (their diffusers configs).
 VARIANTS: dict[str, dict[str, Any]] = {
     **{f"d{d}": _depth_variant(d) for d in range(2, 39)},
     "sd3-medium": dict(_depth_variant(24), pos_embed_max_size=192,

@@ -2,7 +2,7 @@
 
 Real CLIP/T5 weights cannot be downloaded where rflow_jax is tested, so the built-in tasks use two tiny transformers,
 randomly initialised from `config.text.init_seed` and never trained (like the paper's frozen encoders, so their outputs
-could be precomputed). They are composed exactly as SD3 composes CLIP-L/G and T5 (spec §4):
+could be precomputed). They are composed exactly as SD3 composes CLIP-L/G and T5 (arXiv 2403.03206 §4):
 
   * "clip": causal transformer; context = penultimate layer's hidden states (no final norm); pooled = final-norm
     hidden state at the EOS token.

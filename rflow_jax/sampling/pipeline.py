@@ -13,13 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from rflow_jax.data import pixels
+from rflow_jax.flow import formulations
 from rflow_jax.model import text_encoders
 from rflow_jax.sampling import guidance, schedules, solvers
-
-
-def to_uint8(images) -> np.ndarray:
-  """[-1, 1] float images (B, H, W, C) -> uint8 (the pixel-space convention of the built-in datasets)."""
-  return np.asarray(jnp.clip(jnp.round((images + 1.0) * 127.5), 0, 255)).astype(np.uint8)
 
 
 def make_grid(images: np.ndarray, ncols: int = 8, pad: int = 2) -> np.ndarray:
@@ -68,11 +65,12 @@ class Sampler:
         sigmas=sigmas, solver=sample_config.solver, cfg_scale=sample_config.cfg_scale))
 
   @classmethod
-  def from_setup(cls, setup):
-    c = setup.config
-    return cls(model=setup.model, text_stack=setup.text_stack, tokenizer=setup.tokenizer,
-               formulation=setup.formulation, sample_config=c.sample,
-               image_shape=(c.data.image_size, c.data.image_size, c.model.in_channels))
+  def from_config(cls, config, *, model, text_stack, tokenizer):
+    """The sampler of a run's config: its formulation, config.sample and image shape."""
+    return cls(model=model, text_stack=text_stack, tokenizer=tokenizer,
+               formulation=formulations.get(config.flow.formulation, shift=config.flow.shift),
+               sample_config=config.sample,
+               image_shape=(config.data.image_size, config.data.image_size, config.model.in_channels))
 
   def generate(self, params, text_params, prompts, seed: int) -> np.ndarray:
     """uint8 images (N, H, W, C) for N prompts; batches are padded to one shape so the sampler compiles once."""
@@ -85,7 +83,7 @@ class Sampler:
       chunk += [""] * (bs - n)  # Padding prompts; their images are dropped.
       tokens = jnp.asarray(self.tokenizer.batch(chunk))
       keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(start, start + bs))
-      out.append(to_uint8(self._fn(params, text_params, tokens, keys))[:n])
+      out.append(pixels.to_uint8(self._fn(params, text_params, tokens, keys))[:n])
     return np.concatenate(out) if out else np.zeros((0,) + self.image_shape, np.uint8)
 
   def params_of(self, state):

@@ -5,7 +5,7 @@ Styles:
   "diffusers":      exactly FlowMatchEulerDiscreteScheduler(shift=α).set_timesteps(n).sigmas (diffusers 0.42,
                     no dynamic shifting). The scheduler shifts its 1000 training sigmas at construction and
                     shifts the linspace between the shifted extremes again in set_timesteps, so the low end
-                    is double-shifted and σ_{n-1} = shift(shift(0.001)) rather than a clean grid (spec §8; the
+                    is double-shifted and σ_{n-1} = shift(shift(0.001)) rather than a clean grid (diffusers 0.42; the
                     sd3.5 reference get_sigmas does the same). Use it to reproduce diffusers / sd3.5 samples.
 The network's timestep for σ is 1000·σ (diffusers' `timesteps`), applied inside the model.
 """

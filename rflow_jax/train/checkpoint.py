@@ -56,53 +56,45 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state, data_iter
   return restored["state"]
 
 
-def _key_name(key) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
-
-
 def _param_shapes(tree) -> dict[str, tuple[int, ...]]:
   """'a/b/kernel' -> shape for every leaf with a .shape (arrays, ShapeDtypeStructs, Orbax metadata)."""
   flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
-  return {"/".join(_key_name(k) for k in path): tuple(leaf.shape) for path, leaf in flat}
+  return {jax.tree_util.keystr(path, simple=True, separator="/"): tuple(leaf.shape) for path, leaf in flat}
 
 
-def check_compatible(manager: ocp.CheckpointManager, step: int, abstract_state) -> None:
-  """Raises ValueError naming the first parameter whose presence or shape differs from the saved checkpoint.
+def check_compatible(manager: ocp.CheckpointManager, step: int, abstract_state, weight_groups) -> None:
+  """Raises ValueError naming the first weight whose presence or shape differs from the saved checkpoint.
 
   Runs before any compilation, so that a workdir of another model is reported in one line and left untouched.
-  The model and text-encoder parameters are compared: optimizer state mirrors the former.
+  The task's weight groups (state fields) are compared; optimizer state mirrors them.
   """
   _check_shapes(manager, step, manager.item_metadata(step)["state"],
-                {group: getattr(abstract_state, group) for group in ("params", "text_params")})
+                {group: getattr(abstract_state, group) for group in weight_groups})
 
 
 def _check_shapes(manager: ocp.CheckpointManager, step: int, metadata, groups: dict[str, Any]) -> None:
-  """check_compatible against the saved state's `metadata` (read by the caller), for {"params": tree,
-  "text_params": tree}: a whole state, or a warm start's renamed subset."""
+  """check_compatible against the saved state's `metadata` (read by the caller), for {group: tree}: a whole state's
+  weight groups, or a warm start's renamed subset. Names are "<group>/<path>", e.g. "params/blocks_0/...". """
   where = f"checkpoint at step {step} in {manager.directory}"
-  saved, want = {}, {}
-  for group, prefix in (("params", ""), ("text_params", "text_params/")):
-    saved.update({prefix + k: v for k, v in _param_shapes(metadata[group]).items()})
-    want.update({prefix + k: v for k, v in _param_shapes(groups[group]).items()})
-  for name in sorted(set(saved) | set(want)):
-    if name not in saved:
-      raise ValueError(f"{where} has no parameter {name} (this config expects shape {want[name]}): "
-                       "it was written by a different model")
-    if name not in want:
-      raise ValueError(f"{where} has parameter {name} (shape {saved[name]}) that this config does not: "
-                       "it was written by a different model")
-    if saved[name] != want[name]:
-      raise ValueError(f"{where}: parameter {name} has shape {saved[name]}, but this config expects {want[name]}")
+  for group, tree in groups.items():
+    saved = _param_shapes(metadata[group]) if group in metadata else {}
+    want = _param_shapes(tree)
+    for key in sorted(set(saved) | set(want)):
+      name = f"{group}/{key}"
+      if key not in saved:
+        raise ValueError(f"{where} has no parameter {name} (this config expects shape {want[key]}): "
+                         "it was written by a different model")
+      if key not in want:
+        raise ValueError(f"{where} has parameter {name} (shape {saved[key]}) that this config does not: "
+                         "it was written by a different model")
+      if saved[key] != want[key]:
+        raise ValueError(f"{where}: parameter {name} has shape {saved[key]}, but this config expects {want[key]}")
 
 
-WEIGHTS = ("params", "ema_params", "text_params")  # What a warm start takes from another run.
-
-
-def restore_weights(workdir: str, abstract_state, *, grow_depth: bool = False) -> tuple[dict[str, Any], int]:
-  """({params, ema_params, text_params}, step) of `workdir`'s newest checkpoint, placed like `abstract_state`.
+def restore_weights(workdir: str, abstract_state, weight_groups, *,
+                    grow_depth: bool = False) -> tuple[dict[str, Any], int]:
+  """({group: weights} for the task's weight groups, step) of `workdir`'s newest checkpoint, placed like
+  `abstract_state`.
 
   The warm start of train.init_from: optimizer state, step and data position are not read, so the other run may
   have used any optimizer or schedule. Checked before anything is compiled.
@@ -119,7 +111,7 @@ def restore_weights(workdir: str, abstract_state, *, grow_depth: bool = False) -
   step = latest_step(workdir)
   if step is None:
     raise FileNotFoundError(f"train.init_from={workdir!r} holds no complete checkpoint")
-  target = {name: getattr(abstract_state, name) for name in WEIGHTS}
+  target = {name: getattr(abstract_state, name) for name in weight_groups}
   # Only the weights are read (partial_restore), each leaf straight into this run's sharding.
   with make_manager(workdir, read_only=True, partial_state=True) as manager:
     metadata = manager.item_metadata(step)["state"]  # Read once: growth names and the shape check both use it.
@@ -128,7 +120,7 @@ def restore_weights(workdir: str, abstract_state, *, grow_depth: bool = False) -
       source_of = _grown_names(list(metadata["params"]), list(target["params"]), workdir)
       for group in ("params", "ema_params"):
         target[group] = {source_of.get(k, k): v for k, v in target[group].items()
-                         if k in source_of or not k.startswith("blocks_")}
+                         if k in source_of or mmdit.parse_block_name(k) is None}
     _check_shapes(manager, step, metadata, target)
     restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), target)
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
@@ -141,8 +133,9 @@ def restore_weights(workdir: str, abstract_state, *, grow_depth: bool = False) -
 
 def _grown_names(source_params: list[str], params: list[str], workdir: str) -> dict[str, str]:
   """{this model's block name: the source block read into it} for a depth-growing warm start."""
-  blocks = lambda names: [n for n in names if n.startswith("blocks_")]
-  scanned = [n for n in blocks(source_params) + blocks(params) if n.count("_") > 1]  # blocks_0_12: a scanned group.
+  spans = {n: mmdit.parse_block_name(n) for n in source_params + params}  # [start, stop) of each block group.
+  blocks = lambda names: [n for n in names if spans[n] is not None]
+  scanned = [n for n in blocks(source_params) + blocks(params) if spans[n][1] - spans[n][0] > 1]  # e.g. blocks_0_12
   if scanned:
     raise ValueError(f"train.init_grow_depth reads and writes single blocks, but {scanned[0]!r} is a scanned group: "
                      "set model.scan_blocks=False in both runs")
@@ -151,7 +144,7 @@ def _grown_names(source_params: list[str], params: list[str], workdir: str) -> d
     positions = mmdit.grown_block_positions(src_depth, depth)
   except ValueError as e:
     raise ValueError(f"train.init_from={workdir!r}: {e}") from None
-  return {f"blocks_{p}": f"blocks_{i}" for i, p in enumerate(positions)}
+  return {mmdit.block_name(p, p + 1): mmdit.block_name(i, i + 1) for i, p in enumerate(positions)}
 
 
 def latest_step(workdir: str) -> int | None:
@@ -163,7 +156,11 @@ def latest_step(workdir: str) -> int | None:
 
 
 def restore_params(workdir: str, *, use_ema: bool, step: int | None = None) -> tuple[Any, Any, int]:
-  """Loads (mmdit params, text params, step) from a workdir's checkpoint, on the host, without the trainer.
+  """Loads (backbone params, text params, step) from a workdir's checkpoint, on the host, without the trainer.
+
+  A partial restore: only the two weight groups a sampler needs are read (not the other params set, nor the
+  optimizer moments), each onto this process's first device whatever mesh wrote the checkpoint (a pod run's
+  checkpoint samples on a laptop: the target's shardings, not the saved ones, decide placement).
 
   Raises:
     FileNotFoundError: naming the workdir, when it holds no complete checkpoint.
@@ -172,13 +169,14 @@ def restore_params(workdir: str, *, use_ema: bool, step: int | None = None) -> t
   step = latest_step(workdir) if step is None else step
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {directory!r}: train first (python -m rflow_jax.main ...)")
-  with make_manager(workdir, read_only=True) as manager:
-    # Restore onto this process's first device whatever mesh wrote the checkpoint (a pod run's checkpoint samples
-    # on a laptop): the target's shardings, not the saved ones, decide placement.
+  group = "ema_params" if use_ema else "params"
+  with make_manager(workdir, read_only=True, partial_state=True) as manager:
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    metadata = manager.item_metadata(step)["state"]
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device),
-                          manager.item_metadata(step)["state"], is_leaf=lambda x: hasattr(x, "shape"))
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-  state = restored["state"]
-  params = state["ema_params"] if use_ema else state["params"]
-  return params, state["text_params"], step
+                          {group: metadata[group], "text_params": metadata["text_params"]},
+                          is_leaf=lambda x: hasattr(x, "shape"))
+    restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), target)
+    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=target, restore_args=restore_args, partial_restore=True)))["state"]
+  return state[group], state["text_params"], step

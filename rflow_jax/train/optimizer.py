@@ -3,19 +3,13 @@
 import jax
 import optax
 
-# Parameters never trained: the positional table is a fixed buffer in SD3 (diffusers registers it as a buffer).
-FROZEN = ("pos_embed",)
-
-
-def _path_names(path) -> list[str]:
-  return [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+from rflow_jax.model import frontend
 
 
 def param_labels(params):
-  """'frozen' for FROZEN tables, 'no_decay' for vectors (biases, norm scales), 'decay' for matrices."""
+  """'frozen' for the model's fixed tables, 'no_decay' for vectors (biases, norm scales), 'decay' for matrices."""
   def label(path, leaf):
-    names = _path_names(path)
-    if any(n in FROZEN for n in names):
+    if frontend.is_frozen(path):
       return "frozen"
     return "decay" if leaf.ndim >= 2 else "no_decay"
   return jax.tree_util.tree_map_with_path(label, params)

@@ -1,11 +1,10 @@
 """The pure train step: (state, batch) -> (state, metrics), jitted once by the trainer.
 
-Statics (model, text stack, formulation, optimiser, config numbers) are bound with functools.partial so the jitted
-function's only arguments are arrays. Randomness is fold_in(seed key, step): a resumed run draws exactly what an
+Statics (model, text stack, formulation, optimiser, config numbers) are bound with functools.partial (by the flow
+task, rflow_jax/train/tasks.py) so the jitted function's only arguments are arrays. Randomness is fold_in(seed key, step): a resumed run draws exactly what an
 uninterrupted one would.
 """
 
-import functools
 from typing import Any
 
 import jax
@@ -84,10 +83,3 @@ def train_step(state: TrainState, batch, *, model, text_stack, formulation, tx, 
       **{f"loss_t{i}": binned[i] for i in range(NUM_T_BINS)},
   }
   return new_state, metrics
-
-
-def bind(config, *, model, text_stack, formulation, tx):
-  """train_step with its statics bound from the config, ready for jax.jit."""
-  return functools.partial(
-      train_step, model=model, text_stack=text_stack, formulation=formulation, tx=tx, seed=config.seed,
-      drop_prob=config.text.drop_prob, ema_decay=config.optim.ema_decay)

@@ -1,59 +1,30 @@
-"""train_and_evaluate(config, workdir): setup, the jitted step, the loop with CLU hooks, checkpoints, final eval.
+"""train_and_evaluate(config, workdir): setup, the jitted step, the loop with CLU hooks, checkpoints, evaluations.
 
-The entry point (rflow_jax/main.py) only parses flags and calls this; tests call it too.
+The loop names no task: what is trained (state, init, step, data, previews) is the task plug-in of `config.task`
+(rflow_jax/train/tasks.py), and what is measured are the evaluators of `config.train.evaluators`
+(rflow_jax/eval/evaluators.py). The entry point (rflow_jax/main.py) only parses flags and calls this; tests call it too.
 """
 
 import contextlib
-import functools
 import json
 import os
 import time
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from clu import metric_writers, periodic_actions
 
 from rflow_jax import config_lib
-from rflow_jax.data import pipeline as data_pipeline, registry as data_registry
-from rflow_jax.flow import formulations
-from rflow_jax.model import text_encoders
-from rflow_jax.sampling import pipeline as sampling
+from rflow_jax.eval import evaluators as evaluators_lib
 from rflow_jax.sharding import mesh as mesh_lib, partition, rules as rules_lib
-from rflow_jax.train import checkpoint, optimizer as optim_lib, preemption, step as step_lib, workdir as workdir_lib
-from rflow_jax.train.state import TrainState
+from rflow_jax.train import checkpoint, hooks, periodic, preemption, tasks, workdir as workdir_lib
+from rflow_jax.train import writers as writers_lib  # Before anything else imports CLU's writers (no-TF stand-in).
 from rflow_jax.utils import flops as flops_lib
 
 
 class NonFiniteError(RuntimeError):
   """Raised when the loss or gradient norm went non-finite under the 'halt' policy."""
-
-
-def build_model(config):
-  """The backbone of `config.model`; context/pooled widths follow the text stack."""
-  return config_lib.build_model(config)
-
-
-def _dummy_inputs(config, batch_size: int = 1):
-  s, m = config.data.image_size, config.model
-  x = jnp.zeros((batch_size, s, s, m.in_channels), jnp.float32)
-  t = jnp.zeros((batch_size,), jnp.float32)
-  context = jnp.zeros((batch_size, 2 * config.text.max_length, config.text.width), jnp.float32)
-  pooled = jnp.zeros((batch_size, config.text.width), jnp.float32)
-  return x, t, context, pooled
-
-
-def make_init_fn(config, model, text_stack, tx):
-  """A function key -> TrainState whose params still carry their logical-axis boxes (for partition specs)."""
-  def init(key):
-    params = model.init(key, *_dummy_inputs(config))["params"]
-    text_params = text_encoders.init_params(text_stack, config.text)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      ema_params=jax.tree.map(lambda p: p, params), text_params=text_params,
-                      skipped_steps=jnp.zeros((), jnp.int32))
-  return init
 
 
 def state_shardings(init_fn, mesh, rules):
@@ -71,30 +42,26 @@ def state_shardings(init_fn, mesh, rules):
 
 
 class Setup:
-  """Everything the loop needs, built once from the config (also used by tests and the AOT tool)."""
+  """Everything the loop needs, built once from the config (also used by tests, benchmarks and the AOT tool)."""
 
   def __init__(self, config, devices=None):
-    """Builds model, optimizer, mesh (over `devices`, default all) and the jitted step; compiles nothing."""
+    """Builds the task, mesh (over `devices`, default all) and the jitted step; compiles nothing."""
     self.config = config
-    self.model = build_model(config)
-    self.tokenizer, self.text_stack = text_encoders.build(config.text)
-    self.formulation = formulations.get(config.flow.formulation, shift=config.flow.shift)
-    self.tx = optim_lib.make_optimizer(config.optim, config.train.num_steps)
+    self.task = tasks.get_task(config)
     self.mesh = mesh_lib.mesh_from_config(config.sharding, devices)
     self.rules = rules_lib.rules_from_config(config.sharding)
     partition.check_batch(config.train.global_batch_size, self.mesh, self.rules)
-    self.init_fn = make_init_fn(config, self.model, self.text_stack, self.tx)
     with nn.logical_axis_rules(self.rules):  # No mesh context for init: see step_context.
-      self.abstract_state, self.state_sharding = state_shardings(self.init_fn, self.mesh, self.rules)
+      self.abstract_state, self.state_sharding = state_shardings(self.task.init, self.mesh, self.rules)
     partition.check_divisible(self.abstract_state)  # Before compiling: uneven shards fail only at the first step.
     self.batch_sharding = partition.batch_sharding(self.mesh, self.rules)
-    step_fn = step_lib.bind(config, model=self.model, text_stack=self.text_stack, formulation=self.formulation,
-                            tx=self.tx)
-    self.train_step = jax.jit(step_fn, in_shardings=(self.state_sharding, self.batch_sharding),
+    self.batch_spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.batch_sharding)
+                       for k, v in self.task.batch_spec(config.train.global_batch_size).items()}
+    self.train_step = jax.jit(self.task.train_step, in_shardings=(self.state_sharding, self.batch_sharding),
                               out_shardings=(self.state_sharding, None), donate_argnums=0)
 
   def init_state(self):
-    init = jax.jit(lambda k: nn.meta.unbox(self.init_fn(k)), out_shardings=self.state_sharding)
+    init = jax.jit(lambda k: nn.meta.unbox(self.task.init(k)), out_shardings=self.state_sharding)
     with nn.logical_axis_rules(self.rules):  # Placement comes from out_shardings; no mesh context (step_context).
       return init(jax.random.key(self.config.seed))
 
@@ -113,17 +80,14 @@ class Setup:
     with self.step_context():
       return self.train_step(state, batch)
 
+  def data_iterator(self):
+    """This process's checkpointable iterator of local batches."""
+    return self.task.make_iterator(jax.process_index(), jax.process_count())
+
   def global_batch(self, local_batch):
-    """Per-process numpy batch -> global jax arrays sharded over (data, fsdp)."""
+    """Per-process numpy batch -> global jax arrays (the task's batch_spec keys) sharded over (data, fsdp)."""
     return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(local_batch[k]))
-            for k in ("image", "tokens")}
-
-
-def _data_iterator(config, tokenizer):
-  source = data_registry.make_source(config.data)
-  return data_pipeline.make_train_iterator(
-      source=source, tokenize=tokenizer, global_batch_size=config.train.global_batch_size, seed=config.seed,
-      process_index=jax.process_index(), process_count=jax.process_count(), worker_count=config.data.worker_count)
+            for k in self.batch_spec}
 
 
 def _write_config(config, workdir):
@@ -141,15 +105,15 @@ def _restore_or_init(setup, manager, data_iter, workdir):
     if not init_from:
       return setup.init_state(), None
     weights, from_step = checkpoint.restore_weights(  # Checked before compiling.
-        init_from, setup.abstract_state, grow_depth=setup.config.train.init_grow_depth)
-    logging.info("Weights (params, EMA, text encoders) from step %d of %s", from_step, init_from)
+        init_from, setup.abstract_state, setup.task.weight_groups, grow_depth=setup.config.train.init_grow_depth)
+    logging.info("Weights (%s) from step %d of %s", ", ".join(weights), from_step, init_from)
     state = setup.init_state()
     # Top-level merge: blocks a depth-growing warm start did not read keep their fresh (identity) init.
     return state.replace(**{group: {**getattr(state, group), **w} for group, w in weights.items()}), None
   if init_from:
     logging.info("Resuming this run's own checkpoint; train.init_from=%s is not read", init_from)
   # Before any compilation: a workdir of another model is refused, and nothing in it is touched.
-  checkpoint.check_compatible(manager, resume_step, setup.abstract_state)
+  checkpoint.check_compatible(manager, resume_step, setup.abstract_state, setup.task.weight_groups)
   state = checkpoint.restore(manager, resume_step, setup.abstract_state, data_iter)
   logging.info("Resumed from step %d in %s", resume_step, workdir)
   return state, resume_step
@@ -159,30 +123,15 @@ def _fetch_metrics(pending, step, config, last_ckpt) -> dict:
   """The loop's only host sync: metrics of the steps since the last fetch, averaged; halts on non-finite."""
   fetched = jax.device_get(pending)
   metrics = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
-  metrics["skipped_steps"] = float(fetched[-1]["skipped_steps"])
+  if "skipped_steps" in fetched[-1]:  # A count, not a rate: the latest value.
+    metrics["skipped_steps"] = float(fetched[-1]["skipped_steps"])
   if config.train.nonfinite == "halt" and max(m["nonfinite"] for m in fetched) > 0:
     first = step - len(fetched) + 1
+    values = ", ".join(f"{k}={metrics[k]}" for k in ("loss", "grad_norm") if k in metrics)
     raise NonFiniteError(
-        f"loss or gradient norm became non-finite between steps {first} and {step} "
-        f"(loss={metrics['loss']}, grad_norm={metrics['grad_norm']}); the update was not applied. "
-        f"Last good checkpoint: step {last_ckpt}. Set --config.train.nonfinite=skip to drop such updates.")
+        f"loss or gradient norm became non-finite between steps {first} and {step} ({values}); the update was not "
+        f"applied. Last good checkpoint: step {last_ckpt}. Set --config.train.nonfinite=skip to drop such updates.")
   return metrics
-
-
-def _record_seen(workdir, seen, local_batch):
-  """Debug (train.record_seen_indices): WORKDIR/seen_indices_p{i}.json lists the examples this process trained on."""
-  seen.extend(int(i) for i in local_batch["index"])
-  with open(os.path.join(workdir, f"seen_indices_p{jax.process_index()}.json"), "w") as f:
-    json.dump(seen, f)
-
-
-def _append_metrics(workdir, step, metrics):
-  """Also appends the scalars to WORKDIR/metrics.jsonl: plain text any tool can read. Training scalars and
-  ShapesEval scores of one step are separate lines; a resumed run re-logs the steps after its checkpoint, and for
-  each key of a step the last line that has it is the one that counts."""
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
-      f.write(json.dumps({"step": step, **metrics}) + "\n")
 
 
 def _save(manager, step, state, data_iter, last_ckpt):
@@ -195,11 +144,6 @@ def _save(manager, step, state, data_iter, last_ckpt):
         f"the last complete checkpoint (step {last_ckpt}) is intact and a restart resumes from it") from e
 
 
-def _poison(local_batch):
-  """Fault injection (config.train.poison_step): a batch of NaN images, to exercise the non-finite guard."""
-  return {**local_batch, "image": np.full_like(local_batch["image"], np.nan)}
-
-
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains per `config` into `workdir` (resuming from its newest checkpoint) and returns the final metrics.
 
@@ -207,18 +151,19 @@ def train_and_evaluate(config, workdir: str) -> dict:
   returns with results["preempted"] = True; the next call resumes from there.
   """
   config_lib.validate(config)
+  evaluators = evaluators_lib.get(config.train.evaluators)
   workdir_lib.prepare(workdir)
   with workdir_lib.exclusive(workdir), preemption.SigtermFlag() as sigterm:
     workdir_lib.warn_incomplete_checkpoints(checkpoint.checkpoint_dir(workdir))
     setup = Setup(config)
     manager = checkpoint.make_manager(workdir, max_to_keep=config.train.keep_checkpoints,
                                       async_save=config.ckpt.async_save)
-    data_iter = _data_iterator(config, setup.tokenizer)
+    data_iter = setup.data_iterator()
     state, last_ckpt = _restore_or_init(setup, manager, data_iter, workdir)
     _write_config(config, workdir)
-    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    writer = writers_lib.make_writer(workdir, is_main_process=jax.process_index() == 0)
     try:
-      results = _train_loop(config, workdir, setup, manager, data_iter, state, last_ckpt, writer, sigterm)
+      results = _train_loop(setup, workdir, manager, data_iter, state, last_ckpt, writer, sigterm, evaluators)
     finally:
       manager.wait_until_finished()  # An in-flight async save commits (or is cleanly abandoned) before we leave.
       writer.flush()
@@ -226,32 +171,24 @@ def train_and_evaluate(config, workdir: str) -> dict:
   return results
 
 
-def _train_loop(config, workdir, setup, manager, data_iter, state, last_ckpt, writer, sigterm) -> dict:
-  """Steps until train.num_steps (or SIGTERM), with periodic metrics, checkpoints and grids; then the final eval."""
+def _train_loop(setup, workdir, manager, data_iter, state, last_ckpt, writer, sigterm, evaluators) -> dict:
+  """Steps until train.num_steps (or SIGTERM), with the periodic work of periodic.due; then the final preview and
+  evaluation."""
+  config, task = setup.config, setup.task
   num_steps = config.train.num_steps
-  # Called after each metrics fetch only (see the loop), so every call reports: every_secs=0, no every_steps (which
-  # would demand a call per step).
-  report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer, every_secs=0.0)
-  sampler = sampling.Sampler.from_setup(setup)
+  report = writers_lib.progress_reporter(num_steps, writer)
   step = int(jax.device_get(state.step))
+  batches = hooks.wrap(data_iter, config.train, workdir=workdir, process_index=jax.process_index(), step=step)
   pending, results = [], {}
-  meter = flops_lib.ThroughputMeter(flops_lib.train_flops_per_step(config), setup.mesh.size,
-                                    config.train.peak_tflops_per_device)
-  seen = [] if config.train.record_seen_indices else None
-  scores_shapes = config.data.name == "shapes"  # ShapesEval scores the built-in shapes task only.
-  shapes_eval_every = config.train.eval_every if scores_shapes else 0
+  meter = flops_lib.ThroughputMeter(task.flops_per_step, setup.mesh.size, config.train.peak_tflops_per_device)
   t0 = time.time()
   while step < num_steps:
-    local = next(data_iter)
-    if seen is not None:
-      _record_seen(workdir, seen, local)
-    if step + 1 == config.train.poison_step:
-      local = _poison(local)
-    state, metrics = setup.step(state, setup.global_batch(local))
+    state, metrics = setup.step(state, setup.global_batch(next(batches)))
     step += 1
     pending.append(metrics)
     stop = sigterm.is_set()
-    if step % config.train.log_every == 0 or step == num_steps or stop:
+    due = periodic.due(step, config.train, stopping=stop)
+    if due.log:
       results = _fetch_metrics(pending, step, config, last_ckpt)
       # Only here, after the fetch has waited for the device: between fetches the loop runs ahead of the device
       # (async dispatch), so a report there would log the dispatch rate and then a stall, not steps/s.
@@ -259,36 +196,35 @@ def _train_loop(config, workdir, setup, manager, data_iter, state, last_ckpt, wr
       results.update(meter.measure(len(pending)))  # TFLOP/s per device and MFU (from the 2nd window on).
       pending = []
       writer.write_scalars(step, results)
-      _append_metrics(workdir, step, results)
-    if step % config.train.checkpoint_every == 0 or step == num_steps or stop:
+    if due.checkpoint:
       _save(manager, step, state, data_iter, last_ckpt)
       last_ckpt = step
     if stop:
       manager.wait_until_finished()
       logging.warning("SIGTERM: checkpoint of step %d committed in %s; exiting", step, workdir)
       return {**results, "preempted": True, "step": step}
-    if config.train.sample_every and step % config.train.sample_every == 0 and step != num_steps:
-      sampler.write_grid(state, step, workdir, writer)
-    if shapes_eval_every and step % shapes_eval_every == 0 and step != num_steps:
-      _shapes_eval(config, sampler, state, step, workdir, writer, f"eval_step{step}")
+    if due.preview:
+      task.preview(state, step, workdir, writer)
+    if due.evaluate:
+      _evaluate(evaluators, task, state, step, os.path.join(workdir, f"eval_step{step}"), writer)
   manager.wait_until_finished()
   logging.info("Training loop done in %.1fs", time.time() - t0)
-  sampler.write_grid(state, step, workdir, writer)
-  if config.train.eval_at_end and scores_shapes:
-    results.update(_shapes_eval(config, sampler, state, step, workdir, writer, "eval"))
+  task.preview(state, step, workdir, writer)
+  if config.train.eval_at_end:
+    results.update(_evaluate(evaluators, task, state, step, os.path.join(workdir, "eval"), writer))
   return {**results, "preempted": False, "step": step}
 
 
-def _shapes_eval(config, sampler, state, step, workdir, writer, subdir) -> dict:
-  """ShapesEval of `state` on fresh prompts (images in WORKDIR/subdir); logs and returns {"shapes_eval/k": v}."""
-  from rflow_jax.eval import run_shapes  # pylint: disable=g-import-not-at-top  (scipy only when evaluating)
-  t0 = time.time()
-  scores = run_shapes.evaluate(sampler, sampler.params_of(state), state.text_params,
-                               per_kind=config.sample.eval_per_kind, seed=config.sample.eval_seed,
-                               out_dir=os.path.join(workdir, subdir))
-  prefixed = {f"shapes_eval/{k}": v for k, v in scores.items()}
-  logged = {k: v for k, v in prefixed.items() if k != "shapes_eval/n"}  # The prompt count is not a score.
-  writer.write_scalars(step, logged)
-  _append_metrics(workdir, step, logged)
-  logging.info("ShapesEval at step %d (%.1fs): %s", step, time.time() - t0, json.dumps(scores))
-  return prefixed
+def _evaluate(evaluators, task, state, step, out_dir, writer) -> dict:
+  """Runs every evaluator on `state` (files under out_dir/, one subdirectory per evaluator when there are several);
+  writes and returns their scores as {"<evaluator>/<score>": value}."""
+  scores = {}
+  for name, evaluate in evaluators.items():
+    t0 = time.time()
+    where = out_dir if len(evaluators) == 1 else os.path.join(out_dir, name)
+    got = evaluate(task, state, step, where)
+    logging.info("Evaluator %s at step %d (%.1fs): %s", name, step, time.time() - t0, json.dumps(got))
+    scores.update({f"{name}/{k}": v for k, v in got.items()})
+  if scores:
+    writer.write_scalars(step, scores)
+  return scores

@@ -1,4 +1,4 @@
-"""launch/no_tf.py: training where TensorFlow cannot be imported (the GPU box's plain JAX install)."""
+"""Training where TensorFlow cannot be imported (a GPU box's plain JAX install): no TensorBoard events, all else."""
 
 import glob
 import json
@@ -12,13 +12,13 @@ import cli_util
 
 pytestmark = pytest.mark.slow
 
-# Blocks `import tensorflow` (None in sys.modules makes every import of it raise ImportError), then runs the launcher
-# as `python launch/no_tf.py …` would.
+# Blocks `import tensorflow` (None in sys.modules makes every import of it raise ImportError), then runs the trainer
+# as `python -m rflow_jax.main …` would.
 _WITHOUT_TF = """
 import runpy, sys
 sys.modules["tensorflow"] = None
-sys.argv = ["launch/no_tf.py"] + sys.argv[1:]
-runpy.run_path("launch/no_tf.py", run_name="__main__")
+sys.argv = ["rflow_jax.main"] + sys.argv[1:]
+runpy.run_module("rflow_jax.main", run_name="__main__", alter_sys=True)
 """
 
 
@@ -34,4 +34,3 @@ def test_trains_checkpoints_and_logs_without_tensorflow(tmp_path):
   assert steps == [1, 2]
   assert os.path.isdir(workdir / "checkpoints" / "2")
   assert glob.glob(str(workdir / "samples" / "*.png"))
-

@@ -1,0 +1,106 @@
+"""A training run's directory as library code: its config, its backbone, its weights and a sampler for it.
+
+Sampling, ShapesEval, export and the formulation study read a finished (or running) workdir through this module;
+none of them imports the trainer. Weights are restored params only (a partial restore: no optimizer moments).
+"""
+
+import json
+import os
+import pathlib
+from typing import Any
+
+import ml_collections
+
+from rflow_jax import config_lib
+from rflow_jax.export import diffusers as export_diffusers
+from rflow_jax.export import diffusers_io
+from rflow_jax.model import mmdit
+from rflow_jax.model import registry
+from rflow_jax.model import text_encoders
+from rflow_jax.sampling import pipeline
+from rflow_jax.train import checkpoint
+
+CONFIG_NAME = "config.json"
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The resolved config a training run saved to WORKDIR/config.json."""
+  path = os.path.join(workdir, CONFIG_NAME)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"--workdir={workdir!r} has no config.json: not a rflow_jax training workdir")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def load_sampler(workdir: str, *, steps=None, cfg=None, solver=None, use_ema: bool = True,
+                 transformer: str | None = None):
+  """Rebuilds (sampler, params, text_params, config, step) from a workdir.
+
+  Args:
+    workdir: a training workdir (config.json + checkpoints/).
+    steps, cfg, solver: overrides of config.sample's num_steps, cfg_scale and solver (None: the run's).
+    use_ema: the EMA weights (what training samples with) or the raw ones.
+    transformer: a diffusers SD3Transformer2DModel directory whose model and weights replace the workdir's MM-DiT;
+      the workdir still gives the config and the text encoders' weights.
+
+  Returns:
+    The sampler, its backbone params and text params, the config with the overrides, and the checkpoint step.
+  """
+  config = load_config(workdir)
+  if steps is not None:
+    config.sample.num_steps = steps
+  if cfg is not None:
+    config.sample.cfg_scale = cfg
+  if solver is not None:
+    config.sample.solver = solver
+  config.sample.use_ema = use_ema
+  config_lib.validate_sampling(config.sample)  # Before restoring or compiling anything.
+  model = registry.build_model(config)
+  if transformer is not None:  # Checked against the run's text stack before the checkpoint is read.
+    model, transformer_params = load_transformer_for(transformer, config)
+  params, text_params, step = checkpoint.restore_params(workdir, use_ema=use_ema)
+  if transformer is not None:
+    params = transformer_params
+  tokenizer, text_stack = text_encoders.build(config.text)
+  sampler = pipeline.Sampler.from_config(config, model=model, text_stack=text_stack, tokenizer=tokenizer)
+  return sampler, params, text_params, config, step
+
+
+def load_transformer_for(path: str | os.PathLike[str], config) -> tuple[mmdit.MMDiT, Any]:
+  """A diffusers transformer directory as the MM-DiT of a run's config.
+
+  The compute settings (dtype, attention_impl) come from the config; the architecture comes from the directory and
+  must fit the run's text stack (context and pooled widths = text.width), channels and image size.
+
+  Args:
+    path: a diffusers SD3Transformer2DModel directory.
+    config: the resolved config of the workdir that supplies the text stack.
+
+  Returns:
+    (model, params) with host numpy params.
+
+  Raises:
+    ValueError: naming the first mismatch between the directory and the run.
+  """
+  path = pathlib.Path(path)
+  overrides = dict(dtype=registry.DTYPES[config.model.dtype], attention_impl=config.model.attention_impl)
+  config_file = path / diffusers_io.CONFIG_NAME
+  if not config_file.is_file():
+    raise FileNotFoundError(f"--transformer={str(path)!r} has no {diffusers_io.CONFIG_NAME}: not a diffusers "
+                            f"transformer directory")
+  # The architecture is checked against the run before any weight is read.
+  model = export_diffusers.model_from_diffusers_config(json.loads(config_file.read_text()), **overrides)
+  grid = config.data.image_size // model.patch_size
+  checks = [
+      ("joint_attention_dim", model.context_dim, "text.width", config.text.width),
+      ("pooled_projection_dim", model.pooled_dim, "text.width", config.text.width),
+      ("in_channels", model.in_channels, "model.in_channels", config.model.in_channels),
+      ("out_channels", model.output_channels, "model.in_channels", config.model.in_channels)]
+  for theirs, value, ours, expected in checks:
+    if value != expected:
+      raise ValueError(f"--transformer={str(path)!r} has {theirs}={value}, but the workdir's {ours}={expected}")
+  if config.data.image_size % model.patch_size or grid > model.pos_embed_max_size:
+    raise ValueError(
+        f"--transformer={str(path)!r} (patch_size={model.patch_size}, pos_embed_max_size={model.pos_embed_max_size}) "
+        f"cannot take the workdir's data.image_size={config.data.image_size}")
+  return diffusers_io.load_transformer(path, **overrides)

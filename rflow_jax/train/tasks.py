@@ -1,0 +1,89 @@
+"""What is trained: task plug-ins behind `config.task`. The trainer owns mesh, jit, loop, checkpoints and logging.
+
+A task builds its modules and optimizer(s) from the config (compiling nothing) and provides:
+  init(key) -> state          a flax.struct.dataclass with at least `step` and `skipped_steps` (int32 scalars);
+                              params may still carry nn.Partitioned logical-axis boxes (the trainer derives the
+                              shardings from them).
+  weight_groups               the state fields holding weights (compatibility checks, warm starts, export).
+  train_step(state, batch)    pure and jittable -> (state, metrics); metrics are device scalars and include "loss"
+                              and "nonfinite" (1.0 when the update was dropped).
+  batch_spec(global_batch)    {key: jax.ShapeDtypeStruct} of the global arrays the step reads.
+  make_iterator(pi, pc)       a checkpointable grain iterator of process-local numpy batches (keys ⊇ batch_spec).
+  preview(state, step, workdir, writer)  periodic images (TensorBoard + WORKDIR/samples/).
+  flops_per_step              model FLOPs of one step (None: unknown; no TFLOP/s or MFU is logged).
+
+TASKS maps config.task to the class; other modules add theirs (e.g. the autoencoder's "vae").
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from rflow_jax.data import pipeline as data_pipeline, registry as data_registry
+from rflow_jax.flow import formulations
+from rflow_jax.model import registry as model_registry
+from rflow_jax.model import text_encoders
+from rflow_jax.sampling import pipeline as sampling
+from rflow_jax.train import optimizer as optim_lib, step as step_lib
+from rflow_jax.train.state import TrainState
+from rflow_jax.utils import flops as flops_lib
+
+
+class FlowTask:
+  """The rectified-flow backbone (config.model) on frozen text encoders (config.text), with EMA weights."""
+
+  weight_groups = ("params", "ema_params", "text_params")
+
+  def __init__(self, config):
+    """Builds backbone, text stack, formulation and optimizer; compiles nothing."""
+    self.config = config
+    self.model = model_registry.build_model(config)
+    self.tokenizer, self.text_stack = text_encoders.build(config.text)
+    self.formulation = formulations.get(config.flow.formulation, shift=config.flow.shift)
+    self.tx = optim_lib.make_optimizer(config.optim, config.train.num_steps)
+    self.train_step = functools.partial(
+        step_lib.train_step, model=self.model, text_stack=self.text_stack, formulation=self.formulation, tx=self.tx,
+        seed=config.seed, drop_prob=config.text.drop_prob, ema_decay=config.optim.ema_decay)
+    self.flops_per_step = flops_lib.train_flops_per_step(config)
+
+  def init(self, key) -> TrainState:
+    """Fresh state; the backbone's params keep their logical-axis boxes (the trainer unboxes them)."""
+    params = self.model.init(key, *model_registry.dummy_inputs(self.config))["params"]
+    text_params = text_encoders.init_params(self.text_stack, self.config.text)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
+                      ema_params=jax.tree.map(lambda p: p, params), text_params=text_params,
+                      skipped_steps=jnp.zeros((), jnp.int32))
+
+  def batch_spec(self, global_batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """Images in [-1, 1] (NHWC) and the caption tokens."""
+    s, c = self.config.data.image_size, self.config.model.in_channels
+    return {"image": jax.ShapeDtypeStruct((global_batch_size, s, s, c), jnp.float32),
+            "tokens": jax.ShapeDtypeStruct((global_batch_size, self.config.text.max_length), jnp.int32)}
+
+  def make_iterator(self, process_index: int, process_count: int):
+    """This process's slice of the shuffled, tokenized training stream of config.data."""
+    c = self.config
+    return data_pipeline.make_train_iterator(
+        source=data_registry.make_source(c.data), tokenize=self.tokenizer, global_batch_size=c.train.global_batch_size,
+        seed=c.seed, process_index=process_index, process_count=process_count, worker_count=c.data.worker_count)
+
+  @functools.cached_property
+  def sampler(self) -> sampling.Sampler:
+    """The sampler of this task's modules and config.sample (built, and compiled, on first use)."""
+    return sampling.Sampler.from_config(self.config, model=self.model, text_stack=self.text_stack,
+                                        tokenizer=self.tokenizer)
+
+  def preview(self, state, step: int, workdir: str, writer) -> None:
+    """The sample grid of config.sample.grid_prompts, to TensorBoard and WORKDIR/samples/grid_<step>.png."""
+    self.sampler.write_grid(state, step, workdir, writer)
+
+
+TASKS = {"flow": FlowTask}
+
+
+def get_task(config):
+  """The task of config.task, built from the config; ValueError naming an unknown task."""
+  if config.task not in TASKS:
+    raise ValueError(f"task={config.task!r}; valid: {sorted(TASKS)}")
+  return TASKS[config.task](config)
