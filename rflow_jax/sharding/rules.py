@@ -13,7 +13,8 @@ Vocabulary:
   modulation  adaLN outputs (n·H)
   patch       p·p·C features of the patch embed input / final projection output
   cond        input widths of context / pooled / time-frequency features
-  pos         rows of the positional table
+  pos         rows of the positional table (also T5's relative-position buckets)
+  vocab       rows of a token-embedding table (text encoders); replicated, the table splits along "embed"
 
 `config.sharding.rule_overrides` replaces the preset's entry for a logical name, e.g.
 `(("mlp", "fsdp"),)` shards MLP hidden widths over fsdp; `validate_rules` rejects unknown logical names, unknown
@@ -21,10 +22,10 @@ mesh axes and a mesh axis used twice in one rule before anything is compiled.
 """
 
 MESH_AXES = ("data", "fsdp", "tensor")
-LOGICAL_AXES = ("batch", "length", "embed", "mlp", "heads", "kv", "modulation", "patch", "cond", "pos")
+LOGICAL_AXES = ("batch", "length", "embed", "mlp", "heads", "kv", "modulation", "patch", "cond", "pos", "vocab")
 
 _COMMON = (("batch", ("data", "fsdp")), ("length", None), ("kv", None), ("patch", None), ("cond", None),
-           ("pos", None))
+           ("pos", None), ("vocab", None))
 
 PRESETS = {
     # Pure data parallelism: every parameter replicated.
