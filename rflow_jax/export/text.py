@@ -30,9 +30,9 @@ CLIP_ARCHITECTURES = ("CLIPTextModel", "CLIPTextModelWithProjection")
 T5_ARCHITECTURES = ("T5EncoderModel",)
 # A tensor a checkpoint may carry that is not a weight: CLIP's position_ids buffer (saved by older transformers).
 _IGNORED = ("text_model.embeddings.position_ids",)
-# A tokenizer may know fewer tokens than the model's table has rows (T5 pads 32100 to 32128), but not many fewer: a
-# directory with a missing vocabulary file loads as a tokenizer of a few special tokens, without an error.
-TOKENIZER_VOCAB_SLACK = 128
+# A tokenizer may know fewer tokens than the model's table has rows (T5 pads 32100 to 32128, 0.09%), but not many
+# fewer: a directory with a missing vocabulary file loads as a tokenizer of a few special tokens, without an error.
+TOKENIZER_VOCAB_SLACK = 0.01
 
 
 class WeightsError(ValueError):
@@ -243,7 +243,55 @@ def load_tokenizer(path: str | os.PathLike[str], vocab_size: int | None = None):
   except (OSError, ValueError, TypeError) as e:
     raise WeightsError(f"{path}: cannot load a tokenizer ({str(e).splitlines()[0]})") from None
   n = len(tokenizer)
-  if vocab_size is not None and not vocab_size - TOKENIZER_VOCAB_SLACK <= n <= vocab_size:
+  if vocab_size is not None and not vocab_size * (1 - TOKENIZER_VOCAB_SLACK) <= n <= vocab_size:
     raise WeightsError(f"{path}: tokenizer has {n} tokens but the model's embedding has {vocab_size} rows "
                        f"(a vocabulary file missing from the directory?)")
   return tokenizer
+
+
+# SD3 pipeline directories: (encoder subfolder, tokenizer subfolder) per encoder, in SD3TextStack's order.
+SD3_FOLDERS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"), ("text_encoder_3", "tokenizer_3"))
+
+
+def sd3_stack(path: str | os.PathLike[str], t5_length: int, use_t5: bool = True, **overrides: Any):
+  """SD3's tokenizer and text stack from a pipeline directory's configs and tokenizers (no weights read).
+
+  Args:
+    path: a StableDiffusion3Pipeline directory (text_encoder*/ and tokenizer*/ subfolders; with use_t5=False,
+      text_encoder_3/ and tokenizer_3/ may be absent, and transformer/config.json gives the context width).
+    t5_length: T5 tokens per prompt (diffusers' pipeline: 256; the paper: 77).
+    use_t5: False leaves T5 out (its context tokens are zeros; text_encoder_3 is never read).
+    **overrides: encoder attributes that do not change the weights: dtype, param_dtype, scan_layers.
+
+  Returns:
+    (SD3Tokenizer, SD3TextStack), the stack's empty_tokens set to the tokenized empty prompt.
+  """
+  from rflow_jax.model.text import sd3, sd3_tokenizer  # pylint: disable=g-import-not-at-top
+  path = pathlib.Path(path)
+  (l_dir, l_tok), (g_dir, g_tok), (t_dir, t_tok) = ((path / e, path / t) for e, t in SD3_FOLDERS)
+  l_cfg, _ = clip_config(l_dir)
+  g_cfg, _ = clip_config(g_dir)
+  t_cfg = t5_config(t_dir)[0] if use_t5 else None
+  # Without T5 the context keeps the transformer's width (joint_attention_dim), as diffusers' zeros do.
+  width = t_cfg.width if use_t5 else json.loads((path / "transformer" / "config.json").read_text())[
+      "joint_attention_dim"]
+  tokenizer = sd3_tokenizer.SD3Tokenizer(
+      load_tokenizer(l_tok, l_cfg.vocab_size), load_tokenizer(g_tok, g_cfg.vocab_size),
+      load_tokenizer(t_tok, t_cfg.vocab_size) if use_t5 else None, t5_length)
+  stack = sd3.SD3TextStack(clip.CLIPText(l_cfg, **overrides), clip.CLIPText(g_cfg, **overrides),
+                           t5.T5Encoder(t_cfg, **overrides) if use_t5 else None, t5_length=t5_length,
+                           context_width=width, empty_tokens=tokenizer.empty())
+  return tokenizer, stack
+
+
+def sd3_params(path: str | os.PathLike[str], stack) -> dict[str, Any]:
+  """The weights of `stack` (from `sd3_stack`) read from the pipeline directory `path`."""
+  path = pathlib.Path(path)
+  params = {"clip_l": _load_params(path / SD3_FOLDERS[0][0], stack.clip_l, clip_entries(stack.clip_l.cfg),
+                                   stack.clip_l.cfg.depth, _clip_name),
+            "clip_g": _load_params(path / SD3_FOLDERS[1][0], stack.clip_g, clip_entries(stack.clip_g.cfg),
+                                   stack.clip_g.cfg.depth, _clip_name)}
+  if stack.t5 is not None:
+    params["t5"] = _load_params(path / SD3_FOLDERS[2][0], stack.t5, t5_entries(stack.t5.cfg), stack.t5.cfg.depth,
+                                _t5_name)
+  return params

@@ -68,8 +68,9 @@ def relative_buckets(length: int, num_buckets: int, max_distance: int) -> np.nda
   out = (rel > 0).astype(np.int64) * half
   n = np.abs(rel)
   max_exact = half // 2
-  with np.errstate(divide="ignore"):
-    large = np.log(n.astype(np.float32) / np.float32(max_exact)) / np.float32(math.log(max_distance / max_exact))
+  # Distances below max_exact take the exact branch; clamping them to 1 only keeps log() finite there.
+  large = np.log(np.maximum(n, 1).astype(np.float32) / np.float32(max_exact)) / np.float32(
+      math.log(max_distance / max_exact))
   large = max_exact + (large * np.float32(half - max_exact)).astype(np.int64)
   large = np.minimum(large, half - 1)
   return (out + np.where(n < max_exact, n, large)).astype(np.int32)
