@@ -33,7 +33,7 @@ def time_compile(config) -> dict:
   g, s = config.train.global_batch_size, config.data.image_size
   batch = {"image": jax.ShapeDtypeStruct((g, s, s, config.model.in_channels), jnp.float32,
                                          sharding=setup.batch_sharding),
-           "tokens": jax.ShapeDtypeStruct((g, config.text.max_length), jnp.int32, sharding=setup.batch_sharding)}
+           "tokens": jax.ShapeDtypeStruct((g, setup.tokenizer.max_length), jnp.int32, sharding=setup.batch_sharding)}
   t1 = time.perf_counter()
   with setup.step_context():
     lowered = setup.train_step.lower(setup.abstract_state, batch)

@@ -67,9 +67,10 @@ def abstract_batch(config, sharding):
   """ShapeDtypeStructs of one global batch, as Setup.global_batch would produce."""
   import jax
   import jax.numpy as jnp
+  from rflow_jax.model import text_encoders
   g, s = config.train.global_batch_size, config.data.image_size
   return {"image": jax.ShapeDtypeStruct((g, s, s, config.model.in_channels), jnp.float32, sharding=sharding),
-          "tokens": jax.ShapeDtypeStruct((g, config.text.max_length), jnp.int32, sharding=sharding)}
+          "tokens": jax.ShapeDtypeStruct((g, text_encoders.dims(config.text)[0]), jnp.int32, sharding=sharding)}
 
 
 def count_params(abstract_params) -> int:

@@ -45,6 +45,11 @@ def validate(config) -> None:
   _require(config.text.width % config.text.num_heads == 0,
            f"text.width={config.text.width} is not divisible by text.num_heads={config.text.num_heads}")
   _require(0.0 <= config.text.drop_prob < 1.0, f"text.drop_prob={config.text.drop_prob} must be in [0, 1)")
+  from rflow_jax.model import text_encoders  # pylint: disable=g-import-not-at-top
+  try:
+    text_encoders.validate(config.text)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   try:
     formulations.get(config.flow.formulation, shift=config.flow.shift)
   except ValueError as e:
@@ -95,8 +100,8 @@ def model_kwargs(config) -> dict:
   kwargs = dict(config.model)
   kwargs.pop("arch")
   kwargs["dtype"] = DTYPES[kwargs["dtype"]]
-  kwargs["context_dim"] = config.text.width
-  kwargs["pooled_dim"] = config.text.width
+  from rflow_jax.model import text_encoders  # pylint: disable=g-import-not-at-top
+  _, _, kwargs["context_dim"], kwargs["pooled_dim"] = text_encoders.dims(config.text)
   return kwargs
 
 

@@ -44,6 +44,7 @@ from rflow_jax import config_lib
 from rflow_jax.export import diffusers as export_diffusers
 from rflow_jax.model import baselines
 from rflow_jax.model import mmdit
+from rflow_jax.model import text_encoders
 
 FORMATS = ("diffusers", "safetensors")
 PARAM_CHOICES = ("ema", "raw")
@@ -235,11 +236,12 @@ def load_transformer_for(path: str | os.PathLike[str], config
   model = export_diffusers.model_from_diffusers_config(
       json.loads(config_file.read_text()), **overrides)
   grid = config.data.image_size // model.patch_size
+  _, _, context_width, pooled_width = text_encoders.dims(config.text)
   checks = [
       ("joint_attention_dim", model.context_dim, "text.width",
-       config.text.width),
+       context_width),
       ("pooled_projection_dim", model.pooled_dim, "text.width",
-       config.text.width),
+       pooled_width),
       ("in_channels", model.in_channels, "model.in_channels",
        config.model.in_channels),
       ("out_channels", model.output_channels, "model.in_channels",

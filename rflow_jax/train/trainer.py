@@ -40,8 +40,9 @@ def _dummy_inputs(config, batch_size: int = 1):
   s, m = config.data.image_size, config.model
   x = jnp.zeros((batch_size, s, s, m.in_channels), jnp.float32)
   t = jnp.zeros((batch_size,), jnp.float32)
-  context = jnp.zeros((batch_size, 2 * config.text.max_length, config.text.width), jnp.float32)
-  pooled = jnp.zeros((batch_size, config.text.width), jnp.float32)
+  _, n_context, d_context, d_pooled = text_encoders.dims(config.text)
+  context = jnp.zeros((batch_size, n_context, d_context), jnp.float32)
+  pooled = jnp.zeros((batch_size, d_pooled), jnp.float32)
   return x, t, context, pooled
 
 
