@@ -132,3 +132,10 @@ def eos_positions(ids: jax.Array, eos_token_id: int) -> jax.Array:
   if eos_token_id == 2:
     return jnp.argmax(ids, axis=-1)
   return jnp.argmax(ids == eos_token_id, axis=-1)
+
+
+# SD3's text_encoder (OpenAI CLIP-L/14) and text_encoder_2 (OpenCLIP bigG/14), both with projections.
+CLIP_L = CLIPTextConfig(vocab_size=49408, width=768, depth=12, num_heads=12, mlp_dim=3072, act="quick_gelu",
+                        projection_dim=768)
+CLIP_G = CLIPTextConfig(vocab_size=49408, width=1280, depth=32, num_heads=20, mlp_dim=5120, act="gelu",
+                        projection_dim=1280)

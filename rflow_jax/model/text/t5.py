@@ -145,3 +145,7 @@ class T5Encoder(nn.Module):
     last = layers.RMSNorm(eps=cfg.eps, axis_name="embed", param_dtype=self.param_dtype,
                           name="final_layer_norm")(hidden[-1])
     return {"hidden_states": hidden[:-1] + (last,), "last_hidden_state": last}
+
+
+# The encoder of google/t5-v1_1-xxl, SD3's text_encoder_3 (~4.76B parameters).
+T5_V1_1_XXL = T5Config(vocab_size=32128, width=4096, depth=24, num_heads=64, head_dim=64, mlp_dim=10240)
