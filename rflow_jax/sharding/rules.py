@@ -34,7 +34,8 @@ PRESETS = {
     # ZeRO-3 style: parameters (and with them optimizer and EMA state) sharded over fsdp along the width. Flax
     # takes the first rule whose mesh axis is still free, so a kernel with an "embed" axis is split along it, and
     # arrays without one (biases, the t/y embedders' first layer) along their own width instead of replicated.
-    "fsdp": _COMMON + (("embed", "fsdp"), ("mlp", "fsdp"), ("heads", "fsdp"), ("modulation", "fsdp"), ("vocab", None)),
+    "fsdp": _COMMON + (("embed", "fsdp"), ("mlp", "fsdp"), ("heads", "fsdp"), ("modulation", "fsdp"),
+                       ("vocab", None)),
     # fsdp plus Megatron-style tensor parallelism of the MLP hidden and attention heads, and of token-embedding rows
     # (T5-XXL's 32128×4096 table split over fsdp alone would hold 8% of the encoder per device on fsdp 2 × tensor 4).
     "fsdp_tp": _COMMON + (("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"), ("modulation", "tensor"),
