@@ -55,7 +55,7 @@ def aot_encode(num_devices: int = 8, batch: int = 8, length: int = 77) -> dict:
   ids = jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=partition.batch_sharding(mesh, rules))
   fn = jax.jit(lambda p, i: model.apply({"params": p}, i)["last_hidden_state"])
   t0 = time.perf_counter()
-  with jax.sharding.use_mesh(mesh), nn.logical_axis_rules(rules):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     compiled = fn.lower(abstract, ids).compile()
   mem = compiled.memory_analysis()
   return {"devices": num_devices, "batch": batch, "length": length, "compile_s": round(time.perf_counter() - t0, 1),
