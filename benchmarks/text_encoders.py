@@ -23,7 +23,9 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import base  # pylint: disable=g-import-not-at-top,wrong-import-position
 from rflow_jax.model import text_encoders  # pylint: disable=g-import-not-at-top,wrong-import-position
 from rflow_jax.model.text import t5  # pylint: disable=g-import-not-at-top,wrong-import-position
-from rflow_jax.sharding import mesh as mesh_lib, partition, rules as rules_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from rflow_jax.sharding import mesh as mesh_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from rflow_jax.sharding import partition  # pylint: disable=g-import-not-at-top,wrong-import-position
+from rflow_jax.sharding import rules as rules_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from rflow_jax.train import trainer  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 

@@ -1,4 +1,4 @@
-"""SD3 text conditioning against diffusers' StableDiffusion3Pipeline.encode_prompt on a tiny pipeline, and tokenizers."""
+"""SD3 text conditioning against diffusers' StableDiffusion3Pipeline.encode_prompt (tiny pipeline); tokenizers."""
 
 import jax
 import jax.numpy as jnp

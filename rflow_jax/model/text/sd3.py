@@ -99,7 +99,8 @@ def negative(stack: SD3TextStack, params, batch: int) -> tuple[jax.Array, jax.Ar
     raise ValueError("SD3TextStack.empty_tokens is empty: build the stack with its tokenizer's empty prompt")
   ids = jnp.asarray(stack.empty_tokens, jnp.int32)[None]  # (1, L)
   context, pooled = compose(stack.apply({"params": params}, ids))
-  return (jnp.broadcast_to(context, (batch,) + context.shape[1:]), jnp.broadcast_to(pooled, (batch,) + pooled.shape[1:]))
+  return (jnp.broadcast_to(context, (batch,) + context.shape[1:]),
+          jnp.broadcast_to(pooled, (batch,) + pooled.shape[1:]))
 
 
 def dims(stack: SD3TextStack) -> tuple[int, int, int]:
