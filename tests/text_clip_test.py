@@ -76,6 +76,7 @@ def ids_for_test():
   return ids
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["plain", "projected"])
 def test_matches_transformers(which, request):
   assert parity(*request.getfixturevalue(which)) < 1e-5

@@ -83,6 +83,7 @@ def parity(pipe, path, use_t5) -> float:
   return max(errors)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("use_t5", [True, False])
 def test_equals_encode_prompt(pipeline_dir, use_t5):
   assert parity(*pipeline_dir, use_t5) <= 1e-5

@@ -58,6 +58,7 @@ def parity(torch_model, path) -> float:
   return max(errors)
 
 
+@pytest.mark.slow
 def test_matches_transformers(saved):
   torch_model, path = saved
   assert parity(torch_model, path) < 1e-5
