@@ -31,12 +31,21 @@ def get_config():
   c.data.path = ""
 
   # --- Text conditioning --------------------------------------------------------------------------------------
-  # Two tiny frozen, randomly initialised encoders stand in for CLIP and T5 (real weights cannot be downloaded
-  # here): "clip" gives penultimate-layer tokens + a pooled EOS vector, "t5" gives final-layer tokens. Their
-  # outputs are composed exactly like SD3's (docs/conventions.md).
+  # encoders="tiny": two tiny frozen, randomly initialised encoders stand in for CLIP and T5: "clip" gives
+  # penultimate-layer tokens + a pooled EOS vector, "t5" gives final-layer tokens, composed like SD3's
+  # (docs/conventions.md). encoders="sd3": SD3's CLIP-L, OpenCLIP bigG and T5 v1.1 (docs/text_encoders.md).
   c.text = ml_collections.ConfigDict()
-  c.text.max_length = 16  # Tokens per encoder (BOS + words + EOS, padded); SD3 uses 77.
-  c.text.width = 64  # Hidden width of each tiny encoder.
+  c.text.encoders = "tiny"  # "tiny" (the stand-ins; fields max_length..num_heads) | "sd3" (the real architectures).
+  # encoders="sd3": a StableDiffusion3Pipeline directory whose text_encoder*/ and tokenizer*/ hold released weights;
+  # "" = the same three architectures at tiny size (each CLIP text.width/depth/num_heads, T5 twice as wide) with
+  # random weights from text.init_seed, frozen and stored in the run's checkpoints.
+  c.text.sd3_path = ""
+  c.text.t5_length = 256  # encoders="sd3": T5 tokens per prompt (diffusers' pipeline 256, the paper 77) after 77 CLIP.
+  c.text.use_t5 = True  # encoders="sd3": False = T5 off (zeros in its tokens; not loaded), for small memory.
+  c.text.dtype = "float32"  # encoders="sd3": compute dtype of the encoders ("bfloat16" on TPU/GPU); params float32.
+  c.text.scan_layers = False  # encoders="sd3": nn.scan over each encoder's layers (compile time flat in depth).
+  c.text.max_length = 16  # "tiny": tokens per encoder (BOS + words + EOS, padded); SD3 uses 77.
+  c.text.width = 64  # Hidden width of each tiny encoder (also of the tiny "sd3" CLIP towers).
   c.text.depth = 2  # Transformer layers per tiny encoder.
   c.text.num_heads = 4  # Attention heads per tiny encoder.
   c.text.init_seed = 1234  # The frozen encoders' weights come from this seed (and are stored in checkpoints).

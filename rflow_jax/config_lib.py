@@ -9,6 +9,7 @@ import jax
 from rflow_jax.data import registry as data_registry
 from rflow_jax.flow import formulations
 from rflow_jax.model import registry as model_registry
+from rflow_jax.model import text_encoders
 from rflow_jax.sampling import schedules, solvers
 from rflow_jax.sharding import mesh as mesh_lib, partition, rules
 
@@ -45,6 +46,10 @@ def validate(config) -> None:
   _require(config.text.width % config.text.num_heads == 0,
            f"text.width={config.text.width} is not divisible by text.num_heads={config.text.num_heads}")
   _require(0.0 <= config.text.drop_prob < 1.0, f"text.drop_prob={config.text.drop_prob} must be in [0, 1)")
+  try:
+    text_encoders.validate(config.text)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   try:
     formulations.get(config.flow.formulation, shift=config.flow.shift)
   except ValueError as e:

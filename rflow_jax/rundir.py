@@ -70,7 +70,7 @@ def load_transformer_for(path: str | os.PathLike[str], config) -> tuple[mmdit.MM
   """A diffusers transformer directory as the MM-DiT of a run's config.
 
   The compute settings (dtype, attention_impl) come from the config; the architecture comes from the directory and
-  must fit the run's text stack (context and pooled widths = text.width), channels and image size.
+  must fit the run's text stack (its context and pooled widths), channels and image size.
 
   Args:
     path: a diffusers SD3Transformer2DModel directory.
@@ -91,9 +91,12 @@ def load_transformer_for(path: str | os.PathLike[str], config) -> tuple[mmdit.MM
   # The architecture is checked against the run before any weight is read.
   model = export_diffusers.model_from_diffusers_config(json.loads(config_file.read_text()), **overrides)
   grid = config.data.image_size // model.patch_size
+  _, _, context_width, pooled_width = text_encoders.dims(config.text)
+  # The widths the run's text stack produces: text.width for the tiny stand-ins, the encoders' own for "sd3".
+  width = "text.width" if config.text.encoders == "tiny" else "the sd3 text stack's width"
   checks = [
-      ("joint_attention_dim", model.context_dim, "text.width", config.text.width),
-      ("pooled_projection_dim", model.pooled_dim, "text.width", config.text.width),
+      ("joint_attention_dim", model.context_dim, width, context_width),
+      ("pooled_projection_dim", model.pooled_dim, width, pooled_width),
       ("in_channels", model.in_channels, "model.in_channels", config.model.in_channels),
       ("out_channels", model.output_channels, "model.in_channels", config.model.in_channels)]
   for theirs, value, ours, expected in checks:

@@ -2,15 +2,16 @@
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
+from configs import base
 from rflow_jax.model import text_encoders as te
 
 
 def _text_config(**kw):
-  c = ml_collections.ConfigDict(dict(max_length=12, width=32, depth=2, num_heads=2, init_seed=3, drop_prob=0.5))
+  c = base.get_config().text  # The fields "tiny" ignores keep their defaults.
+  c.update(dict(max_length=12, width=32, depth=2, num_heads=2, init_seed=3, drop_prob=0.5))
   c.update(kw)
   return c
 

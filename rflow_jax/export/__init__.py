@@ -1,6 +1,11 @@
-"""Interop with PyTorch checkpoints: diffusers and the original SD3 layouts.
+"""Interop with PyTorch checkpoints: diffusers and the original SD3 layouts, and Hugging Face text encoders.
 
 All layout differences between our Flax param tree and the PyTorch state
 dicts live in `rflow_jax.export.diffusers` (and the key renaming for the
-original single-file layout in `rflow_jax.export.original`).
+original single-file layout in `rflow_jax.export.original`); the text
+encoders' in `rflow_jax.export.text`:
+
+  from rflow_jax.export import load_clip, load_t5, load_tokenizer
 """
+
+from rflow_jax.export.text import load_clip, load_t5, load_tokenizer  # noqa: F401

@@ -55,19 +55,30 @@ def load_safetensors(files: Sequence[pathlib.Path]) -> dict[str, np.ndarray]:
   return out
 
 
-def _weight_files(path: pathlib.Path) -> list[pathlib.Path]:
-  index = path / INDEX_NAME
+def weight_files(path: pathlib.Path, weights_name: str = WEIGHTS_NAME,
+                 index_name: str = INDEX_NAME) -> list[pathlib.Path]:
+  """The safetensors files of a model directory: the index's shards, or the single file.
+
+  Args:
+    path: the directory.
+    weights_name: the single-file name (transformers uses model.safetensors).
+    index_name: the sharded index name (transformers uses model.safetensors.index.json).
+
+  Returns:
+    The files to load; pickle-only directories are refused, missing weights are a FileNotFoundError.
+  """
+  index = path / index_name
   if index.exists():
     weight_map = json.loads(index.read_text())["weight_map"]
     return [path / f for f in sorted(set(weight_map.values()))]
-  single = path / WEIGHTS_NAME
+  single = path / weights_name
   if single.exists():
     return [single]
   pickles = sorted(p.name for p in path.iterdir()
                    if p.suffix.lower() in PICKLE_SUFFIXES)
   if pickles:
     refuse_pickle(path / pickles[0])
-  raise FileNotFoundError(f"{path} has neither {WEIGHTS_NAME} nor {INDEX_NAME}")
+  raise FileNotFoundError(f"{path} has neither {weights_name} nor {index_name}")
 
 
 def load_transformer(path: str | os.PathLike[str],
@@ -91,7 +102,7 @@ def load_transformer(path: str | os.PathLike[str],
     raise ValueError(f"{path / CONFIG_NAME} describes {cfg['_class_name']}, "
                      f"not {names.CLASS_NAME}")
   model = names.model_from_diffusers_config(cfg, **overrides)
-  state_dict = load_safetensors(_weight_files(path))
+  state_dict = load_safetensors(weight_files(path))
   return model, names.params_from_diffusers(state_dict, model)
 
 

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from rflow_jax.model import baselines
 from rflow_jax.model import mmdit
+from rflow_jax.model import text_encoders
 
 # Compute dtypes by config name (parameters are always stored in float32).
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -43,8 +44,7 @@ def model_kwargs(config) -> dict[str, Any]:
   kwargs = dict(config.model)
   kwargs.pop("arch")
   kwargs["dtype"] = DTYPES[kwargs["dtype"]]
-  kwargs["context_dim"] = config.text.width
-  kwargs["pooled_dim"] = config.text.width
+  _, _, kwargs["context_dim"], kwargs["pooled_dim"] = text_encoders.dims(config.text)
   return kwargs
 
 
@@ -56,11 +56,13 @@ def build_model(config) -> nn.Module:
 def dummy_inputs(config, batch_size: int = 1):
   """Zero (x, t, context, pooled) of the shapes a config's backbone takes (for init and abstract shapes).
 
-  The context holds both tiny encoders' tokens side by side (2 · text.max_length), as SD3 composes them.
+  The context and pooled shapes are the text stack's (text_encoders.dims): the encoders' tokens side by side on the
+  sequence axis, as SD3 composes them.
   """
   s, m = config.data.image_size, config.model
+  _, n_context, d_context, d_pooled = text_encoders.dims(config.text)
   x = jnp.zeros((batch_size, s, s, m.in_channels), jnp.float32)
   t = jnp.zeros((batch_size,), jnp.float32)
-  context = jnp.zeros((batch_size, 2 * config.text.max_length, config.text.width), jnp.float32)
-  pooled = jnp.zeros((batch_size, config.text.width), jnp.float32)
+  context = jnp.zeros((batch_size, n_context, d_context), jnp.float32)
+  pooled = jnp.zeros((batch_size, d_pooled), jnp.float32)
   return x, t, context, pooled

@@ -1,8 +1,15 @@
-"""Text conditioning: a word tokenizer and two tiny frozen encoders standing in for CLIP and T5.
+"""Text conditioning, chosen by `config.text.encoders`: "tiny" stand-ins (below) or SD3's real encoders ("sd3").
+
+"sd3" is rflow_jax/model/text/: CLIP-L, OpenCLIP bigG and T5 v1.1 composed as SD3 does, from released weights
+(`text.sd3_path`) or, with no path, the same architectures at tiny size with random frozen weights, so that a CPU run
+goes through the real code. Both choices share this module's interface: `build` -> (tokenizer, stack),
+`init_params`, `drop_and_compose`, `negative_condition`, and `dims` for the backbone's input widths.
+
+"tiny": a word tokenizer and two tiny frozen encoders standing in for CLIP and T5.
 
 Real CLIP/T5 weights cannot be downloaded where rflow_jax is tested, so the built-in tasks use two tiny transformers,
 randomly initialised from `config.text.init_seed` and never trained (like the paper's frozen encoders, so their outputs
-could be precomputed). They are composed exactly as SD3 composes CLIP-L/G and T5 (arXiv 2403.03206 §4):
+could be precomputed). They are composed exactly as SD3 composes CLIP-L/G and T5 (arXiv 2403.03206, §B.2):
 
   * "clip": causal transformer; context = penultimate layer's hidden states (no final norm); pooled = final-norm
     hidden state at the EOS token.
@@ -14,6 +21,7 @@ dropout for classifier-free guidance); the unconditional input at sampling time 
 what training saw. The interface (tokens -> (context (B, T, D), pooled (B, P))) is the one the real encoders will have.
 """
 
+import os
 import re
 from typing import Sequence
 
@@ -22,6 +30,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rflow_jax.model.text import clip, sd3, sd3_tokenizer, t5
+
+ENCODERS = ("tiny", "sd3")  # Values of config.text.encoders.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # Values of config.text.dtype.
 PAD, BOS, EOS, UNK = 0, 1, 2, 3
 _SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
 # Every word the shapes task can say, in both caption styles; anything else becomes <unk>.
@@ -129,13 +141,16 @@ def drop_and_compose(outputs, key, drop_prob: float):
   """Applies per-encoder caption dropout and composes the SD3 conditioning.
 
   Args:
-    outputs: TextStack output: [(clip_ctx (B, L, D), clip_pooled (B, D)), (t5_ctx (B, L, D), None)].
+    outputs: TextStack output: [(clip_ctx (B, L, D), clip_pooled (B, D)), (t5_ctx (B, L, D), None)], or an
+      SD3TextStack's dict (composed by sd3.compose: three encoders, three independent draws).
     key: PRNG key for the dropout draws, or None for no dropout.
     drop_prob: probability of zeroing each encoder's output, independently per example.
 
   Returns:
     context (B, 2L, D) and pooled (B, D), float32.
   """
+  if isinstance(outputs, dict):
+    return sd3.compose(outputs, key, drop_prob)
   contexts, pooled = [], None
   for i, (ctx, pool) in enumerate(outputs):
     keep = jnp.ones((ctx.shape[0],), ctx.dtype)
@@ -153,15 +168,86 @@ def null_condition(outputs):
   return jnp.zeros_like(context), jnp.zeros_like(pooled)
 
 
-def build(text_config) -> tuple[WordTokenizer, TextStack]:
+def negative_condition(text_stack, text_params, cond):
+  """The classifier-free-guidance negative for `cond` = (context, pooled) of a batch.
+
+  "tiny": all zeros (every encoder dropped), as training saw it. "sd3": the empty prompt's encoding, as SD3's
+  sampler and diffusers use it.
+  """
+  if isinstance(text_stack, sd3.SD3TextStack):
+    return sd3.negative(text_stack, text_params, cond[0].shape[0])
+  return jax.tree.map(jnp.zeros_like, cond)
+
+
+def build(text_config):
   """Builds the tokenizer and the frozen encoder stack from `config.text`."""
+  if text_config.encoders == "sd3":
+    return _build_sd3(text_config)
   tokenizer = WordTokenizer(text_config.max_length)
   stack = TextStack(vocab_size=tokenizer.vocab_size, max_length=text_config.max_length, width=text_config.width,
                     depth=text_config.depth, num_heads=text_config.num_heads)
   return tokenizer, stack
 
 
-def init_params(stack: TextStack, text_config):
-  """The frozen encoders' weights: a pure function of `config.text` (and stored in checkpoints anyway)."""
-  tokens = jnp.zeros((1, text_config.max_length), jnp.int32)
+def _build_sd3(text_config):
+  """SD3's tokenizers and stack: from `sd3_path`, or tiny (text.width/depth/num_heads, T5 twice as wide)."""
+  overrides = dict(dtype=DTYPES[text_config.dtype], scan_layers=text_config.scan_layers)
+  if text_config.sd3_path:
+    # Reading a Hugging Face directory is the export package's job; imported here only when a path is given.
+    from rflow_jax.export import text as export_text  # pylint: disable=g-import-not-at-top
+    return export_text.sd3_stack(text_config.sd3_path, text_config.t5_length, text_config.use_t5, **overrides)
+  tok_l = sd3_tokenizer.tiny_clip_tokenizer(_WORDS)  # CLIP-L pads with EOS, bigG with "!", as SD3's tokenizers.
+  tok_g = sd3_tokenizer.tiny_clip_tokenizer(_WORDS, pad_token="!")
+  tok_t5 = sd3_tokenizer.tiny_t5_tokenizer(_WORDS) if text_config.use_t5 else None
+  tokenizer = sd3_tokenizer.SD3Tokenizer(tok_l, tok_g, tok_t5, text_config.t5_length)
+  w, d, h = text_config.width, text_config.depth, text_config.num_heads
+  towers = [clip.CLIPText(clip.CLIPTextConfig(
+      vocab_size=len(tok_l), width=w, depth=d, num_heads=h, mlp_dim=4 * w, act=act,
+      eos_token_id=tok_l.eos_token_id, projection_dim=w), **overrides) for act in ("quick_gelu", "gelu")]
+  t5_encoder = t5.T5Encoder(t5.T5Config(vocab_size=len(tok_t5), width=2 * w, depth=d, num_heads=h,
+                                        head_dim=2 * w // h, mlp_dim=4 * w), **overrides) if tok_t5 else None
+  stack = sd3.SD3TextStack(*towers, t5_encoder, t5_length=text_config.t5_length, context_width=2 * w,
+                           empty_tokens=tokenizer.empty())
+  return tokenizer, stack
+
+
+def dims(text_config) -> tuple[int, int, int, int]:
+  """(token columns per prompt, context tokens, context width, pooled width) of `config.text`'s stack."""
+  if text_config.encoders == "tiny":
+    return text_config.max_length, 2 * text_config.max_length, text_config.width, text_config.width
+  if not text_config.sd3_path:
+    w, n = text_config.width, sd3.CLIP_LENGTH + text_config.t5_length
+    return sd3.CLIP_LENGTH + n, n, 2 * w, 2 * w
+  _, stack = build(text_config)
+  tokens, width, pooled = sd3.dims(stack)
+  return sd3.CLIP_LENGTH + tokens, tokens, width, pooled
+
+
+def init_params(stack, text_config):
+  """The frozen encoders' weights: a pure function of `config.text` (and stored in checkpoints anyway).
+
+  "sd3" with a path: the released weights, wrapped in the logical-axis boxes of random init so that they shard
+  like any other param (T5-XXL over fsdp).
+  """
+  length = dims(text_config)[0]
+  tokens = jnp.zeros((1, length), jnp.int32)
+  if text_config.encoders == "sd3" and text_config.sd3_path:
+    from rflow_jax.export import text as export_text  # pylint: disable=g-import-not-at-top
+    boxed = jax.eval_shape(stack.init, jax.random.key(0), tokens)["params"]
+    loaded = export_text.sd3_params(text_config.sd3_path, stack)
+    is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
+    return jax.tree.map(lambda box, value: box.replace_boxed(jnp.asarray(value)) if is_box(box) else value,
+                        boxed, loaded, is_leaf=is_box)
   return stack.init(jax.random.key(text_config.init_seed), tokens)["params"]
+
+
+def validate(text_config) -> None:
+  """Raises ValueError naming a bad `config.text` choice (called by config validation, before any work)."""
+  if text_config.encoders not in ENCODERS:
+    raise ValueError(f"text.encoders={text_config.encoders!r}; valid: {ENCODERS}")
+  if text_config.dtype not in DTYPES:
+    raise ValueError(f"text.dtype={text_config.dtype!r}; valid: {sorted(DTYPES)}")
+  if text_config.t5_length <= 0:
+    raise ValueError(f"text.t5_length={text_config.t5_length} must be positive")
+  if text_config.sd3_path and not os.path.isdir(text_config.sd3_path):
+    raise FileNotFoundError(f"text.sd3_path={text_config.sd3_path!r} is not a directory")

@@ -39,7 +39,7 @@ def _sample(params, text_params, tokens, keys, *, model, text_stack, formulation
             cfg_scale):
   """Jitted body: tokens (B, L), keys (B,) -> images (B, H, W, C) in data space."""
   cond = text_encoders.drop_and_compose(text_stack.apply({"params": text_params}, tokens), None, 0.0)
-  uncond = jax.tree.map(jnp.zeros_like, cond)
+  uncond = text_encoders.negative_condition(text_stack, text_params, cond)
   x_init = jax.vmap(lambda k: jax.random.normal(k, image_shape, jnp.float32))(keys)  # (B, H, W, C) pure noise
 
   def rf_velocity(x, sigma, c):  # Any formulation's network, seen as an rf velocity field at noise level sigma.

@@ -59,7 +59,7 @@ class FlowTask:
     """Images in [-1, 1] (NHWC) and the caption tokens."""
     s, c = self.config.data.image_size, self.config.model.in_channels
     return {"image": jax.ShapeDtypeStruct((global_batch_size, s, s, c), jnp.float32),
-            "tokens": jax.ShapeDtypeStruct((global_batch_size, self.config.text.max_length), jnp.int32)}
+            "tokens": jax.ShapeDtypeStruct((global_batch_size, text_encoders.dims(self.config.text)[0]), jnp.int32)}
 
   def make_iterator(self, process_index: int, process_count: int):
     """This process's slice of the shuffled, tokenized training stream of config.data."""

@@ -70,11 +70,13 @@ def train_flops_per_step(config) -> float | None:
   m = config.model
   if m.arch != "mmdit":
     return None
+  from rflow_jax.model import text_encoders  # pylint: disable=g-import-not-at-top
+  _, n_context, d_context, d_pooled = text_encoders.dims(config.text)
   per_example = forward_flops_per_example(
       hidden_size=m.hidden_size, depth=m.depth, mlp_ratio=m.mlp_ratio,
-      image_tokens=(config.data.image_size // m.patch_size) ** 2, context_tokens=2 * config.text.max_length,
+      image_tokens=(config.data.image_size // m.patch_size) ** 2, context_tokens=n_context,
       patch_features_in=m.patch_size ** 2 * m.in_channels, patch_features_out=m.patch_size ** 2 * m.in_channels,
-      context_dim=config.text.width, pooled_dim=config.text.width,
+      context_dim=d_context, pooled_dim=d_pooled,
       dual_attention_layers=tuple(m.dual_attention_layers))
   return 3.0 * per_example["total"] * config.train.global_batch_size
 
