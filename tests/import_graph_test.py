@@ -12,16 +12,24 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Longest matching prefix decides a module's floor. A module may import modules of a lower floor, or of its own
 # package (rflow_jax.<package>) without a cycle.
 FLOORS = {
-    "rflow_jax.model": 0, "rflow_jax.flow": 0, "rflow_jax.data": 0, "rflow_jax.sharding": 0, "rflow_jax.utils": 0,
+    "rflow_jax.model": 0, "rflow_jax.flow": 0, "rflow_jax.data": 0, "rflow_jax.sharding": 0,
     "rflow_jax.sampling": 1,
+    "rflow_jax.utils": 1,  # Compute accounting: reads the model's and text stack's shapes.
     "rflow_jax.config_lib": 2, "rflow_jax.eval": 2, "rflow_jax.export": 2,  # export: the diffusers/original formats.
     "rflow_jax.train": 3,
     "rflow_jax.rundir": 4,  # Reading a finished run: config, model, params, sampler.
     "rflow_jax.export.workdir": 5,  # Exporting a run.
+    "rflow_jax.eval.formulation_eval": 5,  # Scores finished runs of the formulation study.
     "rflow_jax.cli": 6,
     # Entry points.
     "rflow_jax.main": 7, "rflow_jax.sample": 7, "rflow_jax.export.__main__": 7, "rflow_jax.eval.run_shapes": 7,
+    "rflow_jax.data.convert": 7,
 }
+
+# The only edges allowed to go up, each a function-level import with its reason. A text config that names released
+# weights (text.sd3_path) is built by reading a Hugging Face directory, which is the export package's format code;
+# the ground floor imports it only on that path.
+UPWARD = {("rflow_jax.model.text_encoders", "rflow_jax.export.text")}
 
 
 def _module_name(path: str) -> str:
@@ -61,7 +69,8 @@ def _package(module: str) -> str:
 def test_imports_go_down_the_floors():
   bad = [f"{m} (floor {_floor(m)}) imports {d} (floor {_floor(d)})"
          for m, deps in _graph().items() for d in sorted(deps)
-         if not (_floor(d) < _floor(m) or (_package(d) == _package(m) and _floor(d) <= _floor(m)))]
+         if not (_floor(d) < _floor(m) or (_package(d) == _package(m) and _floor(d) <= _floor(m)))
+         and (m, d) not in UPWARD]
   assert not bad, "\n".join(bad)
 
 
