@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from configs import debug
+from rflow_jax.sampling import pipeline
 from rflow_jax.train import trainer
 
 PROMPTS = ["a red circle", "two blue squares", "a green triangle above a red square"]
@@ -32,7 +33,10 @@ def _generate(setup_and_params, *, solver, batch_size, prompts=PROMPTS, seed=3):
   setup, params, text_params = setup_and_params
   setup.config.sample.solver = solver
   setup.config.sample.batch_size = batch_size
-  return setup.task.sampler.generate(params, text_params, prompts, seed)
+  task = setup.task  # A fresh sampler each call: task.sampler is built once, for the config it first saw.
+  sampler = pipeline.Sampler.from_config(setup.config, model=task.model, text_stack=task.text_stack,
+                                         tokenizer=task.tokenizer)
+  return sampler.generate(params, text_params, prompts, seed)
 
 
 @pytest.mark.parametrize("solver", ["euler", "euler_stochastic"])
