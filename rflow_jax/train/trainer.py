@@ -18,6 +18,7 @@ from clu import metric_writers, periodic_actions
 
 from rflow_jax import config_lib
 from rflow_jax.data import pipeline as data_pipeline, registry as data_registry
+from rflow_jax.eval import val_loss
 from rflow_jax.flow import formulations
 from rflow_jax.model import text_encoders
 from rflow_jax.sampling import pipeline as sampling
@@ -238,7 +239,8 @@ def _train_loop(config, workdir, setup, manager, data_iter, state, last_ckpt, wr
   meter = flops_lib.ThroughputMeter(flops_lib.train_flops_per_step(config), setup.mesh.size,
                                     config.train.peak_tflops_per_device)
   seen = [] if config.train.record_seen_indices else None
-  scores_shapes = config.data.name == "shapes"  # ShapesEval scores the built-in shapes task only.
+  # ShapesEval scores the built-in shapes task only.
+  scores_shapes = config.data.name == "shapes" and "shapes" in config.train.evaluators
   shapes_eval_every = config.train.eval_every if scores_shapes else 0
   t0 = time.time()
   while step < num_steps:
@@ -257,6 +259,7 @@ def _train_loop(config, workdir, setup, manager, data_iter, state, last_ckpt, wr
       # (async dispatch), so a report there would log the dispatch rate and then a stall, not steps/s.
       report(step)
       results.update(meter.measure(len(pending)))  # TFLOP/s per device and MFU (from the 2nd window on).
+      results.update(flops_lib.compute_axis(config, step))  # Cumulative examples and FLOPs: the compute axis.
       pending = []
       writer.write_scalars(step, results)
       _append_metrics(workdir, step, results)
@@ -271,12 +274,26 @@ def _train_loop(config, workdir, setup, manager, data_iter, state, last_ckpt, wr
       sampler.write_grid(state, step, workdir, writer)
     if shapes_eval_every and step % shapes_eval_every == 0 and step != num_steps:
       _shapes_eval(config, sampler, state, step, workdir, writer, f"eval_step{step}")
+    if config.train.eval_every and step % config.train.eval_every == 0 and step != num_steps:
+      _val_loss(config, setup, state, step, workdir, writer)
   manager.wait_until_finished()
   logging.info("Training loop done in %.1fs", time.time() - t0)
   sampler.write_grid(state, step, workdir, writer)
   if config.train.eval_at_end and scores_shapes:
     results.update(_shapes_eval(config, sampler, state, step, workdir, writer, "eval"))
+  results.update(_val_loss(config, setup, state, step, workdir, writer))
   return {**results, "preempted": False, "step": step}
+
+
+def _val_loss(config, setup, state, step, workdir, writer) -> dict:
+  """The "val_loss" evaluator (when train.evaluators lists it), logged with the step's place on the compute axis."""
+  if val_loss.NAME not in config.train.evaluators:
+    return {}
+  scores = {f"{val_loss.NAME}/{k}": v for k, v in val_loss.evaluate(setup, state, step, workdir).items()}
+  writer.write_scalars(step, scores)
+  _append_metrics(workdir, step, {**scores, **flops_lib.compute_axis(config, step)})
+  logging.info("Validation loss at step %d: %.5f (EMA %.5f)", step, scores["val_loss/mean"], scores["val_loss/ema/mean"])
+  return scores
 
 
 def _shapes_eval(config, sampler, state, step, workdir, writer, subdir) -> dict:
