@@ -263,7 +263,7 @@ def run_local(runs, *, parallel: int = 1, log=print) -> None:
 
 
 def emit(runs, launcher: str, emit_dir: str, *, submit: bool, log=print) -> list[str]:
-  """Writes one job file per unfinished run for `launcher`; with submit, runs it (or prints it if the tool is absent)."""
+  """Writes one job file per unfinished run for `launcher`; with submit, runs it (or prints it without the tool)."""
   os.makedirs(emit_dir, exist_ok=True)
   written = []
   for run in runs:
@@ -280,14 +280,15 @@ def emit(runs, launcher: str, emit_dir: str, *, submit: bool, log=print) -> list
       text = text.replace("name: rflow-d24", f"name: rflow-{run.name.lower().replace('_', '-').replace('.', '-')}")
       text = re.sub(r"( +)- --config=configs/sd3.py:d24\n +- --workdir=/runs/d24\n",
                     lambda m: "".join(f"{m.group(1)}- {a}\n" for a in run.command[3:]), text)
-      path, command = os.path.join(emit_dir, f"{run.name}.yaml"), None
+      path = os.path.join(emit_dir, f"{run.name}.yaml")
       command = f"kubectl apply -f {path}"
       if seed:
         text = f"# Before applying: {seed}" + text
     else:
       job = {"slurm": f"sbatch --job-name=rf-{run.name} launch/slurm.sbatch {args}",
              "tpu": f"TPU_NAME=${{TPU_NAME:-rf-{run.name.lower()}}} launch/tpu_pod.sh {args}"}[launcher]
-      text = f"#!/usr/bin/env bash\n# Sweep run {run.name}.\nset -euo pipefail\ncd {shlex.quote(str(ROOT))}\n{seed}{job}\n"
+      text = (f"#!/usr/bin/env bash\n# Sweep run {run.name}.\nset -euo pipefail\ncd {shlex.quote(str(ROOT))}\n"
+              f"{seed}{job}\n")
       path = os.path.join(emit_dir, f"{run.name}.sh")
       command = f"bash {path}"
     tmp = path + ".tmp"

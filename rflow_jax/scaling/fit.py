@@ -126,7 +126,8 @@ def read_rows(path: str, loss_column: str) -> list[dict]:
   except FileNotFoundError:
     raise FileNotFoundError(f"--csv={path!r} does not exist") from None
   if not raw or "flops" not in raw[0] or loss_column not in raw[0]:
-    raise ValueError(f"--csv={path!r} needs the columns 'flops' and {loss_column!r}; it has {list(raw[0]) if raw else []}")
+    have = list(raw[0]) if raw else []
+    raise ValueError(f"--csv={path!r} needs the columns 'flops' and {loss_column!r}; it has {have}")
   rows = []
   for r in raw:
     parsed = {}
@@ -166,7 +167,8 @@ def main(argv=None) -> int:
     print(f"L(C) = {fit['E']:.4g} + {fit['A']:.4g}·C^(-{fit['alpha']:.4f}) on {fit['n']} {a.fit_on} points; "
           f"alpha 95% CI [{fit['alpha_ci'][0]:.4f}, {fit['alpha_ci'][1]:.4f}], R² {fit['r2']:.4f}")
     for r in front:
-      print(f"  frontier: C={r['flops']:.3e}  L={r[a.loss_column]:.5f}  run={r.get('run', '')}  step={r.get('step', '')}")
+      print(f"  frontier: C={r['flops']:.3e}  L={r[a.loss_column]:.5f}  run={r.get('run', '')}  "
+            f"step={r.get('step', '')}")
     summary = {**fit, "fit_on": a.fit_on, "loss_column": a.loss_column, "plots": written,
                "frontier": [{"flops": r["flops"], "loss": r[a.loss_column], "run": r.get("run", ""),
                              "params": r.get("params", ""), "step": r.get("step", "")} for r in front]}

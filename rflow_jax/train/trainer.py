@@ -292,7 +292,8 @@ def _val_loss(config, setup, state, step, workdir, writer) -> dict:
   scores = {f"{val_loss.NAME}/{k}": v for k, v in val_loss.evaluate(setup, state, step, workdir).items()}
   writer.write_scalars(step, scores)
   _append_metrics(workdir, step, {**scores, **flops_lib.compute_axis(config, step)})
-  logging.info("Validation loss at step %d: %.5f (EMA %.5f)", step, scores["val_loss/mean"], scores["val_loss/ema/mean"])
+  logging.info("Validation loss at step %d: %.5f (EMA %.5f)", step, scores["val_loss/mean"],
+               scores["val_loss/ema/mean"])
   return scores
 
 
