@@ -142,7 +142,8 @@ def plan(config_spec: str, sweep_dir: str, *, also=(), sets=(), branches=()) -> 
   for entry in entries:
     for combo in itertools.product(*[[(f, v) for v in vs] for f, vs in grid]):
       overrides = {**entry, **dict(combo), **{f: vs[0] for f, vs in fixed}}
-      runs.append(_make_run(module, arg, config_spec, sweep_dir, overrides))
+      # --set applies to every run: it does not tell runs apart, so it is not in their names.
+      runs.append(_make_run(module, arg, config_spec, sweep_dir, overrides, name=run_name({**entry, **dict(combo)})))
   for fraction in branches:
     runs += [_branch(main, fraction, module, arg, config_spec, sweep_dir) for main in list(runs) if not main.branch_of]
   names = [r.name for r in runs]

@@ -65,9 +65,12 @@ def test_bad_sweep_fields_fail_before_anything_runs(config_file, tmp_path, capsy
   assert "error: --branches needs optim.decay='wsd'" in capsys.readouterr().err
 
 
-def test_wsd_branches_are_planned_from_stable_checkpoints(config_file, tmp_path):
-  runs = sweep.plan(config_file, str(tmp_path), sets=["optim.decay=wsd", "optim.decay_fraction=0.5",
-                                                       "train.num_steps=16"], branches=[0.5])
+def test_wsd_branches_are_planned_from_stable_checkpoints(tmp_path):
+  config_file = tmp_path / "wsd_sweep.py"
+  config_file.write_text(CONFIG.replace('add(**{"train.num_steps": 2})\n  add(**{"train.num_steps": 4})',
+                                        'add(**{"train.num_steps": 16})'))
+  runs = sweep.plan(str(config_file), str(tmp_path), sets=["optim.decay=wsd", "optim.decay_fraction=0.5",
+                                                            "train.keep_checkpoints=8"], branches=[0.5])
   branch = [r for r in runs if r.branch_of]
   assert [(r.name, r.branch_of, r.branch_step, r.config.train.num_steps) for r in branch] == [
       ("num_steps16_T8", "num_steps16", 4, 8)]
