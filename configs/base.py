@@ -79,7 +79,11 @@ def get_config():
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 1e-4  # Peak learning rate (paper: 1e-4).
   c.optim.warmup_steps = 1000  # Linear warmup from 0 (paper: 1000).
-  c.optim.decay = "constant"  # After warmup: "constant" | "cosine" (to 0 at train.num_steps).
+  # After warmup: "constant" | "cosine" (to 0 at train.num_steps) | "wsd" (warmup-stable-decay: constant, then linear
+  # to 0 over the last optim.decay_fraction of train.num_steps; a decay branch is a run with fewer num_steps started
+  # from a stable-phase checkpoint, see launch/sweep.py --branches).
+  c.optim.decay = "constant"
+  c.optim.decay_fraction = 0.2  # "wsd" only: the share of train.num_steps spent decaying (0 < f <= 1).
   c.optim.b1 = 0.9  # AdamW β1.
   c.optim.b2 = 0.999  # AdamW β2.
   c.optim.eps = 1e-8  # AdamW ε (paper uses 1e-15 with QK-norm for bf16 high-res finetunes).
@@ -105,7 +109,8 @@ def get_config():
   c.train.sample_every = 0  # Write a sample grid (TensorBoard + PNG) every N steps; 0 = only at the end.
   c.train.nonfinite = "halt"  # Loss/grad norm not finite: "halt" stops the run, "skip" drops the update and goes on.
   # Evaluators (keys of rflow_jax/eval/evaluators.py's EVALUATORS) run at eval_every and at the end; their scores go
-  # to TensorBoard and metrics.jsonl as "<name>/<score>". "shapes" = ShapesEval of fresh prompts (the shapes data).
+  # to TensorBoard and metrics.jsonl as "<name>/<score>". "shapes" = ShapesEval of fresh prompts (the shapes data);
+  # "val_loss" = held-out loss at 8 fixed t levels, raw and EMA weights (rflow_jax/eval/val_loss.py).
   c.train.evaluators = ("shapes",)
   c.train.eval_at_end = True  # Run the evaluators after the last step (into WORKDIR/eval/).
   # Also every N steps (0 = off), into WORKDIR/eval_step{N}/ and metrics.jsonl: quality against training time.
@@ -135,6 +140,14 @@ def get_config():
       "a magenta square to the left of a cyan circle", "a red triangle above a blue circle",
       "two green squares", "three yellow circles",
   )
+
+  # --- Evaluation: the validation-loss protocol (rflow_jax/eval/val_loss.py) ------------------------------------------
+  c.eval = ml_collections.ConfigDict()
+  # Held-out examples: records data.num_records … data.num_records + N - 1 of the data source, which the training
+  # stream (indices below data.num_records) never reads. Must be a multiple of eval.val_loss_batch_size.
+  c.eval.val_loss_examples = 256
+  c.eval.val_loss_batch_size = 64  # Examples per jitted call (all 8 t levels each); a multiple of the batch ways.
+  c.eval.val_loss_seed = 2024  # Seed of the fixed per-example noise (independent of config.seed, the same each run).
 
   # --- Sharding ---------------------------------------------------------------------------------------------------
   c.sharding = ml_collections.ConfigDict()

@@ -66,9 +66,24 @@ def validate(config) -> None:
   _require(t.global_batch_size % jax.process_count() == 0,
            f"train.global_batch_size={t.global_batch_size} is not divisible by the {jax.process_count()} processes")
   _require(config.optim.warmup_steps >= 0, f"optim.warmup_steps={config.optim.warmup_steps} must be >= 0")
+  _require(config.optim.decay in ("constant", "cosine", "wsd"),
+           f"optim.decay={config.optim.decay!r}; valid: 'constant', 'cosine', 'wsd'")
+  _require(0.0 < config.optim.decay_fraction <= 1.0,
+           f"optim.decay_fraction={config.optim.decay_fraction} must be in (0, 1]")
   _require(0.0 <= config.optim.ema_decay < 1.0, f"optim.ema_decay={config.optim.ema_decay} must be in [0, 1)")
   validate_sampling(config.sample)
+  _validate_eval(config)
   validate_sharding(config)
+
+
+def _validate_eval(config) -> None:
+  """The validation-loss protocol's sizes (evaluator names are checked against eval/evaluators.py's registry by the
+  trainer, before anything is built)."""
+  e = config.eval
+  _require(e.val_loss_batch_size > 0 and e.val_loss_examples > 0
+           and e.val_loss_examples % e.val_loss_batch_size == 0,
+           f"eval.val_loss_examples={e.val_loss_examples} must be a positive multiple of "
+           f"eval.val_loss_batch_size={e.val_loss_batch_size}")
 
 
 def validate_sharding(config, devices=None) -> None:

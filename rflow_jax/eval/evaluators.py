@@ -9,8 +9,11 @@ import json
 import os
 from typing import Callable
 
+from absl import logging
+
 from rflow_jax.data import shapes as shapes_data
 from rflow_jax.eval import shapes_eval
+from rflow_jax.eval import val_loss
 from rflow_jax.sampling import pipeline as sampling
 
 
@@ -40,6 +43,10 @@ def shapes(task, state, step: int, out_dir: str) -> dict[str, float]:
   """The "shapes" evaluator: ShapesEval of the task's sampler on config.sample's eval prompts (the count is not a
   score, so "n" is left out)."""
   del step
+  if task.config.data.name != "shapes":  # Its prompts and grader describe the built-in shapes scenes only.
+    logging.warning("The 'shapes' evaluator scores the built-in shapes task only; data.name=%r: skipped",
+                    task.config.data.name)
+    return {}
   sample = task.config.sample
   scores = shapes_scores(task.sampler, task.sampler.params_of(state), state.text_params,
                          per_kind=sample.eval_per_kind, seed=sample.eval_seed, out_dir=out_dir)
@@ -48,6 +55,7 @@ def shapes(task, state, step: int, out_dir: str) -> dict[str, float]:
 
 EVALUATORS: dict[str, Callable[..., dict[str, float]]] = {
     "shapes": shapes,
+    val_loss.NAME: val_loss.evaluate,  # Held-out loss at 8 fixed t levels, raw and EMA weights.
 }
 
 

@@ -15,16 +15,32 @@ def param_labels(params):
   return jax.tree_util.tree_map_with_path(label, params)
 
 
+def wsd_decay_start(num_steps: int, decay_fraction: float) -> int:
+  """First step of the decay phase of a warmup-stable-decay run of `num_steps` (the last fraction decays)."""
+  return num_steps - int(round(decay_fraction * num_steps))
+
+
 def learning_rate_schedule(optim_config, num_steps: int):
-  """Linear warmup to the peak, then constant or cosine decay to zero at `num_steps`."""
-  warmup = optax.linear_schedule(0.0, optim_config.learning_rate, max(optim_config.warmup_steps, 1))
+  """Linear warmup to the peak, then constant, cosine decay to zero at `num_steps`, or warmup-stable-decay.
+
+  "wsd" holds the peak until wsd_decay_start and then falls linearly to zero at `num_steps`. Up to the decay start
+  the rate does not depend on `num_steps`, so a run of N steps and a longer run agree step for step until
+  wsd_decay_start(N): a checkpoint of the longer run's stable phase at that step continues exactly as the N-step run
+  (a decay branch: one long run gives several annealed compute points).
+  """
+  peak, warmup = optim_config.learning_rate, optim_config.warmup_steps
+  ramp = optax.linear_schedule(0.0, peak, max(warmup, 1))
   if optim_config.decay == "constant":
-    after = optax.constant_schedule(optim_config.learning_rate)
+    after = optax.constant_schedule(peak)
   elif optim_config.decay == "cosine":
-    after = optax.cosine_decay_schedule(optim_config.learning_rate, max(num_steps - optim_config.warmup_steps, 1))
+    after = optax.cosine_decay_schedule(peak, max(num_steps - warmup, 1))
+  elif optim_config.decay == "wsd":
+    start = max(wsd_decay_start(num_steps, optim_config.decay_fraction), warmup)
+    decay = optax.linear_schedule(peak, 0.0, max(num_steps - start, 1))
+    after = optax.join_schedules([optax.constant_schedule(peak), decay], [start - warmup])
   else:
-    raise ValueError(f"optim.decay={optim_config.decay!r}; valid: 'constant', 'cosine'")
-  return optax.join_schedules([warmup, after], [optim_config.warmup_steps])
+    raise ValueError(f"optim.decay={optim_config.decay!r}; valid: 'constant', 'cosine', 'wsd'")
+  return optax.join_schedules([ramp, after], [warmup])
 
 
 def make_optimizer(optim_config, num_steps: int) -> optax.GradientTransformation:

@@ -50,6 +50,8 @@ class Setup:
     self.task = tasks.get_task(config)
     self.mesh = mesh_lib.mesh_from_config(config.sharding, devices)
     self.rules = rules_lib.rules_from_config(config.sharding)
+    # The task's placement, for evaluators that shard their own batches (eval/val_loss.py).
+    self.task.mesh, self.task.rules = self.mesh, self.rules
     partition.check_batch(config.train.global_batch_size, self.mesh, self.rules)
     with nn.logical_axis_rules(self.rules):  # No mesh context for init: see step_context.
       self.abstract_state, self.state_sharding = state_shardings(self.task.init, self.mesh, self.rules)
@@ -194,6 +196,7 @@ def _train_loop(setup, workdir, manager, data_iter, state, last_ckpt, writer, si
       # (async dispatch), so a report there would log the dispatch rate and then a stall, not steps/s.
       report(step)
       results.update(meter.measure(len(pending)))  # TFLOP/s per device and MFU (from the 2nd window on).
+      results.update(flops_lib.compute_axis(config, step))  # Cumulative examples and FLOPs: the compute axis.
       pending = []
       writer.write_scalars(step, results)
     if due.checkpoint:

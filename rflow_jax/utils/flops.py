@@ -22,6 +22,8 @@ is a few percent higher for that reason.
 
 import time
 
+from rflow_jax.model import text_encoders
+
 
 def forward_flops_per_example(*, hidden_size: int, depth: int, mlp_ratio: float, image_tokens: int,
                               context_tokens: int, patch_features_in: int, patch_features_out: int,
@@ -61,24 +63,85 @@ def forward_flops_per_example(*, hidden_size: int, depth: int, mlp_ratio: float,
   return {"matmul": matmul, "attention": attention, "total": matmul + attention}
 
 
+def _mmdit_dims(config) -> dict | None:
+  """forward_flops_per_example's arguments for `config` (None for a backbone other than the MM-DiT)."""
+  m = config.model
+  if m.arch != "mmdit":
+    return None
+  _, n_context, d_context, d_pooled = text_encoders.dims(config.text)  # The text stack's token count and widths.
+  return dict(hidden_size=m.hidden_size, depth=m.depth, mlp_ratio=m.mlp_ratio,
+              image_tokens=(config.data.image_size // m.patch_size) ** 2, context_tokens=n_context,
+              patch_features_in=m.patch_size ** 2 * m.in_channels, patch_features_out=m.patch_size ** 2 * m.in_channels,
+              context_dim=d_context, pooled_dim=d_pooled,
+              dual_attention_layers=tuple(m.dual_attention_layers))
+
+
+def train_flops_per_example(config) -> float | None:
+  """Model FLOPs of training on one example (forward + backward, 3× the forward; the frozen text encoders, whose
+  outputs SD3 precomputes, are not counted); None for a backbone other than the MM-DiT."""
+  dims = _mmdit_dims(config)
+  return None if dims is None else 3.0 * forward_flops_per_example(**dims)["total"]
+
+
 def train_flops_per_step(config) -> float | None:
   """Model FLOPs of one training step of `config` (forward + backward over the global batch).
 
   Returns:
     The FLOPs, or None for a backbone other than the MM-DiT (model.arch), which this formula does not describe.
   """
-  m = config.model
-  if m.arch != "mmdit":
+  per_example = train_flops_per_example(config)
+  return None if per_example is None else per_example * config.train.global_batch_size
+
+
+def compute_axis(config, step: int) -> dict[str, float]:
+  """Where `step` lies on the compute axis: {"examples": trained examples, "flops": their training FLOPs}.
+
+  Every step has train.global_batch_size examples, so both are exact functions of the step (a resumed run logs the
+  same values as an uninterrupted one); "flops" is absent for a backbone without a formula.
+  """
+  examples = float(step) * config.train.global_batch_size
+  per_example = train_flops_per_example(config)
+  return {"examples": examples} if per_example is None else {"examples": examples, "flops": examples * per_example}
+
+
+def mmdit_param_count(*, hidden_size: int, depth: int, num_heads: int, mlp_ratio: float, qk_norm: str | None,
+                      patch_features_in: int, patch_features_out: int, context_dim: int, pooled_dim: int,
+                      pos_embed_max_size: int, dual_attention_layers=(), **unused) -> dict[str, int]:
+  """Parameters of the MM-DiT, counted from its layer list (rflow_jax/model/mmdit.py; every Dense has a bias).
+
+  Per block and stream: modulation H·mH + mH (m = 6; 9 with dual attention; 2 in the last block's pre-only context
+  stream), qkv 3H² + 3H, qk-norm scales 2·H/heads, out projection H² + H, MLP 2rH² + rH + H (the pre-only stream has
+  neither). Around the blocks: patch embed, the t (256 -> H -> H) and pooled (P -> H -> H) embedder MLPs, the context
+  embedder, the final layer (modulation 2H, projection) and the frozen M²·H positional table.
+
+  Returns:
+    {"total": all parameters, "trainable": without the positional table (the optimizer freezes it),
+     "blocks": the joint blocks alone}.
+  """
+  del unused  # Accepts _mmdit_dims' token counts, so one dict feeds both formulas.
+  h, f = hidden_size, int(hidden_size * mlp_ratio)
+  dense = lambda i, o: i * o + o
+  norms = 2 * (h // num_heads) if qk_norm else 0
+  attn = dense(h, 3 * h) + norms
+  full = attn + dense(h, h) + dense(h, f) + dense(f, h)
+  blocks = 0
+  for i in range(depth):
+    dual = i in dual_attention_layers
+    blocks += full + dense(h, (9 if dual else 6) * h) + (attn + dense(h, h) if dual else 0)  # x stream
+    blocks += attn + dense(h, 2 * h) if i == depth - 1 else full + dense(h, 6 * h)  # context stream
+  outer = (dense(patch_features_in, h) + dense(256, h) + dense(h, h) + dense(pooled_dim, h) + dense(h, h)
+           + dense(context_dim, h) + dense(h, 2 * h) + dense(h, patch_features_out))
+  table = pos_embed_max_size ** 2 * h
+  return {"total": blocks + outer + table, "trainable": blocks + outer, "blocks": blocks}
+
+
+def param_count(config) -> dict[str, int] | None:
+  """mmdit_param_count of `config`'s MM-DiT (None for another backbone)."""
+  dims = _mmdit_dims(config)
+  if dims is None:
     return None
-  from rflow_jax.model import text_encoders  # pylint: disable=g-import-not-at-top
-  _, n_context, d_context, d_pooled = text_encoders.dims(config.text)
-  per_example = forward_flops_per_example(
-      hidden_size=m.hidden_size, depth=m.depth, mlp_ratio=m.mlp_ratio,
-      image_tokens=(config.data.image_size // m.patch_size) ** 2, context_tokens=n_context,
-      patch_features_in=m.patch_size ** 2 * m.in_channels, patch_features_out=m.patch_size ** 2 * m.in_channels,
-      context_dim=d_context, pooled_dim=d_pooled,
-      dual_attention_layers=tuple(m.dual_attention_layers))
-  return 3.0 * per_example["total"] * config.train.global_batch_size
+  m = config.model
+  return mmdit_param_count(**dims, num_heads=m.num_heads, qk_norm=m.qk_norm, pos_embed_max_size=m.pos_embed_max_size)
 
 
 class ThroughputMeter:
