@@ -15,7 +15,8 @@
 Step time is the median of --steps timed steps after warm-up (compile time apart). TFLOP/s counts model FLOPs
 (rflow_jax.utils.flops: 6·params·tokens + attention, the same count for both sides); MFU = TFLOP/s / --peak_tflops
 (989: H100/H200 SXM dense bf16 tensor-core peak). The last line printed is one JSON object.
---smoke: sd3.py:d2, batch 2, 2 steps, float32, no torch.compile; shapes:gpu at batch 4: exercises the code on a CPU.
+--smoke: sd3.py:d2 on 8x8 latents with 2 x 8 text tokens, batch 2, 2 steps, float32, no torch.compile; shapes:gpu at
+depth 1, width 64, batch 4: exercises the code on a CPU.
 """
 
 import argparse
@@ -55,6 +56,7 @@ def sd3_config(args):
   c.model.attention_impl = "blocked" if args.smoke else "auto"
   if args.smoke:
     c.model.dtype = "float32"
+    c.data.image_size, c.model.pos_embed_max_size, c.text.max_length = 8, 4, 8
   c.sharding.mesh_shape = (1, 1, 1)  # One device.
   return c
 
@@ -140,6 +142,7 @@ def shapes_gpu_examples_per_s(args) -> dict:
   c = shapes.get_config("gpu")
   if args.smoke:
     c.train.global_batch_size, c.model.dtype = 4, "float32"
+    c.model.depth, c.model.hidden_size, c.model.num_heads = 1, 64, 1
   r = time_rflow_jax(c, args.steps)
   return {"step_s": round(r["step_s"], 4), "examples_per_s": round(c.train.global_batch_size / r["step_s"], 1),
           "batch": c.train.global_batch_size, "compile_s": round(r["compile_s"], 1)}

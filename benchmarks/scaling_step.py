@@ -8,7 +8,8 @@ The shapes config (pixel space, 2x2 patches, 32 text tokens) at width --width; i
 size and each attention implementation it times the jitted `Setup.train_step` (interleaved across --impls, median of
 --reps after one warm-up), and a forward+backward of that implementation alone on the step's (B, T+32, N, D) q, k, v,
 times the number of joint attentions (depth): attention's share = that / step time. The last line is a summary:
-{"rows": [...], "machine": ...}. --quick: one tiny size per sweep (CI smoke).
+{"rows": [...], ...}. --attention_only: only the attention timing (no step compile: quick, for comparing kernels).
+--quick: one tiny size per sweep (CI smoke).
 """
 
 import argparse
@@ -31,6 +32,8 @@ def parse_args(argv=None):
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--impls", default="blocked", help="Comma-separated attention_impl names, timed interleaved.")
   p.add_argument("--reps", type=int, default=5)
+  p.add_argument("--attention_only", action="store_true",
+                  help="Time only attention forward+backward per size (interleaved across --impls); no train step.")
   p.add_argument("--quick", action="store_true", help="Tokens 64, depths 1, width 64, 2 heads, batch 2, 2 reps.")
   args = p.parse_args(argv)
   if args.quick:
@@ -54,6 +57,30 @@ def median_time(fn, reps: int) -> float:
     fn()
     times.append(time.perf_counter() - t0)
   return statistics.median(times)
+
+
+def measure_attention(args, side: int) -> list[dict]:
+  """Forward+backward of each --impls attention alone on (B, T+32, N, D), interleaved, with max |grad - first's|."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from rflow_jax.model import layers  # pylint: disable=g-import-not-at-top
+  shape = (args.batch, (side // 2) ** 2 + 32, args.heads, args.width // args.heads)
+  q, k, v, g = (jax.random.normal(jax.random.key(i), shape) for i in range(4))
+  fns, grads = {}, {}
+  for impl in args.impls:
+    f = jax.jit(jax.grad(lambda q, k, v, impl=impl: jnp.vdot(layers.dot_product_attention(q, k, v, impl), g),
+                         argnums=(0, 1, 2)))
+    grads[impl] = jax.block_until_ready(f(q, k, v))
+    fns[impl] = lambda f=f: jax.block_until_ready(f(q, k, v))
+  times = {impl: [] for impl in fns}
+  for _ in range(args.reps):
+    for impl, f in fns.items():
+      times[impl].append(median_time(f, 1))
+  first = grads[args.impls[0]]
+  return [{"image_tokens": (side // 2) ** 2, "joint_tokens": shape[1], "attention_impl": impl,
+           "attention_fwd_bwd_s": round(statistics.median(times[impl]), 4),
+           "max_abs_grad_diff": float(max(jnp.max(jnp.abs(a - b)) for a, b in zip(grads[impl], first)))}
+          for impl in fns]
 
 
 def measure(args, side: int, depth: int) -> list[dict]:
@@ -121,7 +148,14 @@ def main(argv=None):
   sizes = [(s, max(args.depths)) for s in args.sides]
   sizes += [(sweep_side, d) for d in args.depths if (sweep_side, d) not in sizes]
   rows = []
+  if args.attention_only:
+    sizes = [(side, None) for side in args.sides]
   for side, depth in sizes:
+    if depth is None:
+      for row in measure_attention(args, side):
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+      continue
     for row in measure(args, side, depth):
       print(json.dumps(row), flush=True)
       rows.append(row)

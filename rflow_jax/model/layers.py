@@ -36,7 +36,7 @@ NORM_EPS = 1e-6
 
 
 def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-  """Unmasked softmax attention as two einsums, (B, T, N, D) in and out; the default `attention_impl`.
+  """Unmasked softmax attention as two einsums, (B, T, N, D) in and out (attention_impl="einsum").
 
   The same function as jax.nn.dot_product_attention(implementation="xla"), written for what this model needs: no
   mask or bias, 1/sqrt(D) folded into q (T·D multiplies instead of T·S), and no vmap over head groups, whose
