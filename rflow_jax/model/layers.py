@@ -36,7 +36,7 @@ NORM_EPS = 1e-6
 
 
 def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-  """Unmasked softmax attention as two einsums, (B, T, N, D) in and out (attention_impl="einsum").
+  """Unmasked softmax attention as two einsums, (B, T, N, D) in and out; the default `attention_impl`.
 
   The same function as jax.nn.dot_product_attention(implementation="xla"), written for what this model needs: no
   mask or bias, 1/sqrt(D) folded into q (T·D multiplies instead of T·S), and no vmap over head groups, whose
@@ -55,8 +55,8 @@ def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 # (B, T, N, D) arrays. The callable form is the hook for kernels JAX does not ship behind dot_product_attention,
 # e.g. a TPU Pallas flash/splash kernel: `register_attention("splash", fn)` then `--config.model.attention_impl=splash`.
 ATTENTION_IMPLS: dict[str, Any] = {
-    "einsum": einsum_attention,  # Ours: two einsums and a softmax.
-    "blocked": blocked_attention.blocked_attention,  # Cache-sized groups, recomputing backward (the default).
+    "einsum": einsum_attention,  # Ours: two einsums and a softmax (the default).
+    "blocked": blocked_attention.blocked_attention,  # Ours: cache-sized groups, recomputing backward.
     "xla": "xla",
     "cudnn": "cudnn",
     "auto": None,  # Let JAX pick (cuDNN when available, else XLA).

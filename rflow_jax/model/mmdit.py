@@ -288,7 +288,7 @@ class MMDiT(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
   scan_blocks: bool = False
   remat: str = "none"
-  attention_impl: str = "blocked"
+  attention_impl: str = "einsum"
   pos_embed_base: int = 64
 
   @property
