@@ -64,8 +64,9 @@ def get_config():
   c.model.dual_attention_layers = ()  # Blocks with SD3.5's extra image-only self-attention (sd3.5-medium: 0..12).
   c.model.pos_embed_max_size = 16  # M: positional table is M×M patches, centre-cropped to the image's grid.
   c.model.dtype = "float32"  # Compute dtype ("bfloat16" on TPU/GPU); parameters are always stored in float32.
-  # "einsum" (ours, any backend) | "xla" / "cudnn" / "auto" (jax.nn.dot_product_attention's implementations) | a
-  # name given to layers.register_attention (e.g. a Pallas kernel).
+  # "einsum" (ours: two einsums) | "blocked" (ours: cache-sized groups, recomputing backward; faster at 1024 image
+  # tokens, not at 256, docs/results/performance.md) | "xla" / "cudnn" / "auto" (jax.nn.dot_product_attention's
+  # implementations) | a name given to layers.register_attention.
   c.model.attention_impl = "einsum"
   c.model.scan_blocks = False  # nn.scan over runs of identical blocks: compile time ~flat in depth (params stacked).
   c.model.remat = "none"  # Rematerialise each block: "none" | "full" | "dots" | ... (mmdit.REMAT_POLICIES).

@@ -290,14 +290,33 @@ def test_registered_attention_kernel_is_used():
 
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
 def test_einsum_attention_matches_jax_attention(dtype, tol):
-  """The default kernel is jax.nn.dot_product_attention's function: outputs and all three gradients agree."""
-  from rflow_jax.model import layers  # pylint: disable=g-import-not-at-top
+  """The einsum kernel is jax.nn.dot_product_attention's function: outputs and all three gradients agree."""
   q, k, v, g = (jax.random.normal(jax.random.key(i), (2, 7, 3, 16), dtype) for i in range(4))
+  _assert_same_attention("einsum", "xla", (q, k, v), g, dtype, tol)
+
+
+def _assert_same_attention(ours_impl, ref_impl, qkv, g, dtype, tol):
+  """Outputs and the three input gradients (cotangent g) of two attention_impls agree within tol."""
+  from rflow_jax.model import layers  # pylint: disable=g-import-not-at-top
 
   def vjp(impl):
-    out, pullback = jax.vjp(lambda *a: layers.dot_product_attention(*a, impl), q, k, v)
+    out, pullback = jax.vjp(lambda *a: layers.dot_product_attention(*a, impl), *qkv)
     return (out,) + pullback(g)
 
-  for ours, ref in zip(vjp("einsum"), vjp("xla")):
+  for ours, ref in zip(vjp(ours_impl), vjp(ref_impl)):
     assert ours.dtype == ref.dtype == dtype
     np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(ref, np.float32), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("shape_q,shape_kv,group_bytes,dtype,tol", [
+    ((2, 7, 3, 16), (2, 7, 3, 16), 1 << 19, jnp.float32, 1e-5),  # All 6 (batch, head) pairs in one group.
+    ((2, 7, 3, 16), (2, 9, 3, 16), 7 * 9 * 4 * 2, jnp.float32, 1e-5),  # T != S, groups of 2 pairs (3 map steps).
+    ((2, 7, 3, 16), (2, 7, 3, 16), 1, jnp.bfloat16, 2e-2),  # Groups of 1 pair.
+])
+def test_blocked_attention_matches_einsum_attention(shape_q, shape_kv, group_bytes, dtype, tol, monkeypatch):
+  """The blocked kernel with its recomputing custom_vjp: output and the three gradients equal the einsum kernel's."""
+  from rflow_jax.model import blocked_attention  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(blocked_attention, "GROUP_BYTES", group_bytes)
+  q, g = (jax.random.normal(jax.random.key(i), shape_q, dtype) for i in (0, 3))
+  k, v = (jax.random.normal(jax.random.key(i), shape_kv, dtype) for i in (1, 2))
+  _assert_same_attention("blocked", "einsum", (q, k, v), g, dtype, tol)

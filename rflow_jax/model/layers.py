@@ -27,6 +27,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from rflow_jax.model import blocked_attention
+
 Initializer = Callable[..., jax.Array]
 
 # Both norm types in SD3 use this epsilon (diffusers: eps=1e-6 everywhere).
@@ -54,6 +56,7 @@ def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 # e.g. a TPU Pallas flash/splash kernel: `register_attention("splash", fn)` then `--config.model.attention_impl=splash`.
 ATTENTION_IMPLS: dict[str, Any] = {
     "einsum": einsum_attention,  # Ours: two einsums and a softmax (the default).
+    "blocked": blocked_attention.blocked_attention,  # Ours: cache-sized groups, recomputing backward.
     "xla": "xla",
     "cudnn": "cudnn",
     "auto": None,  # Let JAX pick (cuDNN when available, else XLA).

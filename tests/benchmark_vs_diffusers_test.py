@@ -1,0 +1,40 @@
+"""benchmarks/vs_diffusers.py --quick: its JSON line has the promised keys, and both sides computed the same loss."""
+
+import importlib.util
+import json
+import pathlib
+
+import pytest
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# fp32, same weights, same (z_t, t, target, context, pooled): the two losses differ only by summation order.
+LOSS_RTOL = 1e-5
+
+
+def _load_benchmark():
+  spec = importlib.util.spec_from_file_location("vs_diffusers", ROOT / "benchmarks" / "vs_diffusers.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.slow
+def test_quick_run_reports_every_key_and_the_same_loss(capsys):
+  threads = torch.get_num_threads()
+  try:
+    _load_benchmark().main(["--quick", "--threads=1"])
+  finally:
+    torch.set_num_threads(threads)  # The benchmark sets it; later tests in this worker keep theirs.
+  result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert set(result["train_step"]) == {"rflow_jax_s", "diffusers_eager_s", "diffusers_compile_s", "speedup_vs_eager",
+                                       "speedup_vs_compile", "rflow_jax_gflops", "peak_fraction"}
+  assert set(result["sampling"]) == {"rflow_jax_s", "diffusers_eager_s", "diffusers_compile_s", "speedup_vs_eager",
+                                     "speedup_vs_compile"}
+  assert set(result["matmul_gflops"]) == {"xla", "torch"}
+  assert result["threads"] == 1 and result["config"]["quick"]
+  for section in ("train_step", "sampling"):
+    assert result[section]["rflow_jax_s"] > 0 and result[section]["diffusers_eager_s"] > 0
+  assert result["train_step"]["peak_fraction"] > 0
+  assert result["loss"]["rflow_jax"] == pytest.approx(result["loss"]["diffusers"], rel=LOSS_RTOL)
+  assert result["sample_shape"] == [2, 32, 32, 3]
