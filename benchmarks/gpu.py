@@ -71,7 +71,7 @@ def time_rflow_jax(config, steps: int) -> dict:
   b, s, ch = config.train.global_batch_size, config.data.image_size, config.model.in_channels
   rng = np.random.RandomState(0)
   batch = setup.global_batch({"image": rng.uniform(-1, 1, (b, s, s, ch)).astype(np.float32),
-                              "tokens": rng.randint(1, setup.tokenizer.vocab_size, (b, config.text.max_length))
+                              "tokens": rng.randint(1, setup.task.tokenizer.vocab_size, (b, config.text.max_length))
                                         .astype(np.int32)})
   state = setup.init_state()
   t0 = time.perf_counter()
@@ -89,7 +89,7 @@ def time_rflow_jax(config, steps: int) -> dict:
     times.append(time.perf_counter() - t0)
   del jnp
   return {"step_s": statistics.median(times), "compile_s": compile_s, "loss": float(m["loss"]),
-          "model": setup.model}
+          "model": setup.task.model}
 
 
 def time_diffusers(config, model, steps: int, compile_: bool) -> dict:

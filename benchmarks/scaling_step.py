@@ -102,7 +102,7 @@ def measure(args, side: int, depth: int) -> list[dict]:
     setup = trainer.Setup(c)
     rng = np.random.RandomState(0)
     batch = {"image": jnp.asarray(rng.uniform(-1, 1, (args.batch, side, side, 3)).astype(np.float32)),
-             "tokens": jnp.asarray(rng.randint(1, setup.tokenizer.vocab_size, (args.batch, c.text.max_length),
+             "tokens": jnp.asarray(rng.randint(1, setup.task.tokenizer.vocab_size, (args.batch, c.text.max_length),
                                                np.int32))}
     state = setup.init_state()
     t0 = time.perf_counter()

@@ -200,33 +200,33 @@ def main(argv=None):
 
   config = make_config(args)
   setup = trainer.Setup(config)
-  if not setup.formulation.is_rf or setup.formulation.output != "velocity":
+  if not setup.task.formulation.is_rf or setup.task.formulation.output != "velocity":
     raise SystemExit(f"error: flow.formulation={config.flow.formulation!r}: the torch side computes the rf loss")
   state = setup.init_state()
   params = randomize(state.params, seed=1)
-  state = state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params), opt_state=setup.tx.init(params))
+  state = state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params), opt_state=setup.task.tx.init(params))
   rng = np.random.RandomState(0)
   b, s, ch = args.batch, config.data.image_size, config.model.in_channels
   batch = {"image": jnp.asarray(rng.uniform(-1, 1, (b, s, s, ch)).astype(np.float32)),
-           "tokens": jnp.asarray(rng.randint(1, setup.tokenizer.vocab_size, (b, config.text.max_length), np.int32))}
+           "tokens": jnp.asarray(rng.randint(1, setup.task.tokenizer.vocab_size, (b, config.text.max_length), np.int32))}
 
   # Step 0's draw of the jitted step, replayed outside it for the torch side (same key path as step.loss_fn).
   key = jax.random.fold_in(jax.random.key(config.seed), state.step)
   k_drop, k_loss = jax.random.split(key)
-  context, pooled = step_lib.condition(setup.text_stack, state.text_params, batch["tokens"], k_drop,
+  context, pooled = step_lib.condition(setup.task.text_stack, state.text_params, batch["tokens"], k_drop,
                                        config.text.drop_prob)
   k_t, k_eps = jax.random.split(k_loss)
-  t = setup.formulation.sample_t(k_t, (b,))
+  t = setup.task.formulation.sample_t(k_t, (b,))
   eps = jax.random.normal(k_eps, batch["image"].shape, jnp.float32)
-  z_t = setup.formulation.noise(batch["image"], eps, t)
+  z_t = setup.task.formulation.noise(batch["image"], eps, t)
   nchw = lambda a: torch.from_numpy(np.ascontiguousarray(np.asarray(a).transpose(0, 3, 1, 2)))
   tt = lambda a: torch.from_numpy(np.array(a))
-  torch_batch = (nchw(z_t), tt(1000.0 * setup.formulation.model_time(t)), tt(context), tt(pooled),
-                 nchw(setup.formulation.target(batch["image"], eps, t)))
+  torch_batch = (nchw(z_t), tt(1000.0 * setup.task.formulation.model_time(t)), tt(context), tt(pooled),
+                 nchw(setup.task.formulation.target(batch["image"], eps, t)))
 
   compile_ = not args.no_compile
   ema = float(optim_lib.ema_decay(0, config.optim.ema_decay))
-  peer = Peer(jax.device_get(params), setup.model, config.optim, ema, compile_)
+  peer = Peer(jax.device_get(params), setup.task.model, config.optim, ema, compile_)
   compile_s = {}
 
   # --- train step ---
@@ -263,12 +263,12 @@ def main(argv=None):
   # --- sampling ---
   sb = args.sample_batch
   srng = np.random.RandomState(1)
-  s_tokens = jnp.asarray(srng.randint(1, setup.tokenizer.vocab_size, (sb, config.text.max_length), np.int32))
-  cond = text_encoders.drop_and_compose(setup.text_stack.apply({"params": holder["state"].text_params}, s_tokens), None, 0.0)
+  s_tokens = jnp.asarray(srng.randint(1, setup.task.tokenizer.vocab_size, (sb, config.text.max_length), np.int32))
+  cond = text_encoders.drop_and_compose(setup.task.text_stack.apply({"params": holder["state"].text_params}, s_tokens), None, 0.0)
   uncond = jax.tree.map(jnp.zeros_like, cond)
   noise = jnp.asarray(srng.randn(sb, s, s, ch).astype(np.float32))
   sigmas = jnp.asarray(schedules.flow_sigmas(args.sample_steps, 1.0, "diffusers"), jnp.float32)
-  model, cfg = setup.model, float(config.sample.cfg_scale)
+  model, cfg = setup.task.model, float(config.sample.cfg_scale)
 
   @jax.jit
   def jax_sample(p, x, cond, uncond):

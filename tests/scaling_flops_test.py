@@ -6,14 +6,13 @@ import pytest
 from configs import scaling, sd3
 from rflow_jax.flow import formulations
 from rflow_jax.flow import losses
-from rflow_jax.model import mmdit
-from rflow_jax.train import trainer
+from rflow_jax.model import mmdit, registry
 from rflow_jax.utils import flops
 
 
 def _eval_shape_count(config):
-  x, _, context, pooled = trainer._dummy_inputs(config)  # pylint: disable=protected-access
-  return mmdit.count_params(trainer.build_model(config), x.shape, context.shape, pooled.shape)
+  x, _, context, pooled = registry.dummy_inputs(config)
+  return mmdit.count_params(registry.build_model(config), x.shape, context.shape, pooled.shape)
 
 
 @pytest.mark.parametrize("config_fn", [
@@ -35,10 +34,10 @@ def test_train_flops_match_xla_cost_analysis_of_the_gradient_step():
   config = scaling.get_config("cpu")
   # Width 256: at width 32 elementwise work (which XLA counts and the formula does not) is 13% of the total.
   config.model.update(scan_blocks=False, depth=2, hidden_size=256, num_heads=16)  # XLA counts a scan body once.
-  model = trainer.build_model(config)
+  model = registry.build_model(config)
   formulation = formulations.get(config.flow.formulation)
   batch = 2
-  x, t, context, pooled = trainer._dummy_inputs(config, batch)  # pylint: disable=protected-access
+  x, t, context, pooled = registry.dummy_inputs(config, batch)
   params = jax.eval_shape(model.init, jax.random.key(0), x, t, context, pooled)["params"]
 
   def loss(p, x0, key):

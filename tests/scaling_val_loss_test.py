@@ -54,8 +54,8 @@ def _subprocess_main(out_path):
     results[name] = val_loss.evaluate(setup.task, placed, 0, "")
     if name == "one":
       results["one_again"] = val_loss.evaluate(setup.task, placed, 0, "")
-      fresh = val_loss.ValLoss(config, model=setup.model, text_stack=setup.text_stack, tokenizer=setup.tokenizer,
-                               formulation=setup.formulation, mesh=setup.mesh, rules=setup.rules)
+      fresh = val_loss.ValLoss(config, model=setup.task.model, text_stack=setup.task.text_stack, tokenizer=setup.task.tokenizer,
+                               formulation=setup.task.formulation, mesh=setup.mesh, rules=setup.rules)
       results["one_fresh"] = fresh.scores(placed.params, placed.text_params)
   with open(out_path, "w") as f:
     json.dump(results, f)
