@@ -26,6 +26,7 @@ def validate(config) -> None:
   from rflow_jax.data import registry as data_registry
   from rflow_jax.flow import formulations
   from rflow_jax.sampling import schedules, solvers
+  from rflow_jax.train import profiler
 
   m, d, t = config.model, config.data, config.train
   _require(d.name in data_registry.SOURCES, f"data.name={d.name!r} is not a dataset; valid: {sorted(data_registry.SOURCES)}")
@@ -57,6 +58,8 @@ def validate(config) -> None:
            "set train.init_from too")
   _require(not (t.init_grow_depth and m.scan_blocks),
            "train.init_grow_depth=True places single blocks: set model.scan_blocks=False")
+  problem = profiler.check_steps(t.profile_steps)
+  _require(problem is None, problem)
   _require(t.nonfinite in NONFINITE_POLICIES, f"train.nonfinite={t.nonfinite!r}; valid: {NONFINITE_POLICIES}")
   _require(t.global_batch_size % jax.process_count() == 0,
            f"train.global_batch_size={t.global_batch_size} is not divisible by the {jax.process_count()} processes")
@@ -73,6 +76,7 @@ def validate_sharding(config, devices=None) -> None:
     logical_rules = rules.rules_from_config(config.sharding)
     mesh = mesh_lib.mesh_from_config(config.sharding, devices)
     partition.check_batch(config.train.global_batch_size, mesh, logical_rules)
+    partition.check_microbatches(config.train.global_batch_size, config.train.microbatches, mesh, logical_rules)
   except ValueError as e:
     raise ConfigError(str(e)) from None
 

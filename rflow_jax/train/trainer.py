@@ -23,6 +23,7 @@ from rflow_jax.model import text_encoders
 from rflow_jax.sampling import pipeline as sampling
 from rflow_jax.sharding import mesh as mesh_lib, partition, rules as rules_lib
 from rflow_jax.train import checkpoint, optimizer as optim_lib, preemption, step as step_lib, workdir as workdir_lib
+from rflow_jax.train import preflight, profiler
 from rflow_jax.train.state import TrainState
 from rflow_jax.utils import flops as flops_lib
 
@@ -215,6 +216,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                       async_save=config.ckpt.async_save)
     data_iter = _data_iterator(config, setup.tokenizer)
     state, last_ckpt = _restore_or_init(setup, manager, data_iter, workdir)
+    preflight.check_train_step(setup, state)  # TPU/GPU: a step that cannot fit is refused before it runs.
     _write_config(config, workdir)
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     try:
@@ -240,6 +242,7 @@ def _train_loop(config, workdir, setup, manager, data_iter, state, last_ckpt, wr
   seen = [] if config.train.record_seen_indices else None
   scores_shapes = config.data.name == "shapes"  # ShapesEval scores the built-in shapes task only.
   shapes_eval_every = config.train.eval_every if scores_shapes else 0
+  prof = profiler.StepProfiler(config.train.profile_steps, workdir)
   t0 = time.time()
   while step < num_steps:
     local = next(data_iter)
@@ -247,10 +250,12 @@ def _train_loop(config, workdir, setup, manager, data_iter, state, last_ckpt, wr
       _record_seen(workdir, seen, local)
     if step + 1 == config.train.poison_step:
       local = _poison(local)
+    prof.before(step + 1, state)
     state, metrics = setup.step(state, setup.global_batch(local))
     step += 1
     pending.append(metrics)
     stop = sigterm.is_set()
+    prof.after(step, (state, metrics), end=stop or step == num_steps)
     if step % config.train.log_every == 0 or step == num_steps or stop:
       results = _fetch_metrics(pending, step, config, last_ckpt)
       # Only here, after the fetch has waited for the device: between fetches the loop runs ahead of the device
