@@ -25,7 +25,7 @@ first command (GiB; docs/scaling.md has every preset, resolution and mesh):
   sd3-medium                 dots_no_batch  1             ≤ 42.7 (d24 with qk-norm)
   sd3.5-medium               dots_no_batch  1             SD35M_GIB
   d30                        dots_no_batch  D30_MB             D30_GIB
-  d38, sd3.5-large           dots_no_batch  2             D38_GIB
+  d38, sd3.5-large           dots_no_batch  2             53.4
 
 Training with this config needs a pre-encoded latent source (VAE latents + text embeddings) in
 rflow_jax/data/registry.py, which rflow_jax does not have yet; until then the config serves AOT compilation and

@@ -25,13 +25,13 @@ def test_refusal_names_the_estimate_the_limit_and_what_would_fit():
       "the train step needs 100.0 GiB per device (XLA:CPU estimate), more than the 74.5 GiB (80.0 GB) available; "
       "would fit: --config.train.microbatches=2 (32 examples per device at once, ≈56.2 GiB by linear scaling); "
       "--config.model.remat=full (saves only each block's input; ~1/3 more FLOPs); "
-      "a larger fsdp axis (fsdp=128: state 10.0 -> 5.0 GiB per device)")
+      "a larger fsdp axis over more devices (fsdp=128, 2× the devices: ≈50.0 GiB)")
   assert "\n" not in str(e.value) and isinstance(e.value, ValueError)  # One line; the CLIs print it and exit 2.
 
 
 def test_state_alone_too_big_asks_for_more_fsdp_only():
-  with pytest.raises(preflight.InsufficientMemoryError, match=r"would fit: a larger fsdp axis \(fsdp=32: state "
-                     r"100.0 -> 25.0 GiB per device\)$"):
+  with pytest.raises(preflight.InsufficientMemoryError, match=r"would fit: a larger fsdp axis over more devices "
+                     r"\(fsdp=16, 2× the devices: ≈75.0 GiB\)$"):
     preflight.check(needed=150 * GIB, limit=80 * GIB, source="x", state=100 * GIB, microbatches=1,
                     examples_per_shard=8, remat="full", fsdp=8)
 

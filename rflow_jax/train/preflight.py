@@ -57,11 +57,11 @@ def advice(*, needed: int, limit: int, state: int, microbatches: int, examples_p
         break
     if remat != "full":
       options.append("--config.model.remat=full (saves only each block's input; ~1/3 more FLOPs)")
-  grow = 2  # Powers of two: the smallest that fits the state beside the rest (which this does not shrink).
-  while rest < limit and fixed / grow + rest > limit:
+  grow = 2  # More devices on the fsdp axis, same global batch: state and examples per device both shrink.
+  while needed / grow > limit:
     grow *= 2
-  options.append(f"a larger fsdp axis (fsdp={fsdp * grow}: state {state / GIB:.1f} -> {state / grow / GIB:.1f} GiB "
-                 f"per device)")
+  options.append(f"a larger fsdp axis over more devices (fsdp={fsdp * grow}, {grow}× the devices: "
+                 f"≈{needed / grow / GIB:.1f} GiB)")
   return "; ".join(options)
 
 
