@@ -16,15 +16,17 @@ presets keep their own), rectified flow with logit-normal(0, 1) timesteps, 500k 
 Memory defaults of the pod-scale variants (d15 and up, and the released ones; POD_DEFAULTS): blocks are scanned
 (compile time flat in depth) and rematerialised with "dots_no_batch" (the block's matmul outputs are kept, the
 attention and elementwise work is recomputed: ~1-2% more FLOPs, where "full" costs ~1/3 more), and the deepest
-ones accumulate gradients over 2 microbatches. Each fits the documented mesh of 64 devices (fsdp=64, 64 examples
-per device) at 256² within 80 GB (H100) and so 95 GB (TPU v5p); per-device memory, XLA:CPU estimates from the
-first command (GiB; docs/scaling.md has every preset, resolution and mesh):
+ones (d25 and up) accumulate gradients over 2 microbatches. Each fits the documented mesh of 64 devices
+(fsdp=64, 64 examples per device) at 256² within 80 GB (H100) and so 95 GB (TPU v5p), with ≥ 20% headroom for
+the XLA:CPU estimate's error (≤ 64 GB = 59.6 GiB; d30 at 1 microbatch would be ≈67 GiB, the d24 figure scaled);
+per-device memory, XLA:CPU estimates of the first command (GiB; docs/scaling.md has every preset, resolution
+and mesh):
 
   variant                    remat          microbatches  per-device GiB (XLA:CPU)
   d15, d18, d21, d24         dots_no_batch  1             ≤ 42.7 (d24)
   sd3-medium                 dots_no_batch  1             ≤ 42.7 (d24 with qk-norm)
   sd3.5-medium               dots_no_batch  1             SD35M_GIB
-  d30                        dots_no_batch  D30_MB             D30_GIB
+  d30                        dots_no_batch  2             D30_GIB
   d38, sd3.5-large           dots_no_batch  2             53.4
 
 Training with this config needs a pre-encoded latent source (VAE latents + text embeddings) in
@@ -45,7 +47,7 @@ PAPER_DEPTHS = (15, 18, 21, 24, 30, 38)  # The scaling study's model sizes.
 POD_MIN_DEPTH = 15  # dN with N >= 15 and the released presets get POD_DEFAULTS; smaller ones are for tests.
 # (remat, microbatches) that fit 64 devices at 256² (module docstring), by depth: the first row whose depth bound
 # is >= the model's depth applies.
-POD_DEFAULTS = ((24, "dots_no_batch", 1), (30, "dots_no_batch", 1), (38, "dots_no_batch", 2))
+POD_DEFAULTS = ((24, "dots_no_batch", 1), (38, "dots_no_batch", 2))
 RESOLUTIONS = {256: 1.0, 512: 3.0, 1024: 3.0}  # Pixels -> timestep shift α (§5.3.2: α = 3.0 at high resolution).
 
 
