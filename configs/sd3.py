@@ -23,8 +23,9 @@ per-device memory, XLA:CPU estimates of the first command (GiB; docs/scaling.md 
 and mesh):
 
   variant                    remat          microbatches  per-device GiB (XLA:CPU)
-  d15, d18, d21, d24         dots_no_batch  1             ≤ 42.7 (d24)
-  sd3-medium                 dots_no_batch  1             ≤ 42.7 (d24 with qk-norm)
+  d24                        dots_no_batch  1             42.7
+  d15, d18, d21              dots_no_batch  1             not compiled (narrower and shallower than d24)
+  sd3-medium                 dots_no_batch  1             not compiled (d24 without the qk-norm)
   sd3.5-medium               dots_no_batch  1             SD35M_GIB
   d30                        dots_no_batch  2             D30_GIB
   d38, sd3.5-large           dots_no_batch  2             53.4
