@@ -27,7 +27,7 @@ and mesh):
   d15, d18, d21              dots_no_batch  1             not compiled (narrower and shallower than d24)
   sd3-medium                 dots_no_batch  1             not compiled (d24 without the qk-norm)
   sd3.5-medium               dots_no_batch  1             47.5
-  d30                        dots_no_batch  2             not compiled (≈34 GiB, the d24 figure scaled)
+  d30                        dots_no_batch  2             33.9
   d38, sd3.5-large           dots_no_batch  2             53.4
 
 Training with this config needs a pre-encoded latent source (VAE latents + text embeddings) in
