@@ -96,6 +96,10 @@ def get_config():
   c.train = ml_collections.ConfigDict()
   c.train.global_batch_size = 64  # Examples per step across all processes.
   c.train.num_steps = 1000  # Total optimiser steps.
+  # Gradient accumulation: each step's global batch is split into this many microbatches inside the jitted step
+  # (forward + backward one at a time, float32 gradients summed, one update): activation memory / N, same recipe.
+  # Must divide the batch of every process and of every data shard.
+  c.train.microbatches = 1
   c.train.log_every = 50  # Fetch and write scalar metrics every N steps (metrics stay on device in between).
   c.train.checkpoint_every = 500  # Save state + data-iterator state every N steps (and always at the end).
   c.train.keep_checkpoints = 2  # Keep the newest N checkpoints.
@@ -124,6 +128,9 @@ def get_config():
   # Debug only (rflow_jax/train/hooks.py): each process keeps the data `index` of every example it trained on in
   # WORKDIR/seen_indices_p{process_index}.json (tests check the sharding: no duplicates, no gaps).
   c.train.record_seen_indices = False
+  # Trace steps N..M (1-based, inclusive) with jax.profiler into WORKDIR/profile (TensorBoard's profile plugin or
+  # Perfetto read it; docs/scaling.md). () = off. Other steps run untouched.
+  c.train.profile_steps = ()
 
   # --- Sampling (periodic grids, the end-of-training eval and `python -m rflow_jax.sample`) ------------------------
   c.sample = ml_collections.ConfigDict()

@@ -1,6 +1,7 @@
 """Ahead-of-time dry run: compile a config's train step for a mesh of fake CPU devices; allocate nothing.
 
-  python launch/aot_compile.py --config=configs/sd3.py:d38 --mesh=data=1,fsdp=64,tensor=1 [--config.x=y ...]
+  python launch/aot_compile.py --config=configs/sd3.py:d38 --mesh=data=1,fsdp=64,tensor=1 [--device_memory_gb=80]
+      [--config.x=y ...]
 
 Creates as many fake CPU devices as the mesh has (XLA_FLAGS is set before jax starts), builds the trainer's Setup
 on that mesh (abstract state with its shardings), lowers and compiles the jitted train step on abstract state and
@@ -17,6 +18,10 @@ batch, and prints as its LAST line one JSON object:
                              once: with model.scan_blocks it undercounts, see analytic_flops_per_step)
   analytic_flops_per_step    rflow_jax.utils.flops model FLOPs of the step
   compile_seconds, lower_seconds
+
+With --device_memory_gb=N (decimal GB, as vendors quote HBM: 80 for H100, 95 for TPU v5p) it then exits 2 with
+one line `error: ...` when per_device_memory_bytes exceeds N GB, naming the estimate and what would fit
+(train.microbatches, remat "full", a larger fsdp axis; rflow_jax/train/preflight.py).
 
 Caveats: this is XLA:CPU's buffer assignment and scheduling. TPU and GPU compilers fuse, schedule and
 rematerialise differently, so treat the memory as an estimate (docs/scaling.md compares); the sizes of arguments
@@ -63,10 +68,12 @@ from rflow_jax import cli
 from rflow_jax import config_lib
 from rflow_jax.model import mmdit, registry, text_encoders
 from rflow_jax.sharding import mesh as mesh_lib, partition
-from rflow_jax.train import trainer
+from rflow_jax.train import preflight, trainer
 
 config_flags.DEFINE_config_file("config", None, "Config file (with optional :arg).", lock_config=True)
 flags.DEFINE_string("mesh", "fsdp=1", "Mesh sizes as data=D,fsdp=F,tensor=T (omitted axes are 1; no -1).")
+flags.DEFINE_float("device_memory_gb", 0.0, "Refuse (exit 2, one line) when the per-device estimate exceeds this "
+                   "many GB (1e9 bytes); 0 = report only.")
 flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 
@@ -99,13 +106,13 @@ def compile_report(config) -> dict:
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   devices = setup.mesh.size
-  per_device = (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
-                - memory.alias_size_in_bytes)
+  per_device = preflight.step_bytes(memory)
   analytic = setup.task.flops_per_step
   return {
       "params": count_params(setup.abstract_state.params),
       "params_sd3_text_dims": params_with_sd3_text_dims(config),
       "global_batch": config.train.global_batch_size,
+      "microbatches": config.train.microbatches,
       "mesh": dict(setup.mesh.shape),
       "devices": devices,
       "model": {k: config.model[k] for k in ("depth", "hidden_size", "remat", "scan_blocks", "dtype")},
@@ -135,7 +142,13 @@ def main(argv):
       report = compile_report(config)
     except ValueError as e:  # ConfigError included: a bad value is one line, exit 2.
       raise ValueError(f"bad config for mesh {FLAGS.mesh}: {e}") from None
-  print(json.dumps(report), flush=True)
+    print(json.dumps(report), flush=True)
+    if FLAGS.device_memory_gb > 0:
+      mesh = report["mesh"]
+      preflight.check(needed=report["per_device_memory_bytes"], limit=int(FLAGS.device_memory_gb * preflight.GB),
+                      source="XLA:CPU estimate", state=report["state_bytes_per_device"],
+                      microbatches=config.train.microbatches, remat=config.model.remat, fsdp=mesh["fsdp"],
+                      examples_per_shard=config.train.global_batch_size // (mesh["data"] * mesh["fsdp"]))
 
 
 if __name__ == "__main__":

@@ -62,6 +62,9 @@ def validate(config) -> None:
            "set train.init_from too")
   _require(not (t.init_grow_depth and m.scan_blocks),
            "train.init_grow_depth=True places single blocks: set model.scan_blocks=False")
+  steps = tuple(t.profile_steps)
+  _require(not steps or (len(steps) == 2 and all(isinstance(s, int) for s in steps) and 1 <= steps[0] <= steps[1]),
+           f"train.profile_steps={steps!r} must be () (off) or (N, M) with 1 <= N <= M (1-based step numbers)")
   _require(t.nonfinite in NONFINITE_POLICIES, f"train.nonfinite={t.nonfinite!r}; valid: {NONFINITE_POLICIES}")
   _require(t.global_batch_size % jax.process_count() == 0,
            f"train.global_batch_size={t.global_batch_size} is not divisible by the {jax.process_count()} processes")
@@ -92,6 +95,7 @@ def validate_sharding(config, devices=None) -> None:
     logical_rules = rules.rules_from_config(config.sharding)
     mesh = mesh_lib.mesh_from_config(config.sharding, devices)
     partition.check_batch(config.train.global_batch_size, mesh, logical_rules)
+    partition.check_microbatches(config.train.global_batch_size, config.train.microbatches, mesh, logical_rules)
   except ValueError as e:
     raise ConfigError(str(e)) from None
 

@@ -29,12 +29,26 @@ def per_example_loss(formulation: formulations.Formulation, model_fn: ModelFn, x
   Returns:
     (loss (B,) float32, t (B,)) — t is returned for per-t-bin diagnostics.
   """
+  t, eps = draw_noise(formulation, key, x0.shape)
+  return loss_at(formulation, model_fn, x0, t, eps), t
+
+
+def draw_noise(formulation: formulations.Formulation, key: jax.Array,
+               shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+  """The random part of per_example_loss: t (B,) and ε (shape, float32) for a batch of latents of `shape`.
+
+  Drawn for a whole batch at once, so that a batch split into microbatches afterwards sees the same numbers.
+  """
   key_t, key_eps = jax.random.split(key)
-  t = formulation.sample_t(key_t, x0.shape[:1])
-  eps = jax.random.normal(key_eps, x0.shape, jnp.float32)
+  return formulation.sample_t(key_t, shape[:1]), jax.random.normal(key_eps, shape, jnp.float32)
+
+
+def loss_at(formulation: formulations.Formulation, model_fn: ModelFn, x0: jax.Array, t: jax.Array,
+            eps: jax.Array) -> jax.Array:
+  """The deterministic part of per_example_loss: the weighted loss (B,) of the network at z_t(x0, ε, t)."""
   z_t = formulation.noise(x0.astype(jnp.float32), eps, t).astype(x0.dtype)
   net_out = model_fn(z_t, formulation.model_time(t))
-  return formulation.loss(net_out, x0, eps, t, z_t), t
+  return formulation.loss(net_out, x0, eps, t, z_t)
 
 
 def binned_sums(values: jax.Array, t: jax.Array, num_bins: int) -> tuple[jax.Array, jax.Array]:

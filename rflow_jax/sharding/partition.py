@@ -33,6 +33,19 @@ def check_batch(global_batch_size: int, mesh: Mesh, logical_rules) -> None:
                      f"(the mesh axes the batch is sharded over)")
 
 
+def check_microbatches(global_batch_size: int, microbatches: int, mesh: Mesh, logical_rules,
+                       process_count: int | None = None) -> None:
+  """Raises ValueError unless train.microbatches splits the batch of every process and every data shard evenly."""
+  if microbatches < 1:
+    raise ValueError(f"train.microbatches={microbatches} must be >= 1")
+  process_count = jax.process_count() if process_count is None else process_count
+  ways = math.prod(mesh.shape[a] for a in batch_mesh_axes(logical_rules))
+  for what, n in (("process", global_batch_size // process_count), ("data shard", global_batch_size // ways)):
+    if n % microbatches:
+      raise ValueError(f"train.microbatches={microbatches} does not divide the {n} examples per {what} "
+                       f"(train.global_batch_size={global_batch_size})")
+
+
 def _path(path) -> str:
   return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 

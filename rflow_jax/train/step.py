@@ -1,8 +1,14 @@
 """The pure train step: (state, batch) -> (state, metrics), jitted once by the trainer.
 
 Statics (model, text stack, formulation, optimiser, config numbers) are bound with functools.partial (by the flow
-task, rflow_jax/train/tasks.py) so the jitted function's only arguments are arrays. Randomness is fold_in(seed key, step): a resumed run draws exactly what an
-uninterrupted one would.
+task, rflow_jax/train/tasks.py) so the jitted function's only arguments are arrays. Randomness is fold_in(seed key,
+step): a resumed run draws exactly what an uninterrupted one would.
+
+Gradient accumulation (train.microbatches = k > 1): the step draws the whole batch's randomness (caption dropout,
+t, ε) and encodes its captions first, then scans the backbone's forward and backward over k microbatches, summing
+float32 gradients, and makes one optimiser update. Microbatch j takes rows j, j + k, j + 2k, ... so that every
+device holds its share of every microbatch (no resharding); the per-example losses are put back in batch order, so
+the loss, the per-t-bin losses and the gradients are the single big step's up to float summation order.
 """
 
 from typing import Any
@@ -26,17 +32,53 @@ def condition(text_stack, text_params, tokens, key, drop_prob):
   return jax.lax.stop_gradient(context), jax.lax.stop_gradient(pooled)
 
 
-def loss_fn(params, text_params, batch, key, *, model, text_stack, formulation, drop_prob):
-  """Mean weighted flow-matching loss of one batch, and the per-example losses and times for diagnostics."""
+def _microbatch_loss(params, inputs, *, model, formulation, microbatches: int):
+  """Loss of one microbatch scaled so that the k microbatches' losses (and gradients) sum to the batch mean."""
+  model_fn = lambda z_t, model_time: model.apply({"params": params}, z_t, model_time, inputs["context"],
+                                                 inputs["pooled"])
+  per_example = losses.loss_at(formulation, model_fn, inputs["image"], inputs["t"], inputs["eps"])  # (b,)
+  return per_example.mean() / microbatches, per_example
+
+
+def _split(x, k: int):
+  """(B, ...) -> (k, B/k, ...) with microbatch j = rows j, j+k, ... (each device's rows split k ways, in place)."""
+  return jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1)
+
+
+def _unsplit(x):
+  """Inverse of _split: (k, B/k, ...) -> (B, ...) in batch order."""
+  return jnp.swapaxes(x, 0, 1).reshape((-1,) + x.shape[2:])
+
+
+def _grads_and_metrics(params, text_params, batch, key, *, model, text_stack, formulation, drop_prob: float,
+                       microbatches: int):
+  """Mean loss of the batch, its per-example losses and times (B,), and the float32 gradient of the mean loss.
+
+  The randomness is drawn for the whole batch before any split, so any `microbatches` sees the same draws.
+  """
   k_drop, k_loss = jax.random.split(key)
   context, pooled = condition(text_stack, text_params, batch["tokens"], k_drop, drop_prob)
-  model_fn = lambda z_t, model_time: model.apply({"params": params}, z_t, model_time, context, pooled)
-  per_example, t = losses.per_example_loss(formulation, model_fn, batch["image"], k_loss)  # (B,), (B,)
-  return per_example.mean(), (per_example, t)
+  t, eps = losses.draw_noise(formulation, k_loss, batch["image"].shape)
+  inputs = {"image": batch["image"], "context": context, "pooled": pooled, "t": t, "eps": eps}
+  grad_fn = jax.value_and_grad(
+      functools.partial(_microbatch_loss, model=model, formulation=formulation, microbatches=microbatches),
+      has_aux=True)
+  if microbatches == 1:
+    (loss, per_example), grads = grad_fn(params, inputs)
+    return loss, per_example, t, grads
+
+  def body(acc, micro):
+    (_, per_example), grads = grad_fn(params, micro)
+    return jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grads), per_example
+
+  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+  grads, per_example = jax.lax.scan(body, zeros, jax.tree.map(lambda x: _split(x, microbatches), inputs))
+  per_example = _unsplit(per_example)
+  return per_example.mean(), per_example, t, grads
 
 
 def train_step(state: TrainState, batch, *, model, text_stack, formulation, tx, seed: int, drop_prob: float,
-               ema_decay: float) -> tuple[TrainState, dict[str, Any]]:
+               ema_decay: float, microbatches: int = 1) -> tuple[TrainState, dict[str, Any]]:
   """One optimiser update with EMA and a non-finite guard.
 
   Args:
@@ -46,15 +88,15 @@ def train_step(state: TrainState, batch, *, model, text_stack, formulation, tx, 
     seed: root seed; the step's key is fold_in(key(seed), step).
     drop_prob: per-encoder caption dropout probability.
     ema_decay: EMA decay (warmed up, see optimizer.ema_decay).
+    microbatches: gradient accumulation: the batch is processed in this many pieces (divides the per-device batch).
 
   Returns:
     The new state and a dict of scalar metrics (on device).
   """
   key = jax.random.fold_in(jax.random.key(seed), state.step)
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  (loss, (per_example, t)), grads = grad_fn(
+  loss, per_example, t, grads = _grads_and_metrics(
       state.params, state.text_params, batch, key, model=model, text_stack=text_stack, formulation=formulation,
-      drop_prob=drop_prob)
+      drop_prob=drop_prob, microbatches=microbatches)
   updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
   new_params = optax.apply_updates(state.params, updates)
   decay = optim_lib.ema_decay(state.step, ema_decay)

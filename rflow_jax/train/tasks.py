@@ -44,7 +44,8 @@ class FlowTask:
     self.tx = optim_lib.make_optimizer(config.optim, config.train.num_steps)
     self.train_step = functools.partial(
         step_lib.train_step, model=self.model, text_stack=self.text_stack, formulation=self.formulation, tx=self.tx,
-        seed=config.seed, drop_prob=config.text.drop_prob, ema_decay=config.optim.ema_decay)
+        seed=config.seed, drop_prob=config.text.drop_prob, ema_decay=config.optim.ema_decay,
+        microbatches=config.train.microbatches)
     self.flops_per_step = flops_lib.train_flops_per_step(config)
 
   def init(self, key) -> TrainState:

@@ -18,7 +18,7 @@ from absl import logging
 from rflow_jax import config_lib
 from rflow_jax.eval import evaluators as evaluators_lib
 from rflow_jax.sharding import mesh as mesh_lib, partition, rules as rules_lib
-from rflow_jax.train import checkpoint, hooks, periodic, preemption, tasks, workdir as workdir_lib
+from rflow_jax.train import checkpoint, hooks, periodic, preemption, preflight, profiler, tasks, workdir as workdir_lib
 from rflow_jax.train import writers as writers_lib  # Before anything else imports CLU's writers (no-TF stand-in).
 from rflow_jax.utils import flops as flops_lib
 
@@ -162,6 +162,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                       async_save=config.ckpt.async_save)
     data_iter = setup.data_iterator()
     state, last_ckpt = _restore_or_init(setup, manager, data_iter, workdir)
+    preflight.check_train_step(setup, state)  # TPU/GPU: a step that cannot fit is refused before it runs.
     _write_config(config, workdir)
     writer = writers_lib.make_writer(workdir, is_main_process=jax.process_index() == 0)
     try:
@@ -183,12 +184,16 @@ def _train_loop(setup, workdir, manager, data_iter, state, last_ckpt, writer, si
   batches = hooks.wrap(data_iter, config.train, workdir=workdir, process_index=jax.process_index(), step=step)
   pending, results = [], {}
   meter = flops_lib.ThroughputMeter(task.flops_per_step, setup.mesh.size, config.train.peak_tflops_per_device)
+  prof = profiler.StepProfiler(config.train.profile_steps, workdir)  # A jax.profiler trace of train.profile_steps.
   t0 = time.time()
   while step < num_steps:
-    state, metrics = setup.step(state, setup.global_batch(next(batches)))
+    local = next(batches)
+    prof.before(step + 1, state)
+    state, metrics = setup.step(state, setup.global_batch(local))
     step += 1
     pending.append(metrics)
     stop = sigterm.is_set()
+    prof.after(step, (state, metrics), end=stop or step == num_steps)
     due = periodic.due(step, config.train, stopping=stop)
     if due.log:
       results = _fetch_metrics(pending, step, config, last_ckpt)

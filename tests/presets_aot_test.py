@@ -1,0 +1,50 @@
+"""The pod presets' defaults fit their documented budget: configs/sd3.py's d24 on 64 fake devices, AOT-compiled.
+
+Compiling all 24 blocks takes minutes on a CPU, so this compiles the preset at depth 3 and 4 (its width, heads,
+remat, microbatches, global batch and mesh unchanged) and extrapolates linearly to depth 24: with scanned blocks
+one more block adds exactly one more layer of saved activations, parameters, Adam moments and EMA per device.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import sd3
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUDGET_BYTES = 80e9  # The docstring's budget: 64 devices of 80 GB (H100); TPU v5p has 95 GB.
+
+_SCRIPT = """
+import json, sys, time
+from configs import sd3
+from launch import aot_compile
+out = []
+for depth in (3, 4):
+  c = sd3.get_config("d24")
+  c.model.depth = depth
+  c.sharding.mesh_shape = (1, 64, 1)
+  t = time.time()
+  out.append(aot_compile.compile_report(c)["per_device_memory_bytes"])
+  print(depth, time.time() - t, out[-1] / 2**30, file=sys.stderr)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_d24_preset_defaults_fit_64_devices_of_80gb():
+  config = sd3.get_config("d24")
+  assert config.model.scan_blocks and (config.model.remat, config.train.microbatches) == ("dots_no_batch", 1)
+  env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=64"}
+  proc = subprocess.run([sys.executable, "-c", _SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=900, check=False)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  m3, m4 = json.loads(proc.stdout.strip().splitlines()[-1])
+  per_block = m4 - m3
+  # A block of 64 examples × 410 tokens × width 1536 keeps ~GiB of matmul outputs: the scan's stack grows.
+  assert 0.5 * 2**30 < per_block < 4 * 2**30, per_block
+  predicted = m3 + (24 - 3) * per_block
+  assert predicted <= BUDGET_BYTES, predicted / 2**30
