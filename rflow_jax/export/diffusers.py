@@ -527,11 +527,22 @@ def save_transformer(params: Mapping[str, Any], model: mmdit.MMDiT,
   Returns:
     The output directory.
   """
+  config = diffusers_config(model)
+  return write_model_dir(config, params_to_diffusers(params, model), out_dir, max_shard_bytes=max_shard_bytes,
+                         overwrite=overwrite)
+
+
+def write_model_dir(config: Mapping[str, Any], state_dict: Mapping[str, np.ndarray],
+                    out_dir: str | os.PathLike[str], *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                    overwrite: bool = False) -> pathlib.Path:
+  """Writes a diffusers model directory (config.json + safetensors, sharded past `max_shard_bytes`) atomically.
+
+  Everything is written to a temporary sibling directory that is renamed into place, so readers never see a partial
+  checkpoint; an existing `out_dir` is refused unless `overwrite`.
+  """
   out_dir = pathlib.Path(out_dir)
   if out_dir.exists() and not overwrite:
     raise FileExistsError(f"{out_dir} exists; pass overwrite=True to replace")
-  config = diffusers_config(model)
-  state_dict = params_to_diffusers(params, model)
   shards = _shards(state_dict, max_shard_bytes)
   out_dir.parent.mkdir(parents=True, exist_ok=True)
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-",

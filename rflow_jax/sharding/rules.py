@@ -14,6 +14,9 @@ Vocabulary:
   patch       p·p·C features of the patch embed input / final projection output
   cond        input widths of context / pooled / time-frequency features
   pos         rows of the positional table
+  vae_channels  hidden widths of the VAE's convolutions, norms and mid-block attention
+  conv_in     image or latent channels a VAE convolution reads (3 or 4..16: never sharded)
+  conv_out    image or latent channels a VAE convolution writes (never sharded)
 
 `config.sharding.rule_overrides` replaces the preset's entry for a logical name, e.g.
 `(("mlp", "fsdp"),)` shards MLP hidden widths over fsdp; `validate_rules` rejects unknown logical names, unknown
@@ -21,20 +24,23 @@ mesh axes and a mesh axis used twice in one rule before anything is compiled.
 """
 
 MESH_AXES = ("data", "fsdp", "tensor")
-LOGICAL_AXES = ("batch", "length", "embed", "mlp", "heads", "kv", "modulation", "patch", "cond", "pos")
+LOGICAL_AXES = ("batch", "length", "embed", "mlp", "heads", "kv", "modulation", "patch", "cond", "pos", "vae_channels",
+                "conv_in", "conv_out")
 
 _COMMON = (("batch", ("data", "fsdp")), ("length", None), ("kv", None), ("patch", None), ("cond", None),
-           ("pos", None))
+           ("pos", None), ("conv_in", None), ("conv_out", None))
 
 PRESETS = {
     # Pure data parallelism: every parameter replicated.
-    "dp": _COMMON + (("embed", None), ("mlp", None), ("heads", None), ("modulation", None)),
+    "dp": _COMMON + (("embed", None), ("mlp", None), ("heads", None), ("modulation", None), ("vae_channels", None)),
     # ZeRO-3 style: parameters (and with them optimizer and EMA state) sharded over fsdp along the width. Flax
     # takes the first rule whose mesh axis is still free, so a kernel with an "embed" axis is split along it, and
     # arrays without one (biases, the t/y embedders' first layer) along their own width instead of replicated.
-    "fsdp": _COMMON + (("embed", "fsdp"), ("mlp", "fsdp"), ("heads", "fsdp"), ("modulation", "fsdp")),
+    "fsdp": _COMMON + (("embed", "fsdp"), ("mlp", "fsdp"), ("heads", "fsdp"), ("modulation", "fsdp"),
+                       ("vae_channels", "fsdp")),
     # fsdp plus Megatron-style tensor parallelism of the MLP hidden and attention heads.
-    "fsdp_tp": _COMMON + (("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"), ("modulation", "tensor")),
+    "fsdp_tp": _COMMON + (("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"), ("modulation", "tensor"),
+                          ("vae_channels", "fsdp")),
 }
 
 
