@@ -34,7 +34,7 @@ def test_every_param_has_known_logical_axes():
   leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
   assert leaves and all(isinstance(x, nn.Partitioned) for x in leaves)
   names = {n for x in leaves for n in x.names if n is not None}
-  assert names == {"vae_channels", "conv_in", "conv_out"} and names <= set(rules.LOGICAL_AXES)
+  assert names == {"vae_channels", "vae_in", "conv_in", "conv_out"} and names <= set(rules.LOGICAL_AXES)
   for preset in rules.PRESETS:  # Every preset maps them (to a mesh axis or to None).
     assert names <= {logical for logical, _ in rules.get_rules(preset)}, preset
 

@@ -16,8 +16,9 @@ is a latent drawn from the encoder's posterior; decoding inverts it first. SD3 u
 (the mean and 1/std of its latents over training data, arXiv 2403.03206 §5.2.1); `python -m
 rflow_jax.export.latent_stats` measures them for a VAE of ours.
 
-Logical axes of the parameters: "vae_channels" (every hidden width), "conv_in" (image or latent channels a conv
-reads), "conv_out" (image or latent channels a conv writes); spatial kernel axes are never sharded.
+Logical axes of the parameters: "vae_channels" (the hidden width a layer writes), "vae_in" (the hidden width a kernel
+reads), "conv_in" / "conv_out" (image or latent channels a conv reads / writes); spatial kernel axes are never
+sharded.
 """
 
 from collections.abc import Sequence
@@ -44,7 +45,7 @@ def denormalize_latents(z: jax.Array, scaling_factor: float, shift_factor: float
   return z / scaling_factor + shift_factor
 
 
-def _conv(features: int, kernel: int, axes: tuple[str | None, str | None], *, stride: int = 1, padding: Any = "SAME",
+def conv(features: int, kernel: int, axes: tuple[str | None, str | None], *, stride: int = 1, padding: Any = "SAME",
           dtype, param_dtype, name: str) -> nn.Conv:
   """A Conv whose kernel (kh, kw, in, out) carries the logical axes (None, None, *axes)."""
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding, dtype=dtype,
@@ -53,7 +54,7 @@ def _conv(features: int, kernel: int, axes: tuple[str | None, str | None], *, st
                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)))
 
 
-def _group_norm(groups: int, dtype, param_dtype, name: str) -> nn.GroupNorm:
+def group_norm(groups: int, dtype, param_dtype, name: str) -> nn.GroupNorm:
   # Two-pass variance (use_fast_variance=False) as torch computes it: E[x²]-E[x]² loses digits when |mean| >> std.
   return nn.GroupNorm(num_groups=groups, epsilon=NORM_EPS, dtype=dtype, param_dtype=param_dtype, name=name,
                       use_fast_variance=False,
@@ -71,12 +72,12 @@ class ResBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:  # (B, H, W, C_in) -> (B, H, W, features)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    h = nn.silu(_group_norm(self.groups, name="norm1", **kw)(x))
-    h = _conv(self.features, 3, ("vae_channels", "vae_channels"), name="conv1", **kw)(h)
-    h = nn.silu(_group_norm(self.groups, name="norm2", **kw)(h))
-    h = _conv(self.features, 3, ("vae_channels", "vae_channels"), name="conv2", **kw)(h)
+    h = nn.silu(group_norm(self.groups, name="norm1", **kw)(x))
+    h = conv(self.features, 3, ("vae_in", "vae_channels"), name="conv1", **kw)(h)
+    h = nn.silu(group_norm(self.groups, name="norm2", **kw)(h))
+    h = conv(self.features, 3, ("vae_in", "vae_channels"), name="conv2", **kw)(h)
     if x.shape[-1] != self.features:
-      x = _conv(self.features, 1, ("vae_channels", "vae_channels"), name="conv_shortcut", **kw)(x)
+      x = conv(self.features, 1, ("vae_in", "vae_channels"), name="conv_shortcut", **kw)(x)
     return x + h
 
 
@@ -91,9 +92,9 @@ class MidAttention(nn.Module):
     b, hh, ww, c = x.shape
     dense = lambda name: nn.Dense(
         c, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("vae_channels", "vae_channels")),
+        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("vae_in", "vae_channels")),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("vae_channels",)))
-    h = _group_norm(self.groups, self.dtype, self.param_dtype, "norm")(x).reshape(b, hh * ww, c)  # (B, T, C)
+    h = group_norm(self.groups, self.dtype, self.param_dtype, "norm")(x).reshape(b, hh * ww, c)  # (B, T, C)
     q, k, v = dense("q")(h), dense("k")(h), dense("v")(h)
     logits = jnp.einsum("btc,bsc->bts", q, k, preferred_element_type=jnp.float32) * (c ** -0.5)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)  # float32 softmax (diffusers upcasts it too).
@@ -132,18 +133,18 @@ class Encoder(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = _conv(self.block_out_channels[0], 3, ("conv_in", "vae_channels"), name="conv_in", **kw)(x)
+    x = conv(self.block_out_channels[0], 3, ("conv_in", "vae_channels"), name="conv_in", **kw)(x)
     for i, ch in enumerate(self.block_out_channels):
       for j in range(self.layers_per_block):
         x = self.res_block(ch, self.groups, name=f"down_{i}_res_{j}", **kw)(x)
       if i < len(self.block_out_channels) - 1:
         # Pad one row/column at the bottom/right only, then a VALID stride-2 conv (the SD VAE's asymmetric padding).
         x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
-        x = _conv(ch, 3, ("vae_channels", "vae_channels"), stride=2, padding="VALID", name=f"down_{i}_downsample",
+        x = conv(ch, 3, ("vae_in", "vae_channels"), stride=2, padding="VALID", name=f"down_{i}_downsample",
                   **kw)(x)
     x = MidBlock(self.groups, self.attention, self.res_block, name="mid", **kw)(x)
-    x = nn.silu(_group_norm(self.groups, name="norm_out", **kw)(x))
-    return _conv(2 * self.latent_channels, 3, ("vae_channels", "conv_out"), name="conv_out", **kw)(x)
+    x = nn.silu(group_norm(self.groups, name="norm_out", **kw)(x))
+    return conv(2 * self.latent_channels, 3, ("vae_in", "conv_out"), name="conv_out", **kw)(x)
 
 
 class Decoder(nn.Module):
@@ -161,16 +162,16 @@ class Decoder(nn.Module):
   def __call__(self, z: jax.Array) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     widths = list(reversed(self.block_out_channels))
-    x = _conv(widths[0], 3, ("conv_in", "vae_channels"), name="conv_in", **kw)(z)
+    x = conv(widths[0], 3, ("conv_in", "vae_channels"), name="conv_in", **kw)(z)
     x = MidBlock(self.groups, self.attention, self.res_block, name="mid", **kw)(x)
     for i, ch in enumerate(widths):
       for j in range(self.layers_per_block + 1):
         x = self.res_block(ch, self.groups, name=f"up_{i}_res_{j}", **kw)(x)
       if i < len(widths) - 1:
         x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)  # Nearest-neighbour x2.
-        x = _conv(ch, 3, ("vae_channels", "vae_channels"), name=f"up_{i}_upsample", **kw)(x)
-    x = nn.silu(_group_norm(self.groups, name="norm_out", **kw)(x))
-    return _conv(self.out_channels, 3, ("vae_channels", "conv_out"), name="conv_out", **kw)(x)
+        x = conv(ch, 3, ("vae_in", "vae_channels"), name=f"up_{i}_upsample", **kw)(x)
+    x = nn.silu(group_norm(self.groups, name="norm_out", **kw)(x))
+    return conv(self.out_channels, 3, ("vae_in", "conv_out"), name="conv_out", **kw)(x)
 
 
 class AutoencoderKL(nn.Module):
@@ -233,9 +234,9 @@ class AutoencoderKL(nn.Module):
     self.decoder = Decoder(out_channels=self.out_channels, **common)
     lc = self.latent_channels
     if self.use_quant_conv:
-      self.quant_conv = _conv(2 * lc, 1, ("conv_out", "conv_out"), name="quant_conv", **kw)
+      self.quant_conv = conv(2 * lc, 1, ("conv_out", "conv_out"), name="quant_conv", **kw)
     if self.use_post_quant_conv:
-      self.post_quant_conv = _conv(lc, 1, ("conv_in", "conv_in"), name="post_quant_conv", **kw)
+      self.post_quant_conv = conv(lc, 1, ("conv_in", "conv_in"), name="post_quant_conv", **kw)
 
   def encode(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(B, H, W, in_channels) in [-1, 1] -> posterior (mean, logvar), each (B, H/f, W/f, latent_channels)."""

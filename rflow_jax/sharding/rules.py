@@ -14,7 +14,9 @@ Vocabulary:
   patch       p·p·C features of the patch embed input / final projection output
   cond        input widths of context / pooled / time-frequency features
   pos         rows of the positional table
-  vae_channels  hidden widths of the VAE's convolutions, norms and mid-block attention
+  vae_channels  hidden widths a VAE convolution, norm or mid-block attention projection writes
+  vae_in      hidden widths a VAE convolution or projection reads (the kernel's other axis: Flax allows one
+              logical name once per array; replicated, since the output width already carries the sharding)
   conv_in     image or latent channels a VAE convolution reads (3 or 4..16: never sharded)
   conv_out    image or latent channels a VAE convolution writes (never sharded)
 
@@ -25,10 +27,10 @@ mesh axes and a mesh axis used twice in one rule before anything is compiled.
 
 MESH_AXES = ("data", "fsdp", "tensor")
 LOGICAL_AXES = ("batch", "length", "embed", "mlp", "heads", "kv", "modulation", "patch", "cond", "pos", "vae_channels",
-                "conv_in", "conv_out")
+                "vae_in", "conv_in", "conv_out")
 
 _COMMON = (("batch", ("data", "fsdp")), ("length", None), ("kv", None), ("patch", None), ("cond", None),
-           ("pos", None), ("conv_in", None), ("conv_out", None))
+           ("pos", None), ("vae_in", None), ("conv_in", None), ("conv_out", None))
 
 PRESETS = {
     # Pure data parallelism: every parameter replicated.
