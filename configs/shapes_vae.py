@@ -49,6 +49,7 @@ def get_config(arg: str = "cpu"):
     c.vae.eval_per_kind = 2
     c.vae.preview_examples = 2
     c.optim.warmup_steps = 1
+    c.optim.decay = "constant"  # A shorter run is a prefix of a longer one (the resume test relies on it).
     c.train.global_batch_size = 4
     c.train.num_steps = 4
     c.train.log_every = 2

@@ -181,4 +181,4 @@ def restore_params(workdir: str, *, use_ema: bool, step: int | None = None) -> t
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
   state = restored["state"]
   params = state["ema_params"] if use_ema else state["params"]
-  return params, state["text_params"], step
+  return params, state.get("text_params"), step  # A task without text encoders (the VAE) has none.
