@@ -55,6 +55,7 @@ def conv(features: int, kernel: int, axes: tuple[str | None, str | None], *, str
 
 
 def group_norm(groups: int, dtype, param_dtype, name: str) -> nn.GroupNorm:
+  """GroupNorm(eps 1e-6) over NHWC channels with logically annotated scale and bias."""
   # Two-pass variance (use_fast_variance=False) as torch computes it: E[x²]-E[x]² loses digits when |mean| >> std.
   return nn.GroupNorm(num_groups=groups, epsilon=NORM_EPS, dtype=dtype, param_dtype=param_dtype, name=name,
                       use_fast_variance=False,
@@ -119,16 +120,20 @@ class MidBlock(nn.Module):
     return self.res_block(x.shape[-1], self.groups, name="res_1", **kw)(x)
 
 
-class Encoder(nn.Module):
-  """Image (B, H, W, C) -> 2·latent_channels moments at (H/f, W/f)."""
+class _Tower(nn.Module):
+  """What encoder and decoder share: the level widths, res blocks per level and the mid block's settings."""
   block_out_channels: Sequence[int]
   layers_per_block: int
   groups: int
-  latent_channels: int
   attention: bool
   res_block: Any
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+
+
+class Encoder(_Tower):
+  """Image (B, H, W, C) -> 2·latent_channels moments at (H/f, W/f)."""
+  latent_channels: int = 16
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -141,22 +146,15 @@ class Encoder(nn.Module):
         # Pad one row/column at the bottom/right only, then a VALID stride-2 conv (the SD VAE's asymmetric padding).
         x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
         x = conv(ch, 3, ("vae_in", "vae_channels"), stride=2, padding="VALID", name=f"down_{i}_downsample",
-                  **kw)(x)
+                 **kw)(x)
     x = MidBlock(self.groups, self.attention, self.res_block, name="mid", **kw)(x)
     x = nn.silu(group_norm(self.groups, name="norm_out", **kw)(x))
     return conv(2 * self.latent_channels, 3, ("vae_in", "conv_out"), name="conv_out", **kw)(x)
 
 
-class Decoder(nn.Module):
+class Decoder(_Tower):
   """Latent (B, h, w, latent_channels) -> image (B, h·f, w·f, out_channels)."""
-  block_out_channels: Sequence[int]
-  layers_per_block: int
-  groups: int
-  out_channels: int
-  attention: bool
-  res_block: Any
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
+  out_channels: int = 3
 
   @nn.compact
   def __call__(self, z: jax.Array) -> jax.Array:
@@ -234,9 +232,9 @@ class AutoencoderKL(nn.Module):
     self.decoder = Decoder(out_channels=self.out_channels, **common)
     lc = self.latent_channels
     if self.use_quant_conv:
-      self.quant_conv = conv(2 * lc, 1, ("conv_out", "conv_out"), name="quant_conv", **kw)
+      self.quant_conv = conv(2 * lc, 1, ("conv_in", "conv_out"), name="quant_conv", **kw)
     if self.use_post_quant_conv:
-      self.post_quant_conv = conv(lc, 1, ("conv_in", "conv_in"), name="post_quant_conv", **kw)
+      self.post_quant_conv = conv(lc, 1, ("conv_in", "conv_out"), name="post_quant_conv", **kw)
 
   def encode(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(B, H, W, in_channels) in [-1, 1] -> posterior (mean, logvar), each (B, H/f, W/f, latent_channels)."""

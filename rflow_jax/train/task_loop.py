@@ -26,7 +26,8 @@ TASKS = {"vae": vae_task.VAETask}
 def _evaluate(task, state, step, workdir, writer, subdir) -> dict:
   from rflow_jax.eval import vae_recon  # pylint: disable=g-import-not-at-top  (scipy only when evaluating)
   t0 = time.time()
-  scores = {f"vae_recon/{k}": v for k, v in vae_recon.evaluate(task, state, step, os.path.join(workdir, subdir)).items()}
+  scores = vae_recon.evaluate(task, state, step, os.path.join(workdir, subdir))
+  scores = {f"vae_recon/{k}": v for k, v in scores.items()}
   writer.write_scalars(step, scores)
   trainer._append_metrics(workdir, step, scores)  # pylint: disable=protected-access
   logging.info("vae_recon at step %d (%.1fs): %s", step, time.time() - t0, json.dumps(scores))

@@ -8,8 +8,8 @@ losses are sums over pixels):
     + vae.perceptual_weight · d(x, x̂)                               perceptual hook (off by default)
     + λ · vae.disc_weight · (-E[D(x̂)])                             hinge GAN, from step vae.disc_start
 
-with λ = ‖∇_w L_rec‖ / (‖∇_w L_gan‖ + 1e-4), w = the decoder's last conv kernel, clipped to [0, vae.adaptive_weight_max]
-and not differentiated (the LDM "adaptive weight", arXiv 2012.09841 eq. 7). L_rec here is the reconstruction plus
+with λ = ‖∇_w L_rec‖ / (‖∇_w L_gan‖ + 1e-4), w = the decoder's last conv kernel, clipped to
+[0, vae.adaptive_weight_max] and not differentiated (the LDM "adaptive weight", arXiv 2012.09841 eq. 7). L_rec here is the reconstruction plus
 perceptual term. The PatchGAN discriminator (model/patchgan.py) is trained with the hinge loss by its own optimiser
 in the same step, on the same reconstructions.
 
