@@ -20,12 +20,10 @@ function (x, x̂) -> (B,) distances (e.g. LPIPS with weights loaded from a file)
 The Task interface (init / train_step / batch_spec / make_iterator / preview) is the one the trainer drives.
 """
 
-import dataclasses
 import os
 from collections.abc import Callable
 from typing import Any
 
-import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
