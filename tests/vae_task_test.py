@@ -91,6 +91,7 @@ def test_gan_perceptual_and_decoder_only():
   batch = _batch(task)
   state1, m1 = step(state0, batch)  # Step 0 < disc_start: no GAN term, the discriminator is not updated.
   state2, m2 = step(state1, batch)
+  state2, _ = step(state2, batch)  # The discriminator's first update has the warmup's learning rate 0.
   assert float(m1["disc_weight"]) == 0.0 and _tree_equal(state1.disc_params, state0.disc_params)
   assert float(m2["disc_weight"]) > 0.0 and not _tree_equal(state2.disc_params, state1.disc_params)
   assert float(m1["perceptual"]) > 0.0 and float(m2["nonfinite"]) == 0.0
