@@ -14,8 +14,8 @@ def get_config():
   """Returns the base ConfigDict with every field rflow_jax reads."""
   c = ml_collections.ConfigDict()
   c.seed = 0  # Root seed: parameters, the data order and every per-step RNG are derived from it.
-  # What is trained: a key of rflow_jax/train/tasks.py's TASKS ("flow" = the backbone on frozen text encoders with
-  # the flow-matching loss).
+  # What is trained: a key of rflow_jax/train/tasks.py's TASKS: "flow" (the backbone on frozen text encoders with the
+  # flow-matching loss) | "vae" (the autoencoder, section `vae` below).
   c.task = "flow"
 
   # --- Data -------------------------------------------------------------------------------------------------
@@ -70,6 +70,34 @@ def get_config():
   c.model.attention_impl = "einsum"
   c.model.scan_blocks = False  # nn.scan over runs of identical blocks: compile time ~flat in depth (params stacked).
   c.model.remat = "none"  # Rematerialise each block: "none" | "full" | "dots" | ... (mmdit.REMAT_POLICIES).
+
+  # --- VAE (task "vae"; field names follow rflow_jax.model.vae.AutoencoderKL; defaults are SD3's architecture) --
+  c.vae = ml_collections.ConfigDict()
+  c.vae.block_out_channels = (128, 256, 512, 512)  # Width per level; downsampling factor 2^(levels - 1).
+  c.vae.layers_per_block = 2  # Res blocks per encoder level (the decoder has one more).
+  c.vae.norm_num_groups = 32  # GroupNorm groups (divides every width).
+  c.vae.latent_channels = 16  # Latent channels (SD3: 16); an MM-DiT on these latents has in_channels = this.
+  c.vae.use_quant_conv = False  # 1x1 conv after the encoder (SD1/SDXL: on; SD3: off).
+  c.vae.use_post_quant_conv = False  # 1x1 conv before the decoder (SD1/SDXL: on; SD3: off).
+  c.vae.mid_block_attention = True  # Single-head self-attention in the mid blocks.
+  c.vae.scaling_factor = 1.5305  # Latent normalisation z = (x - shift) * scale (SD3's; measure yours with
+  c.vae.shift_factor = 0.0609  # `python -m rflow_jax.export.latent_stats`).
+  c.vae.remat = False  # Rematerialise each res block in the backward pass (memory for compute at high resolution).
+  c.vae.dtype = "float32"  # Compute dtype; parameters stay float32.
+  c.vae.kl_weight = 1e-6  # KL weight (the KL is summed over latent elements and divided by the pixel count, as the
+  # reconstruction term is a per-pixel mean: the ratio of the LDM autoencoders' summed losses).
+  c.vae.perceptual = ""  # Name of a perceptual network registered with vae_task.register_perceptual ("" = none).
+  c.vae.perceptual_weight = 0.0  # Weight of its distance (LPIPS-style; 0 = off).
+  c.vae.disc_weight = 0.0  # PatchGAN hinge-loss weight (times the adaptive weight); 0 = no discriminator.
+  c.vae.disc_start = 0  # Step from which the GAN loss and the discriminator's updates are on.
+  c.vae.disc_channels = 64  # Width of the discriminator's first conv.
+  c.vae.disc_layers = 3  # Stride-2 convs of the discriminator.
+  c.vae.disc_learning_rate = 1e-4  # Discriminator peak learning rate (the rest of its AdamW is `optim`'s).
+  c.vae.adaptive_weight_max = 1e4  # Clip of the adaptive GAN weight ‖∇L_rec‖/‖∇L_gan‖ at the last decoder layer.
+  c.vae.decoder_only = False  # Freeze encoder and quant_conv (fine-tune the decoder; existing latents stay valid).
+  c.vae.eval_per_kind = 20  # Held-out shapes scenes per kind for the "vae_recon" evaluator (3x this images).
+  c.vae.eval_seed = 11  # Seed of those held-out scenes (a stream disjoint from the training records).
+  c.vae.preview_examples = 8  # Originals/reconstructions in the periodic preview grid.
 
   # --- Flow ---------------------------------------------------------------------------------------------------
   c.flow = ml_collections.ConfigDict()

@@ -29,31 +29,32 @@ def validate(config) -> None:
   """Raises ConfigError naming the first bad field; checks cross-field constraints no flag parser can."""
   m, d, t = config.model, config.data, config.train
   _require(d.name in data_registry.SOURCES, f"data.name={d.name!r} is not a dataset; valid: {sorted(data_registry.SOURCES)}")
-  _require(m.patch_size > 0 and d.image_size % m.patch_size == 0,
-           f"data.image_size={d.image_size} is not divisible by model.patch_size={m.patch_size}")
-  grid = d.image_size // m.patch_size
-  _require(grid <= m.pos_embed_max_size,
-           f"data.image_size={d.image_size} gives a {grid}×{grid} patch grid, larger than "
-           f"model.pos_embed_max_size={m.pos_embed_max_size}")
-  _require(m.num_heads > 0 and m.hidden_size % m.num_heads == 0,
-           f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}")
-  try:
-    model_registry.check_arch(m.arch)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
-  _require(m.qk_norm in (None, "rms_norm"), f"model.qk_norm={m.qk_norm!r}; valid: None, 'rms_norm'")
-  _require(m.dtype in model_registry.DTYPES, f"model.dtype={m.dtype!r}; valid: {sorted(model_registry.DTYPES)}")
-  _require(config.text.width % config.text.num_heads == 0,
-           f"text.width={config.text.width} is not divisible by text.num_heads={config.text.num_heads}")
-  _require(0.0 <= config.text.drop_prob < 1.0, f"text.drop_prob={config.text.drop_prob} must be in [0, 1)")
-  try:
-    text_encoders.validate(config.text)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
-  try:
-    formulations.get(config.flow.formulation, shift=config.flow.shift)
-  except ValueError as e:
-    raise ConfigError(f"flow.formulation: {e}") from None
+  if config.task == "flow":  # The backbone, text stack and formulation (another task checks its own).
+    _require(m.patch_size > 0 and d.image_size % m.patch_size == 0,
+             f"data.image_size={d.image_size} is not divisible by model.patch_size={m.patch_size}")
+    grid = d.image_size // m.patch_size
+    _require(grid <= m.pos_embed_max_size,
+             f"data.image_size={d.image_size} gives a {grid}×{grid} patch grid, larger than "
+             f"model.pos_embed_max_size={m.pos_embed_max_size}")
+    _require(m.num_heads > 0 and m.hidden_size % m.num_heads == 0,
+             f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}")
+    try:
+      model_registry.check_arch(m.arch)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
+    _require(m.qk_norm in (None, "rms_norm"), f"model.qk_norm={m.qk_norm!r}; valid: None, 'rms_norm'")
+    _require(m.dtype in model_registry.DTYPES, f"model.dtype={m.dtype!r}; valid: {sorted(model_registry.DTYPES)}")
+    _require(config.text.width % config.text.num_heads == 0,
+             f"text.width={config.text.width} is not divisible by text.num_heads={config.text.num_heads}")
+    _require(0.0 <= config.text.drop_prob < 1.0, f"text.drop_prob={config.text.drop_prob} must be in [0, 1)")
+    try:
+      text_encoders.validate(config.text)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
+    try:
+      formulations.get(config.flow.formulation, shift=config.flow.shift)
+    except ValueError as e:
+      raise ConfigError(f"flow.formulation: {e}") from None
   for name in ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints", "global_batch_size"):
     _require(t[name] > 0, f"train.{name}={t[name]} must be positive")
   _require(t.sample_every >= 0, f"train.sample_every={t.sample_every} must be >= 0")

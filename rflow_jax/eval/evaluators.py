@@ -13,6 +13,7 @@ from absl import logging
 
 from rflow_jax.data import shapes as shapes_data
 from rflow_jax.eval import shapes_eval
+from rflow_jax.eval import vae_recon
 from rflow_jax.eval import val_loss
 from rflow_jax.sampling import pipeline as sampling
 
@@ -56,6 +57,7 @@ def shapes(task, state, step: int, out_dir: str) -> dict[str, float]:
 EVALUATORS: dict[str, Callable[..., dict[str, float]]] = {
     "shapes": shapes,
     val_loss.NAME: val_loss.evaluate,  # Held-out loss at 8 fixed t levels, raw and EMA weights.
+    "vae_recon": vae_recon.evaluate,  # PSNR, SSIM and ShapesEval of reconstructions (the VAE task).
 }
 
 

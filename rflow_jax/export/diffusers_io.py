@@ -155,30 +155,36 @@ def save_transformer(params: Mapping[str, Any], model: mmdit.MMDiT,
   Returns:
     The output directory.
   """
+  return write_model_dir(names.diffusers_config(model), names.params_to_diffusers(params, model), out_dir,
+                         max_shard_bytes=max_shard_bytes, overwrite=overwrite)
+
+
+def write_model_dir(config: Mapping[str, Any], state_dict: Mapping[str, np.ndarray],
+                    out_dir: str | os.PathLike[str], *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                    overwrite: bool = False) -> pathlib.Path:
+  """Writes a diffusers model directory (config.json + safetensors, sharded past `max_shard_bytes`) atomically.
+
+  Everything is written to a temporary sibling directory that is renamed into place, so readers never see a partial
+  checkpoint; an existing `out_dir` is refused unless `overwrite`. Used by the transformer and VAE exporters.
+  """
   out_dir = pathlib.Path(out_dir)
   if out_dir.exists() and not overwrite:
     raise FileExistsError(f"{out_dir} exists; pass overwrite=True to replace")
-  config = names.diffusers_config(model)
-  state_dict = names.params_to_diffusers(params, model)
   shards = _shards(state_dict, max_shard_bytes)
   out_dir.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-",
-                                      dir=out_dir.parent))
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
   try:
     (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     if len(shards) == 1:
-      names = [WEIGHTS_NAME]
+      files = [WEIGHTS_NAME]
     else:
       stem = WEIGHTS_NAME.removesuffix(".safetensors")
-      names = [f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-               for i in range(len(shards))]
-      index = {"metadata": {"total_size": sum(a.nbytes for a in
-                                              state_dict.values())},
-               "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
+      files = [f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+      index = {"metadata": {"total_size": sum(a.nbytes for a in state_dict.values())},
+               "weight_map": {k: n for n, s in zip(files, shards) for k in s}}
       (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-    for name, shard in zip(names, shards):
-      safetensors.numpy.save_file(shard, str(tmp / name),
-                                  metadata={"format": "pt"})
+    for name, shard in zip(files, shards):
+      safetensors.numpy.save_file(shard, str(tmp / name), metadata={"format": "pt"})
     replace_dir(tmp, out_dir)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)

@@ -16,6 +16,11 @@ Vocabulary:
   pos         rows of the positional table (also T5's relative-position buckets)
   vocab       rows of a token-embedding table (text encoders): over tensor in fsdp_tp, else the table splits along
               "embed" only
+  vae_channels  hidden widths a VAE convolution, norm or mid-block attention projection writes
+  vae_in      hidden widths a VAE convolution or projection reads (the kernel's other axis: Flax allows one
+              logical name once per array; replicated, since the output width already carries the sharding)
+  conv_in     image or latent channels a VAE convolution reads (3 or 4..16: never sharded)
+  conv_out    image or latent channels a VAE convolution writes (never sharded)
 
 `config.sharding.rule_overrides` replaces the preset's entry for a logical name, e.g.
 `(("mlp", "fsdp"),)` shards MLP hidden widths over fsdp; `validate_rules` rejects unknown logical names, unknown
@@ -23,23 +28,25 @@ mesh axes and a mesh axis used twice in one rule before anything is compiled.
 """
 
 MESH_AXES = ("data", "fsdp", "tensor")
-LOGICAL_AXES = ("batch", "length", "embed", "mlp", "heads", "kv", "modulation", "patch", "cond", "pos", "vocab")
+LOGICAL_AXES = ("batch", "length", "embed", "mlp", "heads", "kv", "modulation", "patch", "cond", "pos", "vocab",
+                "vae_channels", "vae_in", "conv_in", "conv_out")
 
 _COMMON = (("batch", ("data", "fsdp")), ("length", None), ("kv", None), ("patch", None), ("cond", None),
-           ("pos", None))
+           ("pos", None), ("vae_in", None), ("conv_in", None), ("conv_out", None))
 
 PRESETS = {
     # Pure data parallelism: every parameter replicated.
-    "dp": _COMMON + (("embed", None), ("mlp", None), ("heads", None), ("modulation", None), ("vocab", None)),
+    "dp": _COMMON + (("embed", None), ("mlp", None), ("heads", None), ("modulation", None), ("vocab", None),
+                     ("vae_channels", None)),
     # ZeRO-3 style: parameters (and with them optimizer and EMA state) sharded over fsdp along the width. Flax
     # takes the first rule whose mesh axis is still free, so a kernel with an "embed" axis is split along it, and
     # arrays without one (biases, the t/y embedders' first layer) along their own width instead of replicated.
     "fsdp": _COMMON + (("embed", "fsdp"), ("mlp", "fsdp"), ("heads", "fsdp"), ("modulation", "fsdp"),
-                       ("vocab", None)),
+                       ("vocab", None), ("vae_channels", "fsdp")),
     # fsdp plus Megatron-style tensor parallelism of the MLP hidden and attention heads, and of token-embedding rows
     # (T5-XXL's 32128×4096 table split over fsdp alone would hold 8% of the encoder per device on fsdp 2 × tensor 4).
     "fsdp_tp": _COMMON + (("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"), ("modulation", "tensor"),
-                          ("vocab", "tensor")),
+                          ("vocab", "tensor"), ("vae_channels", "fsdp")),
 }
 
 

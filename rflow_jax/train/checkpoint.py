@@ -174,9 +174,10 @@ def restore_params(workdir: str, *, use_ema: bool, step: int | None = None) -> t
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     metadata = manager.item_metadata(step)["state"]
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device),
-                          {group: metadata[group], "text_params": metadata["text_params"]},
+                          # A task without text encoders (the VAE) has no text_params.
+                          {group: metadata[group], **{k: metadata[k] for k in ("text_params",) if k in metadata}},
                           is_leaf=lambda x: hasattr(x, "shape"))
     restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), target)
     state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item=target, restore_args=restore_args, partial_restore=True)))["state"]
-  return state[group], state["text_params"], step
+  return state[group], state.get("text_params"), step

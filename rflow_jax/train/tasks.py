@@ -20,12 +20,13 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from rflow_jax import config_lib
 from rflow_jax.data import pipeline as data_pipeline, registry as data_registry
 from rflow_jax.flow import formulations
 from rflow_jax.model import registry as model_registry
 from rflow_jax.model import text_encoders
 from rflow_jax.sampling import pipeline as sampling
-from rflow_jax.train import optimizer as optim_lib, step as step_lib
+from rflow_jax.train import optimizer as optim_lib, step as step_lib, vae_task
 from rflow_jax.train.state import TrainState
 from rflow_jax.utils import flops as flops_lib
 
@@ -80,7 +81,17 @@ class FlowTask:
     self.sampler.write_grid(state, step, workdir, writer)
 
 
-TASKS = {"flow": FlowTask}
+TASKS = {"flow": FlowTask, "vae": vae_task.VAETask}
+# Checks of a task's own config section, beyond config_lib.validate (which checks the flow task's fields).
+_VALIDATORS = {"vae": vae_task.validate}
+
+
+def validate(config) -> None:
+  """Raises config_lib.ConfigError naming an unknown config.task or the first bad field of the task's section."""
+  if config.task not in TASKS:
+    raise config_lib.ConfigError(f"task={config.task!r}; valid: {sorted(TASKS)}")
+  if config.task in _VALIDATORS:
+    _VALIDATORS[config.task](config)
 
 
 def get_task(config):

@@ -153,6 +153,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   returns with results["preempted"] = True; the next call resumes from there.
   """
   config_lib.validate(config)
+  tasks.validate(config)
   evaluators = evaluators_lib.get(config.train.evaluators)
   workdir_lib.prepare(workdir)
   with workdir_lib.exclusive(workdir), preemption.SigtermFlag() as sigterm:
