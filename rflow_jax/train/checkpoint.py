@@ -11,7 +11,6 @@ from typing import Any
 
 import grain
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 from rflow_jax.model import mmdit

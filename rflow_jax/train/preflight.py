@@ -11,7 +11,6 @@ dividing it by train.microbatches is a linear estimate, and remat "full" keeps o
 
 import math
 
-import jax
 
 GB = 1e9  # Vendors' "80 GB" / "95 GB" (decimal), as --device_memory_gb reads it.
 GIB = 2**30

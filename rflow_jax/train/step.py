@@ -11,6 +11,7 @@ device holds its share of every microbatch (no resharding); the per-example loss
 the loss, the per-t-bin losses and the gradients are the single big step's up to float summation order.
 """
 
+import functools
 from typing import Any
 
 import jax
