@@ -18,7 +18,7 @@ from rflow_jax.model import mmdit
 from rflow_jax.model import registry
 from rflow_jax.model import text_encoders
 from rflow_jax.sampling import pipeline
-from rflow_jax.train import checkpoint
+from rflow_jax.train import checkpoint, vae_task
 
 CONFIG_NAME = "config.json"
 
@@ -107,3 +107,16 @@ def load_transformer_for(path: str | os.PathLike[str], config) -> tuple[mmdit.MM
         f"--transformer={str(path)!r} (patch_size={model.patch_size}, pos_embed_max_size={model.pos_embed_max_size}) "
         f"cannot take the workdir's data.image_size={config.data.image_size}")
   return diffusers_io.load_transformer(path, **overrides)
+
+
+def load_vae_workdir(workdir: str | os.PathLike[str], use_ema: bool = True):
+  """(model, params, data config) of a "vae"-task training workdir's newest checkpoint (EMA weights by default).
+
+  Raises:
+    FileNotFoundError / ValueError: not a workdir, no checkpoint, or a workdir of another task.
+  """
+  config = load_config(str(workdir))
+  if config.get("task") != "vae":  # Workdirs written before tasks existed have no `task`: they trained the MM-DiT.
+    raise ValueError(f"{workdir} is a training workdir of task {config.get('task', 'flow')!r}, not 'vae'")
+  params, _, _ = checkpoint.restore_params(str(workdir), use_ema=use_ema)
+  return vae_task.build_model(config), params, config.data

@@ -21,6 +21,8 @@ COVERED_ELSEWHERE = {
     "formulations": "tests/formulation_study_test.py",
     "rq2_baselines": "test_rq2_baseline_configs_build below",
     "sd3": "tests/sharding_aot_test.py",
+    "scaling": "tests/scaling_flops_test.py, tests/scaling_sweep_test.py",
+    "shapes_vae": "tests/vae_task_test.py",
 }
 
 

@@ -15,8 +15,6 @@ The trainer runs it every train.eval_every steps and at the end; on a workdir's 
 
 import json
 import os
-import sys
-import types
 
 import jax
 import jax.numpy as jnp
@@ -97,24 +95,3 @@ def evaluate(task, state, step: int, out_dir: str) -> dict[str, float]:
   with open(os.path.join(out_dir, "scores.json"), "w") as f:
     json.dump({"step": step, "n": len(prompts), **scores}, f, indent=2)
   return scores
-
-
-def main(argv=None) -> int:
-  """CLI: evaluates a "vae" workdir's newest checkpoint (see the module docstring)."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from rflow_jax import cli  # pylint: disable=g-import-not-at-top
-  from rflow_jax.train import checkpoint, vae_task  # pylint: disable=g-import-not-at-top
-  flags.DEFINE_string("workdir", None, "A 'vae' task training workdir.", required=True)
-  flags.FLAGS(sys.argv if argv is None else argv)
-  workdir = flags.FLAGS.workdir
-  with cli.clean_errors():
-    config = cli.load_config(workdir)
-    task = vae_task.VAETask(config)  # Checks the config before the checkpoint is read.
-    params, _, step = checkpoint.restore_params(workdir, use_ema=True)
-    scores = evaluate(task, types.SimpleNamespace(ema_params=params), step, os.path.join(workdir, f"eval_step{step}"))
-    print(json.dumps({"step": step, **scores}))
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())

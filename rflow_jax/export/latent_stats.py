@@ -20,6 +20,10 @@ import os
 from absl import app, flags
 import numpy as np
 
+from rflow_jax import cli, rundir
+from rflow_jax.data import pixels, registry, shapes
+from rflow_jax.export import vae as export_vae
+
 flags.DEFINE_string("vae", None, "A 'vae' training workdir or a diffusers AutoencoderKL directory.", required=True)
 flags.DEFINE_string("out", None, "Where the export with the measured factors goes (see the module docstring).")
 flags.DEFINE_integer("num_examples", 2048, "Records encoded (the first N of the data set).")
@@ -61,23 +65,20 @@ def _images(source, num_examples: int) -> np.ndarray:
   """The first `num_examples` records' images, float32 in [-1, 1]."""
   if num_examples > len(source):
     raise ValueError(f"--num_examples={num_examples} exceeds the data set's {len(source)} records")
-  return np.stack([np.asarray(source[i]["image"]) for i in range(num_examples)]).astype(np.float32) / 127.5 - 1.0
+  return pixels.to_float(np.stack([np.asarray(source[i]["image"]) for i in range(num_examples)]))
 
 
 def main(argv):
   del argv
-  from rflow_jax import cli  # pylint: disable=g-import-not-at-top
   with cli.clean_errors():
     if FLAGS.num_examples < 1 or FLAGS.batch_size < 1:
       raise ValueError(f"--num_examples={FLAGS.num_examples} and --batch_size={FLAGS.batch_size} must be >= 1")
-    from rflow_jax.data import registry, shapes  # pylint: disable=g-import-not-at-top
-    from rflow_jax.export import vae as export_vae  # pylint: disable=g-import-not-at-top
     is_workdir = os.path.isfile(os.path.join(FLAGS.vae, "config.json")) and os.path.isdir(
         os.path.join(FLAGS.vae, "checkpoints"))
     if is_workdir:
       if not FLAGS.out:
         raise ValueError(f"--vae={FLAGS.vae!r} is a training workdir: pass --out=DIR for the exported VAE")
-      model, params, data_config = export_vae.load_vae_workdir(FLAGS.vae, use_ema=FLAGS.params == "ema")
+      model, params, data_config = rundir.load_vae_workdir(FLAGS.vae, use_ema=FLAGS.params == "ema")
       source = registry.make_source(data_config)
     else:
       model, params = export_vae.load_vae(FLAGS.vae)
@@ -94,5 +95,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from rflow_jax import cli as _cli  # pylint: disable=g-import-not-at-top
-  app.run(main, flags_parser=_cli.parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -225,21 +225,6 @@ def load_vae(path: str | os.PathLike[str], **overrides: Any) -> tuple[vae_lib.Au
   return model, params_from_diffusers(state_dict, model, where)
 
 
-def load_vae_workdir(workdir: str | os.PathLike[str], use_ema: bool = True):
-  """(model, params, data config) of a "vae"-task training workdir's newest checkpoint (EMA weights by default).
-
-  Raises:
-    FileNotFoundError / ValueError: not a workdir, no checkpoint, or a workdir of another task.
-  """
-  from rflow_jax import cli  # pylint: disable=g-import-not-at-top
-  from rflow_jax.train import checkpoint, vae_task  # pylint: disable=g-import-not-at-top
-  config = cli.load_config(str(workdir))
-  if config.get("task") != "vae":  # Workdirs written before tasks existed have no `task`: they trained the MM-DiT.
-    raise ValueError(f"{workdir} is a training workdir of task {config.get('task', 'flow')!r}, not 'vae'")
-  params, _, _ = checkpoint.restore_params(str(workdir), use_ema=use_ema)
-  return vae_task.build_model(config), params, config.data
-
-
 def save_vae(params: Mapping[str, Any], model: vae_lib.AutoencoderKL, out_dir: str | os.PathLike[str],
              overwrite: bool = False) -> pathlib.Path:
   """Writes `out_dir` (config.json + diffusion_pytorch_model.safetensors) for AutoencoderKL.from_pretrained.

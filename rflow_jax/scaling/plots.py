@@ -10,7 +10,6 @@ matplotlib.use("Agg")  # Files only, no display.
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from rflow_jax.scaling import fit as fit_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 SHAPES_COLUMN = "shapes_eval/overall"
 
@@ -56,7 +55,7 @@ def frontier_fit(rows, front, fit: dict, path: str, loss_column: str = "val_loss
   ax.plot([r["flops"] for r in front], [r[loss_column] for r in front], "ko", ms=4, label="frontier")
   c = np.geomspace(min(r["flops"] for r in rows), max(r["flops"] for r in rows), 200)
   lo, hi = fit.get("alpha_ci", [fit["alpha"]] * 2)
-  ax.plot(c, fit_lib.predict(fit, c), "r-",
+  ax.plot(c, fit["E"] + fit["A"] * np.asarray(c, float) ** -fit["alpha"], "r-",
           label=f"{fit['E']:.3g} + {fit['A']:.3g}·C^-{fit['alpha']:.3f} (α 95% CI {lo:.3f}–{hi:.3f})")
   ax.set(xscale="log", yscale="log", xlabel="training FLOPs", ylabel=loss_column, title="Compute-optimal frontier")
   ax.grid(True, which="both", alpha=0.3)
