@@ -29,23 +29,17 @@ def _init_distributed():
                                process_id=FLAGS.process_id)
 
 
-def _quiet_orbax():
-  """Orbax logs every file it writes at INFO; keep the console to the trainer's own lines and warnings."""
-  import logging as py_logging  # pylint: disable=g-import-not-at-top
-  handler = logging.get_absl_handler()
-  handler.addFilter(lambda r: r.levelno >= py_logging.WARNING or "/orbax/" not in r.pathname)
-
-
 def main(argv):
   del argv
-  _quiet_orbax()
+  from rflow_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.quiet_orbax()
   # TensorFlow (imported by CLU's writers) must never take accelerator memory from JAX.
   try:
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     tf.config.set_visible_devices([], "GPU")
   except ImportError:
     pass
-  from rflow_jax import cli, config_lib  # pylint: disable=g-import-not-at-top
+  from rflow_jax import config_lib  # pylint: disable=g-import-not-at-top
   from rflow_jax.train import trainer  # pylint: disable=g-import-not-at-top
   _init_distributed()
   with cli.clean_errors():

@@ -11,7 +11,6 @@ a suffix (e.g. eval_step20000_cfg5_steps50/, _euler_stochastic), so a probe neve
 
 import json
 import os
-import sys
 
 from rflow_jax.data import shapes
 from rflow_jax.eval import shapes_eval
@@ -49,9 +48,8 @@ def out_dir_name(step: int, config, *, per_kind: int, steps: int, cfg: float, se
   return f"eval_step{step}" + "".join(suffixes)
 
 
-def main(argv=None) -> int:
+def _define_flags():
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from rflow_jax import cli  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string("workdir", None, "Training workdir holding config.json and checkpoints.", required=True)
   flags.DEFINE_integer("per_kind", None, "Fresh prompts per scene kind (default: the run's sample.eval_per_kind).")
   flags.DEFINE_integer("steps", None, "Sampling steps (default: the run's sample.num_steps).")
@@ -59,11 +57,18 @@ def main(argv=None) -> int:
   flags.DEFINE_string("solver", None, "Sampler (default: the run's sample.solver).")
   flags.DEFINE_integer("seed", None, "Prompt/noise seed (default: the run's sample.eval_seed).")
   flags.DEFINE_bool("raw", False, "Use the raw (non-EMA) parameters.")
-  flags.FLAGS(sys.argv if argv is None else argv)
+
+
+def main(argv) -> int:
+  del argv
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from rflow_jax import cli, paths  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
+  cli.quiet_orbax()
   with cli.clean_errors():
     if f.per_kind is not None and f.per_kind < 1:  # Before any restore or compile.
       raise ValueError(f"--per_kind={f.per_kind} must be >= 1")
+    paths.check_writable_dir(f.workdir, "--workdir")  # The scores go to WORKDIR/eval_step*/: fail before sampling.
     run_config = cli.load_config(f.workdir)  # As trained: load_sampler's config carries the overrides.
     sampler, params, text_params, config, step = cli.load_sampler(
         f.workdir, steps=f.steps, cfg=f.cfg, solver=f.solver, use_ema=not f.raw)
@@ -78,4 +83,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from rflow_jax import cli as _cli  # pylint: disable=g-import-not-at-top
+  _define_flags()
+  app.run(main, flags_parser=_cli.parse_flags)

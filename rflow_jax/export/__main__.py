@@ -22,6 +22,7 @@ def main(argv):
   del argv
   from rflow_jax import cli  # pylint: disable=g-import-not-at-top
   from rflow_jax.export import workdir  # pylint: disable=g-import-not-at-top
+  cli.quiet_orbax()
   with cli.clean_errors():
     info = workdir.export_workdir(FLAGS.workdir, FLAGS.out, fmt=FLAGS.format, params=FLAGS.params,
                                   overwrite=FLAGS.overwrite)

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 
+from rflow_jax import paths
 from rflow_jax.model import mmdit
 
 Params = dict[str, Any]
@@ -383,8 +384,17 @@ def model_from_diffusers_config(cfg: Mapping[str, Any],
   return mmdit.MMDiT(**kwargs, **overrides)
 
 
-def diffusers_config(model: mmdit.MMDiT) -> dict[str, Any]:
-  """The diffusers SD3Transformer2DModel config (config.json) of a model."""
+def diffusers_config(model: mmdit.MMDiT,
+                     sample_size: int | None = None) -> dict[str, Any]:
+  """The diffusers SD3Transformer2DModel config (config.json) of a model.
+
+  Args:
+    model: the MMDiT.
+    sample_size: the side of the model's input in pixels or latent pixels
+      (config.data.image_size), diffusers' default generation size. The
+      positional table is a stored tensor, so this does not change the
+      function; None: pos_embed_base * patch_size, the base grid of its init.
+  """
   if model.mlp_ratio != 4.0:
     raise ValueError(f"mlp_ratio={model.mlp_ratio}: diffusers' SD3 "
                      f"transformer has a fixed MLP ratio of 4")
@@ -392,7 +402,8 @@ def diffusers_config(model: mmdit.MMDiT) -> dict[str, Any]:
   return {
       "_class_name": _CLASS_NAME,
       "_diffusers_version": "0.42.1",
-      "sample_size": model.pos_embed_base * model.patch_size,
+      "sample_size": (model.pos_embed_base * model.patch_size
+                      if sample_size is None else int(sample_size)),
       "patch_size": model.patch_size,
       "in_channels": model.in_channels,
       "num_layers": model.depth,
@@ -494,21 +505,11 @@ def _shards(state_dict: Mapping[str, np.ndarray],
   return shards
 
 
-def replace_dir(tmp: pathlib.Path, out: pathlib.Path) -> None:
-  """Renames the complete directory tmp to out, removing an existing out only once tmp is complete."""
-  if out.exists():
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old)
-  else:
-    tmp.rename(out)
-
-
 def save_transformer(params: Mapping[str, Any], model: mmdit.MMDiT,
                      out_dir: str | os.PathLike[str],
                      max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                     overwrite: bool = False) -> pathlib.Path:
+                     overwrite: bool = False,
+                     sample_size: int | None = None) -> pathlib.Path:
   """Writes a diffusers SD3Transformer2DModel directory.
 
   config.json plus diffusion_pytorch_model.safetensors, or numbered shards
@@ -523,6 +524,7 @@ def save_transformer(params: Mapping[str, Any], model: mmdit.MMDiT,
       from_pretrained).
     max_shard_bytes: largest shard size before splitting.
     overwrite: replace an existing out_dir.
+    sample_size: config.json's sample_size (see diffusers_config).
 
   Returns:
     The output directory.
@@ -530,12 +532,13 @@ def save_transformer(params: Mapping[str, Any], model: mmdit.MMDiT,
   out_dir = pathlib.Path(out_dir)
   if out_dir.exists() and not overwrite:
     raise FileExistsError(f"{out_dir} exists; pass overwrite=True to replace")
-  config = diffusers_config(model)
+  config = diffusers_config(model, sample_size)
   state_dict = params_to_diffusers(params, model)
   shards = _shards(state_dict, max_shard_bytes)
   out_dir.parent.mkdir(parents=True, exist_ok=True)
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-",
                                       dir=out_dir.parent))
+  paths.make_readable(tmp)  # Not mkdtemp's 0700: the team reads exports.
   try:
     (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     if len(shards) == 1:
@@ -551,7 +554,7 @@ def save_transformer(params: Mapping[str, Any], model: mmdit.MMDiT,
     for name, shard in zip(names, shards):
       safetensors.numpy.save_file(shard, str(tmp / name),
                                   metadata={"format": "pt"})
-    replace_dir(tmp, out_dir)
+    paths.replace_dir(tmp, out_dir)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise

@@ -22,7 +22,8 @@ from rflow_jax.flow import formulations
 from rflow_jax.model import text_encoders
 from rflow_jax.sampling import pipeline as sampling
 from rflow_jax.sharding import mesh as mesh_lib, partition, rules as rules_lib
-from rflow_jax.train import checkpoint, optimizer as optim_lib, preemption, step as step_lib, workdir as workdir_lib
+from rflow_jax.train import checkpoint, optimizer as optim_lib, preemption, resume, step as step_lib
+from rflow_jax.train import workdir as workdir_lib
 from rflow_jax.train.state import TrainState
 from rflow_jax.utils import flops as flops_lib
 
@@ -119,11 +120,12 @@ class Setup:
             for k in ("image", "tokens")}
 
 
-def _data_iterator(config, tokenizer):
+def _data_iterator(config, tokenizer, start: int = 0):
   source = data_registry.make_source(config.data)
   return data_pipeline.make_train_iterator(
       source=source, tokenize=tokenizer, global_batch_size=config.train.global_batch_size, seed=config.seed,
-      process_index=jax.process_index(), process_count=jax.process_count(), worker_count=config.data.worker_count)
+      process_index=jax.process_index(), process_count=jax.process_count(), worker_count=config.data.worker_count,
+      start=start)
 
 
 def _write_config(config, workdir):
@@ -132,40 +134,42 @@ def _write_config(config, workdir):
       f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
-def _restore_or_init(setup, manager, data_iter, workdir):
-  """Newest complete checkpoint in the workdir (state + data position), else a fresh sharded init whose weights come
-  from train.init_from's newest checkpoint when that is set (a warm start: step 0, fresh optimizer and data order)."""
+def _restore_or_init(setup, manager, workdir):
+  """(state, its step or None, global data position): the newest readable checkpoint in the workdir (a damaged newer
+  one is named and moved aside), else a fresh sharded init whose weights come from train.init_from's newest checkpoint
+  when that is set (a warm start: step 0, fresh optimizer and data order)."""
   resume_step = manager.latest_step()
   init_from = setup.config.train.init_from
   if resume_step is None:
     if not init_from:
-      return setup.init_state(), None
+      return setup.init_state(), None, 0
     weights, from_step = checkpoint.restore_weights(  # Checked before compiling.
         init_from, setup.abstract_state, grow_depth=setup.config.train.init_grow_depth)
     logging.info("Weights (params, EMA, text encoders) from step %d of %s", from_step, init_from)
     state = setup.init_state()
     # Top-level merge: blocks a depth-growing warm start did not read keep their fresh (identity) init.
-    return state.replace(**{group: {**getattr(state, group), **w} for group, w in weights.items()}), None
+    return state.replace(**{group: {**getattr(state, group), **w} for group, w in weights.items()}), None, 0
   if init_from:
     logging.info("Resuming this run's own checkpoint; train.init_from=%s is not read", init_from)
-  # Before any compilation: a workdir of another model is refused, and nothing in it is touched.
-  checkpoint.check_compatible(manager, resume_step, setup.abstract_state)
-  state = checkpoint.restore(manager, resume_step, setup.abstract_state, data_iter)
+  # Before any compilation: a workdir of another model is refused (check_compatible), and nothing in it is touched.
+  (state, position), resume_step = checkpoint.restore_newest(manager, lambda step: (
+      checkpoint.check_compatible(manager, step, setup.abstract_state),
+      checkpoint.restore(manager, step, setup.abstract_state))[1], move_damaged=True)
   logging.info("Resumed from step %d in %s", resume_step, workdir)
-  return state, resume_step
+  return state, resume_step, resume.start_position(position, resume_step, setup.config.train.global_batch_size)
 
 
-def _fetch_metrics(pending, step, config, last_ckpt) -> dict:
+def _fetch_metrics(pending, step, config, manager) -> dict:
   """The loop's only host sync: metrics of the steps since the last fetch, averaged; halts on non-finite."""
   fetched = jax.device_get(pending)
-  metrics = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
+  metrics = step_lib.average_metrics(fetched)
   metrics["skipped_steps"] = float(fetched[-1]["skipped_steps"])
   if config.train.nonfinite == "halt" and max(m["nonfinite"] for m in fetched) > 0:
     first = step - len(fetched) + 1
     raise NonFiniteError(
-        f"loss or gradient norm became non-finite between steps {first} and {step} "
-        f"(loss={metrics['loss']}, grad_norm={metrics['grad_norm']}); the update was not applied. "
-        f"Last good checkpoint: step {last_ckpt}. Set --config.train.nonfinite=skip to drop such updates.")
+        f"the update became non-finite (loss, gradient, update or new parameters) between steps {first} and {step} "
+        f"(loss={metrics['loss']}, grad_norm={metrics['grad_norm']}); it was not applied. "
+        f"{checkpoint.last_good_message(manager)}. Set --config.train.nonfinite=skip to drop such updates.")
   return metrics
 
 
@@ -185,10 +189,10 @@ def _append_metrics(workdir, step, metrics):
       f.write(json.dumps({"step": step, **metrics}) + "\n")
 
 
-def _save(manager, step, state, data_iter, last_ckpt):
+def _save(manager, step, state, last_ckpt, global_batch_size):
   """Starts a checkpoint save; a write failure (disk full, permissions) becomes one clear error naming what is safe."""
   try:
-    checkpoint.save(manager, step, state, data_iter)
+    checkpoint.save(manager, step, state, resume.data_position(step, global_batch_size))
   except OSError as e:
     raise checkpoint.CheckpointWriteError(
         f"could not write the checkpoint of step {step} in {manager.directory} ({e.strerror or e}); "
@@ -208,13 +212,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
   """
   config_lib.validate(config)
   workdir_lib.prepare(workdir)
-  with workdir_lib.exclusive(workdir), preemption.SigtermFlag() as sigterm:
+  with workdir_lib.exclusive(workdir), preemption.StopSignals() as sigterm:
     workdir_lib.warn_incomplete_checkpoints(checkpoint.checkpoint_dir(workdir))
+    resume.check_config(config, workdir)  # Before anything is built; config.json is rewritten only after it.
     setup = Setup(config)
     manager = checkpoint.make_manager(workdir, max_to_keep=config.train.keep_checkpoints,
                                       async_save=config.ckpt.async_save)
-    data_iter = _data_iterator(config, setup.tokenizer)
-    state, last_ckpt = _restore_or_init(setup, manager, data_iter, workdir)
+    state, last_ckpt, position = _restore_or_init(setup, manager, workdir)
+    data_iter = _data_iterator(config, setup.tokenizer, start=position)  # Global position: any process count.
     _write_config(config, workdir)
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     try:
@@ -250,9 +255,9 @@ def _train_loop(config, workdir, setup, manager, data_iter, state, last_ckpt, wr
     state, metrics = setup.step(state, setup.global_batch(local))
     step += 1
     pending.append(metrics)
-    stop = sigterm.is_set()
+    stop = sigterm.should_stop()  # The same answer on every process at the same step.
     if step % config.train.log_every == 0 or step == num_steps or stop:
-      results = _fetch_metrics(pending, step, config, last_ckpt)
+      results = _fetch_metrics(pending, step, config, manager)
       # Only here, after the fetch has waited for the device: between fetches the loop runs ahead of the device
       # (async dispatch), so a report there would log the dispatch rate and then a stall, not steps/s.
       report(step)
@@ -261,11 +266,13 @@ def _train_loop(config, workdir, setup, manager, data_iter, state, last_ckpt, wr
       writer.write_scalars(step, results)
       _append_metrics(workdir, step, results)
     if step % config.train.checkpoint_every == 0 or step == num_steps or stop:
-      _save(manager, step, state, data_iter, last_ckpt)
+      if pending and config.train.nonfinite == "halt":  # A step the guard dropped is never checkpointed as good.
+        _fetch_metrics(pending, step, config, manager)
+      _save(manager, step, state, last_ckpt, config.train.global_batch_size)
       last_ckpt = step
     if stop:
       manager.wait_until_finished()
-      logging.warning("SIGTERM: checkpoint of step %d committed in %s; exiting", step, workdir)
+      logging.warning("%s: checkpoint of step %d committed in %s; exiting", sigterm.reason, step, workdir)
       return {**results, "preempted": True, "step": step}
     if config.train.sample_every and step % config.train.sample_every == 0 and step != num_steps:
       sampler.write_grid(state, step, workdir, writer)
