@@ -3,6 +3,7 @@ non-finite guard on a finite gradient with a non-finite update, damaged checkpoi
 sample write (readable directories, the right sample_size, a marker --overwrite needs)."""
 
 import json
+import re
 import os
 import shutil
 import signal
@@ -18,7 +19,7 @@ import cli_util  # tests/cli_util.py (pytest puts tests/ on sys.path)
 from configs import debug
 from rflow_jax import paths
 from rflow_jax.export import workdir as export_workdir
-from rflow_jax.train import checkpoint, step as step_lib, trainer
+from rflow_jax.train import checkpoint, resume, step as step_lib, trainer
 
 ROOT = cli_util.ROOT
 
@@ -191,3 +192,23 @@ def test_ctrl_c_during_compilation_stops_cleanly_with_a_checkpoint(tmp_path):
   assert "Traceback" not in out and "KeyboardInterrupt" not in out, out[-3000:]
   assert "SIGINT: checkpoint of step 1 committed" in out, out[-3000:]
   assert checkpoint.latest_step(workdir) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("field, value, message", [
+    ("flow.formulation", "rf/lognorm(0.50,1.00)", "flow.formulation='rf/lognorm(0.50,1.00)', but"),
+    ("model.hidden_size", 64, "model.hidden_size=64, but"),
+    ("optim.learning_rate", 5e-4, "optim.learning_rate=0.0005, but"),
+    ("train.num_steps", 3, "train.num_steps=3 is below the checkpoint step 4"),
+])
+def test_resume_that_changes_what_is_trained_is_refused_and_config_json_kept(run, tmp_path, field, value, message):
+  w = str(tmp_path / "w")
+  shutil.copytree(run, w)
+  before = open(os.path.join(w, "config.json")).read()
+  config = debug.get_config()
+  section, leaf = field.split(".")
+  config[section][leaf] = value
+  with pytest.raises(resume.ResumeError, match=re.escape(message)):
+    trainer.train_and_evaluate(config, w)
+  assert open(os.path.join(w, "config.json")).read() == before
+  assert checkpoint.latest_step(w) == 4
