@@ -3,13 +3,10 @@ non-finite guard on a finite gradient with a non-finite update, damaged checkpoi
 sample write (readable directories, the right sample_size, a marker --overwrite needs)."""
 
 import json
-import re
 import os
+import re
 import shutil
 import signal
-import subprocess
-import sys
-import time
 
 import jax
 import numpy as np
@@ -21,7 +18,6 @@ from rflow_jax import paths
 from rflow_jax.export import workdir as export_workdir
 from rflow_jax.train import checkpoint, resume, step as step_lib, trainer
 
-ROOT = cli_util.ROOT
 
 
 def _fake_run(tmp_path):
@@ -178,17 +174,9 @@ def test_export_is_readable_with_the_runs_sample_size_and_replaces_only_an_expor
 @pytest.mark.slow
 def test_ctrl_c_during_compilation_stops_cleanly_with_a_checkpoint(tmp_path):
   workdir = str(tmp_path / "int")
-  args = [sys.executable, "-m", "rflow_jax.main", "--config=configs/debug.py", f"--workdir={workdir}",
-          "--config.train.num_steps=100000", "--config.train.checkpoint_every=100000", "--config.train.log_every=1000"]
-  proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  deadline = time.time() + 300
-  while time.time() < deadline:  # The handlers are installed; the model is being built and compiled next.
-    line = proc.stdout.readline()
-    if "Stop signals" in line or not line:
-      break
-  proc.send_signal(signal.SIGINT)
-  out, _ = proc.communicate(timeout=300)
-  assert proc.returncode == 0, out[-3000:]
+  # Once the handlers are installed: the model is being built and compiled next.
+  rc, out = cli_util.train_and_signal(workdir, signal.SIGINT, "Stop signals")
+  assert rc == 0, out[-3000:]
   assert "Traceback" not in out and "KeyboardInterrupt" not in out, out[-3000:]
   assert "SIGINT: checkpoint of step 1 committed" in out, out[-3000:]
   assert checkpoint.latest_step(workdir) == 1

@@ -1,6 +1,8 @@
 """Bad input refused before any work, in one line naming the value: numeric config fields (finite, in range), config
 files that cannot be loaded, sampling settings that cannot give an image, prompt words the tokenizer cannot read."""
 
+import re
+
 import pytest
 
 from configs import debug
@@ -10,44 +12,15 @@ from rflow_jax.model import text_encoders
 NAN, INF = float("nan"), float("inf")
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("optim.learning_rate", -1e-4, "optim.learning_rate=-0.0001 must be positive and finite"),
-    ("optim.learning_rate", NAN, "optim.learning_rate=nan must be positive and finite"),
-    ("optim.learning_rate", INF, "optim.learning_rate=inf must be positive and finite"),
-    ("optim.b1", 1.0, "optim.b1=1.0 must be in [0, 1)"),
-    ("optim.b2", -0.1, "optim.b2=-0.1 must be in [0, 1)"),
-    ("optim.eps", 0.0, "optim.eps=0.0 must be positive and finite"),
-    ("optim.weight_decay", -0.1, "optim.weight_decay=-0.1 must be >= 0 and finite"),
-    ("optim.grad_clip_norm", NAN, "optim.grad_clip_norm=nan must be >= 0 and finite"),
-    ("optim.ema_decay", 1.0, "optim.ema_decay=1.0 must be in [0, 1)"),
-    ("data.image_size", 0, "data.image_size=0 must be positive"),
-    ("data.num_records", 0, "data.num_records=0 must be positive"),
-    ("model.hidden_size", 0, "model.hidden_size=0 must be positive"),
-    ("model.depth", 0, "model.depth=0 must be positive"),
-    ("model.num_heads", -2, "model.num_heads=-2 must be positive"),
-    ("model.patch_size", 0, "model.patch_size=0 must be positive"),
-    ("model.mlp_ratio", NAN, "model.mlp_ratio=nan must be positive and finite"),
-    ("text.width", 0, "text.width=0 must be positive"),
-    ("text.depth", 0, "text.depth=0 must be positive"),
-    ("text.num_heads", 0, "text.num_heads=0 must be positive"),
-    ("text.max_length", 2, "text.max_length=2 must be >= 3"),
-    ("flow.shift", 0.0, "flow.shift=0.0 must be positive and finite"),
-    ("sample.cfg_scale", NAN, "sample.cfg_scale=nan must be >= 0 and finite"),
-    ("sample.cfg_scale", INF, "sample.cfg_scale=inf must be >= 0 and finite"),
-    ("sample.shift", INF, "sample.shift=inf must be positive and finite"),
-    ("sample.num_steps", -3, "sample.num_steps=-3 must be positive"),
-    ("train.peak_tflops_per_device", -1.0, "train.peak_tflops_per_device=-1.0 must be >= 0 and finite"),
-])
-def test_numeric_fields_out_of_range_are_refused_naming_the_value(field, value, message):
+@pytest.mark.parametrize("field, value", [
+    ("sample.cfg_scale", NAN), ("sample.cfg_scale", INF), ("sample.shift", INF), ("sample.num_steps", -3)])
+def test_sampling_overrides_that_cannot_give_an_image_are_refused(field, value):
+  # The sampling CLIs' --steps/--cfg go through validate_sampling only (the config file's numbers are in
+  # configs_test.py::test_bad_values_fail_validation_with_the_value_named).
   config = debug.get_config()
-  section, leaf = field.split(".")
-  config[section][leaf] = value
-  with pytest.raises(config_lib.ConfigError) as e:
-    config_lib.validate(config)
-  assert message in str(e.value)
-  if section == "sample":  # The sampling CLIs' overrides go through the same check.
-    with pytest.raises(config_lib.ConfigError, match=field.replace(".", r"\.")):
-      config_lib.validate_sampling(config.sample)
+  config.sample[field.split(".")[1]] = value
+  with pytest.raises(config_lib.ConfigError, match=field.replace(".", r"\.") + "=" + re.escape(repr(value))):
+    config_lib.validate_sampling(config.sample)
 
 
 @pytest.mark.parametrize("text, message", [
