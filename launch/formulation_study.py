@@ -46,6 +46,7 @@ from configs import formulations as formulations_config
 from launch import formulation_report as report
 from rflow_jax import cli
 from rflow_jax import config_lib
+from rflow_jax import paths
 from rflow_jax.data import shapes
 from rflow_jax.eval import fid as fid_lib
 from rflow_jax.eval import shapes_eval
@@ -412,6 +413,7 @@ def main(argv) -> int:
       if not s.strip().isdigit():
         raise ValueError(f"--sample_steps: {s!r} is not a positive integer")
       sample_steps.append(int(s))
+    paths.check_writable_dir(f.study_dir, "--study_dir")  # Before the first of many trainings.
     run_study(f.study_dir, names=split_names(f.only) if f.only else None, num_steps=f.steps, shift=f.shift,
               model=f.model, per_kind=f.per_kind, sample_steps=sample_steps, weights=f.weights,
               reference_n=f.reference_n, out=f.out, command="python " + " ".join(sys.argv))

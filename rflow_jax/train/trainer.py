@@ -152,9 +152,10 @@ def _restore_or_init(setup, manager, workdir):
   if init_from:
     logging.info("Resuming this run's own checkpoint; train.init_from=%s is not read", init_from)
   # Before any compilation: a workdir of another model is refused (check_compatible), and nothing in it is touched.
-  (state, position), resume_step = checkpoint.restore_newest(manager, lambda step: (
-      checkpoint.check_compatible(manager, step, setup.abstract_state),
-      checkpoint.restore(manager, step, setup.abstract_state))[1], move_damaged=True)
+  def attempt(step):
+    checkpoint.check_compatible(manager, step, setup.abstract_state)
+    return checkpoint.restore(manager, step, setup.abstract_state)
+  (state, position), resume_step = checkpoint.restore_newest(manager, attempt, move_damaged=True)
   logging.info("Resumed from step %d in %s", resume_step, workdir)
   return state, resume_step, resume.start_position(position, resume_step, setup.config.train.global_batch_size)
 
