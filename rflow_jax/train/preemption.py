@@ -5,26 +5,27 @@ Ctrl-C. The handler only sets a flag (no exception: a KeyboardInterrupt raised i
 crashes or is swallowed); all work happens in the training loop, between steps, where the state is consistent.
 A second Ctrl-C aborts at once (KeyboardInterrupt).
 
-Many processes: a signal reaches one host before another, or only one. Each process's flag enters a tiny all-reduce
-(max over all devices) dispatched after every step; the loop reads the result of the all-reduce dispatched `lag`
-steps earlier. Every process reads the same reduced value at the same step, so all stop at the same step and save
-the same checkpoint; none steps on into a collective its peers have left. Why not JAX's preemption sync point
+Many processes: a signal reaches one host before another, or only one. After every step each process posts its flag
+for that step to the distributed runtime's key-value store (the coordination service jax.distributed started) and
+reads every process's flag of the step `lag` steps earlier (waiting for a slower peer if need be). All processes
+read the same flags for the same step, so all stop at the same step and save the same checkpoint; none steps on into
+a collective its peers have left. This is host-side only: no device work is added, the loop keeps dispatching ahead
+of the device, and reading flags `lag` steps old rarely waits. Why not JAX's preemption sync point
 (multihost_utils.reached_preemption_sync_point): it hears SIGTERM only (not Ctrl-C), in a C++ handler that a Python
-handler replaces, and needs the distributed runtime, so one-process runs would need a second mechanism. The
-all-reduce needs nothing but the devices, works the same on CPU (gloo), GPU and TPU, and runs `lag` steps behind
-the host, so the loop keeps dispatching ahead of the device (reading it blocks only until that older step is done).
+handler replaces. Why not an all-reduce of the flags on the devices: on CPU (gloo) collectives of two different
+programs in flight at once may pair up differently on two processes.
 """
 
-import collections
 import os
 import signal
 import threading
 
 import jax
-import numpy as np
 from absl import logging
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_KEY = "rflow_jax_stop"  # Keys: rflow_jax_stop/<step>/<process>.
+_TIMEOUT_MS = 30 * 60 * 1000  # A peer slower by this much is gone; its collectives would hang anyway.
 
 
 class StopSignals:
@@ -38,8 +39,7 @@ class StopSignals:
     self._previous = {}
     self._received = None
     self._lag = lag
-    self._pending = collections.deque()
-    self._reduce = None
+    self._first = None
 
   @property
   def reason(self) -> str:
@@ -50,20 +50,23 @@ class StopSignals:
     """Whether this process received a signal (use should_stop in a multi-process loop)."""
     return self._event.is_set()
 
-  def should_stop(self) -> bool:
-    """Called once after each dispatched step, by every process: whether all processes stop after this step."""
+  def should_stop(self, step: int) -> bool:
+    """Called once after each dispatched `step`, by every process: whether all processes stop after this step."""
     if jax.process_count() == 1:
       return self._event.is_set()
-    if self._reduce is None:
-      mesh = jax.sharding.Mesh(np.array(jax.devices()), ("all",))
-      self._sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("all"))
-      self._reduce = jax.jit(lambda x: x.max(), out_shardings=jax.sharding.NamedSharding(
-          mesh, jax.sharding.PartitionSpec()))
-    local = np.full((jax.local_device_count(),), int(self._event.is_set()), np.int32)
-    self._pending.append(self._reduce(jax.make_array_from_process_local_data(self._sharding, local)))
-    if len(self._pending) <= self._lag:
+    from jax._src import distributed  # pylint: disable=g-import-not-at-top  (the runtime's key-value store)
+    client, me = distributed.global_state.client, jax.process_index()
+    if self._first is None:
+      self._first = step
+    client.key_value_set(f"{_KEY}/{step}/{me}", "1" if self._event.is_set() else "0")
+    past = step - self._lag
+    if past < self._first:
       return False
-    return bool(np.asarray(self._pending.popleft().addressable_data(0)))
+    stop = any(client.blocking_key_value_get(f"{_KEY}/{past}/{p}", _TIMEOUT_MS) == "1"
+               for p in range(jax.process_count()))
+    if past - self._lag >= self._first:  # Every peer has read it: it waited for this step's keys above.
+      client.key_value_delete(f"{_KEY}/{past - self._lag}/{me}")
+    return stop
 
   def _handle(self, signum, frame):
     del frame

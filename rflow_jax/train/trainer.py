@@ -256,7 +256,7 @@ def _train_loop(config, workdir, setup, manager, data_iter, state, last_ckpt, wr
     state, metrics = setup.step(state, setup.global_batch(local))
     step += 1
     pending.append(metrics)
-    stop = sigterm.should_stop()  # The same answer on every process at the same step.
+    stop = sigterm.should_stop(step)  # The same answer on every process at the same step.
     if step % config.train.log_every == 0 or step == num_steps or stop:
       results = _fetch_metrics(pending, step, config, manager)
       # Only here, after the fetch has waited for the device: between fetches the loop runs ahead of the device
