@@ -43,7 +43,7 @@ def _env(**extra):
 def _launch(workdir, *extra, term_p1=False):
   """A 2-process run; with term_p1, SIGTERM goes to process 1 only, once its stop handlers are installed."""
   cmd = [sys.executable, os.path.join(ROOT, "launch", "local_multiprocess.py"), "--num_processes=2",
-         "--devices_per_process=2", "--timeout=500", "--", f"--workdir={workdir}", *COMMON, *TWO, *extra]
+         "--devices_per_process=2", "--timeout=1500", "--", f"--workdir={workdir}", *COMMON, *TWO, *extra]
   proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   lines, pid1 = [], None
   for line in iter(proc.stdout.readline, ""):
@@ -62,7 +62,7 @@ def _launch(workdir, *extra, term_p1=False):
 def _single(workdir, *extra):
   """A 1-process run over 4 fake devices (fsdp=4)."""
   proc = subprocess.run([sys.executable, "-m", "rflow_jax.main", f"--workdir={workdir}", *COMMON, *ONE, *extra],
-                        cwd=ROOT, capture_output=True, text=True, timeout=500,
+                        cwd=ROOT, capture_output=True, text=True, timeout=1500,
                         env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"))
   assert proc.returncode == 0, proc.stderr[-6000:]
   return proc.stderr
