@@ -5,14 +5,16 @@ Ctrl-C. The handler only sets a flag (no exception: a KeyboardInterrupt raised i
 crashes or is swallowed); all work happens in the training loop, between steps, where the state is consistent.
 A second Ctrl-C aborts at once (KeyboardInterrupt).
 
-Many processes: a signal reaches one host before another, or only one. After every step each process posts its flag
+Many processes: a signal reaches one host before another, or only one. With jax.distributed, SIGTERM is taken by the
+runtime's own preemption notifier (it never reaches Python), which tells every process: its sync point
+(multihost_utils.reached_preemption_sync_point) answers True on all processes at the same step. For Ctrl-C, after
+every step each process posts its flag
 for that step to the distributed runtime's key-value store (the coordination service jax.distributed started) and
 reads every process's flag of the step `lag` steps earlier (waiting for a slower peer if need be). All processes
 read the same flags for the same step, so all stop at the same step and save the same checkpoint; none steps on into
 a collective its peers have left. This is host-side only: no device work is added, the loop keeps dispatching ahead
-of the device, and reading flags `lag` steps old rarely waits. Why not JAX's preemption sync point
-(multihost_utils.reached_preemption_sync_point): it hears SIGTERM only (not Ctrl-C), in a C++ handler that a Python
-handler replaces. Why not an all-reduce of the flags on the devices: on CPU (gloo) collectives of two different
+of the device, and reading flags `lag` steps old rarely waits. The sync point alone would not do: it hears SIGTERM
+only, not Ctrl-C. Why not an all-reduce of the flags on the devices: on CPU (gloo) collectives of two different
 programs in flight at once may pair up differently on two processes.
 """
 
@@ -55,6 +57,13 @@ class StopSignals:
     if jax.process_count() == 1:
       return self._event.is_set()
     from jax._src import distributed  # pylint: disable=g-import-not-at-top  (the runtime's key-value store)
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    # With jax.distributed, SIGTERM never reaches Python: the runtime's preemption notifier takes it and tells every
+    # process; its sync point answers True on all processes at the same step.
+    if distributed.global_state.preemption_sync_manager is not None and (
+        multihost_utils.reached_preemption_sync_point(step)):
+      self._received = self._received or "SIGTERM (preemption notice)"
+      return True
     client, me = distributed.global_state.client, jax.process_index()
     if self._first is None:
       self._first = step
