@@ -12,15 +12,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Longest matching prefix decides a module's floor. A module may import modules of a lower floor, or of its own
 # package (rflow_jax.<package>) without a cycle.
 FLOORS = {
+    "rflow_jax.paths": 0,  # Output-path safety of the CLIs (imports nothing of rflow_jax).
     "rflow_jax.model": 0, "rflow_jax.flow": 0, "rflow_jax.data": 0, "rflow_jax.sharding": 0, "rflow_jax.utils": 0,
     "rflow_jax.sampling": 1,
     "rflow_jax.config_lib": 2, "rflow_jax.eval": 2, "rflow_jax.export": 2,  # export: the diffusers/original formats.
     "rflow_jax.train": 3,
     "rflow_jax.rundir": 4,  # Reading a finished run: config, model, params, sampler.
     "rflow_jax.export.workdir": 5,  # Exporting a run.
+    "rflow_jax.eval.formulation_eval": 5,  # Scoring finished runs of the formulation study.
     "rflow_jax.cli": 6,
     # Entry points.
-    "rflow_jax.main": 7, "rflow_jax.sample": 7, "rflow_jax.export.__main__": 7, "rflow_jax.eval.run_shapes": 7,
+    "rflow_jax.main": 7, "rflow_jax.data.convert": 7, "rflow_jax.sample": 7, "rflow_jax.export.__main__": 7, "rflow_jax.eval.run_shapes": 7,
 }
 
 
