@@ -9,7 +9,7 @@ import json
 import os
 from typing import Callable
 
-from rflow_jax.data import shapes
+from rflow_jax.data import shapes as shapes_data  # Not `shapes`: that name is the evaluator below.
 from rflow_jax.eval import shapes_eval
 from rflow_jax.sampling import pipeline as sampling
 
@@ -22,7 +22,7 @@ def shapes_scores(sampler: sampling.Sampler, params, text_params, *, per_kind: i
   Returns:
     The scores: per kind, "overall" and "n" (the number of prompts).
   """
-  prompts = shapes.eval_prompts(per_kind, seed)
+  prompts = shapes_data.eval_prompts(per_kind, seed)
   images = sampler.generate(params, text_params, prompts, seed)
   scores = shapes_eval.evaluate(images, prompts)
   os.makedirs(out_dir, exist_ok=True)
