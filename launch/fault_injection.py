@@ -159,6 +159,10 @@ def main():
   parser.add_argument("--processes", type=int, default=1,
                       help="Training processes (2 fake CPU devices each, launch/local_multiprocess.py) when > 1.")
   args = parser.parse_args()
+  sys.path.insert(0, ROOT)
+  from rflow_jax import cli, paths  # pylint: disable=g-import-not-at-top
+  with cli.clean_errors():  # A --workdir that is a file or read-only: one line, before any run starts.
+    paths.check_writable_dir(args.workdir, "--workdir")
   killed, reference = os.path.join(args.workdir, "killed"), os.path.join(args.workdir, "reference")
   t0 = time.time()
   subprocess.run(_argv(reference, args.steps, (), args.processes), cwd=ROOT, check=True, stdout=subprocess.DEVNULL,

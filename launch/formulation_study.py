@@ -36,7 +36,6 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `configs` and `rflow_jax` importable when run as a script from any cwd.
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-import logging as py_logging
 
 from absl import app, flags, logging
 
@@ -44,6 +43,7 @@ from configs import debug as debug_config
 from configs import formulations as formulations_config
 from rflow_jax import cli
 from rflow_jax import config_lib
+from rflow_jax import paths
 from rflow_jax import rundir
 from rflow_jax.eval import fid as fid_lib
 from rflow_jax.eval import formulation_eval
@@ -275,15 +275,9 @@ def _define_flags():
   return flags.FLAGS
 
 
-def _quiet_orbax():
-  """As rflow_jax/main.py: Orbax's per-file INFO lines off the console."""
-  logging.get_absl_handler().addFilter(
-      lambda r: r.levelno >= py_logging.WARNING or "/orbax/" not in r.pathname)
-
-
 def main(argv) -> int:
   del argv
-  _quiet_orbax()
+  cli.quiet_orbax()
   f = flags.FLAGS
   with cli.clean_errors():
     sample_steps = []
@@ -291,6 +285,7 @@ def main(argv) -> int:
       if not s.strip().isdigit():
         raise ValueError(f"--sample_steps: {s!r} is not a positive integer")
       sample_steps.append(int(s))
+    paths.check_writable_dir(f.study_dir, "--study_dir")  # Before the first of many trainings.
     run_study(f.study_dir, names=split_names(f.only) if f.only else None, num_steps=f.steps, shift=f.shift,
               model=f.model, per_kind=f.per_kind, sample_steps=sample_steps, weights=f.weights,
               reference_n=f.reference_n, out=f.out, command="python " + " ".join(sys.argv))

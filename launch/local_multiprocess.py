@@ -91,6 +91,7 @@ def launch(args, *, num_processes: int, devices_per_process: int, port: int = 0,
     proc = subprocess.Popen(command(module, port, num_processes, i, args), env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, bufsize=1)
     procs.append(proc)
+    print(f"[launcher] process {i}: pid {proc.pid}", flush=True)  # Tests signal one process by its pid.
     pumps.append(threading.Thread(target=_pump, args=(proc.stdout, f"[p{i}]"), daemon=True))
     pumps[-1].start()
   start, status = time.monotonic(), 0

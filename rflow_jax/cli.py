@@ -5,12 +5,19 @@ Loading a run (config, model, weights, sampler) is library code: rflow_jax/rundi
 """
 
 import contextlib
+import errno
 import sys
 
 from absl import flags
 
+from rflow_jax import config_lib
+
 # Errors a user can cause with bad input; the CLIs print them as one line (no traceback) and exit 2.
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, UnicodeDecodeError)
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, UnicodeDecodeError,
+               FileExistsError, IsADirectoryError)
+# OS errors a path given by the user causes (read-only filesystem, full disk, ...): also one line.
+PATH_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EISDIR,
+               errno.EEXIST, errno.ENOENT, errno.ENAMETOOLONG, errno.ELOOP)
 
 
 @contextlib.contextmanager
@@ -21,6 +28,26 @@ def clean_errors():
   except USER_ERRORS as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  except OSError as e:
+    if e.errno not in PATH_ERRNOS:
+      raise
+    print(f"error: {e.filename or ''}: {e.strerror or e}".replace("error: : ", "error: "), file=sys.stderr)
+    sys.exit(2)
+
+
+def quiet_orbax():
+  """Orbax logs every file it reads or writes at INFO (~40 lines per restore, and a warning that a read-only manager
+  skips saving): keep the console to our own lines and Orbax's real warnings."""
+  import logging as py_logging  # pylint: disable=g-import-not-at-top
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  def keep(record):
+    if "/orbax/" not in record.pathname:
+      return True
+    message = record.getMessage()  # Not the read-only notes: a sampler's manager is read-only by design.
+    return record.levelno >= py_logging.WARNING and not any(
+        note in message for note in ("read only", "read_only=True", "could not be restored"))
+  logging.get_absl_handler().addFilter(keep)
+  py_logging.getLogger().addFilter(keep)  # Before absl's handler is installed, Orbax goes to the root logger.
 
 
 def parse_flags(argv):
@@ -29,9 +56,14 @@ def parse_flags(argv):
   Use as `app.run(main, flags_parser=parse_flags)`.
   """
   try:
+    config_lib.check_config_file(argv)  # A syntax error or no get_config(): one line, not a 50-line traceback.
     return flags.FLAGS(argv)
+  except config_lib.ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
   except flags.Error as e:
     print(f"error: {e}", file=sys.stderr)
+  except OSError as e:  # ml_collections: a config file that failed to load (its first line says why).
+    print(f"error: --config: {str(e).splitlines()[0]}", file=sys.stderr)
   except (AttributeError, KeyError) as e:  # ml_collections' report of an override naming no config field.
     bad = [a for a in argv[1:] if a.startswith("--config.")]
     print(f"error: unknown config key {str(e).strip(chr(34))} in {' '.join(bad)}", file=sys.stderr)

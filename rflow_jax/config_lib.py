@@ -4,6 +4,10 @@
 minute of compilation. Defaults are not here: they live in configs/base.py.
 """
 
+import ast
+import math
+import os
+
 import jax
 
 from rflow_jax.data import registry as data_registry
@@ -28,6 +32,7 @@ def _require(ok: bool, message: str):
 def validate(config) -> None:
   """Raises ConfigError naming the first bad field; checks cross-field constraints no flag parser can."""
   m, d, t = config.model, config.data, config.train
+  validate_ranges(config)  # Finite and in range first: the checks below divide and compare these numbers.
   _require(d.name in data_registry.SOURCES, f"data.name={d.name!r} is not a dataset; valid: {sorted(data_registry.SOURCES)}")
   if config.task == "flow":  # The backbone, text stack and formulation (another task checks its own).
     _require(m.patch_size > 0 and d.image_size % m.patch_size == 0,
@@ -103,10 +108,89 @@ def validate_sharding(config, devices=None) -> None:
 
 def validate_sampling(sample) -> None:
   """Checks `config.sample` (also used by the sampling CLI for its flag overrides)."""
-  _require(sample.num_steps > 0, f"sample.num_steps={sample.num_steps} must be positive")
-  _require(sample.cfg_scale >= 0, f"sample.cfg_scale={sample.cfg_scale} must be >= 0 (1 = no guidance)")
-  _require(sample.shift > 0, f"sample.shift={sample.shift} must be positive")
+  validate_ranges({"sample": sample}, [r for r in RANGES if r[0].startswith("sample.")])  # Non-finite: black PNGs.
   _require(sample.solver in solvers.SOLVERS, f"sample.solver={sample.solver!r}; valid: {sorted(solvers.SOLVERS)}")
   _require(sample.schedule in schedules.STYLES,
            f"sample.schedule={sample.schedule!r}; valid: {sorted(schedules.STYLES)}")
   _require(sample.batch_size > 0, f"sample.batch_size={sample.batch_size} must be positive")
+
+
+def check_config_file(argv) -> None:
+  """Raises ConfigError when the `--config=FILE[:arg]` in argv is missing, has a syntax error or no get_config().
+
+  Static (compile + AST, nothing executed), so it runs before the flag parser imports the file.
+  """
+  path = None
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      path = arg[len("--config="):]
+    elif arg == "--config" and i + 1 < len(argv):
+      path = argv[i + 1]
+  if not path:
+    return
+  path = path.split(":", 1)[0]
+  if not os.path.isfile(path):
+    raise ConfigError(f"--config={path!r}: no such file")
+  with open(path, "rb") as f:
+    source = f.read()
+  try:
+    tree = ast.parse(source, filename=path)
+  except SyntaxError as e:
+    raise ConfigError(f"--config={path!r} has a syntax error at line {e.lineno}: {e.msg}") from None
+  if not any(isinstance(n, ast.FunctionDef) and n.name == "get_config" for n in tree.body):
+    raise ConfigError(f"--config={path!r} defines no get_config() function (a config file returns its ConfigDict "
+                      "from get_config(); see configs/quickstart.py)")
+
+
+def _finite(x) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+# (field, test, what it must be): every number the code reads, checked before anything is built.
+_POSITIVE = lambda x: _finite(x) and x > 0
+_NON_NEGATIVE = lambda x: _finite(x) and x >= 0
+_UNIT = lambda x: _finite(x) and 0 <= x < 1
+RANGES = (
+    ("data.image_size", _POSITIVE, "positive (pixels)"),
+    ("data.num_records", _POSITIVE, "positive"),
+    ("data.worker_count", _NON_NEGATIVE, ">= 0"),
+    ("text.max_length", lambda x: _finite(x) and x >= 3, ">= 3 (BOS, a word, EOS)"),
+    ("text.width", _POSITIVE, "positive"),
+    ("text.depth", _POSITIVE, "positive"),
+    ("text.num_heads", _POSITIVE, "positive"),
+    ("model.patch_size", _POSITIVE, "positive"),
+    ("model.in_channels", _POSITIVE, "positive"),
+    ("model.hidden_size", _POSITIVE, "positive"),
+    ("model.depth", _POSITIVE, "positive"),
+    ("model.num_heads", _POSITIVE, "positive"),
+    ("model.mlp_ratio", _POSITIVE, "positive and finite"),
+    ("model.pos_embed_max_size", _POSITIVE, "positive"),
+    ("flow.shift", _POSITIVE, "positive and finite"),
+    ("optim.learning_rate", _POSITIVE, "positive and finite"),
+    ("optim.b1", _UNIT, "in [0, 1)"),
+    ("optim.b2", _UNIT, "in [0, 1)"),
+    ("optim.eps", _POSITIVE, "positive and finite"),
+    ("optim.weight_decay", _NON_NEGATIVE, ">= 0 and finite"),
+    ("optim.grad_clip_norm", _NON_NEGATIVE, ">= 0 and finite (0 disables clipping)"),
+    ("optim.ema_decay", _UNIT, "in [0, 1)"),
+    ("train.peak_tflops_per_device", _NON_NEGATIVE, ">= 0 and finite"),
+    ("sample.num_steps", _POSITIVE, "positive"),
+    ("sample.cfg_scale", _NON_NEGATIVE, ">= 0 and finite (1 = no guidance)"),
+    ("sample.shift", _POSITIVE, "positive and finite"),
+    ("sample.batch_size", _POSITIVE, "positive"),
+    ("sample.eval_per_kind", _POSITIVE, "positive"),
+)
+
+
+def _get(config, dotted: str):
+  node = config
+  for part in dotted.split("."):
+    node = node[part]
+  return node
+
+
+def validate_ranges(config, fields=RANGES) -> None:
+  """Raises ConfigError naming the first field of `fields` that is not finite or outside its range."""
+  for name, ok, what in fields:
+    value = _get(config, name)
+    _require(ok(value), f"{name}={value!r} must be {what}")

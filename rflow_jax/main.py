@@ -6,8 +6,6 @@ Multi-process (one process per host): on TPU VMs and SLURM, jax.distributed find
 (--distributed=auto); elsewhere pass --coordinator_address, --num_processes and --process_id.
 """
 
-import logging as py_logging
-
 from absl import app, flags, logging
 import jax
 from ml_collections import config_flags
@@ -35,15 +33,9 @@ def _init_distributed():
                                process_id=FLAGS.process_id)
 
 
-def _quiet_orbax():
-  """Orbax logs every file it writes at INFO; keep the console to the trainer's own lines and warnings."""
-  handler = logging.get_absl_handler()
-  handler.addFilter(lambda r: r.levelno >= py_logging.WARNING or "/orbax/" not in r.pathname)
-
-
 def main(argv):
   del argv
-  _quiet_orbax()
+  cli.quiet_orbax()
   _init_distributed()
   with cli.clean_errors():
     try:

@@ -36,7 +36,11 @@ def test_sample_cli_writes_one_png_per_prompt(trained_workdir, tmp_path):
   rc, stdout, stderr = _run("rflow_jax.sample", f"--workdir={trained_workdir}", f"--prompts={prompts}",
                             f"--out={out}", "--steps=2", "--cfg=2.0", "--seed=3")
   assert rc == 0, stderr[-3000:]
-  assert sorted(os.listdir(out)) == ["000000.png", "000001.png", "000002.png", "grid.png"]
+  assert sorted(os.listdir(out)) == ["000000.png", "000001.png", "000002.png", "grid.png", "rflow_jax_samples.json"]
+  # The third prompt has 7 words; debug's text.max_length=8 holds 6: the user is told what is dropped.
+  assert ("warning: prompt 3 ('a green triangle above a red square'): cut at text.max_length=8 (6 words): "
+          "'square' is dropped") in stderr
+  assert "read only" not in stderr and "orbax" not in stderr.lower(), stderr  # No Orbax chatter.
   for name in ("000000.png", "000002.png"):
     with Image.open(out / name) as im:
       assert im.size == (32, 32) and im.mode == "RGB"

@@ -34,3 +34,21 @@ def assert_one_line_error(rc, stderr, *needles):
   assert len(errors) == 1, stderr[-2000:]
   for needle in needles:
     assert needle in errors[0], errors[0]
+
+
+def train_and_signal(workdir: str, sig, wait_for: str, timeout: float = 300) -> tuple[int, str]:
+  """Starts a debug training run (100000 steps, no periodic checkpoint), sends `sig` once a line containing
+  `wait_for` appears in its output, and returns (exit code, whole output)."""
+  import time  # pylint: disable=g-import-not-at-top
+  args = [sys.executable, "-m", "rflow_jax.main", "--config=configs/debug.py", f"--workdir={workdir}",
+          "--config.train.num_steps=100000", "--config.train.checkpoint_every=100000", "--config.train.log_every=1000"]
+  proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  deadline, head = time.time() + timeout, []
+  while time.time() < deadline:
+    line = proc.stdout.readline()
+    head.append(line)
+    if wait_for in line or not line:
+      break
+  proc.send_signal(sig)
+  out, _ = proc.communicate(timeout=timeout)
+  return proc.returncode, "".join(head) + out

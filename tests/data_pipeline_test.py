@@ -128,3 +128,22 @@ def test_make_eval_batch():
   ragged = lambda s: np.arange(len(s), dtype=np.int32)
   with pytest.raises(ValueError, match="fixed length"):
     pipeline.make_eval_batch(["a", "bb"], ragged)
+
+
+@pytest.mark.parametrize("process_count", [1, 2, 4])
+def test_a_global_start_position_resumes_the_stream_for_any_process_count(
+    process_count):
+  # Elastic resume: 3 global batches consumed by 1 process; P processes
+  # started at position 3 * 8 continue with exactly the stream's batch 3, 4.
+  source = shapes.ShapesSource(seed=4, num_records=20)  # Crosses an epoch.
+  single = _iterator(source)
+  for _ in range(3):
+    next(single)
+  resumed = [_iterator(source, process_index=p, process_count=process_count,
+                       start=3 * 8) for p in range(process_count)]
+  for _ in range(2):
+    expected = next(single)["index"].tolist()
+    got = [i for it in resumed for i in next(it)["index"].tolist()]
+    assert got == expected
+  with pytest.raises(ValueError, match="start=5 must be a non-negative"):
+    _iterator(source, start=5)

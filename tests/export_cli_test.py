@@ -124,7 +124,7 @@ def test_export_errors_are_one_line(run, tmp_path):
   _assert_one_line_error(rc, stderr, "exists and is not empty", "--overwrite")
   assert sorted(os.listdir(out / "transformer")) == before
   rc, _, stderr = _run("rflow_jax.export", f"--workdir={workdir}", f"--out={workdir.parent}", "--overwrite")
-  _assert_one_line_error(rc, stderr, "would replace the workdir")
+  _assert_one_line_error(rc, stderr, "holds the training workdir", "--overwrite would delete it")
   rc, _, stderr = _run("rflow_jax.export", f"--workdir={workdir}", f"--out={tmp_path / 'o3'}", "--format=onnx")
   _assert_one_line_error(rc, stderr, "--format", "onnx")
   assert not (tmp_path / "o3").exists()
@@ -134,9 +134,13 @@ def test_overwrite_replaces_the_whole_out_dir(run, tmp_path):
   workdir, _, _ = run
   out = tmp_path / "o"
   out.mkdir()
-  (out / "stale.txt").write_text("old export")
-  rc, _, stderr = _run("rflow_jax.export", f"--workdir={workdir}", f"--out={out}", "--format=safetensors",
-                       "--overwrite")
+  (out / "stale.txt").write_text("not an export")
+  args = ("rflow_jax.export", f"--workdir={workdir}", f"--out={out}", "--format=safetensors", "--overwrite")
+  rc, _, stderr = _run(*args)  # Only an earlier export (its rflow_jax_export.json) is ever replaced.
+  _assert_one_line_error(rc, stderr, "holds no rflow_jax_export.json")
+  assert os.listdir(out) == ["stale.txt"]
+  (out / "rflow_jax_export.json").write_text("{}")
+  rc, _, stderr = _run(*args)
   assert rc == 0, stderr[-3000:]
   assert sorted(os.listdir(out)) == ["params.safetensors", "rflow_jax_export.json"]
   assert not [p for p in os.listdir(tmp_path) if p.startswith(".o.")]  # No temporary directory left behind.
@@ -162,7 +166,7 @@ def test_sample_with_transformer_matches_sampling_the_workdir(run, tmp_path):
     rc, stdout, stderr = _run("rflow_jax.sample", f"--workdir={workdir}", f"--prompts={prompts}",
                               f"--out={tmp_path / name}", "--steps=2", "--seed=1", *extra)
     assert rc == 0, stderr[-3000:]
-    assert sorted(os.listdir(tmp_path / name)) == ["000000.png", "000001.png", "grid.png"]
+    assert sorted(os.listdir(tmp_path / name)) == ["000000.png", "000001.png", "grid.png", "rflow_jax_samples.json"]
     assert "wrote 2 images" in stdout
     images[name] = [np.asarray(Image.open(tmp_path / name / f"00000{i}.png")) for i in range(2)]
   for ours, exported in zip(images["workdir"], images["transformer"]):

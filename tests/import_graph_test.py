@@ -12,6 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Longest matching prefix decides a module's floor. A module may import modules of a lower floor, or of its own
 # package (rflow_jax.<package>) without a cycle.
 FLOORS = {
+    "rflow_jax.paths": 0,  # Output-path safety of the CLIs (imports nothing of rflow_jax).
     "rflow_jax.model": 0, "rflow_jax.flow": 0, "rflow_jax.data": 0, "rflow_jax.sharding": 0,
     "rflow_jax.sampling": 1,
     "rflow_jax.utils": 1,  # Compute accounting: reads the model's and text stack's shapes.

@@ -2,19 +2,16 @@
 
 import os
 import signal
-import subprocess
-import sys
-import time
 
 import jax
 import numpy as np
 import pytest
 
+import cli_util  # tests/cli_util.py (pytest puts tests/ on sys.path)
 from configs import debug
 from rflow_jax.train import checkpoint, trainer, workdir as workdir_lib
 
 pytestmark = pytest.mark.slow
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _debug(**overrides):
@@ -63,18 +60,9 @@ def test_incomplete_checkpoint_dir_is_ignored_with_a_warning(tmp_path):
 
 def test_sigterm_checkpoints_and_exits_zero_then_resumes(tmp_path):
   workdir = str(tmp_path / "term")
-  args = [sys.executable, "-m", "rflow_jax.main", "--config=configs/debug.py", f"--workdir={workdir}",
-          "--config.train.num_steps=100000", "--config.train.checkpoint_every=100000", "--config.train.log_every=1000"]
-  proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  deadline = time.time() + 300
-  # Wait until training is under way (the first progress report), then ask it to stop.
-  while time.time() < deadline:
-    line = proc.stdout.readline()
-    if "steps/s" in line or not line:
-      break
-  proc.send_signal(signal.SIGTERM)
-  out, _ = proc.communicate(timeout=300)
-  assert proc.returncode == 0, out[-3000:]
+  # Once training is under way (the first progress report), ask it to stop.
+  rc, out = cli_util.train_and_signal(workdir, signal.SIGTERM, "steps/s")
+  assert rc == 0, out[-3000:]
   step = checkpoint.latest_step(workdir)
   assert step is not None and step > 0, out[-3000:]
   assert "SIGTERM: checkpoint of step" in out

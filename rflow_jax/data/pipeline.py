@@ -18,9 +18,12 @@ array stacks the processes' local batches in process order, row r of the
 global batch is stream position k * G + r for any P: a 2-process run trains
 on exactly the batches of a 1-process run (tests/multiprocess_test.py).
 
-The returned `grain.DataLoaderIterator` is checkpointable: `it.get_state()`
-returns bytes and `it.set_state(state)` on a fresh iterator of the same
-pipeline resumes the exact stream (save it next to the train state).
+The stream's position is global: `start` (examples of the one shuffled
+stream already consumed, a multiple of the global batch) makes a fresh
+iterator begin at position `start` for any process count, which is how the
+trainer resumes, also with another number of processes than the run that
+saved it (rflow_jax/train/resume.py). The returned `grain.DataLoaderIterator`
+is also checkpointable the grain way (`get_state` / `set_state`, per process).
 
 Worker processes (`worker_count > 0`) pickle the source and `tokenize`, so both
 must be picklable (module-level functions or plain objects, no lambdas), and
@@ -95,6 +98,23 @@ class ContiguousShardSampler:
             f"process_count={self._p})")
 
 
+class OffsetSampler:
+  """The positions start, start + 1, ... of a sampler: the global stream resumed at position `start`."""
+
+  def __init__(self, sampler, start: int):
+    self._sampler = sampler
+    self._start = start
+
+  def __len__(self) -> int:
+    return len(self._sampler) - self._start
+
+  def __getitem__(self, index: int):
+    return self._sampler[self._start + index]
+
+  def __repr__(self) -> str:  # grain checks repr(sampler) when restoring.
+    return f"OffsetSampler({self._sampler!r}, start={self._start})"
+
+
 def _tokens(tokenize: Tokenize, text: str) -> np.ndarray:
   tokens = np.asarray(tokenize(text))
   if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
@@ -135,6 +155,7 @@ def make_train_iterator(
     num_epochs: int | None = None,
     num_threads: int = 1,
     prefetch_buffer_size: int | None = None,
+    start: int = 0,
 ) -> grain.DataLoaderIterator:
   """Builds this process's shuffled, sharded, batched training iterator.
 
@@ -153,6 +174,8 @@ def make_train_iterator(
       GIL-bound, so more threads buy little; use workers to scale.
     prefetch_buffer_size: records read ahead per process; default two local
       batches.
+    start: global stream position to begin at (examples all processes
+      consumed before); a multiple of global_batch_size.
 
   Returns:
     A checkpointable iterator of dicts with image float32 (B, S, S, 3) in
@@ -164,6 +187,8 @@ def make_train_iterator(
     raise ValueError(
         f"process_index must be in [0, {process_count}); got "
         f"{process_index!r}")
+  if start < 0 or start % global_batch_size:
+    raise ValueError(f"start={start!r} must be a non-negative multiple of global_batch_size={global_batch_size}")
   sampler = grain.samplers.IndexSampler(
       num_records=len(source),
       shard_options=grain.sharding.NoSharding(),  # The DataLoader shards.
@@ -171,6 +196,8 @@ def make_train_iterator(
       num_epochs=num_epochs,
       seed=int(seed),  # grain insists on a Python int (not np.int64).
   )
+  if start:  # Before the process split: the offset is global, so any process count resumes the same stream.
+    sampler = OffsetSampler(sampler, start)
   if process_count > 1:  # One process keeps the plain sampler (and its checkpointed repr).
     sampler = ContiguousShardSampler(sampler, batch_size, process_count)
   shard_options = grain.sharding.ShardOptions(

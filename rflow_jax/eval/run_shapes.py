@@ -15,6 +15,7 @@ import os
 from absl import app, flags
 
 from rflow_jax import cli
+from rflow_jax import paths
 from rflow_jax import rundir
 from rflow_jax.eval import evaluators
 
@@ -45,9 +46,11 @@ def out_dir_name(step: int, config, *, per_kind: int, steps: int, cfg: float, se
 def main(argv):
   del argv
   f = FLAGS
+  cli.quiet_orbax()
   with cli.clean_errors():
     if f.per_kind is not None and f.per_kind < 1:  # Before any restore or compile.
       raise ValueError(f"--per_kind={f.per_kind} must be >= 1")
+    paths.check_writable_dir(f.workdir, "--workdir")  # The scores go to WORKDIR/eval_step*/: fail before sampling.
     run_config = rundir.load_config(f.workdir)  # As trained: load_sampler's config carries the overrides.
     sampler, params, text_params, config, step = rundir.load_sampler(
         f.workdir, steps=f.steps, cfg=f.cfg, solver=f.solver, use_ema=not f.raw)

@@ -23,6 +23,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
+  cli.quiet_orbax()
   with cli.clean_errors():
     info = workdir.export_workdir(FLAGS.workdir, FLAGS.out, fmt=FLAGS.format, params=FLAGS.params,
                                   overwrite=FLAGS.overwrite)

@@ -371,8 +371,17 @@ def model_from_diffusers_config(cfg: Mapping[str, Any],
   return mmdit.MMDiT(**kwargs, **overrides)
 
 
-def diffusers_config(model: mmdit.MMDiT) -> dict[str, Any]:
-  """The diffusers SD3Transformer2DModel config (config.json) of a model."""
+def diffusers_config(model: mmdit.MMDiT,
+                     sample_size: int | None = None) -> dict[str, Any]:
+  """The diffusers SD3Transformer2DModel config (config.json) of a model.
+
+  Args:
+    model: the MMDiT.
+    sample_size: the side of the model's input in pixels or latent pixels
+      (config.data.image_size), diffusers' default generation size. The
+      positional table is a stored tensor, so this does not change the
+      function; None: pos_embed_base * patch_size, the base grid of its init.
+  """
   if model.mlp_ratio != 4.0:
     raise ValueError(f"mlp_ratio={model.mlp_ratio}: diffusers' SD3 "
                      f"transformer has a fixed MLP ratio of 4")
@@ -380,7 +389,8 @@ def diffusers_config(model: mmdit.MMDiT) -> dict[str, Any]:
   return {
       "_class_name": CLASS_NAME,
       "_diffusers_version": "0.42.1",
-      "sample_size": model.pos_embed_base * model.patch_size,
+      "sample_size": (model.pos_embed_base * model.patch_size
+                      if sample_size is None else int(sample_size)),
       "patch_size": model.patch_size,
       "in_channels": model.in_channels,
       "num_layers": model.depth,

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import safetensors.numpy
 
+from rflow_jax import paths
 from rflow_jax.export import diffusers as names
 from rflow_jax.model import mmdit
 
@@ -122,21 +123,11 @@ def _shards(state_dict: Mapping[str, np.ndarray],
   return shards
 
 
-def replace_dir(tmp: pathlib.Path, out: pathlib.Path) -> None:
-  """Renames the complete directory tmp to out, removing an existing out only once tmp is complete."""
-  if out.exists():
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old)
-  else:
-    tmp.rename(out)
-
-
 def save_transformer(params: Mapping[str, Any], model: mmdit.MMDiT,
                      out_dir: str | os.PathLike[str],
                      max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                     overwrite: bool = False) -> pathlib.Path:
+                     overwrite: bool = False,
+                     sample_size: int | None = None) -> pathlib.Path:
   """Writes a diffusers SD3Transformer2DModel directory.
 
   config.json plus diffusion_pytorch_model.safetensors, or numbered shards
@@ -151,11 +142,12 @@ def save_transformer(params: Mapping[str, Any], model: mmdit.MMDiT,
       from_pretrained).
     max_shard_bytes: largest shard size before splitting.
     overwrite: replace an existing out_dir.
+    sample_size: config.json's sample_size (see diffusers.diffusers_config).
 
   Returns:
     The output directory.
   """
-  return write_model_dir(names.diffusers_config(model), names.params_to_diffusers(params, model), out_dir,
+  return write_model_dir(names.diffusers_config(model, sample_size), names.params_to_diffusers(params, model), out_dir,
                          max_shard_bytes=max_shard_bytes, overwrite=overwrite)
 
 
@@ -173,6 +165,7 @@ def write_model_dir(config: Mapping[str, Any], state_dict: Mapping[str, np.ndarr
   shards = _shards(state_dict, max_shard_bytes)
   out_dir.parent.mkdir(parents=True, exist_ok=True)
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+  paths.make_readable(tmp)  # Not mkdtemp's 0700: the team reads exports.
   try:
     (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     if len(shards) == 1:
@@ -185,7 +178,7 @@ def write_model_dir(config: Mapping[str, Any], state_dict: Mapping[str, np.ndarr
       (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
     for name, shard in zip(files, shards):
       safetensors.numpy.save_file(shard, str(tmp / name), metadata={"format": "pt"})
-    replace_dir(tmp, out_dir)
+    paths.replace_dir(tmp, out_dir)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise

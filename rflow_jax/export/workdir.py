@@ -29,8 +29,6 @@ StableDiffusion3Pipeline; `python -m rflow_jax.sample --workdir=W
 import json
 import os
 import pathlib
-import shutil
-import tempfile
 from typing import Any
 
 import flax
@@ -39,6 +37,7 @@ import jax
 import numpy as np
 import safetensors.numpy
 
+from rflow_jax import paths
 from rflow_jax import rundir
 from rflow_jax.export import diffusers_io
 from rflow_jax.flow import formulations
@@ -118,20 +117,6 @@ def load_flat(out_dir: str | os.PathLike[str]) -> tuple[nn.Module, Any,
           flax.traverse_util.unflatten_dict(params, sep="/"), info)
 
 
-def _check_out(out: pathlib.Path, workdir: pathlib.Path,
-               overwrite: bool) -> None:
-  """Refuses an OUT that would clobber data (before anything is loaded)."""
-  if out.exists() and not out.is_dir():
-    raise ValueError(f"--out={str(out)!r} exists and is not a directory")
-  if out.is_dir() and any(out.iterdir()) and not overwrite:
-    raise ValueError(f"--out={str(out)!r} exists and is not empty; pass "
-                     f"--overwrite to replace it")
-  real_out, real_work = out.resolve(), workdir.resolve()
-  if real_out == real_work or real_out in real_work.parents:
-    raise ValueError(f"--out={str(out)!r} would replace the workdir "
-                     f"{str(workdir)!r} that holds the checkpoints")
-
-
 def export_workdir(workdir: str | os.PathLike[str],
                    out: str | os.PathLike[str], *, fmt: str = "diffusers",
                    params: str = "ema", overwrite: bool = False
@@ -161,7 +146,7 @@ def export_workdir(workdir: str | os.PathLike[str],
   if not workdir.is_dir():
     raise FileNotFoundError(f"--workdir={str(workdir)!r} is not a directory")
   config = rundir.load_config(str(workdir))
-  _check_out(out, workdir, overwrite)
+  out = pathlib.Path(paths.check_output_dir(out, marker=INFO_NAME, overwrite=overwrite))  # Before any restore.
   formulation = formulations.get(config.flow.formulation,
                                  shift=config.flow.shift)
   if fmt == "diffusers" and formulation.output != formulations.VELOCITY:
@@ -183,20 +168,15 @@ def export_workdir(workdir: str | os.PathLike[str],
           "sample": {"shift": config.sample.shift,
                      "num_steps": config.sample.num_steps,
                      "cfg_scale": config.sample.cfg_scale}}
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-",
-                                      dir=out.parent))
-  try:
+  with paths.staged_dir(str(out)) as staged:  # Readable (umask), atomic, no partial OUT.
+    tmp = pathlib.Path(staged)
     if fmt == "diffusers":
-      diffusers_io.save_transformer(weights, model, tmp / TRANSFORMER_DIR)
+      diffusers_io.save_transformer(weights, model, tmp / TRANSFORMER_DIR,
+                                    sample_size=config.data.image_size)
       (tmp / SCHEDULER_DIR).mkdir()
       (tmp / SCHEDULER_DIR / SCHEDULER_CONFIG_NAME).write_text(
           json.dumps(scheduler_config(config.sample.shift), indent=2) + "\n")
     else:
       save_flat(weights, tmp / FLAT_WEIGHTS_NAME)
     (tmp / INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
-    diffusers_io.replace_dir(tmp, out)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return info

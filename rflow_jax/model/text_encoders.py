@@ -69,6 +69,20 @@ class WordTokenizer:
     out[: len(ids)] = ids
     return out
 
+  def problems(self, text: str) -> list[str]:
+    """What of `text` the encoders will not see: words outside the vocabulary (read as <unk>), and the words cut
+    because the prompt is longer than max_length - 2 words. Empty when the prompt is represented exactly."""
+    words = _TOKEN_RE.findall(text.lower())
+    out = []
+    unknown = [w for w in dict.fromkeys(words) if w not in self._ids]
+    if unknown:
+      out.append(f"words not in the vocabulary, read as <unk>: {', '.join(unknown)}")
+    if len(words) > self.max_length - 2:
+      cut = words[self.max_length - 2:]
+      out.append(f"cut at text.max_length={self.max_length} ({self.max_length - 2} words): "
+                 f"'{' '.join(cut)}' is dropped")
+    return out
+
   def batch(self, texts: Sequence[str]) -> np.ndarray:
     return np.stack([self(t) for t in texts]) if texts else np.zeros((0, self.max_length), np.int32)
 

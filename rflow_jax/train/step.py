@@ -104,7 +104,10 @@ def train_step(state: TrainState, batch, *, model, text_stack, formulation, tx, 
   new_ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, new_params)
 
   grad_norm = optax.tree.norm(grads)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  # A finite gradient can still give a non-finite update (a NaN learning rate, an overflowing Adam moment), so the
+  # new parameters, optimizer state and EMA are checked too, not only the loss and gradient.
+  finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(new_params) & all_finite(new_opt_state)
+            & all_finite(new_ema))
   # A non-finite update is never applied: a checkpoint can then never hold NaNs. Whether the run goes on ("skip")
   # or stops ("halt") is the trainer's policy, decided when it fetches the metrics.
   pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
@@ -115,7 +118,7 @@ def train_step(state: TrainState, batch, *, model, text_stack, formulation, tx, 
       ema_params=pick(new_ema, state.ema_params),
       skipped_steps=state.skipped_steps + jnp.where(finite, 0, 1).astype(state.skipped_steps.dtype))
   sums, counts = losses.binned_sums(per_example, t, NUM_T_BINS)
-  binned = sums / jnp.maximum(counts, 1.0)  # Empty bins report 0.
+  binned = sums / jnp.maximum(counts, 1.0)  # Empty bins: 0 here, weight 0 in writers.average_metrics (dropped).
   metrics = {
       "loss": loss,
       "grad_norm": grad_norm,
@@ -124,5 +127,13 @@ def train_step(state: TrainState, batch, *, model, text_stack, formulation, tx, 
       "nonfinite": 1.0 - finite.astype(jnp.float32),
       "skipped_steps": new_state.skipped_steps,
       **{f"loss_t{i}": binned[i] for i in range(NUM_T_BINS)},
+      **{f"count_t{i}": counts[i] for i in range(NUM_T_BINS)},
   }
   return new_state, metrics
+
+
+def all_finite(tree) -> jax.Array:
+  """True when every floating-point leaf of `tree` is finite (a boolean scalar, on device)."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.asarray(x).dtype,
+                                                                                        jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)

@@ -8,7 +8,9 @@ A task builds its modules and optimizer(s) from the config (compiling nothing) a
   train_step(state, batch)    pure and jittable -> (state, metrics); metrics are device scalars and include "loss"
                               and "nonfinite" (1.0 when the update was dropped).
   batch_spec(global_batch)    {key: jax.ShapeDtypeStruct} of the global arrays the step reads.
-  make_iterator(pi, pc)       a checkpointable grain iterator of process-local numpy batches (keys ⊇ batch_spec).
+  make_iterator(pi, pc, start)  an iterator of process-local numpy batches (keys ⊇ batch_spec), beginning at global
+                              stream position `start` (examples all processes together consumed before; the
+                              trainer checkpoints that number, so a run resumes with any process count).
   preview(state, step, workdir, writer)  periodic images (TensorBoard + WORKDIR/samples/).
   flops_per_step              model FLOPs of one step (None: unknown; no TFLOP/s or MFU is logged).
 
@@ -63,12 +65,13 @@ class FlowTask:
     return {"image": jax.ShapeDtypeStruct((global_batch_size, s, s, c), jnp.float32),
             "tokens": jax.ShapeDtypeStruct((global_batch_size, text_encoders.dims(self.config.text)[0]), jnp.int32)}
 
-  def make_iterator(self, process_index: int, process_count: int):
-    """This process's slice of the shuffled, tokenized training stream of config.data."""
+  def make_iterator(self, process_index: int, process_count: int, start: int = 0):
+    """This process's slice of the shuffled, tokenized training stream of config.data, from global position `start`."""
     c = self.config
     return data_pipeline.make_train_iterator(
         source=data_registry.make_source(c.data), tokenize=self.tokenizer, global_batch_size=c.train.global_batch_size,
-        seed=c.seed, process_index=process_index, process_count=process_count, worker_count=c.data.worker_count)
+        seed=c.seed, process_index=process_index, process_count=process_count, worker_count=c.data.worker_count,
+        start=start)
 
   @functools.cached_property
   def sampler(self) -> sampling.Sampler:

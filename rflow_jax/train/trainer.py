@@ -18,13 +18,14 @@ from absl import logging
 from rflow_jax import config_lib
 from rflow_jax.eval import evaluators as evaluators_lib
 from rflow_jax.sharding import mesh as mesh_lib, partition, rules as rules_lib
-from rflow_jax.train import checkpoint, hooks, periodic, preemption, preflight, profiler, tasks, workdir as workdir_lib
+from rflow_jax.train import checkpoint, hooks, periodic, preemption, preflight, profiler, resume, tasks
+from rflow_jax.train import workdir as workdir_lib
 from rflow_jax.train import writers as writers_lib  # Before anything else imports CLU's writers (no-TF stand-in).
 from rflow_jax.utils import flops as flops_lib
 
 
 class NonFiniteError(RuntimeError):
-  """Raised when the loss or gradient norm went non-finite under the 'halt' policy."""
+  """Raised when an update (loss, gradient, update or new parameters) went non-finite under the 'halt' policy."""
 
 
 def state_shardings(init_fn, mesh, rules):
@@ -82,9 +83,10 @@ class Setup:
     with self.step_context():
       return self.train_step(state, batch)
 
-  def data_iterator(self):
-    """This process's checkpointable iterator of local batches."""
-    return self.task.make_iterator(jax.process_index(), jax.process_count())
+  def data_iterator(self, start: int = 0):
+    """This process's iterator of local batches, from global stream position `start` (examples already consumed by
+    all processes together: resume.start_position)."""
+    return self.task.make_iterator(jax.process_index(), jax.process_count(), start=start)
 
   def global_batch(self, local_batch):
     """Per-process numpy batch -> global jax arrays (the task's batch_spec keys) sharded over (data, fsdp)."""
@@ -98,48 +100,50 @@ def _write_config(config, workdir):
       f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
-def _restore_or_init(setup, manager, data_iter, workdir):
-  """Newest complete checkpoint in the workdir (state + data position), else a fresh sharded init whose weights come
-  from train.init_from's newest checkpoint when that is set (a warm start: step 0, fresh optimizer and data order)."""
+def _restore_or_init(setup, manager, workdir):
+  """(state, its step or None, global data position): the newest readable checkpoint in the workdir (a damaged newer
+  one is named and moved aside), else a fresh sharded init whose weights come from train.init_from's newest checkpoint
+  when that is set (a warm start: step 0, fresh optimizer and data order)."""
   resume_step = manager.latest_step()
   init_from = setup.config.train.init_from
   if resume_step is None:
     if not init_from:
-      return setup.init_state(), None
+      return setup.init_state(), None, 0
     weights, from_step = checkpoint.restore_weights(  # Checked before compiling.
         init_from, setup.abstract_state, setup.task.weight_groups, grow_depth=setup.config.train.init_grow_depth)
     logging.info("Weights (%s) from step %d of %s", ", ".join(weights), from_step, init_from)
     state = setup.init_state()
     # Top-level merge: blocks a depth-growing warm start did not read keep their fresh (identity) init.
-    return state.replace(**{group: {**getattr(state, group), **w} for group, w in weights.items()}), None
+    return state.replace(**{group: {**getattr(state, group), **w} for group, w in weights.items()}), None, 0
   if init_from:
     logging.info("Resuming this run's own checkpoint; train.init_from=%s is not read", init_from)
-  # Before any compilation: a workdir of another model is refused, and nothing in it is touched.
-  checkpoint.check_compatible(manager, resume_step, setup.abstract_state, setup.task.weight_groups)
-  state = checkpoint.restore(manager, resume_step, setup.abstract_state, data_iter)
+  # Before any compilation: a workdir of another model is refused (check_compatible), and nothing in it is touched.
+  def attempt(step):
+    checkpoint.check_compatible(manager, step, setup.abstract_state, setup.task.weight_groups)
+    return checkpoint.restore(manager, step, setup.abstract_state)
+  (state, position), resume_step = checkpoint.restore_newest(manager, attempt, move_damaged=True)
   logging.info("Resumed from step %d in %s", resume_step, workdir)
-  return state, resume_step
+  return state, resume_step, resume.start_position(position, resume_step, setup.config.train.global_batch_size)
 
 
-def _fetch_metrics(pending, step, config, last_ckpt) -> dict:
+def _fetch_metrics(pending, step, config, manager) -> dict:
   """The loop's only host sync: metrics of the steps since the last fetch, averaged; halts on non-finite."""
   fetched = jax.device_get(pending)
-  metrics = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
-  if "skipped_steps" in fetched[-1]:  # A count, not a rate: the latest value.
-    metrics["skipped_steps"] = float(fetched[-1]["skipped_steps"])
+  metrics = writers_lib.average_metrics(fetched)
   if config.train.nonfinite == "halt" and max(m["nonfinite"] for m in fetched) > 0:
     first = step - len(fetched) + 1
     values = ", ".join(f"{k}={metrics[k]}" for k in ("loss", "grad_norm") if k in metrics)
     raise NonFiniteError(
-        f"loss or gradient norm became non-finite between steps {first} and {step} ({values}); the update was not "
-        f"applied. Last good checkpoint: step {last_ckpt}. Set --config.train.nonfinite=skip to drop such updates.")
+        f"the update became non-finite (loss, gradient, update or new parameters) between steps {first} and {step} "
+        f"({values}); it was not applied. "
+        f"{checkpoint.last_good_message(manager)}. Set --config.train.nonfinite=skip to drop such updates.")
   return metrics
 
 
-def _save(manager, step, state, data_iter, last_ckpt):
+def _save(manager, step, state, last_ckpt, global_batch_size):
   """Starts a checkpoint save; a write failure (disk full, permissions) becomes one clear error naming what is safe."""
   try:
-    checkpoint.save(manager, step, state, data_iter)
+    checkpoint.save(manager, step, state, resume.data_position(step, global_batch_size))
   except OSError as e:
     raise checkpoint.CheckpointWriteError(
         f"could not write the checkpoint of step {step} in {manager.directory} ({e.strerror or e}); "
@@ -156,13 +160,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
   tasks.validate(config)
   evaluators = evaluators_lib.get(config.train.evaluators)
   workdir_lib.prepare(workdir)
-  with workdir_lib.exclusive(workdir), preemption.SigtermFlag() as sigterm:
+  with workdir_lib.exclusive(workdir), preemption.StopSignals() as sigterm:
     workdir_lib.warn_incomplete_checkpoints(checkpoint.checkpoint_dir(workdir))
+    resume.check_config(config, workdir)  # Before anything is built; config.json is rewritten only after it.
     setup = Setup(config)
     manager = checkpoint.make_manager(workdir, max_to_keep=config.train.keep_checkpoints,
                                       async_save=config.ckpt.async_save)
-    data_iter = setup.data_iterator()
-    state, last_ckpt = _restore_or_init(setup, manager, data_iter, workdir)
+    state, last_ckpt, position = _restore_or_init(setup, manager, workdir)
+    data_iter = setup.data_iterator(start=position)  # Built after the restore; a global position: any process count.
     preflight.check_train_step(setup, state)  # TPU/GPU: a step that cannot fit is refused before it runs.
     _write_config(config, workdir)
     writer = writers_lib.make_writer(workdir, is_main_process=jax.process_index() == 0)
@@ -193,11 +198,11 @@ def _train_loop(setup, workdir, manager, data_iter, state, last_ckpt, writer, si
     state, metrics = setup.step(state, setup.global_batch(local))
     step += 1
     pending.append(metrics)
-    stop = sigterm.is_set()
+    stop = sigterm.should_stop(step)  # The same answer on every process at the same step.
     prof.after(step, (state, metrics), end=stop or step == num_steps)
     due = periodic.due(step, config.train, stopping=stop)
     if due.log:
-      results = _fetch_metrics(pending, step, config, last_ckpt)
+      results = _fetch_metrics(pending, step, config, manager)
       # Only here, after the fetch has waited for the device: between fetches the loop runs ahead of the device
       # (async dispatch), so a report there would log the dispatch rate and then a stall, not steps/s.
       report(step)
@@ -206,11 +211,13 @@ def _train_loop(setup, workdir, manager, data_iter, state, last_ckpt, writer, si
       pending = []
       writer.write_scalars(step, results)
     if due.checkpoint:
-      _save(manager, step, state, data_iter, last_ckpt)
+      if pending and config.train.nonfinite == "halt":  # A step the guard dropped is never checkpointed as good.
+        _fetch_metrics(pending, step, config, manager)
+      _save(manager, step, state, last_ckpt, config.train.global_batch_size)
       last_ckpt = step
     if stop:
       manager.wait_until_finished()
-      logging.warning("SIGTERM: checkpoint of step %d committed in %s; exiting", step, workdir)
+      logging.warning("%s: checkpoint of step %d committed in %s; exiting", sigterm.reason, step, workdir)
       return {**results, "preempted": True, "step": step}
     if due.preview:
       task.preview(state, step, workdir, writer)

@@ -155,13 +155,14 @@ class VAETask:
     s = self.config.data.image_size
     return {"image": jax.ShapeDtypeStruct((global_batch_size, s, s, self.model.in_channels), jnp.float32)}
 
-  def make_iterator(self, process_index: int, process_count: int):
-    """The shared grain pipeline (global shuffle, per-process shards, checkpointable); captions are not read."""
+  def make_iterator(self, process_index: int, process_count: int, start: int = 0):
+    """The shared grain pipeline (global shuffle, per-process shards) from global stream position `start`; captions
+    are not read."""
     c = self.config
     return data_pipeline.make_train_iterator(
         source=data_registry.make_source(c.data), tokenize=_tokenize_nothing,
         global_batch_size=c.train.global_batch_size, seed=c.seed, process_index=process_index,
-        process_count=process_count, worker_count=c.data.worker_count)
+        process_count=process_count, worker_count=c.data.worker_count, start=start)
 
   def train_step(self, state: VAEState, batch) -> tuple[VAEState, dict[str, jax.Array]]:
     """One update of the autoencoder and (when on) the discriminator; non-finite updates are dropped whole."""

@@ -17,6 +17,7 @@ import types
 from typing import Any, Mapping
 
 from absl import logging
+import numpy as np
 
 _SUMMARY_WRITER_MODULE = "clu.metric_writers.summary_writer"
 # find_spec also answers None for a module blocked with sys.modules[name] = None.
@@ -37,6 +38,28 @@ if HAVE_TENSORFLOW:
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 METRICS_FILE = "metrics.jsonl"
+WEIGHT_PREFIX, LOSS_PREFIX = "count_", "loss_"  # A step's metric count_X weighs its loss_X in the window's mean.
+
+
+def average_metrics(fetched: list[Mapping[str, Any]]) -> dict[str, float]:
+  """Host-side mean of the per-step metrics of one logging window.
+
+  A metric `count_X` (not logged) is the number of examples behind `loss_X` (e.g. the flow task's per-quarter-of-t
+  losses loss_tK): that loss is weighted by it, and left out when the window has no such example, rather than logged
+  as a loss of 0, which would read as a perfect score. `skipped_steps`, a count, is the latest value.
+  """
+  last = fetched[-1]
+  weighted = {LOSS_PREFIX + k[len(WEIGHT_PREFIX):] for k in last if k.startswith(WEIGHT_PREFIX)}
+  out = {k: float(np.mean([m[k] for m in fetched])) for k in last
+         if not k.startswith(WEIGHT_PREFIX) and k not in weighted}
+  for loss in sorted(weighted):
+    weight = WEIGHT_PREFIX + loss[len(LOSS_PREFIX):]
+    count = sum(float(m[weight]) for m in fetched)
+    if count > 0:
+      out[loss] = sum(float(m[loss]) * float(m[weight]) for m in fetched) / count
+  if "skipped_steps" in last:
+    out["skipped_steps"] = float(last["skipped_steps"])
+  return out
 
 
 class JsonlWriter(metric_writers.MetricWriter):
