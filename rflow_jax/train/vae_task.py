@@ -117,6 +117,8 @@ def validate(config) -> None:
 class VAETask:
   """What the trainer trains when config.task == "vae" (see the module docstring for the loss)."""
 
+  flops_per_step = None  # No FLOP formula for the autoencoder: the trainer logs no TFLOP/s or MFU for it.
+
   weight_groups = ("params", "ema_params", "disc_params")
 
   def __init__(self, config):
