@@ -1,9 +1,6 @@
 """launch/sweep.py: the dry run lists the runs, finished runs are skipped, collect gives one row per evaluation."""
 
-import csv
-import json
 import os
-import subprocess
 import sys
 
 import pytest

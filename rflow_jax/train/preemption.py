@@ -22,7 +22,6 @@ import os
 import signal
 import threading
 
-import jax
 from absl import logging
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
