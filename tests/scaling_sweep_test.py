@@ -9,7 +9,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from launch import sweep  # pylint: disable=g-import-not-at-top,wrong-import-position
-from rflow_jax.utils import flops  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 CONFIG = f'''
 import sys
