@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rflow_jax.data import shapes
+from rflow_jax.data import pixels, shapes
 from rflow_jax.eval import shapes_eval
 from rflow_jax.sampling import pipeline as sampling
 
@@ -80,7 +80,7 @@ def evaluate(task, state, step: int, out_dir: str) -> dict[str, float]:
   v = task.config.vae
   images, prompts = heldout_set(v.eval_per_kind, v.eval_seed, task.config.data.image_size)
   recon = np.asarray(task.reconstruct(state, images))
-  recon_u8, images_u8 = sampling.to_uint8(recon), sampling.to_uint8(images)
+  recon_u8, images_u8 = pixels.to_uint8(recon), pixels.to_uint8(images)
   # Scored on the uint8 images a user would save: rounding is part of what the VAE hands on.
   as_float = lambda u8: jnp.asarray(u8, jnp.float32) / 127.5 - 1.0
   scores = {

@@ -32,7 +32,7 @@ import numpy as np
 import optax
 
 from rflow_jax import config_lib
-from rflow_jax.data import pipeline as data_pipeline, registry as data_registry
+from rflow_jax.data import pipeline as data_pipeline, pixels, registry as data_registry
 from rflow_jax.model import patchgan, registry as model_registry, vae as vae_lib
 from rflow_jax.sampling import pipeline as sampling
 from rflow_jax.train import optimizer as optim_lib
@@ -212,7 +212,7 @@ class VAETask:
     images, _ = vae_recon.heldout_set(v.eval_per_kind, v.eval_seed, self.config.data.image_size)
     images = images[:: max(1, len(images) // v.preview_examples)][:v.preview_examples]
     recon = self.reconstruct(state, images)
-    grid = sampling.make_grid(np.concatenate([sampling.to_uint8(images), sampling.to_uint8(recon)]),
+    grid = sampling.make_grid(np.concatenate([pixels.to_uint8(images), pixels.to_uint8(recon)]),
                               ncols=len(images))
     os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
     sampling.save_png(grid, os.path.join(workdir, "samples", f"recon_{step:06d}.png"))
