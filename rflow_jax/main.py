@@ -12,7 +12,7 @@ from ml_collections import config_flags
 
 from rflow_jax import cli
 from rflow_jax import config_lib
-from rflow_jax.train import trainer
+from rflow_jax.train import multihost, trainer
 
 config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file (with optional :arg).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where config.json, checkpoints, TensorBoard events and samples go.")
@@ -31,6 +31,7 @@ def _init_distributed():
   elif FLAGS.distributed == "explicit":
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address, num_processes=FLAGS.num_processes,
                                process_id=FLAGS.process_id)
+  multihost.use_host_barriers_for_orbax()
 
 
 def main(argv):

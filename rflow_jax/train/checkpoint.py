@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from rflow_jax.model import mmdit
+from rflow_jax.train import multihost
 
 CHECKPOINT_DIR = "checkpoints"
 DAMAGED_DIR = "damaged_checkpoints"
@@ -142,9 +143,7 @@ def _move_aside(manager: ocp.CheckpointManager, steps: list[int]) -> list[str]:
       dest = os.path.join(target, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
       shutil.move(os.path.join(directory, str(step)), dest)
       moved.append(dest)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices("rflow_jax_damaged_checkpoints_moved")
+  multihost.barrier("rflow_jax_damaged_checkpoints_moved")
   manager.reload()
   return moved or [os.path.join(target, str(s)) for s in steps]
 

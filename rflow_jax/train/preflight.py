@@ -98,15 +98,11 @@ def device_limit(device) -> int | None:
   return stats.get("bytes_limit")
 
 
-def check_train_step(setup, state) -> None:
-  """On TPU/GPU: compiles the step for `state` and refuses (InsufficientMemoryError) if it cannot fit a device.
-
-  The jitted step's compile cache is shared with this lowering, so the first step does not compile again.
-  """
+def check_train_step(setup, compiled) -> None:
+  """On TPU/GPU: refuses (InsufficientMemoryError) a compiled step (Setup.compile_step) that cannot fit a device."""
   limit = device_limit(setup.mesh.devices.flat[0])
   if limit is None:
     return
-  with setup.step_context():
-    memory = setup.train_step.lower(state, setup.batch_spec).compile().memory_analysis()
+  memory = compiled.memory_analysis()
   if memory is not None:
     check(needed=step_bytes(memory), limit=limit, source="compiled memory analysis", **advice_kwargs(setup))

@@ -18,7 +18,7 @@ from absl import logging
 from rflow_jax import config_lib
 from rflow_jax.eval import evaluators as evaluators_lib
 from rflow_jax.sharding import mesh as mesh_lib, partition, rules as rules_lib
-from rflow_jax.train import checkpoint, hooks, periodic, preemption, preflight, profiler, resume, tasks
+from rflow_jax.train import checkpoint, hooks, multihost, periodic, preemption, preflight, profiler, resume, tasks
 from rflow_jax.train import workdir as workdir_lib
 from rflow_jax.train import writers as writers_lib  # Before anything else imports CLU's writers (no-TF stand-in).
 from rflow_jax.utils import flops as flops_lib
@@ -82,6 +82,16 @@ class Setup:
   def step(self, state, batch):
     with self.step_context():
       return self.train_step(state, batch)
+
+  def compile_step(self, state):
+    """The step compiled ahead of time for `state` and batch_spec: an executable called as fn(state, batch).
+
+    The trainer compiles once, here, and calls the executable: the memory preflight reads the same compilation (a
+    later jitted call would compile again), and every process of a multi-process run can wait at a host barrier
+    after compiling, before the first collective (multihost.barrier says why).
+    """
+    with self.step_context():
+      return self.train_step.lower(state, self.batch_spec).compile()
 
   def data_iterator(self, start: int = 0):
     """This process's iterator of local batches, from global stream position `start` (examples already consumed by
@@ -168,11 +178,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                       async_save=config.ckpt.async_save)
     state, last_ckpt, position = _restore_or_init(setup, manager, workdir)
     data_iter = setup.data_iterator(start=position)  # Built after the restore; a global position: any process count.
-    preflight.check_train_step(setup, state)  # TPU/GPU: a step that cannot fit is refused before it runs.
+    step_fn = setup.compile_step(state)
+    preflight.check_train_step(setup, step_fn)  # TPU/GPU: a step that cannot fit is refused before it runs.
     _write_config(config, workdir)
     writer = writers_lib.make_writer(workdir, is_main_process=jax.process_index() == 0)
+    multihost.barrier("rflow_jax_first_step")  # Process 0's extra start-up work (writer, config) is not a skew.
     try:
-      results = _train_loop(setup, workdir, manager, data_iter, state, last_ckpt, writer, sigterm, evaluators)
+      results = _train_loop(setup, workdir, manager, data_iter, state, last_ckpt, writer, sigterm, evaluators,
+                            step_fn)
     finally:
       manager.wait_until_finished()  # An in-flight async save commits (or is cleanly abandoned) before we leave.
       writer.flush()
@@ -180,9 +193,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   return results
 
 
-def _train_loop(setup, workdir, manager, data_iter, state, last_ckpt, writer, sigterm, evaluators) -> dict:
-  """Steps until train.num_steps (or SIGTERM), with the periodic work of periodic.due; then the final preview and
-  evaluation."""
+def _train_loop(setup, workdir, manager, data_iter, state, last_ckpt, writer, sigterm, evaluators, step_fn) -> dict:
+  """Steps (step_fn: Setup.compile_step) until train.num_steps (or SIGTERM), with the periodic work of periodic.due;
+  then the final preview and evaluation."""
   config, task = setup.config, setup.task
   num_steps = config.train.num_steps
   report = writers_lib.progress_reporter(num_steps, writer)
@@ -195,10 +208,10 @@ def _train_loop(setup, workdir, manager, data_iter, state, last_ckpt, writer, si
   while step < num_steps:
     local = next(batches)
     prof.before(step + 1, state)
-    state, metrics = setup.step(state, setup.global_batch(local))
+    state, metrics = step_fn(state, setup.global_batch(local))
     step += 1
     pending.append(metrics)
-    stop = sigterm.should_stop(step)  # The same answer on every process at the same step.
+    stop = sigterm.should_stop(step)  # This process's flag (preemption.py: many processes).
     prof.after(step, (state, metrics), end=stop or step == num_steps)
     due = periodic.due(step, config.train, stopping=stop)
     if due.log:
