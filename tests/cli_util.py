@@ -36,13 +36,19 @@ def assert_one_line_error(rc, stderr, *needles):
     assert needle in errors[0], errors[0]
 
 
-def train_and_signal(workdir: str, sig, wait_for: str, timeout: float = 300) -> tuple[int, str]:
+def without_compile_cache(env=None) -> dict:
+  """A copy of `env` (default os.environ) without the suite's persistent compilation cache (conftest.py): JAX
+  compiles every program afresh."""
+  return {k: v for k, v in (os.environ if env is None else env).items() if k != "JAX_COMPILATION_CACHE_DIR"}
+
+
+def train_and_signal(workdir: str, sig, wait_for: str, timeout: float = 300, env=None) -> tuple[int, str]:
   """Starts a debug training run (100000 steps, no periodic checkpoint), sends `sig` once a line containing
-  `wait_for` appears in its output, and returns (exit code, whole output)."""
+  `wait_for` appears in its output, and returns (exit code, whole output). `env`: the subprocess's environment."""
   import time  # pylint: disable=g-import-not-at-top
   args = [sys.executable, "-m", "rflow_jax.main", "--config=configs/debug.py", f"--workdir={workdir}",
           "--config.train.num_steps=100000", "--config.train.checkpoint_every=100000", "--config.train.log_every=1000"]
-  proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
   deadline, head = time.time() + timeout, []
   while time.time() < deadline:
     line = proc.stdout.readline()
