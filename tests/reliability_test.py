@@ -61,7 +61,7 @@ def test_incomplete_checkpoint_dir_is_ignored_with_a_warning(tmp_path):
 def test_sigterm_checkpoints_and_exits_zero_then_resumes(tmp_path):
   workdir = str(tmp_path / "term")
   # Once training is under way (the first progress report), ask it to stop.
-  rc, out = cli_util.train_and_signal(workdir, signal.SIGTERM, "steps/s")
+  rc, out = cli_util.train_and_signal(workdir, signal.SIGTERM, "steps/s", log_every=5)
   assert rc == 0, out[-3000:]
   step = checkpoint.latest_step(workdir)
   assert step is not None and step > 0, out[-3000:]

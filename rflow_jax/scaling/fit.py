@@ -163,7 +163,7 @@ def main(argv=None) -> int:
     written = []
     if a.plots:
       from rflow_jax.scaling import plots  # pylint: disable=g-import-not-at-top  (matplotlib only for plots)
-      written = plots.write_all(rows, front, fit, a.plots, loss_column=a.loss_column, prefix=a.prefix)
+      written = plots.write_all(rows, front, fit, predict, a.plots, loss_column=a.loss_column, prefix=a.prefix)
     print(f"L(C) = {fit['E']:.4g} + {fit['A']:.4g}·C^(-{fit['alpha']:.4f}) on {fit['n']} {a.fit_on} points; "
           f"alpha 95% CI [{fit['alpha_ci'][0]:.4f}, {fit['alpha_ci'][1]:.4f}], R² {fit['r2']:.4f}")
     for r in front:

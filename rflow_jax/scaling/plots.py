@@ -48,14 +48,14 @@ def loss_curves(rows, path: str, loss_column: str = "val_loss") -> str:
   return _save(fig, path)
 
 
-def frontier_fit(rows, front, fit: dict, path: str, loss_column: str = "val_loss") -> str:
-  """All points (grey), the compute-optimal frontier (black) and the fitted L = E + A·C^(−alpha)."""
+def frontier_fit(rows, front, fit: dict, predict, path: str, loss_column: str = "val_loss") -> str:
+  """All points (grey), the compute-optimal frontier (black) and the fitted curve predict(fit, flops)."""
   fig, ax = plt.subplots(figsize=(6.4, 4.4))
   ax.plot([r["flops"] for r in rows], [r[loss_column] for r in rows], ".", color="0.7", label="all evaluations")
   ax.plot([r["flops"] for r in front], [r[loss_column] for r in front], "ko", ms=4, label="frontier")
   c = np.geomspace(min(r["flops"] for r in rows), max(r["flops"] for r in rows), 200)
   lo, hi = fit.get("alpha_ci", [fit["alpha"]] * 2)
-  ax.plot(c, fit["E"] + fit["A"] * np.asarray(c, float) ** -fit["alpha"], "r-",
+  ax.plot(c, predict(fit, c), "r-",
           label=f"{fit['E']:.3g} + {fit['A']:.3g}·C^-{fit['alpha']:.3f} (α 95% CI {lo:.3f}–{hi:.3f})")
   ax.set(xscale="log", yscale="log", xlabel="training FLOPs", ylabel=loss_column, title="Compute-optimal frontier")
   ax.grid(True, which="both", alpha=0.3)
@@ -78,10 +78,12 @@ def loss_vs_shapes(rows, path: str, loss_column: str = "val_loss") -> str | None
   return _save(fig, path)
 
 
-def write_all(rows, front, fit, out_dir: str, *, loss_column: str = "val_loss", prefix: str = "scaling") -> list[str]:
-  """Writes the three PNGs into out_dir (the third only with ShapesEval scores); returns their paths."""
+def write_all(rows, front, fit, predict, out_dir: str, *, loss_column: str = "val_loss",
+              prefix: str = "scaling") -> list[str]:
+  """Writes the three PNGs into out_dir (the third only with ShapesEval scores); returns their paths. `predict`:
+  fit.predict, passed in (the fit module imports this one for its CLI)."""
   os.makedirs(out_dir, exist_ok=True)
   paths = [loss_curves(rows, os.path.join(out_dir, f"{prefix}_loss_vs_flops.png"), loss_column),
-           frontier_fit(rows, front, fit, os.path.join(out_dir, f"{prefix}_frontier_fit.png"), loss_column),
+           frontier_fit(rows, front, fit, predict, os.path.join(out_dir, f"{prefix}_frontier_fit.png"), loss_column),
            loss_vs_shapes(rows, os.path.join(out_dir, f"{prefix}_val_loss_vs_shapes_eval.png"), loss_column)]
   return [p for p in paths if p]

@@ -7,6 +7,8 @@ for each key of a step the last line that has it is the one that counts.
 TensorFlow is optional (a GPU box may have only JAX): CLU's `metric_writers` package imports its TensorBoard writer,
 and that writer imports TensorFlow, when the package is imported. Without TensorFlow a stand-in takes that one
 module's place, here and only here, and the run writes no TensorBoard events; everything else is unchanged.
+RFLOW_JAX_TENSORBOARD=0 in the environment does the same with TensorFlow installed: importing it costs seconds of
+every process start (a restarted run, each CLI call), and metrics.jsonl holds the same scalars.
 """
 
 import importlib.util
@@ -22,8 +24,10 @@ import numpy as np
 _SUMMARY_WRITER_MODULE = "clu.metric_writers.summary_writer"
 # find_spec also answers None for a module blocked with sys.modules[name] = None.
 HAVE_TENSORFLOW = importlib.util.find_spec("tensorflow") is not None
+TENSORBOARD_OFF = os.environ.get("RFLOW_JAX_TENSORBOARD", "1") == "0"
+TENSORBOARD = HAVE_TENSORFLOW and not TENSORBOARD_OFF
 
-if not HAVE_TENSORFLOW and _SUMMARY_WRITER_MODULE not in sys.modules:
+if not TENSORBOARD and _SUMMARY_WRITER_MODULE not in sys.modules:
   _stand_in = types.ModuleType(_SUMMARY_WRITER_MODULE)
   _stand_in.SummaryWriter = None  # Never built: see make_writer.
   sys.modules[_SUMMARY_WRITER_MODULE] = _stand_in
@@ -32,7 +36,7 @@ if not HAVE_TENSORFLOW and _SUMMARY_WRITER_MODULE not in sys.modules:
 from clu import metric_writers
 from clu import periodic_actions
 
-if HAVE_TENSORFLOW:
+if TENSORBOARD:
   import tensorflow as tf
   tf.config.set_visible_devices([], "GPU")  # TensorFlow (only writing events) must never take accelerator memory.
 # pylint: enable=g-import-not-at-top,wrong-import-position
@@ -105,10 +109,11 @@ def make_writer(workdir: str, *, is_main_process: bool) -> metric_writers.Metric
   writers = [metric_writers.LoggingWriter()]
   if is_main_process:
     writers.append(JsonlWriter(os.path.join(workdir, METRICS_FILE)))
-    if HAVE_TENSORFLOW:
+    if TENSORBOARD:
       writers.append(metric_writers.SummaryWriter(workdir))
     else:
-      logging.warning("TensorFlow is not installed: no TensorBoard events (metrics.jsonl, PNGs and evals as usual)")
+      why = "RFLOW_JAX_TENSORBOARD=0" if TENSORBOARD_OFF else "TensorFlow is not installed"
+      logging.warning("%s: no TensorBoard events (metrics.jsonl, PNGs and evals as usual)", why)
   return metric_writers.AsyncMultiWriter(writers)  # One background thread: writes keep their order.
 
 
