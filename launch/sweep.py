@@ -323,7 +323,7 @@ def collect(runs, out: str) -> list[dict]:
             "learning_rate": c.optim.learning_rate, "global_batch_size": c.train.global_batch_size,
             "num_steps": c.train.num_steps}
     for step, metrics in sorted(_metrics_by_step(run.workdir).items()):
-      scores = {k: v for k, v in metrics.items() if k.startswith(("val_loss/", "shapes_eval/"))}
+      scores = {k: v for k, v in metrics.items() if k.startswith(("val_loss/", "shapes/"))}
       if not scores:
         continue
       if run.branch_of and step <= run.branch_step:

@@ -42,7 +42,8 @@ def assert_one_line_error(rc, stderr, *needles):
     assert needle in errors[0], errors[0]
 
 
-def train_and_signal(workdir: str, sig, wait_for: str, timeout: float = 300, log_every: int = 1000) -> tuple[int, str]:
+def train_and_signal(workdir: str, sig, wait_for: str, timeout: float = 300,
+                     log_every: int = 1000) -> tuple[int, str]:
   """Starts a debug training run (100000 steps, no periodic checkpoint, a progress line every `log_every` steps),
   sends `sig` once a line containing `wait_for` appears in its output, and returns (exit code, whole output)."""
   import time  # pylint: disable=g-import-not-at-top

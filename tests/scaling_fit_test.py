@@ -48,7 +48,7 @@ def test_cli_prints_json_last_and_writes_plots(tmp_path, capsys):
   path = tmp_path / "sweep.csv"
   with open(path, "w", newline="") as f:
     w = csv.writer(f)
-    w.writerow(["run", "params", "flops", "val_loss", "shapes_eval/overall"])
+    w.writerow(["run", "params", "flops", "val_loss", "shapes/overall"])
     for i, (ci, li) in enumerate(zip(c, l)):
       w.writerow([f"d{2 + i % 3}", 1e5 * (1 + i % 3), ci, li, 0.1 * (i % 3)])
   assert fit.main([f"--csv={path}", f"--plots={tmp_path}", "--bootstrap=10", "--fit_on=all"]) == 0

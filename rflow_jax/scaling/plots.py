@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-imp
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
-SHAPES_COLUMN = "shapes_eval/overall"
+SHAPES_COLUMN = "shapes/overall"  # The "shapes" evaluator's score as the trainer logs it: "<evaluator>/<score>".
 
 
 def _save(fig, path: str) -> str:
