@@ -48,7 +48,8 @@ def train_and_signal(workdir: str, sig, wait_for: str, timeout: float = 300,
   sends `sig` once a line containing `wait_for` appears in its output, and returns (exit code, whole output)."""
   import time  # pylint: disable=g-import-not-at-top
   args = [sys.executable, "-m", "rflow_jax.main", "--config=configs/debug.py", f"--workdir={workdir}",
-          "--config.train.num_steps=100000", "--config.train.checkpoint_every=100000", f"--config.train.log_every={log_every}"]
+          "--config.train.num_steps=100000", "--config.train.checkpoint_every=100000",
+          f"--config.train.log_every={log_every}"]
   proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
   deadline, head = time.time() + timeout, []
   while time.time() < deadline:
