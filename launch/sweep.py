@@ -157,12 +157,12 @@ def _make_run(module, arg, config_spec, sweep_dir, overrides, name=None) -> Run:
   for field, value in overrides.items():
     _set(config, field, value)
   config_lib.validate(config)
+  name = name or run_name(overrides)
   if "val_loss" in config.train.evaluators and not config.train.eval_at_end:
     # The in-loop evaluations skip the last step (the trainer's final evaluation covers it): without it a run
     # would never count as done and every re-run of the sweep would train it again.
-    raise ValueError(f"run {name or run_name(overrides)} evaluates val_loss but has train.eval_at_end=False: its "
-                     "final step would never be evaluated; set --set=train.eval_at_end=True")
-  name = name or run_name(overrides)
+    raise ValueError(f"run {name} evaluates val_loss but has train.eval_at_end=False: its final step would never be "
+                     "evaluated; set --set=train.eval_at_end=True")
   workdir = os.path.join(sweep_dir, name)
   command = [sys.executable, "-m", "rflow_jax.main", f"--config={config_spec}", f"--workdir={workdir}"]
   command += [_flag(f, v) for f, v in overrides.items()]

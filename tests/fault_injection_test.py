@@ -7,14 +7,15 @@ import subprocess
 
 import pytest
 
+import cli_util  # tests/cli_util.py (pytest puts tests/ on sys.path)
 from launch import fault_injection
 
 pytestmark = pytest.mark.slow
 
-# Every restart is a fresh process: no TensorBoard writer (TensorFlow's import is seconds of each start; the losses
-# compared are metrics.jsonl's), and no XLA optimisation passes (numerics need none; compiling is ~2x faster). The
-# reference run gets the same environment, hence the same programs.
-ENV = {**os.environ, "RFLOW_JAX_TENSORBOARD": "0", "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
+# Every restart is a fresh process, started with the CLI tests' environment: no TensorBoard writer (the losses
+# compared are metrics.jsonl's) and no XLA optimisation passes. The reference run gets the same environment, hence
+# the same programs.
+ENV = cli_util.ENV
 
 
 def test_six_sigkills_resume_bitwise(tmp_path):

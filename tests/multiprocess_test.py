@@ -23,6 +23,8 @@ import sys
 import numpy as np
 import pytest
 
+import cli_util  # tests/cli_util.py (on sys.path under pytest, and as this script's directory)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_PROCESSES, DEVICES_PER_PROCESS, NUM_STEPS = 2, 2, 4
 RTOL, ATOL = 1e-5, 1e-6
@@ -32,9 +34,8 @@ OVERRIDES = {"train.num_steps": NUM_STEPS, "train.log_every": 1, "train.checkpoi
 
 def _env(**extra):
   # Numerics need no XLA optimisation passes; compiling without them is ~2x faster on CPU.
-  # No TensorBoard writer: TensorFlow's import is seconds of each process start; losses come from metrics.jsonl.
-  return {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu", "JAX_DISABLE_MOST_OPTIMIZATIONS": "1",
-          "RFLOW_JAX_TENSORBOARD": "0", **extra}
+  # The CLI tests' environment (no TensorBoard writer: losses come from metrics.jsonl; no XLA optimisation passes).
+  return {**cli_util.ENV, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu", **extra}
 
 
 @functools.cache
