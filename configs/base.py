@@ -150,6 +150,10 @@ def get_config():
   c.train.eval_every = 0
   # Fault injection (rflow_jax/train/hooks.py): feed a batch of NaN images at this step (tests the guard); -1 = off.
   c.train.poison_step = -1
+  # Fault injection (hooks.py): process train.signal_process sends itself SIGTERM as it draws the batch of step
+  # train.signal_step, then pauses 2 s (a preemption notice reaching one host only); -1 = off.
+  c.train.signal_step = -1
+  c.train.signal_process = 0
   # Peak dense bf16 TFLOP/s of one device, for the MFU logged with the step rate (0 = do not log MFU). E.g. TPU v5p
   # 459, v6e 918, v5e 197, H100 SXM 989 (dense, no sparsity). Achieved TFLOP/s come from rflow_jax/utils/flops.py.
   c.train.peak_tflops_per_device = 0.0

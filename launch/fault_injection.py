@@ -93,9 +93,9 @@ def run_with_kills(workdir, *, steps, kills, seed, timeout=600.0, extra=(), log=
   commits one new checkpoint; then a plain kill lands a random 0-2 steps later plus a random 0-0.3 s, and every
   third kill lands as soon as the next checkpoint is being written (an Orbax temporary directory exists).
 
-  With processes > 1 a kill alternates between the whole job (the launcher and every worker at once: a pod losing
-  its slice) and worker 1 alone (one host dies; the launcher then stops the survivors, which may be blocked in a
-  collective or a checkpoint barrier with the dead peer).
+  With processes > 1 a kill alternates between worker 1 alone (one host dies; the launcher then stops the survivors,
+  which may be blocked in a collective or a checkpoint barrier with the dead peer) and the whole job (the launcher
+  and every worker at once: a pod losing its slice).
   """
   rng = random.Random(seed)
   stats = {"kills": 0, "kills_during_commit": 0, "restarts": 0, "resumed_from": [], "steps_lost": [],
@@ -119,7 +119,7 @@ def run_with_kills(workdir, *, steps, kills, seed, timeout=600.0, extra=(), log=
       if proc.poll() is None:
         saving = _saving(workdir)
         workers = _children(proc.pid)
-        if processes > 1 and stats["kills"] % 2 == 1 and len(workers) > 1:
+        if processes > 1 and stats["kills"] % 2 == 0 and len(workers) > 1:
           os.kill(workers[1], signal.SIGKILL)
           stats["single_worker_kills"] += 1
         else:

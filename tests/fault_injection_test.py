@@ -3,6 +3,7 @@ uninterrupted one, with the same logged losses. The long soak is `python launch/
 
 import glob
 import os
+import re
 import subprocess
 
 import pytest
@@ -37,18 +38,30 @@ def test_six_sigkills_resume_bitwise(tmp_path):
   assert not glob.glob(os.path.join(killed, "events.out.tfevents.*"))  # RFLOW_JAX_TENSORBOARD=0 was obeyed.
 
 
-def test_two_process_run_survives_job_and_worker_kills_bitwise(tmp_path):
-  """The multi-host path: 2 processes × 2 fake devices (data=2 over processes, fsdp=2 within). Kills alternate
-  between the whole job and one worker; restarts resume from the multi-process checkpoint (each process's data
-  iterator included) and end bitwise equal to an uninterrupted 2-process run."""
+def test_two_process_run_agrees_on_a_one_host_sigterm_and_survives_kills_bitwise(tmp_path):
+  """The multi-host path: 2 processes × 2 fake devices (data=2 over processes, fsdp=2 within).
+
+  First a SIGTERM reaches worker 1 only (train.signal_step: a preemption notice for one host): both processes agree
+  on the step, save it and exit 0. Then worker 1 is SIGKILLed (one host dies). The restarts resume from the
+  multi-process checkpoints (each process's data iterator included) and end bitwise equal to an uninterrupted
+  2-process run."""
   reference, killed = str(tmp_path / "reference"), str(tmp_path / "killed")
-  steps, env = 8, ENV
+  steps, signal_step = 8, 3
   subprocess.run(fault_injection._argv(reference, steps, (), processes=2), cwd=fault_injection.ROOT, check=True,  # pylint: disable=protected-access
-                 stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=env, timeout=600)
-  stats = fault_injection.run_with_kills(killed, steps=steps, kills=2, seed=1, processes=2, env=env)
+                 stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=ENV, timeout=600)
+  signalled = subprocess.run(
+      fault_injection._argv(killed, steps, (f"--config.train.signal_step={signal_step}",  # pylint: disable=protected-access
+                                            "--config.train.signal_process=1"), processes=2),
+      cwd=fault_injection.ROOT, capture_output=True, text=True, env=ENV, timeout=600, check=False)
+  assert signalled.returncode == 0, signalled.stdout[-5000:]
+  stopped = dict(re.findall(r"\[p(\d)\].*checkpoint of step (\d+) committed in .*; exiting", signalled.stdout))
+  assert set(stopped) == {"0", "1"} and stopped["0"] == stopped["1"], signalled.stdout[-5000:]
+  stop_step = int(stopped["0"])
+  assert signal_step <= stop_step < steps and fault_injection._latest_step(killed) == stop_step  # pylint: disable=protected-access
+  stats = fault_injection.run_with_kills(killed, steps=steps, kills=1, seed=1, processes=2, env=ENV)
   result = fault_injection.compare(killed, reference)
-  print(stats, result)
-  assert stats["kills"] == 2 and stats["single_worker_kills"] == 1, stats
-  assert stats["resumed_from"][0] == 0 and stats["resumed_from"][-1] >= 4, stats
+  print(stop_step, stats, result)
+  assert stats["kills"] == 1 and stats["single_worker_kills"] == 1, stats
+  assert stats["resumed_from"][0] == stop_step and stats["resumed_from"][-1] > stop_step, stats
   assert result == {"params_bitwise_equal": True, "ema_params_bitwise_equal": True, "losses_equal": True}
   assert sorted(fault_injection.final_losses(killed)) == list(range(1, steps + 1))

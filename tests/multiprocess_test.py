@@ -1,15 +1,19 @@
-"""A real 2-process run (jax.distributed + gloo on localhost) equals a 1-process run; its checkpoint moves meshes.
+"""A real 2-process run (jax.distributed + gloo on localhost) equals a 1-process run; checkpoints move between
+process counts and meshes (elastic resume).
 
-`launch/local_multiprocess.py` starts 2 processes × 2 fake CPU devices of `python -m rflow_jax.main` on
-configs/debug.py. The mesh is data=2 across the processes (sharding.dcn_mesh_shape, one "slice" per process) ×
-fsdp=2 within each. Then `python tests/multiprocess_test.py WORKDIR OUT.json` (one process, 4 devices, fsdp=4)
-trains the same config from scratch, restores the 2-process checkpoint on its own mesh and on one device, and
-reports. Checked:
-
-  * the per-step losses (from process 0's metrics.jsonl) and the final params equal the 1-process run's
-    (rtol 1e-5, atol 1e-6: float32, reductions reorder across meshes and processes);
+The run, in three starts on configs/debug.py:
+  1. one process with 4 fake CPU devices (fsdp=4) trains steps 1-2 and checkpoints step 2;
+  2. `launch/local_multiprocess.py` resumes it on 2 processes × 2 fake devices (1 -> 2 processes): the mesh is data=2
+     across the processes (sharding.dcn_mesh_shape, one "slice" per process) × fsdp=2 within each; steps 3-4, a
+     checkpoint after each;
+  3. `python tests/multiprocess_test.py WORKDIR OUT.json` (one process, 4 devices, fsdp=4) trains the same config
+     from scratch (the uninterrupted reference), resumes the 2-process checkpoint of step 3 on its own mesh
+     (2 -> 1 processes) to step 4, and restores the 2-process checkpoint of step 4 on its mesh and on one device.
+Checked:
+  * the per-step losses (metrics.jsonl) and the final params equal the uninterrupted 1-process run's, and so do the
+    params of the 2 -> 1 resume (rtol 1e-5, atol 1e-6: float32, reductions reorder across meshes and processes);
   * the examples the two processes trained on (train.record_seen_indices) have no duplicates and no gaps: together
-    they are exactly the 1-process stream, step by step;
+    they are exactly the uninterrupted stream's steps 3-4, row by row; the 2 -> 1 resume trains on step 4's examples;
   * the checkpoint restores on a 1-process fsdp=4 mesh and on a single device, bit-identical on both.
 """
 
@@ -17,6 +21,7 @@ import functools
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -27,9 +32,11 @@ import cli_util  # tests/cli_util.py (on sys.path under pytest, and as this scri
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_PROCESSES, DEVICES_PER_PROCESS, NUM_STEPS = 2, 2, 4
+ONE_PROCESS_STEPS = 2  # Start 1 (one process) trains these; the 2-process start resumes after them.
 RTOL, ATOL = 1e-5, 1e-6
-OVERRIDES = {"train.num_steps": NUM_STEPS, "train.log_every": 1, "train.checkpoint_every": NUM_STEPS,
+OVERRIDES = {"train.num_steps": NUM_STEPS, "train.log_every": 1, "train.checkpoint_every": 1,
              "train.record_seen_indices": True}
+ONE_PROCESS_MESH = {"sharding.mesh_shape": (1, -1, 1), "sharding.dcn_mesh_shape": (1, 1, 1)}  # fsdp=4.
 
 
 def _env(**extra):
@@ -54,18 +61,37 @@ def _logged_losses(workdir):
   return [losses[s] for s in sorted(losses)]
 
 
+def _flags(overrides):
+  return [f"--config.{k}={v}".replace(" ", "") for k, v in overrides.items()]
+
+
+def _elastic_resume(config, workdir, step):
+  """2 -> 1 processes: the 2-process checkpoint of `step` (alone, in a fresh workdir) resumed on this process's mesh
+  to the end; returns (its final params, the example indices it trained on)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from rflow_jax.train import checkpoint, trainer  # pylint: disable=g-import-not-at-top
+  elastic = workdir + "_elastic"
+  shutil.copytree(os.path.join(workdir, "checkpoints", str(step)), os.path.join(elastic, "checkpoints", str(step)))
+  shutil.copy(os.path.join(workdir, "config.json"), elastic)
+  trainer.train_and_evaluate(config, elastic)
+  params, _, final = checkpoint.restore_params(elastic, use_ema=False)
+  assert final == NUM_STEPS, final
+  with open(os.path.join(elastic, "seen_indices_p0.json")) as f:
+    return jax.device_get(params), json.load(f)
+
+
 def _worker(workdir, out_path):
-  """The 1-process side (4 devices): reference run, events, checkpoint restore on two other meshes."""
+  """The 1-process side (4 devices): reference run, 2 -> 1 resume, checkpoint restore on two other meshes."""
   import jax  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from configs import debug  # pylint: disable=g-import-not-at-top
   from rflow_jax.train import checkpoint, trainer  # pylint: disable=g-import-not-at-top
   assert jax.device_count() == NUM_PROCESSES * DEVICES_PER_PROCESS and jax.process_count() == 1
   config = debug.get_config()
-  for key, value in OVERRIDES.items():
+  for key, value in {**OVERRIDES, **ONE_PROCESS_MESH}.items():
     section, leaf = key.split(".")
     config[section][leaf] = value
-  config.sharding.mesh_shape = (1, -1, 1)  # fsdp=4 over this process's 4 devices.
+  elastic_params, elastic_seen = _elastic_resume(config.copy_and_resolve_references(), workdir, NUM_STEPS - 1)
   setup = trainer.Setup(config)
   state = setup.init_state()
   data = setup.data_iterator()
@@ -100,6 +126,9 @@ def _worker(workdir, out_path):
                for p in range(NUM_PROCESSES)},
       "params_allclose": all(np.allclose(a, b, rtol=RTOL, atol=ATOL)
                              for a, b in zip(leaves(ref_params), leaves(host_params))),
+      "elastic_params_allclose": all(np.allclose(a, b, rtol=RTOL, atol=ATOL)
+                                     for a, b in zip(leaves(ref_params), leaves(elastic_params))),
+      "elastic_seen": elastic_seen,
       "max_abs_param_diff": max(float(np.max(np.abs(a - b)))
                                 for a, b in zip(leaves(ref_params), leaves(host_params))),
       "num_param_leaves": len(leaves(host_params)),
@@ -115,9 +144,14 @@ def _worker(workdir, out_path):
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("mp") / "run")
-  args = ["--config=configs/debug.py", f"--workdir={workdir}", "--config.sharding.mesh_shape=(1,-1,1)",
-          f"--config.sharding.dcn_mesh_shape=({NUM_PROCESSES},1,1)"]
-  args += [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
+  all_devices = f"--xla_force_host_platform_device_count={NUM_PROCESSES * DEVICES_PER_PROCESS}"
+  args = ["--config=configs/debug.py", f"--workdir={workdir}", *_flags(OVERRIDES)]
+  start = subprocess.run(  # Start 1: one process, 4 devices, steps 1-2.
+      [sys.executable, "-m", "rflow_jax.main", *args, *_flags(ONE_PROCESS_MESH),
+       f"--config.train.num_steps={ONE_PROCESS_STEPS}"],
+      cwd=ROOT, env=_env(XLA_FLAGS=all_devices), capture_output=True, text=True, timeout=600, check=False)
+  assert start.returncode == 0, start.stderr[-5000:]
+  args += ["--config.sharding.mesh_shape=(1,-1,1)", f"--config.sharding.dcn_mesh_shape=({NUM_PROCESSES},1,1)"]
   launch = subprocess.run(
       [sys.executable, os.path.join(ROOT, "launch", "local_multiprocess.py"), f"--num_processes={NUM_PROCESSES}",
        f"--devices_per_process={DEVICES_PER_PROCESS}", "--timeout=540", "--", *args],
@@ -126,7 +160,7 @@ def report(tmp_path_factory):
   out = os.path.join(os.path.dirname(workdir), "report.json")
   worker = subprocess.run(
       [sys.executable, os.path.abspath(__file__), workdir, out], cwd=ROOT, capture_output=True, text=True,
-      env=_env(XLA_FLAGS=f"--xla_force_host_platform_device_count={NUM_PROCESSES * DEVICES_PER_PROCESS}"),
+      env=_env(XLA_FLAGS=all_devices),
       timeout=600, check=False)
   assert worker.returncode == 0, worker.stderr[-5000:]
   with open(out) as f:
@@ -136,6 +170,7 @@ def report(tmp_path_factory):
 @pytest.mark.slow
 def test_two_processes_train_exactly_like_one(report):
   assert "Connecting to JAX distributed service" in report["launcher_output"]
+  assert f"Resumed from step {ONE_PROCESS_STEPS}" in report["launcher_output"]  # 1 -> 2 processes.
   assert len(report["mp_losses"]) == NUM_STEPS
   np.testing.assert_allclose(report["mp_losses"], report["ref_losses"], rtol=RTOL, atol=ATOL)
   assert report["params_allclose"], report["max_abs_param_diff"]
@@ -144,13 +179,21 @@ def test_two_processes_train_exactly_like_one(report):
 
 @pytest.mark.slow
 def test_processes_see_disjoint_halves_of_the_one_process_stream(report):
-  seen, ref = report["seen"], report["ref_indices"]
+  seen, ref = report["seen"], report["ref_indices"][ONE_PROCESS_STEPS:]  # The 2-process start's steps.
   union = seen["0"] + seen["1"]
-  assert len(union) == len(set(union)) == NUM_STEPS * 4  # No duplicates, the full global batch every step.
+  assert len(union) == len(set(union)) == len(ref) * 4  # No duplicates, the full global batch every step.
   assert sorted(union) == sorted(i for batch in ref for i in batch)  # No gaps: exactly the 1-process examples.
   half = len(ref[0]) // NUM_PROCESSES
   for k, batch in enumerate(ref):  # Row r of the global batch is the same example for 1 or 2 processes.
     assert seen["0"][k * half:(k + 1) * half] + seen["1"][k * half:(k + 1) * half] == batch
+
+
+@pytest.mark.slow
+def test_two_process_checkpoint_resumes_on_one_process(report):
+  """Elastic resume 2 -> 1: the same examples as the uninterrupted stream, and its params (the 1 -> 2 direction is
+  the 2-process start itself: test_two_processes_train_exactly_like_one)."""
+  assert report["elastic_seen"] == report["ref_indices"][NUM_STEPS - 1]
+  assert report["elastic_params_allclose"]
 
 
 @pytest.mark.slow

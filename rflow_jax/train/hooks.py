@@ -4,10 +4,14 @@ The trainer checkpoints the iterator these wrap (the data position is its), and 
   * SeenIndices (train.record_seen_indices): WORKDIR/seen_indices_p{i}.json lists the `index` of every example this
     process trained on (tests check the sharding: no duplicates, no gaps).
   * PoisonAt (train.poison_step): the batch of that step is all-NaN images, to exercise the non-finite guard.
+  * SignalAt (train.signal_step, train.signal_process): one process sends itself SIGTERM before a step, as when a
+    preemption notice reaches one host of many (the stop must still be agreed: train/preemption.py).
 """
 
 import json
 import os
+import signal
+import time
 
 import numpy as np
 
@@ -54,10 +58,34 @@ class PoisonAt(_Wrapper):
     return batch
 
 
+class SignalAt(_Wrapper):
+  """SIGTERM to this process as it draws the batch of step `signal_step` (1-based), then a pause of `pause_s`.
+
+  The pause stands for a slow step: JAX's preemption notifier polls for the signal once a second, and the debug
+  config's steps take milliseconds, so without it a short test run could end before the notice is heard.
+  """
+
+  def __init__(self, inner, signal_step: int, step: int, pause_s: float = 2.0):
+    super().__init__(inner)
+    self.signal_step = signal_step
+    self.step = step
+    self.pause_s = pause_s
+
+  def __next__(self):
+    batch = next(self.inner)
+    self.step += 1
+    if self.step == self.signal_step:
+      os.kill(os.getpid(), signal.SIGTERM)
+      time.sleep(self.pause_s)
+    return batch
+
+
 def wrap(data_iter, train_config, *, workdir: str, process_index: int, step: int):
   """The data iterator with the hooks config.train asks for (none by default)."""
   if train_config.record_seen_indices:
     data_iter = SeenIndices(data_iter, os.path.join(workdir, f"seen_indices_p{process_index}.json"))
   if train_config.poison_step > 0:
     data_iter = PoisonAt(data_iter, train_config.poison_step, step)
+  if train_config.signal_step > 0 and train_config.signal_process == process_index:
+    data_iter = SignalAt(data_iter, train_config.signal_step, step)
   return data_iter

@@ -21,7 +21,7 @@ from rflow_jax.train import checkpoint
 # Fields (or whole sections, as "section.") a resume may change.
 RESUMABLE = (
     "train.num_steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.sample_every",
-    "train.eval_every", "train.eval_at_end", "train.nonfinite", "train.poison_step", "train.peak_tflops_per_device",
+    "train.eval_every", "train.eval_at_end", "train.nonfinite", "train.poison_step", "train.signal_step", "train.signal_process", "train.peak_tflops_per_device",
     "train.record_seen_indices", "train.init_from", "train.init_grow_depth", "train.evaluators", "train.profile_steps",
     "train.microbatches", "eval.",
     "sample.", "sharding.", "ckpt.", "runtime.", "data.worker_count",
