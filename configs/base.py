@@ -137,7 +137,7 @@ def get_config():
   c.train.init_from = ""
   # With init_from: the source may have fewer joint blocks. Its blocks are spread over this model's depth and the
   # added ones start as identity (adaLN-zero gates 0), so step 0 computes exactly the source's function (needs
-  # model.scan_blocks=False in both runs; mmdit.grown_block_positions says which block goes where).
+  # model.scan_blocks=False in both runs; mmdit_tree.grown_block_positions says which block goes where).
   c.train.init_grow_depth = False
   c.train.sample_every = 0  # Write a sample grid (TensorBoard + PNG) every N steps; 0 = only at the end.
   c.train.nonfinite = "halt"  # Loss/grad norm not finite: "halt" stops the run, "skip" drops the update and goes on.

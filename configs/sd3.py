@@ -3,7 +3,7 @@
   python launch/aot_compile.py --config=configs/sd3.py:d38 --mesh=data=1,fsdp=64,tensor=1 --device_memory_gb=80
   python launch/aot_compile.py --config=configs/sd3.py:sd3.5-medium --mesh=fsdp=64 --device_memory_gb=80
 
-The arg is a variant of rflow_jax.model.mmdit.VARIANTS: the scaling family d15 … d38 (width 64·d, d heads of 64,
+The arg is a variant of rflow_jax.model.variants.VARIANTS: the scaling family d15 … d38 (width 64·d, d heads of 64,
 MLP 4·width; d2 … d14 exist for tests) or a released transformer: "sd3-medium" (d24, no qk-norm),
 "sd3.5-medium" (d24, qk-norm, dual attention in blocks 0-12, 384² positional table), "sd3.5-large" (d38, qk-norm).
 An optional "@512" or "@1024" trains at that resolution instead (64² / 128² latents, the centre 32² / 64² patch
@@ -42,7 +42,7 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # `configs` importable from any cwd.
 from configs import base  # pylint: disable=g-import-not-at-top,wrong-import-position
-from rflow_jax.model import mmdit  # pylint: disable=g-import-not-at-top,wrong-import-position
+from rflow_jax.model import variants  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 PAPER_DEPTHS = (15, 18, 21, 24, 30, 38)  # The scaling study's model sizes.
 POD_MIN_DEPTH = 15  # dN with N >= 15 and the released presets get POD_DEFAULTS; smaller ones are for tests.
@@ -67,7 +67,7 @@ def get_config(arg: str | None = None):
   if resolution not in RESOLUTIONS:
     raise ValueError(f"resolution {res!r} in {arg!r}; valid: {sorted(RESOLUTIONS)}")
   c = base.get_config()
-  c.model.update(mmdit.variant(name))  # depth, hidden_size, num_heads (+ the presets' table size, qk-norm, dual).
+  c.model.update(variants.variant(name))  # depth, hidden_size, num_heads (+ the presets' table size, qk-norm, dual).
   if name.startswith("d"):
     c.model.pos_embed_max_size = 192  # SD3's table (center-cropped), so 512²/1024² finetunes load this checkpoint.
     c.model.qk_norm = "rms_norm"
@@ -103,4 +103,4 @@ def get_config(arg: str | None = None):
 def sweep(add):
   """The scaling study: every paper depth at the same recipe."""
   for d in PAPER_DEPTHS:
-    add(**{f"model.{k}": v for k, v in mmdit.variant(f"d{d}").items()})
+    add(**{f"model.{k}": v for k, v in variants.variant(f"d{d}").items()})

@@ -66,7 +66,7 @@ import numpy as np
 
 from rflow_jax import cli
 from rflow_jax import config_lib
-from rflow_jax.model import mmdit, registry, text_encoders
+from rflow_jax.model import mmdit, registry, text_encoders, variants
 from rflow_jax.sharding import mesh as mesh_lib, partition
 from rflow_jax.train import preflight, trainer
 
@@ -88,7 +88,7 @@ def params_with_sd3_text_dims(config) -> int:
     return 0
   kwargs = registry.model_kwargs(config)
   s, length = config.data.image_size, text_encoders.dims(config.text)[1]
-  return mmdit.count_params(mmdit.MMDiT(**kwargs), (1, s, s, config.model.in_channels), (1, length, 4096), (1, 2048))
+  return variants.count_params(mmdit.MMDiT(**kwargs), (1, s, s, config.model.in_channels), (1, length, 4096), (1, 2048))
 
 
 def compile_report(config) -> dict:

@@ -8,8 +8,8 @@ import jax
 import pytest
 
 from rflow_jax import config_lib
-from rflow_jax.model import mmdit
 from rflow_jax.model import registry
+from rflow_jax.model import variants
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Families whose get_config takes no argument; they are built here.
@@ -37,7 +37,7 @@ def test_config_validates_and_builds_abstractly(name):
 
 def _param_count(config):
   x, _, context, pooled = registry.dummy_inputs(config)
-  return mmdit.count_params(registry.build_model(config), x.shape, context.shape, pooled.shape)
+  return variants.count_params(registry.build_model(config), x.shape, context.shape, pooled.shape)
 
 
 def test_shapes_variants_validate_and_unknown_variants_fail():

@@ -14,15 +14,16 @@ import pytest
 from scipy import ndimage
 
 from rflow_jax.data import shapes
+from rflow_jax.data import shapes_scenes
 
 _N_SCENES = 500
 _REPO = pathlib.Path(__file__).resolve().parents[1]
-_COLOR = "(" + "|".join(shapes.PALETTE) + ")"
-_SHAPE = "(" + "|".join(shapes.SHAPES) + ")"
+_COLOR = "(" + "|".join(shapes_scenes.PALETTE) + ")"
+_SHAPE = "(" + "|".join(shapes_scenes.SHAPES) + ")"
 _SENTENCE_RE = {
     "single": re.compile(rf"a {_COLOR} {_SHAPE}"),
     "position": re.compile(
-        rf"a {_COLOR} {_SHAPE} ({'|'.join(shapes.RELATIONS)}) "
+        rf"a {_COLOR} {_SHAPE} ({'|'.join(shapes_scenes.RELATIONS)}) "
         rf"a {_COLOR} {_SHAPE}"),
     "counting": re.compile(rf"(two|three) {_COLOR} {_SHAPE}s"),
 }
@@ -37,11 +38,11 @@ _TAG_RE = {
 
 def _object_mask(obj, size):
   """Boolean mask of one object, drawn alone."""
-  return shapes.render(shapes.Scene("single", (obj,)), size).any(axis=-1)
+  return shapes.render(shapes_scenes.Scene("single", (obj,)), size).any(axis=-1)
 
 
 def _scenes(size=32, seed=0, n=_N_SCENES):
-  return [shapes.make_scene(seed, i, size) for i in range(n)]
+  return [shapes_scenes.make_scene(seed, i, size) for i in range(n)]
 
 
 def _records_digest(seed, n):
@@ -107,7 +108,7 @@ def test_record_format():
 def test_every_scene_rule_holds(size):
   n = _N_SCENES if size == 32 else 100
   lo, hi = size // 4, 3 * size // 8
-  palette = {tuple(c) for c in shapes.PALETTE.values()}
+  palette = {tuple(c) for c in shapes_scenes.PALETTE.values()}
   for scene in _scenes(size, seed=1, n=n):
     image = shapes.render(scene, size)
     # Exact palette colours on a black background, nothing else.
@@ -122,7 +123,7 @@ def test_every_scene_rule_holds(size):
       assert ys.max() - ys.min() + 1 == obj.size
       assert xs.max() - xs.min() + 1 == obj.size
       np.testing.assert_allclose([xs.mean(), ys.mean()], [obj.cx, obj.cy])
-      assert np.all(image[mask] == shapes.PALETTE[obj.color])
+      assert np.all(image[mask] == shapes_scenes.PALETTE[obj.color])
       masks.append(mask)
     # >= 2 background pixels between objects, diagonals included.
     for i, a in enumerate(masks):
@@ -156,11 +157,11 @@ def _check_kind_rules(scene, size):
 def test_kinds_relations_and_styles_are_balanced():
   scenes = _scenes(seed=2)
   kinds = collections.Counter(s.kind for s in scenes)
-  assert set(kinds) == set(shapes.KINDS)
-  assert all(0.27 < kinds[k] / len(scenes) < 0.40 for k in shapes.KINDS)
+  assert set(kinds) == set(shapes_scenes.KINDS)
+  assert all(0.27 < kinds[k] / len(scenes) < 0.40 for k in shapes_scenes.KINDS)
   relations = collections.Counter(
       s.relation for s in scenes if s.kind == "position")
-  assert set(relations) == set(shapes.RELATIONS)
+  assert set(relations) == set(shapes_scenes.RELATIONS)
   counts = collections.Counter(
       len(s.objects) for s in scenes if s.kind == "counting")
   assert set(counts) == {2, 3}
@@ -174,7 +175,7 @@ def test_mixed_source_uses_both_grammars():
   n_tag = 0
   for i in range(200):
     rec = src[i]
-    kind = shapes.KINDS[rec["kind"]]
+    kind = shapes_scenes.KINDS[rec["kind"]]
     is_sentence = _SENTENCE_RE[kind].fullmatch(rec["caption"])
     is_tag = _TAG_RE[kind].fullmatch(rec["caption"])
     assert bool(is_sentence) != bool(is_tag), rec["caption"]
@@ -202,13 +203,13 @@ def test_captions_describe_the_scene():
 
 
 def test_caption_examples():
-  red = shapes.Obj("red", "circle", 8, 5.5, 5.5)
-  blue = shapes.Obj("blue", "square", 8, 20.5, 5.5)
-  position = shapes.Scene("position", (red, blue), "to the left of")
+  red = shapes_scenes.Obj("red", "circle", 8, 5.5, 5.5)
+  blue = shapes_scenes.Obj("blue", "square", 8, 20.5, 5.5)
+  position = shapes_scenes.Scene("position", (red, blue), "to the left of")
   assert shapes.caption(position, "sentence") == (
       "a red circle to the left of a blue square")
   assert shapes.caption(position, "tag") == "red circle, left of, blue square"
-  counting = shapes.Scene("counting", (red, red, red))
+  counting = shapes_scenes.Scene("counting", (red, red, red))
   assert shapes.caption(counting, "sentence") == "three red circles"
   assert shapes.caption(counting, "tag") == "three, red circles"
   with pytest.raises(ValueError, match="'poem'"):
@@ -217,9 +218,9 @@ def test_caption_examples():
 
 def test_forced_kind():
   for i in range(20):
-    assert shapes.make_scene(0, i, kind="counting").kind == "counting"
+    assert shapes_scenes.make_scene(0, i, kind="counting").kind == "counting"
   with pytest.raises(ValueError, match="'pairs'"):
-    shapes.make_scene(0, 0, kind="pairs")
+    shapes_scenes.make_scene(0, 0, kind="pairs")
 
 
 @pytest.mark.parametrize("size", [16, 40, 33, 0, -32, 31])
@@ -227,14 +228,14 @@ def test_bad_size_rejected(size):
   with pytest.raises(ValueError, match=re.escape(repr(size))):
     shapes.ShapesSource(size=size)
   with pytest.raises(ValueError, match=re.escape(repr(size))):
-    shapes.make_scene(0, 0, size)
+    shapes_scenes.make_scene(0, 0, size)
 
 
 def test_bad_source_arguments_rejected():
   with pytest.raises(ValueError, match="'fancy'"):
     shapes.ShapesSource(caption_style="fancy")
   with pytest.raises(ValueError, match="-1"):
-    shapes.make_scene(-1, 0)
+    shapes_scenes.make_scene(-1, 0)
 
 
 def test_eval_prompts_are_deterministic_sentences_per_kind():
@@ -242,11 +243,11 @@ def test_eval_prompts_are_deterministic_sentences_per_kind():
   assert prompts == shapes.eval_prompts(20, seed=0)
   assert prompts != shapes.eval_prompts(20, seed=1)
   assert len(prompts) == 60
-  for k, kind in enumerate(shapes.KINDS):
+  for k, kind in enumerate(shapes_scenes.KINDS):
     for p in prompts[20 * k:20 * (k + 1)]:
       assert _SENTENCE_RE[kind].fullmatch(p), p
   # A stream of its own: not the training records' captions.
-  train = [shapes.caption(shapes.make_scene(0, j, kind="position"), "sentence")
+  train = [shapes.caption(shapes_scenes.make_scene(0, j, kind="position"), "sentence")
            for j in range(20)]
   assert prompts[20:40] != train
 

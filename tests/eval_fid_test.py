@@ -5,6 +5,7 @@ import pytest
 from scipy import ndimage
 
 from rflow_jax.data import shapes
+from rflow_jax.data import shapes_scenes
 from rflow_jax.eval import fid
 
 
@@ -136,7 +137,7 @@ def test_reference_stats_are_deterministic_and_come_from_real_scenes():
   np.testing.assert_array_equal(a.sigma, b.sigma)
   assert a.n == 30 and a.mu.shape == (fid.WIDTHS[-1],) and a.sigma.shape == (fid.WIDTHS[-1],) * 2
   # Kinds interleaved: the first three images are one scene of each kind, rendered as the dataset renders them.
-  scenes = shapes.eval_scenes(10, seed=5, size=32)
+  scenes = shapes_scenes.eval_scenes(10, seed=5, size=32)
   images = fid.real_images(30, seed=5, size=32)
   for k in range(3):
     np.testing.assert_array_equal(images[k], shapes.render(scenes[k * 10], 32))

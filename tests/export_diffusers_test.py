@@ -21,6 +21,7 @@ from rflow_jax.export import diffusers as export_diffusers
 from rflow_jax.export import diffusers_io
 from rflow_jax.export import original as export_original
 from rflow_jax.model import mmdit
+from rflow_jax.model import mmdit_tree
 
 # name -> (diffusers config, latent (H, W)).
 CONFIGS = {
@@ -324,7 +325,7 @@ def test_scanned_model_converts_to_the_same_weights():
   params = export_diffusers.params_from_diffusers(sd, scanned)
   assert "blocks_0_1" in params and "blocks_0" not in params
   jax.tree.map(np.testing.assert_array_equal,
-               mmdit.unstack_blocks(params, scanned),
+               mmdit_tree.unstack_blocks(params, scanned),
                export_diffusers.params_from_diffusers(sd, model))
   back = export_diffusers.params_to_diffusers(params, scanned)
   assert set(back) == set(sd)

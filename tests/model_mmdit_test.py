@@ -16,6 +16,8 @@ from diffusers.models import embeddings as d_embeddings
 
 from rflow_jax.model import embeddings
 from rflow_jax.model import mmdit
+from rflow_jax.model import mmdit_tree
+from rflow_jax.model import variants
 
 VOCAB = {"embed", "mlp", "heads", "kv", "modulation", "patch", "cond", "pos",
          None}
@@ -187,12 +189,12 @@ def test_bf16_forward_close_to_fp32(tiny):
 
 
 def test_variants():
-  assert mmdit.variant("d24") == dict(depth=24, hidden_size=1536,
-                                      num_heads=24)
-  assert mmdit.variant("sd3.5-medium")["dual_attention_layers"] == tuple(
+  assert variants.variant("d24") == dict(depth=24, hidden_size=1536,
+                                         num_heads=24)
+  assert variants.variant("sd3.5-medium")["dual_attention_layers"] == tuple(
       range(13))
   with pytest.raises(ValueError, match="d99"):
-    mmdit.variant("d99")
+    variants.variant("d99")
 
 
 @pytest.mark.parametrize("name,expected,with_pos", [
@@ -201,34 +203,34 @@ def test_variants():
     ("sd3.5-medium", 2.47e9, True),
 ])
 def test_param_counts(name, expected, with_pos):
-  model = mmdit.MMDiT(**mmdit.variant(name))
-  n = mmdit.count_params(model, (1, 128, 128, 16), (1, 154, 4096), (1, 2048),
-                         include_pos_embed=with_pos)
+  model = mmdit.MMDiT(**variants.variant(name))
+  n = variants.count_params(model, (1, 128, 128, 16), (1, 154, 4096), (1, 2048),
+                            include_pos_embed=with_pos)
   assert abs(n / expected - 1) < 0.01, n
 
 
 def test_block_groups():
-  groups = lambda **kw: mmdit.block_groups(
+  groups = lambda **kw: mmdit_tree.block_groups(
       mmdit.MMDiT(**{**TINY, "depth": 5, "scan_blocks": True, **kw}))
   assert groups() == [(0, 4), (4, 5)]
   assert groups(dual_attention_layers=(0, 1, 2)) == [(0, 3), (3, 4), (4, 5)]
   assert groups(dual_attention_layers=(1, 4)) == [(0, 1), (1, 2), (2, 4),
                                                   (4, 5)]
   assert groups(scan_blocks=False) == [(i, i + 1) for i in range(5)]
-  assert mmdit.block_name(0, 4) == "blocks_0_3"
-  assert mmdit.block_name(4, 5) == "blocks_4"
+  assert mmdit_tree.block_name(0, 4) == "blocks_0_3"
+  assert mmdit_tree.block_name(4, 5) == "blocks_4"
 
 
 def test_grown_block_positions():
-  assert mmdit.grown_block_positions(4, 6) == [0, 2, 4, 5]
-  assert mmdit.grown_block_positions(5, 5) == [0, 1, 2, 3, 4]  # Same depth: each block stays.
-  assert mmdit.grown_block_positions(1, 3) == [2]  # Only the context_pre_only block: it stays last.
+  assert mmdit_tree.grown_block_positions(4, 6) == [0, 2, 4, 5]
+  assert mmdit_tree.grown_block_positions(5, 5) == [0, 1, 2, 3, 4]  # Same depth: each block stays.
+  assert mmdit_tree.grown_block_positions(1, 3) == [2]  # Only the context_pre_only block: it stays last.
   for src in range(1, 9):
     for dst in range(src, 12):
-      pos = mmdit.grown_block_positions(src, dst)
+      pos = mmdit_tree.grown_block_positions(src, dst)
       assert len(pos) == src and pos == sorted(set(pos)) and pos[0] in (0, dst - 1) and pos[-1] == dst - 1
   with pytest.raises(ValueError, match="cannot grow a depth-5 MM-DiT into depth 3"):
-    mmdit.grown_block_positions(5, 3)
+    mmdit_tree.grown_block_positions(5, 3)
 
 
 @pytest.mark.parametrize("dual,remat", [((), "none"), ((0, 1), "full")])
@@ -239,7 +241,7 @@ def test_scan_blocks_matches_unscanned(dual, remat):
   inputs = _inputs()
   params = _perturbed(
       jax.jit(plain.init)(jax.random.key(0), *inputs)["params"])
-  stacked = mmdit.stack_blocks(params, scanned)
+  stacked = mmdit_tree.stack_blocks(params, scanned)
   # Same tree and shapes as the scanned model's own init.
   init = nn.unbox(jax.eval_shape(scanned.init, jax.random.key(0),
                                  *inputs)["params"])
@@ -254,9 +256,9 @@ def test_scan_blocks_matches_unscanned(dual, remat):
   v_plain, g_plain = value_and_grad(plain, params)
   v_scan, g_scan = value_and_grad(scanned, stacked)
   np.testing.assert_allclose(v_scan, v_plain, rtol=1e-5)
-  _assert_trees_close(mmdit.unstack_blocks(g_scan, scanned), g_plain, 1e-4)
+  _assert_trees_close(mmdit_tree.unstack_blocks(g_scan, scanned), g_plain, 1e-4)
   jax.tree.map(np.testing.assert_array_equal,
-               mmdit.unstack_blocks(stacked, scanned), params)
+               mmdit_tree.unstack_blocks(stacked, scanned), params)
 
 
 def test_scanned_params_have_a_leading_unnamed_axis():

@@ -6,13 +6,13 @@ import pytest
 from configs import scaling, sd3
 from rflow_jax.flow import formulations
 from rflow_jax.flow import losses
-from rflow_jax.model import mmdit, registry
+from rflow_jax.model import registry, variants
 from rflow_jax.utils import flops
 
 
 def _eval_shape_count(config):
   x, _, context, pooled = registry.dummy_inputs(config)
-  return mmdit.count_params(registry.build_model(config), x.shape, context.shape, pooled.shape)
+  return variants.count_params(registry.build_model(config), x.shape, context.shape, pooled.shape)
 
 
 @pytest.mark.parametrize("config_fn", [

@@ -7,6 +7,7 @@ import pytest
 from scipy import ndimage
 
 from rflow_jax.data import shapes
+from rflow_jax.data import shapes_scenes
 from rflow_jax.data import pixels
 from rflow_jax.eval import shapes_detector
 from rflow_jax.eval import shapes_eval
@@ -22,18 +23,18 @@ _OPPOSITE = {
 
 @pytest.fixture(scope="module")
 def ground_truth():
-  scenes = [shapes.make_scene(11, i) for i in range(_N)]
+  scenes = [shapes_scenes.make_scene(11, i) for i in range(_N)]
   images = [shapes.render(s, 32) for s in scenes]
   return scenes, images
 
 
 def _next_color(color):
-  names = list(shapes.PALETTE)
+  names = list(shapes_scenes.PALETTE)
   return names[(names.index(color) + 1) % len(names)]
 
 
 def _next_shape(shape):
-  return shapes.SHAPES[(shapes.SHAPES.index(shape) + 1) % len(shapes.SHAPES)]
+  return shapes_scenes.SHAPES[(shapes_scenes.SHAPES.index(shape) + 1) % len(shapes_scenes.SHAPES)]
 
 
 def _wrong_captions(scene):
@@ -69,13 +70,13 @@ def test_ground_truth_scores_one(ground_truth):
   prompts = [shapes.caption(s, "sentence") for s in scenes]
   metrics = shapes_eval.evaluate(images, prompts)
   assert metrics["n"] == _N
-  for kind in shapes.KINDS:
+  for kind in shapes_scenes.KINDS:
     assert metrics[kind] >= 0.99, metrics
   assert metrics["overall"] >= 0.99, metrics
 
 
 def test_ground_truth_at_64_scores_one():
-  scenes = [shapes.make_scene(12, i, 64) for i in range(45)]
+  scenes = [shapes_scenes.make_scene(12, i, 64) for i in range(45)]
   metrics = shapes_eval.evaluate(
       [shapes.render(s, 64) for s in scenes],
       [shapes.caption(s, "sentence") for s in scenes])
@@ -88,7 +89,7 @@ def test_wrong_captions_score_zero(ground_truth):
            for p in _wrong_captions(scene)]
   metrics = shapes_eval.evaluate(*zip(*pairs))
   assert metrics["overall"] == 0.0, metrics
-  assert set(metrics) == set(shapes.KINDS) | {"overall", "n"}
+  assert set(metrics) == set(shapes_scenes.KINDS) | {"overall", "n"}
 
 
 def test_other_scenes_captions_score_near_zero(ground_truth):
@@ -104,14 +105,14 @@ def test_blur_and_noise_still_score_high(ground_truth):
   metrics = shapes_eval.evaluate(
       [_degrade(img, rng) for img in images],
       [shapes.caption(s, "sentence") for s in scenes])
-  for kind in shapes.KINDS:
+  for kind in shapes_scenes.KINDS:
     assert metrics[kind] >= 0.95, metrics
 
 
 def test_analyze_finds_objects_and_attributes():
-  objs = (shapes.Obj("red", "square", 10, 6.5, 6.5),
-          shapes.Obj("cyan", "circle", 12, 22.5, 8.5))
-  image = shapes.render(shapes.Scene("counting", objs), 32)
+  objs = (shapes_scenes.Obj("red", "square", 10, 6.5, 6.5),
+          shapes_scenes.Obj("cyan", "circle", 12, 22.5, 8.5))
+  image = shapes.render(shapes_scenes.Scene("counting", objs), 32)
   found = sorted(shapes_detector.analyze(image), key=lambda d: d.cx)
   assert [(d.color, d.shape) for d in found] == [
       ("red", "square"), ("cyan", "circle")]
@@ -130,7 +131,7 @@ def test_unlisted_colours_and_shapes_are_unknown():
 
 
 def test_analyze_reads_a_float_image_after_conversion():
-  scene = shapes.make_scene(3, 3)
+  scene = shapes_scenes.make_scene(3, 3)
   image = shapes.render(scene, 32)
   as_float = image.astype(np.float32) / 127.5 - 1.0
   with pytest.raises(ValueError, match="to_uint8"):
@@ -139,9 +140,9 @@ def test_analyze_reads_a_float_image_after_conversion():
 
 
 def test_position_needs_the_dominant_axis():
-  red = shapes.Obj("red", "square", 8, 5.5, 5.5)
-  left = shapes.Scene("position", (
-      red, shapes.Obj("blue", "circle", 8, 24.5, 7.5)), "to the left of")
+  red = shapes_scenes.Obj("red", "square", 8, 5.5, 5.5)
+  left = shapes_scenes.Scene("position", (
+      red, shapes_scenes.Obj("blue", "circle", 8, 24.5, 7.5)), "to the left of")
   image = shapes.render(left, 32)
   score = lambda p: shapes_eval.score(image, p)["correct"]
   assert score("a red square to the left of a blue circle")
@@ -149,17 +150,17 @@ def test_position_needs_the_dominant_axis():
   assert not score("a red square to the right of a blue circle")
   assert not score("a red square above a blue circle")
   # On the diagonal neither axis dominates, so no relation holds.
-  diagonal = shapes.render(shapes.Scene("position", (
-      red, shapes.Obj("blue", "circle", 8, 20.5, 20.5)), "above"), 32)
-  for relation in shapes.RELATIONS:
+  diagonal = shapes.render(shapes_scenes.Scene("position", (
+      red, shapes_scenes.Obj("blue", "circle", 8, 20.5, 20.5)), "above"), 32)
+  for relation in shapes_scenes.RELATIONS:
     prompt = f"a red square {relation} a blue circle"
     assert not shapes_eval.score(diagonal, prompt)["correct"], prompt
 
 
 def test_merged_or_missing_objects_fail_counting():
-  two = shapes.Scene("counting", (
-      shapes.Obj("green", "circle", 8, 5.5, 5.5),
-      shapes.Obj("green", "circle", 8, 20.5, 20.5)))
+  two = shapes_scenes.Scene("counting", (
+      shapes_scenes.Obj("green", "circle", 8, 5.5, 5.5),
+      shapes_scenes.Obj("green", "circle", 8, 20.5, 20.5)))
   image = shapes.render(two, 32)
   assert shapes_eval.score(image, "two green circles")["correct"]
   assert not shapes_eval.score(image, "three green circles")["correct"]
@@ -187,7 +188,7 @@ def test_parse_prompt_rejects_junk(prompt):
 
 
 def test_evaluate_reports_only_present_kinds():
-  scene = shapes.make_scene(0, 0, kind="single")
+  scene = shapes_scenes.make_scene(0, 0, kind="single")
   metrics = shapes_eval.evaluate(
       [shapes.render(scene, 32)], [shapes.caption(scene, "sentence")])
   assert metrics == {"single": 1.0, "overall": 1.0, "n": 1}
@@ -196,16 +197,16 @@ def test_evaluate_reports_only_present_kinds():
 
 
 def test_diagnose_names_the_first_failed_requirement():
-  left = shapes.render(shapes.Scene("position", (
-      shapes.Obj("red", "square", 8, 5.5, 5.5),
-      shapes.Obj("blue", "circle", 8, 24.5, 7.5)), "to the left of"), 32)
-  two = shapes.render(shapes.Scene("counting", (
-      shapes.Obj("green", "circle", 8, 5.5, 5.5),
-      shapes.Obj("green", "circle", 8, 20.5, 20.5))), 32)
+  left = shapes.render(shapes_scenes.Scene("position", (
+      shapes_scenes.Obj("red", "square", 8, 5.5, 5.5),
+      shapes_scenes.Obj("blue", "circle", 8, 24.5, 7.5)), "to the left of"), 32)
+  two = shapes.render(shapes_scenes.Scene("counting", (
+      shapes_scenes.Obj("green", "circle", 8, 5.5, 5.5),
+      shapes_scenes.Obj("green", "circle", 8, 20.5, 20.5))), 32)
   # The square of `left` and a 1-pixel red line under it: a stray stripe, not
   # a second object (the score still fails it).
   striped = left.copy()
-  striped[20, 2:14] = shapes.PALETTE["red"]
+  striped[20, 2:14] = shapes_scenes.PALETTE["red"]
   reason = lambda image, p: shapes_eval.diagnose(image, p)["reason"]
   assert reason(left, "a red square to the left of a blue circle") == "ok"
   assert reason(left, "a red square to the right of a blue circle") == (
@@ -242,7 +243,7 @@ def test_failure_breakdown_counts_every_image_once(ground_truth):
   prompts = [shapes.caption(s, "sentence") for s in scenes]
   ok = shapes_eval.failure_breakdown(images, prompts)
   assert {k: set(v) for k, v in ok["reasons"].items()} == {
-      k: {"ok"} for k in shapes.KINDS}
+      k: {"ok"} for k in shapes_scenes.KINDS}
   assert ok["shape_confusion"] == {}
   # Every single-object prompt asks for the next shape: all fail on shape, and
   # the confusion matrix records what was drawn instead.
@@ -255,4 +256,4 @@ def test_failure_breakdown_counts_every_image_once(ground_truth):
   assert sum(bad["shape_confusion"].values()) == len(singles)
   for key in bad["shape_confusion"]:
     asked, got = key.split("->")
-    assert got == shapes.SHAPES[(shapes.SHAPES.index(asked) - 1) % 3]
+    assert got == shapes_scenes.SHAPES[(shapes_scenes.SHAPES.index(asked) - 1) % 3]

@@ -15,6 +15,7 @@ from configs import sd3
 from rflow_jax import config_lib
 from rflow_jax.model import mmdit
 from rflow_jax.model import registry
+from rflow_jax.model import variants
 from rflow_jax.utils import flops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,8 +39,8 @@ def test_aot_compile_of_scanned_model_reports_memory_and_flops():
   config = sd3.get_config("d3")
   s = config.data.image_size
   model = mmdit.MMDiT(**{**registry.model_kwargs(config), "scan_blocks": True})
-  assert report["params"] == mmdit.count_params(model, (1, s, s, 16), (1, 154, config.text.width),
-                                                (1, config.text.width))
+  assert report["params"] == variants.count_params(model, (1, s, s, 16), (1, 154, config.text.width),
+                                                   (1, config.text.width))
   assert report["params_sd3_text_dims"] == report["params"] + (4096 + 2048 - 2 * config.text.width) * 192
   assert report["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1} and report["devices"] == 4
   assert report["global_batch"] == 8
@@ -71,7 +72,7 @@ def test_sd3_configs_validate_with_the_paper_recipe(name):
 def test_sd3_param_counts_match_the_paper_with_real_text_widths(name, billions):
   config = sd3.get_config(name)
   model = mmdit.MMDiT(**registry.model_kwargs(config))
-  n = mmdit.count_params(model, (1, 32, 32, 16), (1, 154, 4096), (1, 2048), include_pos_embed=False)
+  n = variants.count_params(model, (1, 32, 32, 16), (1, 154, 4096), (1, 2048), include_pos_embed=False)
   assert abs(n / 1e9 - billions) < 0.005, n
 
 

@@ -10,7 +10,7 @@ import pytest
 import cli_util  # tests/cli_util.py (pytest puts tests/ on sys.path)
 from configs import debug
 from rflow_jax import config_lib
-from rflow_jax.model import mmdit
+from rflow_jax.model import mmdit_tree
 from rflow_jax.model import registry
 from rflow_jax.train import checkpoint, trainer
 
@@ -64,7 +64,7 @@ def test_depth_growing_warm_start_computes_the_source_function(source_run, tmp_p
   trainer.train_and_evaluate(config, str(tmp_path))
   params, text_params, _ = checkpoint.restore_params(str(tmp_path), use_ema=False)
   source_params, source_text, _ = checkpoint.restore_params(source_run, use_ema=False)
-  assert mmdit.grown_block_positions(2, 4) == [0, 3]
+  assert mmdit_tree.grown_block_positions(2, 4) == [0, 3]
   source_of = {"blocks_0": "blocks_0", "blocks_3": "blocks_1"}
   chex.assert_trees_all_equal({k: v for k, v in params.items() if k not in ("blocks_1", "blocks_2")},
                               {k: source_params[source_of.get(k, k)] for k in params

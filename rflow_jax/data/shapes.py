@@ -1,29 +1,11 @@
-"""The built-in procedural `shapes` text-to-image dataset.
+"""The built-in procedural `shapes` text-to-image dataset: rendering, captions and the grain source.
 
 Every record is a small RGB image of coloured shapes on a black canvas plus a
 caption that describes it exactly. Record `i` of a dataset with seed `s` is a
-pure function of `(s, i)` (it draws from `np.random.default_rng([s, i])`, never
-from global state), so it is bitwise identical on every machine, process and
-run, and any record can be generated on its own (random access for grain).
-
-Scene rules (the scorer in `rflow_jax.eval.shapes_eval` relies on them):
-  * canvas S x S RGB uint8 with S >= 32 and S % 16 == 0 (32 default, 64 also
-    used), black background (0, 0, 0);
-  * colours are exact `PALETTE` entries: shapes are drawn hard-edged, without
-    antialiasing;
-  * shapes: circle (disk of diameter L), square (L x L), upright isosceles
-    triangle (base = height = L, apex up); L is a uniform integer in
-    [S / 4, 3 S / 8];
-  * objects lie fully inside the canvas and never touch: at least `MIN_GAP` = 2
-    background pixels separate any two objects' pixels, also diagonally
-    (checked on the rendered masks with a 5 x 5 dilation);
-  * three scene kinds, equally likely: `single` (one object), `position` (two
-    objects that differ in colour or shape, in one of `RELATIONS`) and
-    `counting` (two or three objects of one colour and shape, sizes may
-    differ);
-  * in a `position` scene the centroids are at least S / 4 apart along the
-    relation's axis and further apart along that axis than along the other
-    one (see `relation_holds`). Image y grows downward: "above" = smaller y.
+pure function of `(s, i)`, so it is bitwise identical on every machine, process
+and run, and any record can be generated on its own (random access for grain).
+The scenes themselves, their rules and the constants that name colours, shapes,
+relations and kinds are in `rflow_jax.data.shapes_scenes`.
 
 Caption grammars (`caption(scene, style)`):
 
@@ -37,32 +19,16 @@ The tag style is the sentence with articles dropped, the relation shortened to
 one of "left of" / "right of" / "above" / "below", and its parts joined by ", ".
 Training mixes the two styles 50/50 (chosen per record from a seed stream of
 its own); sampling-time prompts (`eval_prompts`) are always sentences.
-
-`Obj.cx` / `Obj.cy` are the centroid of the object's *drawn pixels* in
-pixel-index coordinates (x = column, y = row, pixel (0, 0) at the top left),
-which is what an image analyser measures; `render` places each shape so that
-its pixel centroid lands on (cx, cy).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import operator
 
 import numpy as np
 
-PALETTE: dict[str, tuple[int, int, int]] = {
-    "red": (220, 40, 40),
-    "green": (40, 180, 60),
-    "blue": (40, 80, 220),
-    "yellow": (230, 210, 40),
-    "magenta": (200, 50, 200),
-    "cyan": (40, 200, 210),
-}
-SHAPES = ("circle", "square", "triangle")
-RELATIONS = ("to the left of", "to the right of", "above", "below")
-KINDS = ("single", "position", "counting")
+from rflow_jax.data import shapes_scenes
+
 CAPTION_STYLES = ("sentence", "tag")
 COUNT_WORDS = {2: "two", 3: "three"}
 
@@ -73,296 +39,25 @@ RELATION_TAGS = {
     "above": "above",
     "below": "below",
 }
-# Relation -> (axis, sign): `sign * (subject - reference)[axis]` must be
-# positive. Axis 0 is x (columns), axis 1 is y (rows, growing downward).
-RELATION_GEOMETRY = {
-    "to the left of": (0, -1),
-    "to the right of": (0, 1),
-    "above": (1, -1),
-    "below": (1, 1),
-}
-MIN_GAP = 2  # Background pixels between any two objects, diagonals included.
-
-# Every (colour, shape) pair; a `position` scene draws two distinct ones.
-_SPECS = tuple((c, s) for c in PALETTE for s in SHAPES)
-# Extra seed-sequence words that separate independent streams from the
-# training scene stream `[seed, index]`.
+# Extra seed-sequence word that separates the caption-style stream from the
+# training scene stream `[seed, index]` (shapes_scenes.py has the evaluation's).
 _STYLE_STREAM = 0x5717E
-_EVAL_STREAM = 0xE7A1
-_POSITION_TRIES = 64  # Candidate positions drawn per object per attempt.
-_SCENE_TRIES = 1000  # Whole-scene attempts before giving up (never reached).
-
-
-@dataclasses.dataclass(frozen=True)
-class Obj:
-  """One drawn object.
-
-  Attributes:
-    color: a `PALETTE` key.
-    shape: one of `SHAPES`.
-    size: side length L of the shape's bounding box in pixels.
-    cx: x (column) of the centroid of the drawn pixels.
-    cy: y (row, growing downward) of the centroid of the drawn pixels.
-  """
-  color: str
-  shape: str
-  size: int
-  cx: float
-  cy: float
-
-
-@dataclasses.dataclass(frozen=True)
-class Scene:
-  """A scene: its kind, its objects and, for `position`, the relation.
-
-  For `position`, `objects[0]` is the subject and `objects[1]` the reference:
-  "objects[0] <relation> objects[1]".
-  """
-  kind: str
-  objects: tuple[Obj, ...]
-  relation: str | None = None
-
-
-def check_size(size: int) -> int:
-  """Returns `size` if it is a supported canvas size, else raises ValueError."""
-  if not isinstance(size, (int, np.integer)) or size < 32 or size % 16:
-    raise ValueError(
-        f"shapes canvas size must be an integer >= 32 and a multiple of 16; "
-        f"got {size!r}")
-  return int(size)
-
-
-def size_range(size: int) -> tuple[int, int]:
-  """Inclusive range [S/4, 3S/8] of object sizes L on an S x S canvas."""
-  return size // 4, 3 * size // 8
-
-
-def relation_holds(subject: tuple[float, float],
-                   reference: tuple[float, float],
-                   relation: str,
-                   min_separation: float = 0.0) -> bool:
-  """Whether `subject <relation> reference` holds for two (x, y) centroids.
-
-  The difference along the relation's axis must have the right sign, be at
-  least `min_separation` and exceed the absolute difference along the other
-  axis (so e.g. "left of" is not satisfied by an object mostly above).
-
-  Args:
-    subject: (x, y) centroid of the subject.
-    reference: (x, y) centroid of the reference object.
-    relation: one of `RELATIONS`.
-    min_separation: minimum distance along the relation's axis.
-
-  Returns:
-    True if the relation holds.
-  """
-  if relation not in RELATION_GEOMETRY:
-    raise ValueError(f"unknown relation {relation!r}; valid: {RELATIONS}")
-  return bool(_relation_allows(subject, relation, min_separation,
-                               reference[0], reference[1]))
-
-
-def _relation_allows(subject, relation, min_separation, ref_x, ref_y):
-  """Vectorised `relation_holds` over arrays of reference centroids."""
-  axis, sign = RELATION_GEOMETRY[relation]
-  ref = (ref_x, ref_y)
-  along = sign * (subject[axis] - ref[axis])
-  across = np.abs(subject[1 - axis] - ref[1 - axis])
-  return (along >= min_separation) & (along > across)
 
 
 # ---------------------------------------------------------------------------
-# Shape templates.
+# Rendering.
 
 
-def _circle(yy, xx, length):
-  r = length / 2
-  return (xx + 0.5 - r) ** 2 + (yy + 0.5 - r) ** 2 <= r * r
-
-
-def _square(yy, xx, length):
-  return np.broadcast_to((yy >= 0) & (xx >= 0), (length, length))
-
-
-def _triangle(yy, xx, length):
-  # Row r (0 = top) spans half-width (r + 1) / 2 around the centre, so the
-  # apex row has 1-2 pixels and the bottom row (the base) is L pixels wide.
-  return np.abs(xx + 0.5 - length / 2) <= (yy + 1) / 2
-
-
-_TEMPLATE_FNS = {"circle": _circle, "square": _square, "triangle": _triangle}
-
-
-@functools.lru_cache(maxsize=None)
-def _template(shape: str, length: int) -> tuple[np.ndarray, float, float]:
-  """Returns (mask (L, L) bool, centroid x offset, centroid y offset)."""
-  yy, xx = np.ogrid[:length, :length]
-  mask = np.array(_TEMPLATE_FNS[shape](yy, xx, length), dtype=bool)
-  mask.flags.writeable = False
-  ys, xs = np.nonzero(mask)
-  return mask, float(xs.mean()), float(ys.mean())
-
-
-@functools.lru_cache(maxsize=None)
-def _halo(shape: str, length: int) -> np.ndarray:
-  """The template dilated by MIN_GAP pixels (Chebyshev), (L+2g, L+2g) bool."""
-  mask, _, _ = _template(shape, length)
-  g = MIN_GAP
-  halo = np.zeros((length + 2 * g, length + 2 * g), dtype=bool)
-  for dy in range(2 * g + 1):
-    for dx in range(2 * g + 1):
-      halo[dy:dy + length, dx:dx + length] |= mask
-  halo.flags.writeable = False
-  return halo
-
-
-def _top_left(obj: Obj, size: int) -> tuple[int, int]:
+def _top_left(obj: shapes_scenes.Obj, size: int) -> tuple[int, int]:
   """(x0, y0) of the bounding box that puts the pixel centroid at (cx, cy)."""
-  _, ox, oy = _template(obj.shape, obj.size)
+  _, ox, oy = shapes_scenes.template(obj.shape, obj.size)
   x0, y0 = int(round(obj.cx - ox)), int(round(obj.cy - oy))
   if not (0 <= x0 <= size - obj.size and 0 <= y0 <= size - obj.size):
     raise ValueError(f"object {obj!r} does not fit on a {size}x{size} canvas")
   return x0, y0
 
 
-# ---------------------------------------------------------------------------
-# Scene sampling.
-
-
-def _draw_spec(rng: np.random.Generator) -> tuple[str, str]:
-  return _SPECS[rng.integers(len(_SPECS))]
-
-
-def _draw_length(rng: np.random.Generator, size: int) -> int:
-  lo, hi = size_range(size)
-  return int(rng.integers(lo, hi + 1))
-
-
-def _place_one(rng, occupied, spec, size, allowed=None) -> Obj | None:
-  """Places one (colour, shape, L) object keeping MIN_GAP, or returns None.
-
-  Args:
-    rng: the record's generator.
-    occupied: (S+2g, S+2g) union of the placed objects' halos, offset by g so
-      that halos of objects at the canvas border fit; updated in place.
-    spec: (colour, shape, L).
-    size: canvas side S.
-    allowed: optional vectorised filter `(cx, cy) -> bool array` on candidate
-      centroids (used to impose a relation without whole-scene rejection).
-
-  Returns:
-    The placed object, or None if no candidate position fit.
-  """
-  color, shape, length = spec
-  mask, ox, oy = _template(shape, length)
-  g = MIN_GAP
-  x0s, y0s = rng.integers(0, size - length + 1, size=(2, _POSITION_TRIES))
-  if allowed is not None:
-    keep = allowed(x0s + ox, y0s + oy)
-    x0s, y0s = x0s[keep], y0s[keep]
-  for x0, y0 in zip(x0s.tolist(), y0s.tolist()):
-    window = occupied[y0 + g:y0 + g + length, x0 + g:x0 + g + length]
-    if not (window & mask).any():
-      halo = _halo(shape, length)
-      occupied[y0:y0 + length + 2 * g, x0:x0 + length + 2 * g] |= halo
-      return Obj(color=color, shape=shape, size=length, cx=x0 + ox, cy=y0 + oy)
-  return None
-
-
-def _place(rng, size, specs, relation=None) -> tuple[Obj, ...]:
-  """Places (colour, shape, L) specs in order, without contact.
-
-  Args:
-    rng: the record's generator.
-    size: canvas side S.
-    specs: list of (colour, shape, L).
-    relation: if given (two specs), `specs[0] <relation> specs[1]` must hold
-      with centroids at least S / 4 apart along the relation's axis.
-
-  Returns:
-    The placed objects, in `specs` order.
-  """
-  g = MIN_GAP
-  for _ in range(_SCENE_TRIES):
-    occupied = np.zeros((size + 2 * g, size + 2 * g), dtype=bool)
-    objs = []
-    for spec in specs:
-      allowed = None
-      if relation is not None and objs:
-        allowed = functools.partial(
-            _relation_allows, (objs[0].cx, objs[0].cy), relation, size / 4)
-      obj = _place_one(rng, occupied, spec, size, allowed)
-      if obj is None:
-        break
-      objs.append(obj)
-    else:
-      return tuple(objs)
-  raise RuntimeError(f"could not place {specs!r} on a {size}x{size} canvas")
-
-
-def _single_scene(rng, size) -> Scene:
-  color, shape = _draw_spec(rng)
-  objs = _place(rng, size, [(color, shape, _draw_length(rng, size))])
-  return Scene(kind="single", objects=objs)
-
-
-def _position_scene(rng, size) -> Scene:
-  relation = RELATIONS[rng.integers(len(RELATIONS))]
-  # Two distinct (colour, shape) specs so the caption names each object once.
-  i = int(rng.integers(len(_SPECS)))
-  j = int(rng.integers(len(_SPECS) - 1))
-  j += j >= i
-  specs = [(*_SPECS[i], _draw_length(rng, size)),
-           (*_SPECS[j], _draw_length(rng, size))]
-  objs = _place(rng, size, specs, relation)
-  return Scene(kind="position", objects=objs, relation=relation)
-
-
-def _counting_scene(rng, size) -> Scene:
-  count = int(rng.integers(2, 4))
-  color, shape = _draw_spec(rng)
-  specs = [(color, shape, _draw_length(rng, size)) for _ in range(count)]
-  return Scene(kind="counting", objects=_place(rng, size, specs))
-
-
-_SCENE_BUILDERS = {
-    "single": _single_scene,
-    "position": _position_scene,
-    "counting": _counting_scene,
-}
-
-
-def _check_key(seed: int, index: int) -> None:
-  if seed < 0 or index < 0:
-    raise ValueError(
-        f"seed and index must be non-negative; got seed={seed!r}, "
-        f"index={index!r}")
-
-
-def make_scene(seed: int, index: int, size: int = 32,
-               kind: str | None = None) -> Scene:
-  """Samples scene `index` of the dataset with `seed`.
-
-  Args:
-    seed: non-negative dataset seed.
-    index: non-negative record index.
-    size: canvas side S (>= 32, multiple of 16).
-    kind: force one of `KINDS`; None draws it uniformly from the record's rng.
-
-  Returns:
-    The deterministic `Scene` for (seed, index, size, kind).
-  """
-  check_size(size)
-  _check_key(seed, index)
-  if kind is not None and kind not in _SCENE_BUILDERS:
-    raise ValueError(f"unknown scene kind {kind!r}; valid: {KINDS}")
-  rng = np.random.default_rng([seed, index])
-  # Always consume the kind draw so a forced kind sees the same later draws.
-  drawn = KINDS[rng.integers(len(KINDS))]
-  return _SCENE_BUILDERS[kind or drawn](rng, size)
-
-
-def render(scene: Scene, size: int) -> np.ndarray:
+def render(scene: shapes_scenes.Scene, size: int) -> np.ndarray:
   """Draws `scene` hard-edged on a black canvas.
 
   Args:
@@ -372,16 +67,16 @@ def render(scene: Scene, size: int) -> np.ndarray:
   Returns:
     (S, S, 3) uint8 image.
   """
-  check_size(size)
+  shapes_scenes.check_size(size)
   image = np.zeros((size, size, 3), dtype=np.uint8)
   for obj in scene.objects:
-    if obj.color not in PALETTE:
-      raise ValueError(f"unknown colour {obj.color!r}; valid: {list(PALETTE)}")
-    if obj.shape not in _TEMPLATE_FNS:
-      raise ValueError(f"unknown shape {obj.shape!r}; valid: {SHAPES}")
+    if obj.color not in shapes_scenes.PALETTE:
+      raise ValueError(f"unknown colour {obj.color!r}; valid: {list(shapes_scenes.PALETTE)}")
+    if obj.shape not in shapes_scenes.SHAPES:
+      raise ValueError(f"unknown shape {obj.shape!r}; valid: {shapes_scenes.SHAPES}")
     x0, y0 = _top_left(obj, size)
-    mask, _, _ = _template(obj.shape, obj.size)
-    image[y0:y0 + obj.size, x0:x0 + obj.size][mask] = PALETTE[obj.color]
+    mask, _, _ = shapes_scenes.template(obj.shape, obj.size)
+    image[y0:y0 + obj.size, x0:x0 + obj.size][mask] = shapes_scenes.PALETTE[obj.color]
   return image
 
 
@@ -389,7 +84,7 @@ def render(scene: Scene, size: int) -> np.ndarray:
 # Captions.
 
 
-def _sentence(scene: Scene) -> str:
+def _sentence(scene: shapes_scenes.Scene) -> str:
   first = scene.objects[0]
   if scene.kind == "single":
     return f"a {first.color} {first.shape}"
@@ -400,7 +95,7 @@ def _sentence(scene: Scene) -> str:
   return f"{COUNT_WORDS[len(scene.objects)]} {first.color} {first.shape}s"
 
 
-def _tag(scene: Scene) -> str:
+def _tag(scene: shapes_scenes.Scene) -> str:
   first = scene.objects[0]
   if scene.kind == "single":
     return f"{first.color} {first.shape}"
@@ -414,7 +109,7 @@ def _tag(scene: Scene) -> str:
 _CAPTIONERS = {"sentence": _sentence, "tag": _tag}
 
 
-def caption(scene: Scene, style: str) -> str:
+def caption(scene: shapes_scenes.Scene, style: str) -> str:
   """Describes `scene` in caption `style` ("sentence" or "tag").
 
   Args:
@@ -426,14 +121,14 @@ def caption(scene: Scene, style: str) -> str:
   """
   if style not in _CAPTIONERS:
     raise ValueError(f"unknown caption style {style!r}; valid: {CAPTION_STYLES}")
-  if scene.kind not in _SCENE_BUILDERS:
-    raise ValueError(f"unknown scene kind {scene.kind!r}; valid: {KINDS}")
+  if scene.kind not in shapes_scenes.KINDS:
+    raise ValueError(f"unknown scene kind {scene.kind!r}; valid: {shapes_scenes.KINDS}")
   return _CAPTIONERS[style](scene)
 
 
 def mixed_caption_style(seed: int, index: int) -> str:
   """The 50/50 caption style of training record `index` (its own rng stream)."""
-  _check_key(seed, index)
+  shapes_scenes.check_key(seed, index)
   rng = np.random.default_rng([seed, index, _STYLE_STREAM])
   return CAPTION_STYLES[rng.integers(len(CAPTION_STYLES))]
 
@@ -452,7 +147,7 @@ class ShapesSource:
   Each record is a dict with
     image: (S, S, 3) uint8;
     caption: str;
-    kind: np.int32 index into `KINDS`;
+    kind: np.int32 index into `shapes_scenes.KINDS`;
     index: np.int64 record index (useful to check sharding and for logging).
   """
 
@@ -466,8 +161,8 @@ class ShapesSource:
       num_records: number of records (indices 0 .. num_records - 1).
       caption_style: "mixed" (per-record 50/50), "sentence" or "tag".
     """
-    self._size = check_size(size)
-    _check_key(seed, 0)
+    self._size = shapes_scenes.check_size(size)
+    shapes_scenes.check_key(seed, 0)
     if num_records <= 0:
       raise ValueError(f"num_records must be positive; got {num_records!r}")
     valid_styles = ("mixed",) + CAPTION_STYLES
@@ -490,14 +185,14 @@ class ShapesSource:
     if not 0 <= index < self._num_records:
       raise IndexError(
           f"record index {index} out of range [0, {self._num_records})")
-    scene = make_scene(self._seed, index, self._size)
+    scene = shapes_scenes.make_scene(self._seed, index, self._size)
     style = self._caption_style
     if style == "mixed":
       style = mixed_caption_style(self._seed, index)
     return {
         "image": render(scene, self._size),
         "caption": caption(scene, style),
-        "kind": np.int32(KINDS.index(scene.kind)),
+        "kind": np.int32(shapes_scenes.KINDS.index(scene.kind)),
         "index": np.int64(index),
     }
 
@@ -505,32 +200,6 @@ class ShapesSource:
     return (f"ShapesSource(size={self._size}, seed={self._seed}, "
             f"num_records={self._num_records}, "
             f"caption_style={self._caption_style!r})")
-
-
-def eval_scenes(n_per_kind: int, seed: int, size: int = 32) -> list[Scene]:
-  """Fresh scenes, `n_per_kind` of each kind in `KINDS` order.
-
-  They come from a seed stream disjoint from the training records'
-  (`[seed, j, kind, _EVAL_STREAM]` vs `[seed, index]`).
-
-  Args:
-    n_per_kind: number of scenes per kind.
-    seed: non-negative seed.
-    size: canvas side S.
-
-  Returns:
-    A list of 3 * n_per_kind scenes.
-  """
-  check_size(size)
-  _check_key(seed, 0)
-  if n_per_kind < 0:
-    raise ValueError(f"n_per_kind must be non-negative; got {n_per_kind!r}")
-  scenes = []
-  for k, kind in enumerate(KINDS):
-    for j in range(n_per_kind):
-      rng = np.random.default_rng([seed, j, k, _EVAL_STREAM])
-      scenes.append(_SCENE_BUILDERS[kind](rng, size))
-  return scenes
 
 
 def eval_prompts(n_per_kind: int, seed: int) -> list[str]:
@@ -541,6 +210,7 @@ def eval_prompts(n_per_kind: int, seed: int) -> list[str]:
     seed: non-negative seed of the evaluation stream.
 
   Returns:
-    A list of 3 * n_per_kind prompts in `KINDS` order.
+    A list of 3 * n_per_kind prompts in `shapes_scenes.KINDS` order.
   """
-  return [caption(s, "sentence") for s in eval_scenes(n_per_kind, seed)]
+  return [caption(s, "sentence") for s in shapes_scenes.eval_scenes(n_per_kind, seed)]
+

@@ -35,6 +35,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from rflow_jax.data import pixels
 from rflow_jax.data import shapes
+from rflow_jax.data import shapes_scenes
 
 FEATURE_SEED = 20240305  # Seed of the fixed feature-net weights; changing it changes every FD number.
 WIDTHS = (16, 32, 64)  # Output channels of the three conv layers; the last one is the feature dimension F.
@@ -186,14 +187,14 @@ def frechet_distance(f1: np.ndarray, f2: np.ndarray) -> float:
 def real_images(n: int, seed: int, size: int = 32) -> np.ndarray:
   """n rendered real `shapes` scenes, kinds interleaved (single, position, counting, single, ...).
 
-  They come from the evaluation stream (`shapes.eval_scenes`), disjoint from training records; pick a `seed`
+  They come from the evaluation stream (`shapes_scenes.eval_scenes`), disjoint from training records; pick a `seed`
   different from the one of the prompts being evaluated so that the reference is not the prompts' own scenes.
   """
   if n < 1:
     raise ValueError(f"real_images needs n >= 1; got {n}")
-  per_kind = -(-n // len(shapes.KINDS))
-  scenes = shapes.eval_scenes(per_kind, seed, size)
-  by_kind = [scenes[k * per_kind:(k + 1) * per_kind] for k in range(len(shapes.KINDS))]
+  per_kind = -(-n // len(shapes_scenes.KINDS))
+  scenes = shapes_scenes.eval_scenes(per_kind, seed, size)
+  by_kind = [scenes[k * per_kind:(k + 1) * per_kind] for k in range(len(shapes_scenes.KINDS))]
   interleaved = [s for group in zip(*by_kind) for s in group][:n]
   return np.stack([shapes.render(s, size) for s in interleaved])
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from rflow_jax import rundir
 from rflow_jax.data import shapes
+from rflow_jax.data import shapes_scenes
 from rflow_jax.eval import fid as fid_lib
 from rflow_jax.eval import shapes_eval
 from rflow_jax.sampling import pipeline as sampling
@@ -129,7 +130,7 @@ def reference(study_dir: str, *, n: int, size: int) -> tuple[fid_lib.Stats, dict
 
 def real_baseline(per_kind: int, eval_seed: int, size: int, ref: fid_lib.Stats) -> dict:
   """Scores of the real scenes behind the evaluation prompts: ShapesEval's ceiling and the FD floor at this N."""
-  images = np.stack([shapes.render(s, size) for s in shapes.eval_scenes(per_kind, eval_seed, size)])
+  images = np.stack([shapes.render(s, size) for s in shapes_scenes.eval_scenes(per_kind, eval_seed, size)])
   scores = shapes_eval.evaluate(images, shapes.eval_prompts(per_kind, eval_seed))  # Same (kind-major) order.
   return {**{k: float(v) for k, v in scores.items()}, "fid": fid_lib.fid(images, ref)}
 

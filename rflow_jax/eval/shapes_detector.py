@@ -53,7 +53,7 @@ import dataclasses
 import numpy as np
 from scipy import ndimage
 
-from rflow_jax.data import shapes
+from rflow_jax.data import shapes_scenes
 
 FOREGROUND_MIN = 60  # uint8 brightness a pixel needs to be an object at all.
 CORE_FRACTION = 0.5  # Of the way from background to local peak: half level.
@@ -69,9 +69,9 @@ SQUARENESS_MIN = 0.28  # Squares ~0.6 (>= 0.35 blurred); disks ~0 (<= 0.2).
 FILL_MIN = 0.5  # Circles ~0.8 and squares ~1 of their bbox; less is ragged.
 
 _EIGHT = np.ones((3, 3), dtype=bool)  # 8-connectivity / 1-pixel ring.
-_PALETTE_NAMES = tuple(shapes.PALETTE)
+_PALETTE_NAMES = tuple(shapes_scenes.PALETTE)
 _PALETTE_CHROMA = np.array(
-    [np.array(rgb) / max(rgb) for rgb in shapes.PALETTE.values()])
+    [np.array(rgb) / max(rgb) for rgb in shapes_scenes.PALETTE.values()])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +80,7 @@ class Detection:
 
   Attributes:
     color: palette name or "unknown".
-    shape: one of `shapes.SHAPES` or "unknown".
+    shape: one of `shapes_scenes.SHAPES` or "unknown".
     cx: x (column) of the mass centroid.
     cy: y (row, growing downward) of the mass centroid.
     area: core pixel count.

@@ -7,7 +7,7 @@ finds the objects in the image, and `score` / `evaluate` compare the two.
 
 Scoring (`score`): single = exactly one object, of the right colour and shape;
 position = exactly two objects matching the two (colour, shape) specs whose
-centroids satisfy the relation (`shapes.relation_holds`: right sign, and the
+centroids satisfy the relation (`shapes_scenes.relation_holds`: right sign, and the
 relation's axis difference exceeds the other axis's); counting = exactly N
 objects, all of the right colour and shape.
 
@@ -28,6 +28,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from rflow_jax.data import shapes
+from rflow_jax.data import shapes_scenes
 from rflow_jax.eval import shapes_detector
 from rflow_jax.eval.shapes_detector import Detection
 
@@ -39,10 +40,10 @@ class PromptSpec:
   """What a sentence prompt asks for.
 
   Attributes:
-    kind: one of `shapes.KINDS`.
+    kind: one of `shapes_scenes.KINDS`.
     objects: expected (colour, shape) per object; N copies for counting; for
       position (subject, reference).
-    relation: for position, one of `shapes.RELATIONS`; else None.
+    relation: for position, one of `shapes_scenes.RELATIONS`; else None.
   """
   kind: str
   objects: tuple[tuple[str, str], ...]
@@ -52,12 +53,12 @@ class PromptSpec:
 # ---------------------------------------------------------------------------
 # Prompts.
 
-_COLOR = "(" + "|".join(shapes.PALETTE) + ")"
-_SHAPE = "(" + "|".join(shapes.SHAPES) + ")"
+_COLOR = "(" + "|".join(shapes_scenes.PALETTE) + ")"
+_SHAPE = "(" + "|".join(shapes_scenes.SHAPES) + ")"
 _WORD_COUNTS = {word: n for n, word in shapes.COUNT_WORDS.items()}
 _SINGLE_RE = re.compile(rf"a {_COLOR} {_SHAPE}")
 _POSITION_RE = re.compile(
-    rf"a {_COLOR} {_SHAPE} ({'|'.join(shapes.RELATIONS)}) a {_COLOR} {_SHAPE}")
+    rf"a {_COLOR} {_SHAPE} ({'|'.join(shapes_scenes.RELATIONS)}) a {_COLOR} {_SHAPE}")
 _COUNTING_RE = re.compile(
     rf"({'|'.join(_WORD_COUNTS)}) {_COLOR} {_SHAPE}s")
 
@@ -85,8 +86,8 @@ def parse_prompt(prompt: str) -> PromptSpec:
   raise ValueError(
       f"prompt {prompt!r} is not a shapes sentence prompt; expected e.g. "
       f"'a red circle', 'a red circle to the left of a blue square' or "
-      f"'two red circles' (colours {list(shapes.PALETTE)}, shapes "
-      f"{list(shapes.SHAPES)}, relations {list(shapes.RELATIONS)})")
+      f"'two red circles' (colours {list(shapes_scenes.PALETTE)}, shapes "
+      f"{list(shapes_scenes.SHAPES)}, relations {list(shapes_scenes.RELATIONS)})")
 
 
 # ---------------------------------------------------------------------------
@@ -115,8 +116,8 @@ def _position_pairs(dets: list[Detection], spec: PromptSpec):
 
 def _check_position(dets: list[Detection], spec: PromptSpec) -> bool:
   return len(dets) == 2 and any(
-      shapes.relation_holds((subject.cx, subject.cy),
-                            (reference.cx, reference.cy), spec.relation)
+      shapes_scenes.relation_holds((subject.cx, subject.cy),
+                                   (reference.cx, reference.cy), spec.relation)
       for subject, reference in _position_pairs(dets, spec))
 
 
@@ -244,7 +245,7 @@ def evaluate(images: Sequence[np.ndarray],
     prompts: one sentence prompt per image.
 
   Returns:
-    Accuracy per kind present among the prompts (keys from `shapes.KINDS`),
+    Accuracy per kind present among the prompts (keys from `shapes_scenes.KINDS`),
     "overall" (mean over all images) and "n" (number of images).
   """
   _check_pairs(images, prompts)
@@ -252,7 +253,7 @@ def evaluate(images: Sequence[np.ndarray],
     raise ValueError("evaluate needs at least one image; got none")
   results = [score(img, p) for img, p in zip(images, prompts)]
   metrics: dict[str, float] = {}
-  for kind in shapes.KINDS:
+  for kind in shapes_scenes.KINDS:
     hits = [r["correct"] for r in results if r["kind"] == kind]
     if hits:
       metrics[kind] = float(np.mean(hits))

@@ -5,7 +5,7 @@ with the usual 11x11 Gaussian window of σ 1.5, K1 0.01, K2 0.03, averaged over 
 ShapesEval accuracy of the reconstructions and of the originals on the same scenes' sentence prompts
 (`shapes_overall` vs `shapes_overall_original`; a VAE good enough for latent training keeps the originals' score).
 
-The held-out scenes come from shapes.eval_scenes (a seed stream disjoint from the training records). Images and a
+The held-out scenes come from shapes_scenes.eval_scenes (a seed stream disjoint from the training records). Images and a
 side-by-side grid (originals above reconstructions) go to out_dir.
 
 The trainer runs it every train.eval_every steps and at the end; on a workdir's newest checkpoint (EMA weights):
@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rflow_jax.data import pixels, shapes
+from rflow_jax.data import pixels, shapes, shapes_scenes
 from rflow_jax.eval import shapes_eval
 from rflow_jax.sampling import pipeline as sampling
 
@@ -60,7 +60,7 @@ def ssim(images: jax.Array, reference: jax.Array) -> jax.Array:
 
 def heldout_set(per_kind: int, seed: int, size: int) -> tuple[np.ndarray, list[str]]:
   """The fixed held-out images ((N, S, S, 3) float32 in [-1, 1]) and their sentence prompts."""
-  scenes = shapes.eval_scenes(per_kind, seed, size)
+  scenes = shapes_scenes.eval_scenes(per_kind, seed, size)
   images = np.stack([shapes.render(s, size) for s in scenes]).astype(np.float32) / 127.5 - 1.0
   return images, [shapes.caption(s, "sentence") for s in scenes]
 

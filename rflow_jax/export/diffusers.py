@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rflow_jax.model import mmdit
+from rflow_jax.model import mmdit_tree
 
 Params = dict[str, Any]
 
@@ -197,7 +198,7 @@ def abstract_params(model: mmdit.MMDiT) -> dict[str, jax.ShapeDtypeStruct]:
   """Flat {path: ShapeDtypeStruct} of the unscanned params (no allocation).
 
   Conversion always works on the unscanned (blocks_i) layout; scanned models
-  are stacked / unstacked with mmdit.stack_blocks / unstack_blocks.
+  are stacked / unstacked with mmdit_tree.stack_blocks / unstack_blocks.
   """
   model = model.clone(scan_blocks=False)
   p = model.patch_size
@@ -257,7 +258,7 @@ def params_from_state_dict(state_dict: Mapping[str, Any],
     value = _layout(e, model).from_torch(tensors, np)
     flat[e.ours] = np.ascontiguousarray(value, dtype=ours[e.ours].dtype)
   params = flax.traverse_util.unflatten_dict(flat, sep="/")
-  return mmdit.stack_blocks(params, model) if model.scan_blocks else params
+  return mmdit_tree.stack_blocks(params, model) if model.scan_blocks else params
 
 
 def state_dict_from_params(params: Mapping[str, Any],
@@ -267,7 +268,7 @@ def state_dict_from_params(params: Mapping[str, Any],
   ours, _ = _checked_entries(entries, model)
   params = nn.unbox(dict(params))
   if model.scan_blocks:
-    params = mmdit.unstack_blocks(params, model)
+    params = mmdit_tree.unstack_blocks(params, model)
   flat = flax.traverse_util.flatten_dict(params, sep="/")
   _validate(flat, {k: tuple(v.shape) for k, v in ours.items()}, "params")
   out = {}

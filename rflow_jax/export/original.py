@@ -80,7 +80,7 @@ def params_from_original(state_dict: Mapping[str, Any], model: mmdit.MMDiT,
 
   Args:
     state_dict: key -> array, e.g. safetensors.numpy.load_file(...).
-    model: the MMDiT matching the checkpoint (e.g. mmdit.variant(
+    model: the MMDiT matching the checkpoint (e.g. variants.variant(
       "sd3.5-large")).
     prefix: key prefix of the transformer ("" for a bare transformer dict).
 

@@ -21,6 +21,10 @@ tested in tests/export_diffusers_test.py); weights convert exactly with
   final_layer/modulation (shift, scale), final_layer/proj Dense(H -> p*p*out)
 
 Images are NHWC; the output is the velocity v = eps - x0 in float32.
+
+The block groups' names, scan stacking and depth growth are in
+`rflow_jax.model.mmdit_tree`; named sizes and the parameter count in
+`rflow_jax.model.variants`.
 """
 
 from collections.abc import Sequence
@@ -30,10 +34,10 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from rflow_jax.model import frontend
 from rflow_jax.model import layers
+from rflow_jax.model import mmdit_tree
 
 QK_NORMS = (None, "rms_norm")
 
@@ -255,8 +259,9 @@ class MMDiT(nn.Module):
       self-attention.
     dtype: compute dtype.
     param_dtype: storage dtype.
-    scan_blocks: nn.scan over runs of identical blocks (see block_groups);
-      the group's params get a leading layer axis (stack_blocks converts).
+    scan_blocks: nn.scan over runs of identical blocks (see
+      mmdit_tree.block_groups); the group's params get a leading layer axis
+      (mmdit_tree.stack_blocks converts).
     remat: "none" or a key of REMAT_POLICIES; rematerialises each block.
     attention_impl: a key of layers.ATTENTION_IMPLS.
   """
@@ -309,7 +314,7 @@ class MMDiT(nn.Module):
   def _blocks(self, tokens: jax.Array, ctx: jax.Array,
               c: jax.Array) -> jax.Array:
     """Runs the joint blocks, scanning runs of identical blocks if asked."""
-    for start, stop in block_groups(self):
+    for start, stop in mmdit_tree.block_groups(self):
       scanned = self.scan_blocks and stop - start > 1
       block = self._block_class(scanned)(
           self.hidden_size, self.num_heads, self.mlp_ratio, self.qk_norm,
@@ -317,7 +322,7 @@ class MMDiT(nn.Module):
           dual_attention=start in self.dual_attention_layers,
           attention_impl=self.attention_impl, dtype=self.dtype,
           param_dtype=self.param_dtype,
-          name=block_name(start, stop))
+          name=mmdit_tree.block_name(start, stop))
       if not scanned:  # A group of one block.
         tokens, ctx = block(tokens, ctx, c)
         continue
@@ -357,145 +362,3 @@ class MMDiT(nn.Module):
                      name="final_layer")(tokens, c)  # (B, T, p*p*out)
     return frontend.unpatchify(self, out, h, w).astype(jnp.float32)  # (B, H, W, out)
 
-
-def block_groups(model: MMDiT) -> list[tuple[int, int]]:
-  """[start, stop) runs of blocks that scan together.
-
-  Without scan_blocks every block is its own group. With it, maximal runs of
-  blocks of the same kind (dual-attention or not; the context_pre_only last
-  block is always alone) form one group.
-  """
-  if not model.scan_blocks:
-    return [(i, i + 1) for i in range(model.depth)]
-  kind = lambda i: (i in model.dual_attention_layers, i == model.depth - 1)
-  groups, start = [], 0
-  for i in range(1, model.depth + 1):
-    if i == model.depth or kind(i) != kind(start):
-      groups.append((start, i))
-      start = i
-  return groups
-
-
-def grown_block_positions(src_depth: int, dst_depth: int) -> list[int]:
-  """Where the blocks of a depth-`src_depth` MM-DiT go in a depth-`dst_depth` one grown from it.
-
-  The full joint blocks 0..src_depth-2 are spread evenly over 0..dst_depth-2 (first to first, order kept) and the
-  context_pre_only last block goes last, e.g. 4 -> 6: [0, 2, 4, 5]. The positions left over get new blocks; adaLN-zero
-  starts their gates at 0, so each is the identity on both streams and the grown model computes exactly the
-  source's function until training moves them (train.init_grow_depth).
-  """
-  if not 1 <= src_depth <= dst_depth:
-    raise ValueError(f"cannot grow a depth-{src_depth} MM-DiT into depth {dst_depth}: growth only adds blocks")
-  full = np.round(np.linspace(0, dst_depth - 2, src_depth - 1)).astype(int)  # Spacing >= 1: no collisions.
-  return [int(i) for i in full] + [dst_depth - 1]
-
-
-def block_name(start: int, stop: int) -> str:
-  """Param name of the group [start, stop): blocks_3, or blocks_0_12 (scan)."""
-  if stop == start + 1:
-    return f"blocks_{start}"
-  return f"blocks_{start}_{stop - 1}"
-
-
-def parse_block_name(name: str) -> tuple[int, int] | None:
-  """Inverse of block_name: "blocks_3" -> (3, 4), "blocks_0_12" -> (0, 13); None for a param that is no block."""
-  parts = name.split("_")
-  if parts[0] != "blocks" or not 2 <= len(parts) <= 3 or not all(p.isdigit() for p in parts[1:]):
-    return None
-  return int(parts[1]), int(parts[-1]) + 1
-
-
-def _stack(leaves):
-  if all(isinstance(a, np.ndarray) for a in leaves):
-    return np.stack(leaves)
-  return jnp.stack(leaves)
-
-
-def stack_blocks(params: dict[str, Any], model: MMDiT) -> dict[str, Any]:
-  """Unscanned (blocks_i) params -> the layout of `model` (scanned groups).
-
-  Args:
-    params: unboxed params of model.clone(scan_blocks=False).
-    model: the target model; returned unchanged if it does not scan.
-
-  Returns:
-    A new top-level dict; scanned groups have a leading layer axis.
-  """
-  out = {k: v for k, v in params.items() if not k.startswith("blocks_")}
-  for start, stop in block_groups(model):
-    blocks = [params[f"blocks_{i}"] for i in range(start, stop)]
-    out[block_name(start, stop)] = (
-        blocks[0] if len(blocks) == 1 else jax.tree.map(
-            lambda *xs: _stack(xs), *blocks))
-  return out
-
-
-def unstack_blocks(params: dict[str, Any], model: MMDiT) -> dict[str, Any]:
-  """Inverse of `stack_blocks`: params of `model` -> blocks_i layout."""
-  out = {k: v for k, v in params.items() if not k.startswith("blocks_")}
-  for start, stop in block_groups(model):
-    group = params[block_name(start, stop)]
-    if stop - start == 1:
-      out[f"blocks_{start}"] = group
-      continue
-    for i in range(start, stop):
-      out[f"blocks_{i}"] = jax.tree.map(lambda a, j=i - start: a[j], group)
-  return out
-
-
-def _depth_variant(d: int) -> dict[str, Any]:
-  return dict(depth=d, hidden_size=64 * d, num_heads=d)
-
-
-# Named configurations. "dN": the paper's scaling family (width 64*d, d heads,
-# head_dim 64); presets: the released SD3 / SD3.5 transformers (their diffusers configs).
-VARIANTS: dict[str, dict[str, Any]] = {
-    **{f"d{d}": _depth_variant(d) for d in range(2, 39)},
-    "sd3-medium": dict(_depth_variant(24), pos_embed_max_size=192,
-                       qk_norm=None, dual_attention_layers=()),
-    "sd3.5-medium": dict(_depth_variant(24), pos_embed_max_size=384,
-                         qk_norm="rms_norm",
-                         dual_attention_layers=tuple(range(13))),
-    "sd3.5-large": dict(_depth_variant(38), pos_embed_max_size=192,
-                        qk_norm="rms_norm", dual_attention_layers=()),
-}
-
-
-def variant(name: str) -> dict[str, Any]:
-  """MMDiT constructor kwargs of a named variant ("d24", "sd3.5-large", ...).
-
-  Args:
-    name: a key of VARIANTS.
-
-  Returns:
-    A fresh dict, e.g. `MMDiT(**variant("d24"), in_channels=4)`.
-  """
-  if name not in VARIANTS:
-    raise ValueError(f"unknown MMDiT variant {name!r}; known: "
-                     f"{sorted(VARIANTS)}")
-  return dict(VARIANTS[name])
-
-
-def count_params(model: MMDiT, x_shape: Sequence[int],
-                 context_shape: Sequence[int], pooled_shape: Sequence[int],
-                 include_pos_embed: bool = True) -> int:
-  """Number of parameters, from abstract shapes (allocates nothing).
-
-  Args:
-    model: the module.
-    x_shape: (B, H, W, C) latent shape.
-    context_shape: (B, L, context_dim).
-    pooled_shape: (B, pooled_dim).
-    include_pos_embed: count the (non-trained) positional table too.
-
-  Returns:
-    The parameter count.
-  """
-  f32 = lambda s: jax.ShapeDtypeStruct(tuple(s), jnp.float32)
-  shapes = jax.eval_shape(
-      model.init, jax.random.key(0), f32(x_shape), f32(x_shape[:1]),
-      f32(context_shape), f32(pooled_shape))["params"]
-  shapes = nn.unbox(shapes)
-  if not include_pos_embed:
-    shapes = {k: v for k, v in shapes.items() if k != "pos_embed"}
-  return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(shapes))

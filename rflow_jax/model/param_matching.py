@@ -13,6 +13,7 @@ import flax.linen as nn
 from rflow_jax.model import baselines
 from rflow_jax.model import mmdit
 from rflow_jax.model import registry
+from rflow_jax.model import variants
 
 
 def trainable_param_count(model: nn.Module) -> int:
@@ -22,9 +23,9 @@ def trainable_param_count(model: nn.Module) -> int:
   the smallest input is traced; jax.eval_shape allocates nothing.
   """
   p = model.patch_size
-  return mmdit.count_params(model, (1, p, p, model.in_channels),
-                            (1, 1, model.context_dim), (1, model.pooled_dim),
-                            include_pos_embed=False)
+  return variants.count_params(model, (1, p, p, model.in_channels),
+                               (1, 1, model.context_dim), (1, model.pooled_dim),
+                               include_pos_embed=False)
 
 
 def param_matched_width(arch: str, depth: int, target_params: int, *,

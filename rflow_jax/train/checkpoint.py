@@ -21,7 +21,7 @@ import orbax.checkpoint as ocp
 
 from absl import logging
 
-from rflow_jax.model import mmdit
+from rflow_jax.model import mmdit_tree
 from rflow_jax.train import multihost
 
 CHECKPOINT_DIR = "checkpoints"
@@ -195,7 +195,7 @@ def restore_weights(workdir: str, abstract_state, weight_groups, *,
   a warning and the previous complete one is read (restore_newest).
 
   With grow_depth (train.init_grow_depth) the source may have fewer joint blocks than this model: block i is read into
-  this model's block mmdit.grown_block_positions(...)[i], and the params and EMA params returned lack the other
+  this model's block mmdit_tree.grown_block_positions(...)[i], and the params and EMA params returned lack the other
   blocks, which the caller keeps from its fresh init (identity blocks under adaLN-zero).
 
   Raises:
@@ -216,7 +216,7 @@ def restore_weights(workdir: str, abstract_state, weight_groups, *,
       source_of.update(_grown_names(list(metadata["params"]), list(target["params"]), workdir))
       for group in ("params", "ema_params"):
         target[group] = {source_of.get(k, k): v for k, v in target[group].items()
-                         if k in source_of or mmdit.parse_block_name(k) is None}
+                         if k in source_of or mmdit_tree.parse_block_name(k) is None}
     _check_shapes(manager, step, metadata, target)
     restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), target)
     return manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
@@ -233,7 +233,7 @@ def restore_weights(workdir: str, abstract_state, weight_groups, *,
 
 def _grown_names(source_params: list[str], params: list[str], workdir: str) -> dict[str, str]:
   """{this model's block name: the source block read into it} for a depth-growing warm start."""
-  spans = {n: mmdit.parse_block_name(n) for n in source_params + params}  # [start, stop) of each block group.
+  spans = {n: mmdit_tree.parse_block_name(n) for n in source_params + params}  # [start, stop) of each block group.
   blocks = lambda names: [n for n in names if spans[n] is not None]
   scanned = [n for n in blocks(source_params) + blocks(params) if spans[n][1] - spans[n][0] > 1]  # e.g. blocks_0_12
   if scanned:
@@ -241,10 +241,10 @@ def _grown_names(source_params: list[str], params: list[str], workdir: str) -> d
                                       "a scanned group: set model.scan_blocks=False in both runs")
   src_depth, depth = len(blocks(source_params)), len(blocks(params))
   try:
-    positions = mmdit.grown_block_positions(src_depth, depth)
+    positions = mmdit_tree.grown_block_positions(src_depth, depth)
   except ValueError as e:
     raise IncompatibleCheckpointError(f"train.init_from={workdir!r}: {e}") from None
-  return {mmdit.block_name(p, p + 1): mmdit.block_name(i, i + 1) for i, p in enumerate(positions)}
+  return {mmdit_tree.block_name(p, p + 1): mmdit_tree.block_name(i, i + 1) for i, p in enumerate(positions)}
 
 
 def latest_step(workdir: str) -> int | None:
