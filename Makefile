@@ -7,7 +7,7 @@ CONFIG ?= configs/quickstart.py
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: train test test-fast sample install freeze bench device-wheels clean
+.PHONY: train test test-fast sample install freeze bench format device-wheels clean
 
 # torch goes in first and alone: torch==2.13.0 is a local CPU wheel, while anything that pulls torch unpinned
 # downloads a multi-GB CUDA build. The rest is pinned exactly by constraints.txt.
@@ -35,6 +35,11 @@ test-fast: $(STAMP)
 
 sample: $(STAMP)
 	$(BIN)/python -m rflow_jax.sample --workdir=$(WORKDIR) --prompts=configs/prompts/shapes_eval.txt --out=$(WORKDIR)/samples_cli
+
+# The one formatter configuration (pyproject.toml [tool.pyink]: Google style, 2-space indents, 120 columns).
+FORMATTED := rflow_jax configs launch benchmarks tests conftest.py
+format: $(STAMP)
+	$(BIN)/pyink $(FORMATTED)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_step.py

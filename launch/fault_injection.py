@@ -86,12 +86,13 @@ def _wait_for(proc, condition, timeout):
     time.sleep(0.01)
 
 
-def run_with_kills(workdir, *, steps, kills, seed, timeout=600.0, extra=(), log=None, processes=1, env=None):
+def run_with_kills(workdir, *, steps, kills, seed, timeout=600.0, extra=(), log=None, processes=1, env=None,
+                   commit_every=3):
   """Runs to completion while SIGKILLing `kills` times; returns statistics.
 
   Kills are placed by progress, not by wall time (start-up time varies with machine load): each attempt first
   commits one new checkpoint; then a plain kill lands a random 0-2 steps later plus a random 0-0.3 s, and every
-  third kill lands as soon as the next checkpoint is being written (an Orbax temporary directory exists).
+  `commit_every`-th kill lands as soon as the next checkpoint is being written (an Orbax temporary directory exists).
 
   With processes > 1 a kill alternates between worker 1 alone (one host dies; the launcher then stops the survivors,
   which may be blocked in a collective or a checkpoint barrier with the dead peer) and the whole job (the launcher
@@ -110,7 +111,7 @@ def run_with_kills(workdir, *, steps, kills, seed, timeout=600.0, extra=(), log=
       # Each attempt first commits one new checkpoint (so the run progresses), then dies at a random point.
       _wait_for(proc, lambda: (_latest_step(workdir) or 0) > resumed, timeout)
       committed = _latest_step(workdir) or 0
-      if stats["kills"] % 3 == 2:
+      if stats["kills"] % commit_every == commit_every - 1:
         _wait_for(proc, lambda: _saving(workdir), timeout)
       else:
         target = committed + rng.randint(0, 2)

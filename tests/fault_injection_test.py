@@ -19,16 +19,16 @@ pytestmark = pytest.mark.slow
 ENV = cli_util.ENV
 
 
-def test_six_sigkills_resume_bitwise(tmp_path):
+def test_four_sigkills_resume_bitwise(tmp_path):
   reference, killed = str(tmp_path / "reference"), str(tmp_path / "killed")
   steps = 30
   subprocess.run(fault_injection._argv(reference, steps, ()), cwd=fault_injection.ROOT, check=True,  # pylint: disable=protected-access
                  stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=ENV)
-  # Six kills: every third lands while a checkpoint commits (the 3rd and 6th), the others 0-2 steps after a commit.
-  stats = fault_injection.run_with_kills(killed, steps=steps, kills=6, seed=0, env=ENV)
+  # Four kills: every second lands while a checkpoint commits (the 2nd and 4th), the others 0-2 steps after a commit.
+  stats = fault_injection.run_with_kills(killed, steps=steps, kills=4, seed=0, env=ENV, commit_every=2)
   result = fault_injection.compare(killed, reference)
   print(stats, result)
-  assert stats["kills"] == 6 and stats["kills_during_commit"] >= 2
+  assert stats["kills"] == 4 and stats["kills_during_commit"] >= 2
   # Restarts really resumed from checkpoints, and got further over time.
   assert len(set(stats["resumed_from"])) >= 4 and max(stats["resumed_from"]) >= 6, stats
   # At most the steps since the last committed checkpoint: one interval (2) plus those run while a save commits.

@@ -52,12 +52,26 @@ def _handlers(partial_state: bool):
   return {"state": state, "data": grain.checkpoint.CheckpointHandler(), "position": ocp.JsonCheckpointHandler()}
 
 
+class _Manager(ocp.CheckpointManager):
+  """Orbax's manager, minus its own use of JAX's preemption sync point.
+
+  The trainer alone asks the sync point, once per step with its own step count (train/preemption.py). Orbax would
+  also ask it from save() and from its finalize thread with checkpoint steps, moving the counter the processes agree
+  on while they agree: a stop at different steps, and a hang. Orbax uses the answer only to log and to decide
+  whether to save; the trainer saves at the agreed step explicitly.
+  """
+
+  def reached_preemption(self, step: int) -> bool:
+    del step
+    return False
+
+
 def make_manager(workdir: str, *, max_to_keep: int = 1, async_save: bool = False, read_only: bool = False,
                  partial_state: bool = False) -> ocp.CheckpointManager:
   """The workdir's manager. partial_state (read-only use): restore a subset of the state with PyTreeRestore."""
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
                                          enable_async_checkpointing=async_save)
-  return ocp.CheckpointManager(checkpoint_dir(workdir), item_handlers=_handlers(partial_state), options=options)
+  return _Manager(checkpoint_dir(workdir), item_handlers=_handlers(partial_state), options=options)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state, position: dict[str, int]) -> None:
