@@ -61,7 +61,10 @@ def get_config():
   c.text.depth = 2  # Transformer layers per tiny encoder.
   c.text.num_heads = 4  # Attention heads per tiny encoder.
   c.text.init_seed = 1234  # The frozen encoders' weights come from this seed (and are stored in checkpoints).
-  c.text.drop_prob = 0.463  # Each encoder's output is zeroed independently with this probability (paper §B.2).
+  c.text.drop_prob = 0.463  # Each encoder's output is dropped independently with this probability (paper §B.2).
+  # What a dropped encoder gives: "zeros" | "empty" (the empty prompt's output of that encoder; precomputed records
+  # store it once). The CFG negative of "tiny" follows it (zeros or the empty prompt); "sd3"'s is the empty prompt.
+  c.text.drop_to = "zeros"
 
   # --- Model (MM-DiT; field names are rflow_jax.model.mmdit.MMDiT attributes) ---------------------------------
   c.model = ml_collections.ConfigDict()

@@ -79,7 +79,8 @@ def build(config, out: str) -> Job:
   head = {
       "format": precomputed.FORMAT, "format_version": precomputed.FORMAT_VERSION,
       "num_records": in_manifest["num_records"], "image_size": s,
-      "source": {"path": os.path.abspath(config.data.path), "shard_sha256": [x["sha256"] for x in in_manifest["shards"]]},
+      "source": {"path": os.path.abspath(config.data.path),
+                 "shard_sha256": [x["sha256"] for x in in_manifest["shards"]]},
       "vae": {"path": os.path.abspath(config.vae.path), "identity": latent_data.vae_identity(vae_model, vae_params),
               "scaling_factor": vae_model.scaling_factor, "shift_factor": vae_model.shift_factor,
               "dtype": config.vae.dtype},

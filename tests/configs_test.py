@@ -64,7 +64,8 @@ def test_every_config_file_is_listed():
 @pytest.mark.parametrize("field, value, message", [
     ("model.hidden_size", 33, "model.hidden_size=33 is not divisible by model.num_heads=2"),
     ("data.image_size", 36, "data.image_size=36 is not divisible by model.patch_size=8"),
-    ("data.name", "imagenet", "data.name='imagenet' is not a dataset; valid: ['arrayrecord', 'shapes']"),
+    ("data.name", "imagenet", "data.name='imagenet' is not a dataset; valid: ['arrayrecord', 'precomputed', 'shapes']"),
+    ("text.drop_to", "none", "text.drop_to='none'; valid: ('zeros', 'empty')"),
     ("train.global_batch_size", 0, "train.global_batch_size=0 must be positive"),
     ("train.nonfinite", "ignore", "train.nonfinite='ignore'; valid: ('halt', 'skip')"),
     ("sample.num_steps", 0, "sample.num_steps=0 must be positive"),

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import cli_util
 from configs import debug, shapes_vae
 from rflow_jax import precompute
 from rflow_jax.data import arrayrecord, convert, pixels, precomputed, records, shapes
@@ -55,19 +56,11 @@ def _config(inputs, **overrides):
   return c
 
 
-def _files(directory):
-  out = {}
-  for name in sorted(os.listdir(directory)):
-    with open(os.path.join(directory, name), "rb") as f:
-      out[name] = f.read()
-  return out
-
-
 def _one_process(config, out):
   job = precompute.build(config, out)
   assert precompute.encode_process(job, 0, 1) == [0, 1, 2, 3]
   precompute.finalize(job)
-  return _files(out)
+  return cli_util.dir_bytes(out)
 
 
 def test_two_processes_and_a_killed_restart_are_bitwise_one_run(inputs, tmp_path, monkeypatch):
@@ -82,7 +75,7 @@ def test_two_processes_and_a_killed_restart_are_bitwise_one_run(inputs, tmp_path
     precompute.finalize(job)
   assert precompute.encode_process(job, 0, 2) == [0, 2]
   precompute.finalize(job)
-  assert _files(two) == reference
+  assert cli_util.dir_bytes(two) == reference
   # Killed while writing the third shard's latents: a temporary is left, no note, no manifest.
   killed = str(tmp_path / "killed")
   write, calls = precomputed.write_shard_file, []
@@ -108,7 +101,7 @@ def test_two_processes_and_a_killed_restart_are_bitwise_one_run(inputs, tmp_path
   job = precompute.build(config, killed)
   assert precompute.encode_process(job, 0, 1) == [1, 2, 3]  # Shard 0 is kept.
   precompute.finalize(job)
-  assert _files(killed) == reference
+  assert cli_util.dir_bytes(killed) == reference
   # Another storage dtype changes every shard's fingerprint: nothing is kept.
   job = precompute.build(_config(inputs, **{"precompute.latent_dtype": "bfloat16"}), killed)
   assert precompute.encode_process(job, 0, 1) == [0, 1, 2, 3]
@@ -147,12 +140,26 @@ def test_training_batch_equals_the_in_step_path_and_trains(inputs, tmp_path):
   expected_x0 = vae_lib.normalize_latents(latent, 0.7, 0.1)
   np.testing.assert_allclose(x0, expected_x0, rtol=0, atol=1e-5)
   tokens = jnp.asarray(task.tokenizer.batch([x["caption"] for x in items]))
-  expected_context, expected_pooled = step_lib.condition(
-      task.text_stack, text_encoders.init_params(task.text_stack, config.text), tokens, jax.random.split(key)[0],
-      config.text.drop_prob)
+  text_params = text_encoders.init_params(task.text_stack, config.text)
+  k_drop = jax.random.split(key)[0]
+  expected_context, expected_pooled = step_lib.condition(task.text_stack, text_params, tokens, k_drop,
+                                                         config.text.drop_prob)
   np.testing.assert_allclose(context, expected_context, rtol=0, atol=1e-5)  # Stored float32: encoder rounding only.
   np.testing.assert_allclose(pooled, expected_pooled, rtol=0, atol=1e-5)
-  # Three steps on the precomputed records; the preview decodes the sampled latents with the VAE.
+  # text.drop_to="empty": a dropped encoder gives the empty prompt's outputs (stored once), in both paths alike.
+  config.text.drop_to = "empty"
+  task = tasks.get_task(config)
+  empty_tokens = text_encoders.drop_tokens(config.text, task.tokenizer)
+  for p in (0.5, 1.0):
+    _, context, pooled = step_lib.stored_inputs(batch, key, task.latents.stored_inputs(), p)
+    expected = step_lib.condition(task.text_stack, text_params, tokens, k_drop, p, empty_tokens)
+    np.testing.assert_allclose(context, expected[0], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(pooled, expected[1], rtol=0, atol=1e-5)
+  empty = text_encoders.drop_and_compose(text_encoders.empty_outputs(task.text_stack, text_params, empty_tokens),
+                                         None, 0.0)
+  np.testing.assert_allclose(context, jnp.broadcast_to(empty[0], context.shape), rtol=0, atol=1e-5)  # p = 1.
+  assert float(jnp.abs(empty[0]).max()) > 0.1  # Not zeros.
+  # Three steps on the precomputed records (drop_to="empty"); the preview decodes the sampled latents with the VAE.
   results = trainer.train_and_evaluate(config, str(tmp_path / "run"))
   assert results["step"] == 3 and np.isfinite(results["loss"])
   grids = os.listdir(tmp_path / "run" / "samples")
@@ -212,3 +219,18 @@ def test_bad_precompute_input_fails_before_work(inputs, tmp_path):
     precompute.build(_config(inputs, **{"data.image_size": 31}), str(tmp_path))
   with pytest.raises(ValueError, match="vae.path is empty"):
     precompute.build(_config(inputs, **{"vae.path": ""}), str(tmp_path))
+
+
+@pytest.mark.slow
+def test_command_line(inputs, tmp_path):
+  flags = ["--config.data.name=arrayrecord", f"--config.data.path={inputs[0]}", f"--config.vae.path={inputs[1]}",
+           "--config.precompute.batch_size=4"]
+  rc, _, stderr = cli_util.run_module("rflow_jax.precompute", "--config=configs/debug.py", f"--out={tmp_path}",
+                                      "--config.precompute.text_dtype=int8", *flags)
+  cli_util.assert_one_line_error(rc, stderr, "precompute.text_dtype='int8'; valid: ['bfloat16', 'float16', 'float32']")
+  rc, stdout, stderr = cli_util.run_module("rflow_jax.precompute", "--config=configs/debug.py", f"--out={tmp_path}",
+                                           *flags)
+  assert rc == 0, stderr[-2000:]
+  line = json.loads(stdout.strip().splitlines()[-1])
+  assert line["num_records"] == 10 and line["latent"] == {"shape": [16, 16, 4], "dtype": "float16"}
+  assert len(precomputed.PrecomputedSource(str(tmp_path))) == 10

@@ -36,10 +36,10 @@ def save_png(image: np.ndarray, path: str) -> None:
 
 
 def _sample(params, text_params, tokens, keys, *, model, text_stack, formulation, image_shape, sigmas, solver,
-            cfg_scale, vae=None):
+            cfg_scale, vae=None, empty_tokens=None):
   """Jitted body: tokens (B, L), keys (B,) -> images (B, H, W, C) in data space (decoded by `vae` if given)."""
   cond = text_encoders.drop_and_compose(text_stack.apply({"params": text_params}, tokens), None, 0.0)
-  uncond = text_encoders.negative_condition(text_stack, text_params, cond)
+  uncond = text_encoders.negative_condition(text_stack, text_params, cond, empty_tokens)
   x_init = jax.vmap(lambda k: jax.random.normal(k, image_shape, jnp.float32))(keys)  # (B, H, W, C) pure noise
 
   def rf_velocity(x, sigma, c):  # Any formulation's network, seen as an rf velocity field at noise level sigma.
@@ -59,8 +59,10 @@ def _sample(params, text_params, tokens, keys, *, model, text_stack, formulation
 class Sampler:
   """A compiled sampler for one (model, text stack, formulation, sampling config, image shape)."""
 
-  def __init__(self, *, model, text_stack, tokenizer, formulation, sample_config, image_shape, vae=None):
-    """`image_shape`: what the backbone generates; `vae`: (AutoencoderKL, params) decoding it when it is a latent."""
+  def __init__(self, *, model, text_stack, tokenizer, formulation, sample_config, image_shape, vae=None,
+               empty_tokens=None):
+    """`image_shape`: what the backbone generates; `vae`: (AutoencoderKL, params) decoding it when it is a latent;
+    `empty_tokens`: the empty prompt's tokens when training dropped encoders to it (text.drop_to="empty")."""
     self.tokenizer = tokenizer
     self.config = sample_config
     self.image_shape = tuple(image_shape)
@@ -71,12 +73,14 @@ class Sampler:
                                                sample_config.schedule), jnp.float32)
     self._fn = jax.jit(functools.partial(
         _sample, model=model, text_stack=text_stack, formulation=formulation, image_shape=tuple(image_shape),
-        sigmas=sigmas, solver=sample_config.solver, cfg_scale=sample_config.cfg_scale, vae=vae))
+        sigmas=sigmas, solver=sample_config.solver, cfg_scale=sample_config.cfg_scale, vae=vae,
+        empty_tokens=empty_tokens))
 
   @classmethod
   def from_config(cls, config, *, model, text_stack, tokenizer, vae=None):
     """The sampler of a run's config: its formulation, config.sample and image shape (latents decoded by `vae`)."""
     return cls(model=model, text_stack=text_stack, tokenizer=tokenizer, vae=vae,
+               empty_tokens=text_encoders.drop_tokens(config.text, tokenizer),
                formulation=formulations.get(config.flow.formulation, shift=config.flow.shift),
                sample_config=config.sample,
                image_shape=(config.data.image_size, config.data.image_size, config.model.in_channels))

@@ -1,4 +1,4 @@
-"""Training on precomputed records (`data.name = "precomputed"`): identities, the manifest check, and what the step needs.
+"""Training on precomputed records (data.name="precomputed"): identities, the manifest check, what the step needs.
 
 The precompute job (rflow_jax/precompute.py) names in its manifest the VAE and the text encoders it encoded with,
 by identity: a sha256 of the VAE's architecture and weights (not of its scaling/shift factors: the stored moments do
@@ -73,6 +73,7 @@ class LatentData:
       records.ManifestError: one line naming the first value of the data that does not match the run.
     """
     where = f"data.path={config.data.path!r}"
+    self.path, self.drop_to = config.data.path, config.text.drop_to
     self.manifest = m = precomputed.load_manifest(config.data.path)
     h, w, c = m["latent"]["shape"]
     if c != config.model.in_channels:
@@ -119,6 +120,9 @@ class LatentData:
 
   def stored_inputs(self):
     """The static half of the step's precomputed path (step.StoredInputs)."""
+    empty = None
+    if self.drop_to == "empty":
+      empty = tuple(precomputed.load_empty_prompt(self.path, self.manifest))
     return step_lib.StoredInputs(text_treedef=self.treedef, text_keys=tuple(self.text_keys),
                                  scaling_factor=self.vae_model.scaling_factor,
-                                 shift_factor=self.vae_model.shift_factor)
+                                 shift_factor=self.vae_model.shift_factor, empty=empty)

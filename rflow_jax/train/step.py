@@ -36,17 +36,21 @@ class StoredInputs:
     text_treedef: structure of the text stack's outputs; the batch holds its leaves under `text_keys`.
     text_keys: batch keys of the stored per-encoder outputs, in jax.tree.leaves order.
     scaling_factor, shift_factor: the VAE's latent normalisation (applied by vae.normalize_latents).
+    empty: the stored empty prompt's outputs (batch 1, leaves order) for text.drop_to="empty"; None: zeros.
   """
   text_treedef: Any
   text_keys: tuple[str, ...]
   scaling_factor: float
   shift_factor: float
+  empty: tuple | None = None
 
 
-def condition(text_stack, text_params, tokens, key, drop_prob):
-  """Frozen text encoders -> per-encoder caption dropout -> SD3 composition (context, pooled)."""
+def condition(text_stack, text_params, tokens, key, drop_prob, empty_tokens=None):
+  """Frozen text encoders -> per-encoder caption dropout (to zeros, or to the empty prompt's outputs when
+  `empty_tokens` is given) -> SD3 composition (context, pooled)."""
   outputs = text_stack.apply({"params": text_params}, tokens)
-  context, pooled = text_encoders.drop_and_compose(outputs, key, drop_prob)
+  empty = None if empty_tokens is None else text_encoders.empty_outputs(text_stack, text_params, empty_tokens)
+  context, pooled = text_encoders.drop_and_compose(outputs, key, drop_prob, empty)
   return jax.lax.stop_gradient(context), jax.lax.stop_gradient(pooled)
 
 
@@ -62,7 +66,8 @@ def stored_inputs(batch, key, stored: StoredInputs, drop_prob: float):
                                jax.random.fold_in(key, LATENT_NOISE_STREAM))
   x0 = vae_lib.normalize_latents(x, stored.scaling_factor, stored.shift_factor)
   outputs = jax.tree.unflatten(stored.text_treedef, [f32(batch[k]) for k in stored.text_keys])
-  context, pooled = text_encoders.drop_and_compose(outputs, k_drop, drop_prob)
+  empty = None if stored.empty is None else jax.tree.unflatten(stored.text_treedef, [f32(x) for x in stored.empty])
+  context, pooled = text_encoders.drop_and_compose(outputs, k_drop, drop_prob, empty)
   return x0, jax.lax.stop_gradient(context), jax.lax.stop_gradient(pooled)
 
 
@@ -85,7 +90,7 @@ def _unsplit(x):
 
 
 def _grads_and_metrics(params, text_params, batch, key, *, model, text_stack, formulation, drop_prob: float,
-                       microbatches: int, stored: StoredInputs | None = None):
+                       microbatches: int, stored: StoredInputs | None = None, empty_tokens=None):
   """Mean loss of the batch, its per-example losses and times (B,), and the float32 gradient of the mean loss.
 
   The randomness is drawn for the whole batch before any split, so any `microbatches` sees the same draws.
@@ -93,7 +98,7 @@ def _grads_and_metrics(params, text_params, batch, key, *, model, text_stack, fo
   k_drop, k_loss = jax.random.split(key)
   if stored is None:
     x0 = batch["image"]
-    context, pooled = condition(text_stack, text_params, batch["tokens"], k_drop, drop_prob)
+    context, pooled = condition(text_stack, text_params, batch["tokens"], k_drop, drop_prob, empty_tokens)
   else:
     x0, context, pooled = stored_inputs(batch, key, stored, drop_prob)
   t, eps = losses.draw_noise(formulation, k_loss, x0.shape)
@@ -117,7 +122,7 @@ def _grads_and_metrics(params, text_params, batch, key, *, model, text_stack, fo
 
 def train_step(state: TrainState, batch, *, model, text_stack, formulation, tx, seed: int, drop_prob: float,
                ema_decay: float, microbatches: int = 1,
-               stored: StoredInputs | None = None) -> tuple[TrainState, dict[str, Any]]:
+               stored: StoredInputs | None = None, empty_tokens=None) -> tuple[TrainState, dict[str, Any]]:
   """One optimiser update with EMA and a non-finite guard.
 
   Args:
@@ -131,6 +136,7 @@ def train_step(state: TrainState, batch, *, model, text_stack, formulation, tx, 
     microbatches: gradient accumulation: the batch is processed in this many pieces (divides the per-device batch).
     stored: train on precomputed latent moments and text-stack outputs (data.name="precomputed"); None: images and
       tokens, encoded in the step.
+    empty_tokens: the empty prompt's tokens: dropped encoders give its outputs (text.drop_to="empty"); None: zeros.
 
   Returns:
     The new state and a dict of scalar metrics (on device).
@@ -138,7 +144,7 @@ def train_step(state: TrainState, batch, *, model, text_stack, formulation, tx, 
   key = jax.random.fold_in(jax.random.key(seed), state.step)
   loss, per_example, t, grads = _grads_and_metrics(
       state.params, state.text_params, batch, key, model=model, text_stack=text_stack, formulation=formulation,
-      drop_prob=drop_prob, microbatches=microbatches, stored=stored)
+      drop_prob=drop_prob, microbatches=microbatches, stored=stored, empty_tokens=empty_tokens)
   updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
   new_params = optax.apply_updates(state.params, updates)
   decay = optim_lib.ema_decay(state.step, ema_decay)

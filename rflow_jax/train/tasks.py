@@ -53,7 +53,8 @@ class FlowTask:
     self.train_step = functools.partial(
         step_lib.train_step, model=self.model, text_stack=self.text_stack, formulation=self.formulation, tx=self.tx,
         seed=config.seed, drop_prob=config.text.drop_prob, ema_decay=config.optim.ema_decay,
-        microbatches=config.train.microbatches, stored=self.latents and self.latents.stored_inputs())
+        microbatches=config.train.microbatches, stored=self.latents and self.latents.stored_inputs(),
+        empty_tokens=text_encoders.drop_tokens(config.text, self.tokenizer))
     self.flops_per_step = flops_lib.train_flops_per_step(config)
 
   def init(self, key) -> TrainState:
