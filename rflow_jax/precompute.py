@@ -150,20 +150,23 @@ def encode_shard(job: Job, k: int, encode, rows: int) -> dict:
   """Encodes shard k into its two record files (atomically) and writes its note; returns the note."""
   shard = job.shards[k]
   first, n = shard["first_index"], shard["num_records"]
-  latents, texts = [], []
-  for start in range(first, first + n, rows):
-    items = [job.source[i] for i in range(start, min(start + rows, first + n))]
-    pad = rows - len(items)  # Every call has one shape: the same rows give the same bytes in any run.
-    images = pixels.to_float(np.stack([x["image"] for x in items] + [np.zeros_like(items[0]["image"])] * pad))
-    tokens = job.tokenizer.batch([x["caption"] for x in items] + [""] * pad)
-    mean, logvar, leaves = encode(images, tokens)
-    for r in range(len(items)):
-      latents.append(precomputed.encode_arrays({"mean": mean[r], "logvar": logvar[r]}))
-      texts.append(precomputed.encode_arrays({precomputed.text_key(i): x[r] for i, x in enumerate(leaves)}))
-  sha = {}
-  for kind, rows_of_kind in zip(precomputed.KINDS, (latents, texts)):
-    sha[kind] = precomputed.write_shard_file(
-        os.path.join(job.out, precomputed.shard_file(kind, k, len(job.shards))), rows_of_kind)
+  writers = {kind: precomputed.ShardWriter(os.path.join(job.out, precomputed.shard_file(kind, k, len(job.shards))))
+             for kind in precomputed.KINDS}
+  try:
+    for start in range(first, first + n, rows):
+      items = [job.source[i] for i in range(start, min(start + rows, first + n))]
+      pad = rows - len(items)  # Every call has one shape: the same rows give the same bytes in any run.
+      images = pixels.to_float(np.stack([x["image"] for x in items] + [np.zeros_like(items[0]["image"])] * pad))
+      tokens = job.tokenizer.batch([x["caption"] for x in items] + [""] * pad)
+      mean, logvar, leaves = encode(images, tokens)
+      for r in range(len(items)):
+        writers["latents"].write(precomputed.encode_arrays({"mean": mean[r], "logvar": logvar[r]}))
+        writers["text"].write(precomputed.encode_arrays({precomputed.text_key(i): x[r] for i, x in enumerate(leaves)}))
+  except BaseException:
+    for writer in writers.values():
+      writer.abort()
+    raise
+  sha = {kind: writer.commit() for kind, writer in writers.items()}
   note = {"fingerprint": _shard_fingerprint(job, k), "num_records": n, "sha256": sha}
   records.write_json_atomic(_note_path(job, k), note)
   return note

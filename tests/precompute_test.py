@@ -76,23 +76,24 @@ def test_two_processes_and_a_killed_restart_are_bitwise_one_run(inputs, tmp_path
   assert precompute.encode_process(job, 0, 2) == [0, 2]
   precompute.finalize(job)
   assert cli_util.dir_bytes(two) == reference
-  # Killed while writing the third shard's latents: a temporary is left, no note, no manifest.
+  # Killed while writing the third shard: a dead process's temporary is left, no note, no manifest.
   killed = str(tmp_path / "killed")
-  write, calls = precomputed.write_shard_file, []
+  commit, commits = precomputed.ShardWriter.commit, []
 
-  def dies_on_fifth_file(path, rows):
-    calls.append(path)
-    if len(calls) == 5:
-      with open(os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-999"), "wb") as f:
+  def dies_at_fifth_commit(writer):
+    commits.append(writer.path)
+    if len(commits) == 5:
+      with open(os.path.join(killed, ".latents-00002-of-00004.arrayrecord.tmp-999"), "wb") as f:
         f.write(b"half a shard")
       raise KeyboardInterrupt("killed")
-    return write(path, rows)
+    return commit(writer)
 
-  monkeypatch.setattr(precomputed, "write_shard_file", dies_on_fifth_file)
+  monkeypatch.setattr(precomputed.ShardWriter, "commit", dies_at_fifth_commit)
   with pytest.raises(KeyboardInterrupt):
     precompute.encode_process(precompute.build(config, killed), 0, 1)
-  monkeypatch.setattr(precomputed, "write_shard_file", write)
+  monkeypatch.setattr(precomputed.ShardWriter, "commit", commit)
   assert ".latents-00002-of-00004.arrayrecord.tmp-999" in os.listdir(killed)
+  assert "shard-00002-of-00004.json" not in os.listdir(killed)
   assert "manifest.json" not in os.listdir(killed)
   # A finished shard damaged since is redone too.
   with open(os.path.join(killed, "text-00001-of-00004.arrayrecord"), "r+b") as f:

@@ -98,20 +98,33 @@ def text_specs(manifest: dict) -> dict[str, dict]:
   return {text_key(i): {"shape": shape, "dtype": dtype} for i, shape in enumerate(manifest["text"]["shapes"])}
 
 
-def write_shard_file(path: str, rows) -> str:
-  """Writes encoded records to `path` through a hidden temporary name and a rename; returns the file's sha256."""
-  from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=g-import-not-at-top
-  directory, name = os.path.split(path)
-  tmp = os.path.join(directory, f".{name}.tmp-{os.getpid()}")
-  writer = ArrayRecordWriter(tmp, "group_size:1")
-  try:
-    for row in rows:
-      writer.write(row)
-  finally:
-    writer.close()
-  digest = records.sha256_file(tmp)
-  os.replace(tmp, path)
-  return digest
+class ShardWriter:
+  """An ArrayRecord file written under a hidden temporary name and renamed by `commit`: a reader sees all or nothing.
+
+  Records are written as they come (a shard of T5-XXL embeddings does not fit in host memory); `abort` removes the
+  temporary. A killed process leaves it behind, and the next precompute removes it.
+  """
+
+  def __init__(self, path: str):
+    from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=g-import-not-at-top
+    directory, name = os.path.split(path)
+    self.path, self._tmp = path, os.path.join(directory, f".{name}.tmp-{os.getpid()}")
+    self._writer = ArrayRecordWriter(self._tmp, "group_size:1")
+
+  def write(self, data: bytes) -> None:
+    self._writer.write(data)
+
+  def commit(self) -> str:
+    """Closes the file and renames it into place; returns its sha256."""
+    self._writer.close()
+    digest = records.sha256_file(self._tmp)
+    os.replace(self._tmp, self.path)
+    return digest
+
+  def abort(self) -> None:
+    self._writer.close()
+    if os.path.exists(self._tmp):
+      os.remove(self._tmp)
 
 
 def load_manifest(directory: str) -> dict:
