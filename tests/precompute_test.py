@@ -166,6 +166,26 @@ def test_training_batch_equals_the_in_step_path_and_trains(inputs, tmp_path):
   grids = os.listdir(tmp_path / "run" / "samples")
   assert grids == ["grid_000003.png"]
   assert Image.open(tmp_path / "run" / "samples" / grids[0]).size[1] == IMAGE_SIZE + 4  # Decoded: pixel size.
+  with open(tmp_path / "run" / "seen_indices_p0.json") as f:
+    seen = json.load(f)
+  assert len(seen) == 12 and sorted(seen[:10]) == list(range(10))  # One globally shuffled epoch, then the next.
+
+
+def test_sd3_stack_embeddings_and_empty_prompt_dropout(inputs, tmp_path):
+  sd3 = {"text.encoders": "sd3", "text.t5_length": 8, "text.drop_to": "empty"}
+  out = str(tmp_path / "sd3")
+  precompute.run(_config(inputs, **sd3, **{"precompute.text_dtype": "float32"}), out)
+  config = _train_config(inputs, out, **sd3, **{"vae.path": ""})  # "": the VAE the manifest names.
+  task = tasks.get_task(config)
+  batch = next(task.make_iterator(0, 1))
+  key = jax.random.key(3)
+  _, context, pooled = step_lib.stored_inputs(batch, key, task.latents.stored_inputs(), 0.5)
+  captions = [arrayrecord.ArrayRecordImageSource(inputs[0], IMAGE_SIZE)[int(i)]["caption"] for i in batch["index"]]
+  text_params = text_encoders.init_params(task.text_stack, config.text)
+  expected = step_lib.condition(task.text_stack, text_params, jnp.asarray(task.tokenizer.batch(captions)),
+                                jax.random.split(key)[0], 0.5, text_encoders.drop_tokens(config.text, task.tokenizer))
+  np.testing.assert_allclose(context, expected[0], rtol=0, atol=1e-5)
+  np.testing.assert_allclose(pooled, expected[1], rtol=0, atol=1e-5)
 
 
 def test_half_precision_storage_stays_close(inputs, tmp_path):
