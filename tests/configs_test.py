@@ -114,6 +114,16 @@ def test_bad_values_fail_validation_with_the_value_named(field, value, message):
   assert message in str(e.value)
 
 
+def test_val_loss_needs_held_out_shapes_records():
+  from configs import debug  # pylint: disable=g-import-not-at-top
+  config = debug.get_config()
+  config.data.name, config.train.evaluators = "precomputed", ("val_loss",)
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.validate(config)
+  assert str(e.value) == ("train.evaluators=('val_loss',) includes 'val_loss', which scores held-out shapes records; "
+                          "data.name='precomputed' has none (remove it from train.evaluators)")
+
+
 @pytest.mark.parametrize("arch", ["mmdit", "dit", "crossdit", "uvit"])
 def test_rq2_baseline_configs_build(arch):
   from configs import rq2_baselines  # pylint: disable=g-import-not-at-top

@@ -13,7 +13,7 @@ from PIL import Image
 
 import cli_util
 from configs import debug, shapes_vae
-from rflow_jax import precompute
+from rflow_jax import precompute, rundir
 from rflow_jax.data import arrayrecord, convert, pixels, precomputed, records, shapes
 from rflow_jax.export import vae as export_vae
 from rflow_jax.model import text_encoders, vae as vae_lib
@@ -166,6 +166,8 @@ def test_training_batch_equals_the_in_step_path_and_trains(inputs, tmp_path):
   grids = os.listdir(tmp_path / "run" / "samples")
   assert grids == ["grid_000003.png"]
   assert Image.open(tmp_path / "run" / "samples" / grids[0]).size[1] == IMAGE_SIZE + 4  # Decoded: pixel size.
+  sampler, params, text_params, _, _ = rundir.load_sampler(str(tmp_path / "run"))  # The sample CLI's path.
+  assert sampler.generate(params, text_params, ["a red circle"], seed=0).shape == (1, IMAGE_SIZE, IMAGE_SIZE, 3)
   with open(tmp_path / "run" / "seen_indices_p0.json") as f:
     seen = json.load(f)
   assert len(seen) == 12 and sorted(seen[:10]) == list(range(10))  # One globally shuffled epoch, then the next.

@@ -57,6 +57,16 @@ def load_vae(path: str, dtype: str):
   return export_vae.load_vae(path, dtype=model_registry.DTYPES[dtype])
 
 
+def vae_path(config) -> str:
+  """The VAE of a run on precomputed records: vae.path, or ("") the one its data manifest names."""
+  return config.vae.path or precomputed.load_manifest(config.data.path)["vae"]["path"]
+
+
+def run_vae(config):
+  """(model, params) of the VAE a latent-space run decodes with (vae_path), or None for a pixel-space run."""
+  return load_vae(vae_path(config), config.vae.dtype) if config.data.name == "precomputed" else None
+
+
 class LatentData:
   """The manifest of config.data.path checked against the run, and what the flow task needs to train on it.
 
@@ -93,12 +103,11 @@ class LatentData:
     if [tuple(s) for s in m["text"]["shapes"]] != shapes:
       raise records.ManifestError(f"{where} holds text embeddings of shapes {m['text']['shapes']}, but config.text's "
                                   f"stack gives {[list(s) for s in shapes]}")
-    vae_path = config.vae.path or m["vae"]["path"]
-    self.vae_model, self.vae_params = load_vae(vae_path, config.vae.dtype)
+    self.vae_model, self.vae_params = run_vae(config)
     identity = vae_identity(self.vae_model, self.vae_params)
     if identity != m["vae"]["identity"]:
       raise records.ManifestError(f"{where} was encoded by VAE {m['vae']['identity'][:12]} ({m['vae']['path']}), "
-                                  f"but vae.path={vae_path!r} is VAE {identity[:12]}")
+                                  f"but vae.path={vae_path(config)!r} is VAE {identity[:12]}")
     identity = text_identity(config.text, tokenizer, text_params)
     if identity != m["text"]["identity"]:
       raise records.ManifestError(f"{where} was encoded by text encoders {m['text']['identity'][:12]}, but "
