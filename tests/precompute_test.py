@@ -160,9 +160,11 @@ def test_training_batch_equals_the_in_step_path_and_trains(inputs, tmp_path):
                                          None, 0.0)
   np.testing.assert_allclose(context, jnp.broadcast_to(empty[0], context.shape), rtol=0, atol=1e-5)  # p = 1.
   assert float(jnp.abs(empty[0]).max()) > 0.1  # Not zeros.
-  # Three steps on the precomputed records (drop_to="empty"); the preview decodes the sampled latents with the VAE.
+  # Three steps on the precomputed records (drop_to="empty"), the second one's latents poisoned (NaN) and dropped by
+  # the guard; the preview decodes the sampled latents with the VAE.
+  config.train.poison_step, config.train.nonfinite = 2, "skip"
   results = trainer.train_and_evaluate(config, str(tmp_path / "run"))
-  assert results["step"] == 3 and np.isfinite(results["loss"])
+  assert results["step"] == 3 and np.isfinite(results["loss"]) and results["skipped_steps"] == 1
   grids = os.listdir(tmp_path / "run" / "samples")
   assert grids == ["grid_000003.png"]
   assert Image.open(tmp_path / "run" / "samples" / grids[0]).size[1] == IMAGE_SIZE + 4  # Decoded: pixel size.
