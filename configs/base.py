@@ -20,8 +20,12 @@ def get_config():
 
   # --- Data -------------------------------------------------------------------------------------------------
   c.data = ml_collections.ConfigDict()
-  c.data.name = "shapes"  # rflow_jax/data/registry.py: "shapes" (procedural, built in) | "arrayrecord" (data.path).
-  c.data.image_size = 32  # Canvas side S in pixels (shapes supports 32 and 64).
+  # rflow_jax/data/registry.py: "shapes" (procedural, built in) | "arrayrecord" (data.path) | "precomputed" (data.path:
+  # VAE latent moments and text-encoder outputs of `python -m rflow_jax.precompute`, docs/data.md).
+  c.data.name = "shapes"
+  # Side S of what the backbone reads: pixels (shapes supports 32 and 64); with name="precomputed" the latent side
+  # (the precompute config's own image_size, in pixels, divided by the VAE's downsampling factor).
+  c.data.image_size = 32
   c.data.num_records = 1_000_000  # Size of the (procedural, deterministic) source; one epoch = this many examples.
   c.data.caption_style = "mixed"  # "mixed" = 50/50 sentence/tag captions (the paper's original/synthetic mix).
   c.data.worker_count = 0  # grain worker processes; 0 = produce batches in the training process.
@@ -29,6 +33,14 @@ def get_config():
   # With name="arrayrecord": the output directory of `python -m rflow_jax.data.convert` (docs/data.md); its images
   # are resized and centre-cropped to image_size. num_records, caption_style and seed apply to shapes only.
   c.data.path = ""
+
+  # --- Precompute (`python -m rflow_jax.precompute`: a converted dataset -> VAE moments + text embeddings) ----------
+  c.precompute = ml_collections.ConfigDict()
+  c.precompute.latent_dtype = "float16"  # Storage dtype of the posterior mean and logvar: float32|float16|bfloat16.
+  c.precompute.text_dtype = "float16"  # Storage dtype of the text encoders' outputs: float32|float16|bfloat16.
+  # Images per device per encoder call. Every call has this shape (the last one padded), so a record's bytes never
+  # depend on which process or batch encoded it.
+  c.precompute.batch_size = 16
 
   # --- Text conditioning --------------------------------------------------------------------------------------
   # encoders="tiny": two tiny frozen, randomly initialised encoders stand in for CLIP and T5: "clip" gives
@@ -49,7 +61,10 @@ def get_config():
   c.text.depth = 2  # Transformer layers per tiny encoder.
   c.text.num_heads = 4  # Attention heads per tiny encoder.
   c.text.init_seed = 1234  # The frozen encoders' weights come from this seed (and are stored in checkpoints).
-  c.text.drop_prob = 0.463  # Each encoder's output is zeroed independently with this probability (paper §B.2).
+  c.text.drop_prob = 0.463  # Each encoder's output is dropped independently with this probability (paper §B.2).
+  # What a dropped encoder gives: "zeros" | "empty" (the empty prompt's output of that encoder; precomputed records
+  # store it once). The CFG negative of "tiny" follows it (zeros or the empty prompt); "sd3"'s is the empty prompt.
+  c.text.drop_to = "zeros"
 
   # --- Model (MM-DiT; field names are rflow_jax.model.mmdit.MMDiT attributes) ---------------------------------
   c.model = ml_collections.ConfigDict()
@@ -73,6 +88,10 @@ def get_config():
 
   # --- VAE (task "vae"; field names follow rflow_jax.model.vae.AutoencoderKL; defaults are SD3's architecture) --
   c.vae = ml_collections.ConfigDict()
+  # The trained VAE a flow run's latents come from: a diffusers AutoencoderKL directory (e.g. the --out of
+  # `python -m rflow_jax.export.latent_stats`, which carries the shift/scale). precompute encodes with it; training on
+  # data.name="precomputed" checks it is the one the records name and applies its shift/scale ("" = the manifest's).
+  c.vae.path = ""
   c.vae.block_out_channels = (128, 256, 512, 512)  # Width per level; downsampling factor 2^(levels - 1).
   c.vae.layers_per_block = 2  # Res blocks per encoder level (the decoder has one more).
   c.vae.norm_num_groups = 32  # GroupNorm groups (divides every width).

@@ -93,6 +93,11 @@ def _validate_eval(config) -> None:
            and e.val_loss_examples % e.val_loss_batch_size == 0,
            f"eval.val_loss_examples={e.val_loss_examples} must be a positive multiple of "
            f"eval.val_loss_batch_size={e.val_loss_batch_size}")
+  # Its held-out examples are the procedural records past data.num_records; a converted or precomputed dataset has
+  # none, and the evaluator would fail only after the whole training run.
+  _require("val_loss" not in config.train.evaluators or config.data.name == "shapes",
+           f"train.evaluators={tuple(config.train.evaluators)} includes 'val_loss', which scores held-out shapes "
+           f"records; data.name={config.data.name!r} has none (remove it from train.evaluators)")
 
 
 def validate_sharding(config, devices=None) -> None:

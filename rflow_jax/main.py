@@ -7,7 +7,6 @@ Multi-process (one process per host): on TPU VMs and SLURM, jax.distributed find
 """
 
 from absl import app, flags, logging
-import jax
 from ml_collections import config_flags
 
 from rflow_jax import cli
@@ -16,28 +15,15 @@ from rflow_jax.train import multihost, trainer
 
 config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file (with optional :arg).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where config.json, checkpoints, TensorBoard events and samples go.")
-flags.DEFINE_enum("distributed", "off", ["off", "auto", "explicit"],
-                  "jax.distributed.initialize: off (one process), auto (TPU/SLURM detection), explicit (flags below).")
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (with --distributed=explicit).")
-flags.DEFINE_integer("num_processes", None, "Number of processes (with --distributed=explicit).")
-flags.DEFINE_integer("process_id", None, "This process's index (with --distributed=explicit).")
+multihost.define_distributed_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
-
-
-def _init_distributed():
-  if FLAGS.distributed == "auto":
-    jax.distributed.initialize()
-  elif FLAGS.distributed == "explicit":
-    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address, num_processes=FLAGS.num_processes,
-                               process_id=FLAGS.process_id)
-  multihost.use_host_barriers_for_orbax()
 
 
 def main(argv):
   del argv
   cli.quiet_orbax()
-  _init_distributed()
+  multihost.init_distributed()
   with cli.clean_errors():
     try:
       results = trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)

@@ -18,7 +18,7 @@ from rflow_jax.model import mmdit
 from rflow_jax.model import registry
 from rflow_jax.model import text_encoders
 from rflow_jax.sampling import pipeline
-from rflow_jax.train import checkpoint, vae_task
+from rflow_jax.train import checkpoint, latent_data, vae_task
 
 CONFIG_NAME = "config.json"
 
@@ -62,7 +62,8 @@ def load_sampler(workdir: str, *, steps=None, cfg=None, solver=None, use_ema: bo
   if transformer is not None:
     params = transformer_params
   tokenizer, text_stack = text_encoders.build(config.text)
-  sampler = pipeline.Sampler.from_config(config, model=model, text_stack=text_stack, tokenizer=tokenizer)
+  sampler = pipeline.Sampler.from_config(config, model=model, text_stack=text_stack, tokenizer=tokenizer,
+                                         vae=latent_data.run_vae(config))  # A latent-space run's samples are decoded.
   return sampler, params, text_params, config, step
 
 

@@ -32,6 +32,15 @@ def run_module(module, *args):
   return proc.returncode, proc.stdout, proc.stderr
 
 
+def dir_bytes(directory) -> dict[str, bytes]:
+  """{name: bytes} of every file in a directory (hidden temporaries included): compares job outputs bitwise."""
+  result = {}
+  for name in sorted(os.listdir(directory)):
+    with open(os.path.join(directory, name), "rb") as f:
+      result[name] = f.read()
+  return result
+
+
 def assert_one_line_error(rc, stderr, *needles):
   """Exit 2, no traceback, exactly one `error: …` line, and it contains every needle."""
   assert rc == 2, stderr[-2000:]

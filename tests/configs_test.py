@@ -64,7 +64,8 @@ def test_every_config_file_is_listed():
 @pytest.mark.parametrize("field, value, message", [
     ("model.hidden_size", 33, "model.hidden_size=33 is not divisible by model.num_heads=2"),
     ("data.image_size", 36, "data.image_size=36 is not divisible by model.patch_size=8"),
-    ("data.name", "imagenet", "data.name='imagenet' is not a dataset; valid: ['arrayrecord', 'shapes']"),
+    ("data.name", "imagenet", "data.name='imagenet' is not a dataset; valid: ['arrayrecord', 'precomputed', 'shapes']"),
+    ("text.drop_to", "none", "text.drop_to='none'; valid: ('zeros', 'empty')"),
     ("train.global_batch_size", 0, "train.global_batch_size=0 must be positive"),
     ("train.nonfinite", "ignore", "train.nonfinite='ignore'; valid: ('halt', 'skip')"),
     ("sample.num_steps", 0, "sample.num_steps=0 must be positive"),
@@ -111,6 +112,16 @@ def test_bad_values_fail_validation_with_the_value_named(field, value, message):
   with pytest.raises(config_lib.ConfigError) as e:
     config_lib.validate(config)
   assert message in str(e.value)
+
+
+def test_val_loss_needs_held_out_shapes_records():
+  from configs import debug  # pylint: disable=g-import-not-at-top
+  config = debug.get_config()
+  config.data.name, config.train.evaluators = "precomputed", ("val_loss",)
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.validate(config)
+  assert str(e.value) == ("train.evaluators=('val_loss',) includes 'val_loss', which scores held-out shapes records; "
+                          "data.name='precomputed' has none (remove it from train.evaluators)")
 
 
 @pytest.mark.parametrize("arch", ["mmdit", "dit", "crossdit", "uvit"])

@@ -55,15 +55,6 @@ def _read_all(out):
   return manifest, [records.decode_record(source[i]) for i in range(len(source))]
 
 
-def _files(directory):
-  """{name: bytes} of every file in a directory (hidden temporaries included)."""
-  result = {}
-  for name in sorted(os.listdir(directory)):
-    with open(os.path.join(directory, name), "rb") as f:
-      result[name] = f.read()
-  return result
-
-
 _RNG = np.random.default_rng(0)
 _RGB = [_RNG.integers(0, 256, (12 + i, 16, 3), dtype=np.uint8) for i in range(4)]
 _GRAY16 = (np.arange(16 * 16, dtype=np.uint32).reshape(16, 16) * 257).astype(np.uint16)
@@ -179,7 +170,7 @@ def test_crash_then_restart_is_bitwise_identical(folder, tmp_path, monkeypatch):
   monkeypatch.setattr(ingest, "read_job", crash_in_third_shard)
   with pytest.raises(RuntimeError, match="injected crash"):
     convert.convert(crashed)
-  after_crash = _files(tmp_path / "crashed")
+  after_crash = cli_util.dir_bytes(tmp_path / "crashed")
   # Two shards finished (with their notes); nothing of the third, no manifest: no reader can take it as complete.
   assert sorted(after_crash) == ["images-00000-of-00004.arrayrecord", "images-00000-of-00004.arrayrecord.json",
                                  "images-00001-of-00004.arrayrecord", "images-00001-of-00004.arrayrecord.json"]
@@ -194,7 +185,7 @@ def test_crash_then_restart_is_bitwise_identical(folder, tmp_path, monkeypatch):
   crash[0] = False
   convert.convert(crashed)
   assert calls == ["c.jpg", "gray16.png", "rgba.png"]  # Shard 0 skipped (verified by hash); 1 redone: damaged.
-  assert _files(tmp_path / "crashed") == _files(tmp_path / "clean")
+  assert cli_util.dir_bytes(tmp_path / "crashed") == cli_util.dir_bytes(tmp_path / "clean")
 
 
 def _one_bad(tmp_path, name, data, caption=b"fine"):
@@ -298,7 +289,7 @@ def test_arrayrecord_source_serves_the_images_and_refuses_a_changed_shard(shapes
   assert small.shape == (16, 16, 3) and small.dtype == np.uint8
   copy = tmp_path / "copy"
   copy.mkdir()
-  for name, data in _files(out).items():
+  for name, data in cli_util.dir_bytes(out).items():
     _write(str(copy / name), data)
   with open(copy / "images-00001-of-00003.arrayrecord", "r+b") as f:
     f.seek(50)

@@ -26,6 +26,7 @@ FLOORS = {
     "rflow_jax.main": 7, "rflow_jax.sample": 7, "rflow_jax.export.__main__": 7, "rflow_jax.eval.run_shapes": 7,
     "rflow_jax.data.convert": 7, "rflow_jax.eval.run_vae_recon": 7,
     "rflow_jax.export.latent_stats": 7,
+    "rflow_jax.precompute": 7,  # Encodes a converted dataset into latent and text-embedding records.
     "rflow_jax.scaling": 7,  # Fits and plots of a sweep's CSV (python -m rflow_jax.scaling.fit).
 }
 

@@ -146,7 +146,7 @@ def local_batch_size(global_batch_size: int, process_count: int) -> int:
 def make_train_iterator(
     *,
     source: grain.sources.RandomAccessDataSource,
-    tokenize: Tokenize,
+    tokenize: Tokenize | None,
     global_batch_size: int,
     seed: int,
     process_index: int,
@@ -162,7 +162,8 @@ def make_train_iterator(
   Args:
     source: random-access source of {image: uint8 (S, S, 3), caption: str,
       optional index} records.
-    tokenize: picklable `caption -> int array (L,)`; L must not vary.
+    tokenize: picklable `caption -> int array (L,)`; L must not vary. None: the records are already model inputs
+      (dicts of fixed-shape arrays, e.g. precomputed latents and embeddings) and are only batched.
     global_batch_size: batch size summed over processes; must be divisible by
       `process_count`.
     seed: shuffle seed (non-negative, < 2**32).
@@ -209,10 +210,8 @@ def make_train_iterator(
   loader = grain.DataLoader(
       data_source=source,
       sampler=sampler,
-      operations=[
-          ToTrainingExample(tokenize),
-          grain.transforms.Batch(batch_size, drop_remainder=True),
-      ],
+      operations=([ToTrainingExample(tokenize)] if tokenize is not None else []) + [
+          grain.transforms.Batch(batch_size, drop_remainder=True)],
       worker_count=worker_count,
       shard_options=shard_options,
       read_options=read_options,

@@ -1,6 +1,6 @@
 """Dataset registry: `config.data.name` -> a function building the random-access source from `config.data`."""
 
-from rflow_jax.data import arrayrecord, shapes
+from rflow_jax.data import arrayrecord, precomputed, shapes
 
 
 def _shapes(data_config):
@@ -15,7 +15,11 @@ def _arrayrecord(data_config):
   return arrayrecord.ArrayRecordImageSource(data_config.path, data_config.image_size)
 
 
-SOURCES = {"shapes": _shapes, "arrayrecord": _arrayrecord}
+def _precomputed(data_config):
+  return precomputed.PrecomputedSource(data_config.path)
+
+
+SOURCES = {"shapes": _shapes, "arrayrecord": _arrayrecord, "precomputed": _precomputed}
 
 
 def make_source(data_config):

@@ -16,9 +16,10 @@ could be precomputed). They are composed exactly as SD3 composes CLIP-L/G and T5
   * "t5": bidirectional transformer; context = final-norm hidden states.
   * context = concat([clip_ctx, t5_ctx], axis=sequence)  # (B, 2L, D); pooled = clip_pooled  # (B, D)
 
-Each encoder's output is zeroed independently with probability `drop_prob` during training (the paper's caption
-dropout for classifier-free guidance); the unconditional input at sampling time is therefore all zeros, matching
-what training saw. The interface (tokens -> (context (B, T, D), pooled (B, P))) is the one the real encoders will have.
+Each encoder's output is dropped independently with probability `drop_prob` during training (the paper's caption
+dropout for classifier-free guidance): zeroed (text.drop_to="zeros"), so the unconditional input at sampling time is
+all zeros, matching what training saw; or replaced by the empty prompt's output of that encoder (text.drop_to="empty"),
+and the unconditional input is the empty prompt. The interface (tokens -> (context (B, T, D), pooled (B, P))) is the one the real encoders will have.
 """
 
 import os
@@ -33,6 +34,7 @@ import numpy as np
 from rflow_jax.model.text import clip, sd3, sd3_tokenizer, t5
 
 ENCODERS = ("tiny", "sd3")  # Values of config.text.encoders.
+DROP_TO = ("zeros", "empty")  # Values of config.text.drop_to: what a dropped encoder gives.
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # Values of config.text.dtype.
 PAD, BOS, EOS, UNK = 0, 1, 2, 3
 _SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
@@ -151,29 +153,37 @@ class TextStack(nn.Module):
     return [(clip_hidden[-2], pooled), (t5_final, None)]
 
 
-def drop_and_compose(outputs, key, drop_prob: float):
+def drop_and_compose(outputs, key, drop_prob: float, empty=None):
   """Applies per-encoder caption dropout and composes the SD3 conditioning.
 
   Args:
     outputs: TextStack output: [(clip_ctx (B, L, D), clip_pooled (B, D)), (t5_ctx (B, L, D), None)], or an
       SD3TextStack's dict (composed by sd3.compose: three encoders, three independent draws).
     key: PRNG key for the dropout draws, or None for no dropout.
-    drop_prob: probability of zeroing each encoder's output, independently per example.
+    drop_prob: probability of dropping each encoder's output, independently per example.
+    empty: the stack's outputs for the empty prompt (batch 1; `empty_outputs`): a dropped encoder gives them
+      (text.drop_to="empty"); None: zeros (text.drop_to="zeros").
 
   Returns:
     context (B, 2L, D) and pooled (B, D), float32.
   """
   if isinstance(outputs, dict):
-    return sd3.compose(outputs, key, drop_prob)
+    return sd3.compose(outputs, key, drop_prob, empty)
   contexts, pooled = [], None
   for i, (ctx, pool) in enumerate(outputs):
     keep = jnp.ones((ctx.shape[0],), ctx.dtype)
     if key is not None and drop_prob > 0:
       keep = jax.random.bernoulli(jax.random.fold_in(key, i), 1.0 - drop_prob, keep.shape).astype(ctx.dtype)
-    contexts.append(ctx * keep[:, None, None])
+    e_ctx, e_pool = (None, None) if empty is None else empty[i]
+    contexts.append(sd3.drop(ctx, keep, e_ctx))
     if pool is not None:
-      pooled = pool * keep[:, None]
+      pooled = sd3.drop(pool, keep, e_pool)
   return jnp.concatenate(contexts, axis=1), pooled
+
+
+def empty_outputs(text_stack, text_params, empty_tokens):
+  """The stack's outputs for the empty prompt (batch 1): what a dropped encoder gives under text.drop_to="empty"."""
+  return text_stack.apply({"params": text_params}, jnp.asarray(empty_tokens, jnp.int32).reshape(1, -1))
 
 
 def null_condition(outputs):
@@ -182,15 +192,24 @@ def null_condition(outputs):
   return jnp.zeros_like(context), jnp.zeros_like(pooled)
 
 
-def negative_condition(text_stack, text_params, cond):
+def negative_condition(text_stack, text_params, cond, empty_tokens=None):
   """The classifier-free-guidance negative for `cond` = (context, pooled) of a batch.
 
-  "tiny": all zeros (every encoder dropped), as training saw it. "sd3": the empty prompt's encoding, as SD3's
-  sampler and diffusers use it.
+  "tiny": all zeros (every encoder dropped), as training saw it, or with `empty_tokens` (text.drop_to="empty") the
+  empty prompt's encoding. "sd3": the empty prompt's encoding, as SD3's sampler and diffusers use it.
   """
   if isinstance(text_stack, sd3.SD3TextStack):
     return sd3.negative(text_stack, text_params, cond[0].shape[0])
+  if empty_tokens is not None:
+    context, pooled = drop_and_compose(empty_outputs(text_stack, text_params, empty_tokens), None, 0.0)
+    return jnp.broadcast_to(context, cond[0].shape), jnp.broadcast_to(pooled, cond[1].shape)
   return jax.tree.map(jnp.zeros_like, cond)
+
+
+def drop_tokens(text_config, tokenizer):
+  """The empty prompt's tokens (a tuple) when text.drop_to="empty", else None (dropped encoders give zeros)."""
+  # .get: workdirs written before text.drop_to existed dropped to zeros.
+  return tuple(int(t) for t in tokenizer.batch([""])[0]) if text_config.get("drop_to", "zeros") == "empty" else None
 
 
 def build(text_config):
@@ -259,6 +278,8 @@ def validate(text_config) -> None:
   """Raises ValueError naming a bad `config.text` choice (called by config validation, before any work)."""
   if text_config.encoders not in ENCODERS:
     raise ValueError(f"text.encoders={text_config.encoders!r}; valid: {ENCODERS}")
+  if text_config.drop_to not in DROP_TO:
+    raise ValueError(f"text.drop_to={text_config.drop_to!r}; valid: {DROP_TO}")
   if text_config.dtype not in DTYPES:
     raise ValueError(f"text.dtype={text_config.dtype!r}; valid: {sorted(DTYPES)}")
   if text_config.t5_length <= 0:

@@ -15,7 +15,7 @@ from PIL import Image
 
 from rflow_jax.data import pixels
 from rflow_jax.flow import formulations
-from rflow_jax.model import text_encoders
+from rflow_jax.model import text_encoders, vae as vae_lib
 from rflow_jax.sampling import guidance, schedules, solvers
 
 
@@ -36,10 +36,10 @@ def save_png(image: np.ndarray, path: str) -> None:
 
 
 def _sample(params, text_params, tokens, keys, *, model, text_stack, formulation, image_shape, sigmas, solver,
-            cfg_scale):
-  """Jitted body: tokens (B, L), keys (B,) -> images (B, H, W, C) in data space."""
+            cfg_scale, vae=None, empty_tokens=None):
+  """Jitted body: tokens (B, L), keys (B,) -> images (B, H, W, C) in data space (decoded by `vae` if given)."""
   cond = text_encoders.drop_and_compose(text_stack.apply({"params": text_params}, tokens), None, 0.0)
-  uncond = text_encoders.negative_condition(text_stack, text_params, cond)
+  uncond = text_encoders.negative_condition(text_stack, text_params, cond, empty_tokens)
   x_init = jax.vmap(lambda k: jax.random.normal(k, image_shape, jnp.float32))(keys)  # (B, H, W, C) pure noise
 
   def rf_velocity(x, sigma, c):  # Any formulation's network, seen as an rf velocity field at noise level sigma.
@@ -48,26 +48,39 @@ def _sample(params, text_params, tokens, keys, *, model, text_stack, formulation
 
   velocity_fn = guidance.cfg_velocity(rf_velocity, cond, uncond, cfg_scale)
   step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, 1)  # A stream apart from x_init's.
-  return solvers.sample(velocity_fn, x_init, sigmas, solver, key=step_keys)
+  x = solvers.sample(velocity_fn, x_init, sigmas, solver, key=step_keys)
+  if vae is None:
+    return x
+  vae_model, vae_params = vae
+  latents = vae_lib.denormalize_latents(x, vae_model.scaling_factor, vae_model.shift_factor)
+  return vae_model.apply({"params": vae_params}, latents, method="decode").astype(jnp.float32)
 
 
 class Sampler:
   """A compiled sampler for one (model, text stack, formulation, sampling config, image shape)."""
 
-  def __init__(self, *, model, text_stack, tokenizer, formulation, sample_config, image_shape):
+  def __init__(self, *, model, text_stack, tokenizer, formulation, sample_config, image_shape, vae=None,
+               empty_tokens=None):
+    """`image_shape`: what the backbone generates; `vae`: (AutoencoderKL, params) decoding it when it is a latent;
+    `empty_tokens`: the empty prompt's tokens when training dropped encoders to it (text.drop_to="empty")."""
     self.tokenizer = tokenizer
     self.config = sample_config
     self.image_shape = tuple(image_shape)
+    if vae is not None:
+      f = vae[0].downsample_factor
+      self.image_shape = (image_shape[0] * f, image_shape[1] * f, vae[0].out_channels)
     sigmas = jnp.asarray(schedules.flow_sigmas(sample_config.num_steps, sample_config.shift,
                                                sample_config.schedule), jnp.float32)
     self._fn = jax.jit(functools.partial(
-        _sample, model=model, text_stack=text_stack, formulation=formulation, image_shape=self.image_shape,
-        sigmas=sigmas, solver=sample_config.solver, cfg_scale=sample_config.cfg_scale))
+        _sample, model=model, text_stack=text_stack, formulation=formulation, image_shape=tuple(image_shape),
+        sigmas=sigmas, solver=sample_config.solver, cfg_scale=sample_config.cfg_scale, vae=vae,
+        empty_tokens=empty_tokens))
 
   @classmethod
-  def from_config(cls, config, *, model, text_stack, tokenizer):
-    """The sampler of a run's config: its formulation, config.sample and image shape."""
-    return cls(model=model, text_stack=text_stack, tokenizer=tokenizer,
+  def from_config(cls, config, *, model, text_stack, tokenizer, vae=None):
+    """The sampler of a run's config: its formulation, config.sample and image shape (latents decoded by `vae`)."""
+    return cls(model=model, text_stack=text_stack, tokenizer=tokenizer, vae=vae,
+               empty_tokens=text_encoders.drop_tokens(config.text, tokenizer),
                formulation=formulations.get(config.flow.formulation, shift=config.flow.shift),
                sample_config=config.sample,
                image_shape=(config.data.image_size, config.data.image_size, config.model.in_channels))

@@ -43,7 +43,8 @@ class SeenIndices(_Wrapper):
 
 
 class PoisonAt(_Wrapper):
-  """Replaces the images of the batch of step `poison_step` (1-based) with NaNs; `step` = the steps already taken."""
+  """Replaces the images (precomputed records: the latent means) of the batch of step `poison_step` (1-based) with
+  NaNs; `step` = the steps already taken."""
 
   def __init__(self, inner, poison_step: int, step: int):
     super().__init__(inner)
@@ -54,7 +55,8 @@ class PoisonAt(_Wrapper):
     batch = next(self.inner)
     self.step += 1
     if self.step == self.poison_step:
-      batch = {**batch, "image": np.full_like(batch["image"], np.nan)}
+      key = "image" if "image" in batch else "latent_mean"
+      batch = {**batch, key: np.full_like(batch[key], np.nan)}
     return batch
 
 

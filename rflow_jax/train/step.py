@@ -11,6 +11,7 @@ device holds its share of every microbatch (no resharding); the per-example loss
 the loss, the per-t-bin losses and the gradients are the single big step's up to float summation order.
 """
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -19,18 +20,55 @@ import jax.numpy as jnp
 import optax
 
 from rflow_jax.flow import losses
-from rflow_jax.model import text_encoders
+from rflow_jax.model import text_encoders, vae as vae_lib
 from rflow_jax.train import optimizer as optim_lib
 from rflow_jax.train.state import TrainState
 
 NUM_T_BINS = 4  # Loss is also reported per quarter of t (minRF's lossbin, computed on device).
+LATENT_NOISE_STREAM = 2  # Precomputed latents: the posterior sample's noise is fold_in(step key, this).
 
 
-def condition(text_stack, text_params, tokens, key, drop_prob):
-  """Frozen text encoders -> per-encoder caption dropout -> SD3 composition (context, pooled)."""
+@dataclasses.dataclass(frozen=True)
+class StoredInputs:
+  """What the step needs to train on precomputed records (rflow_jax/train/latent_data.py builds it).
+
+  Attributes:
+    text_treedef: structure of the text stack's outputs; the batch holds its leaves under `text_keys`.
+    text_keys: batch keys of the stored per-encoder outputs, in jax.tree.leaves order.
+    scaling_factor, shift_factor: the VAE's latent normalisation (applied by vae.normalize_latents).
+    empty: the stored empty prompt's outputs (batch 1, leaves order) for text.drop_to="empty"; None: zeros.
+  """
+  text_treedef: Any
+  text_keys: tuple[str, ...]
+  scaling_factor: float
+  shift_factor: float
+  empty: tuple | None = None
+
+
+def condition(text_stack, text_params, tokens, key, drop_prob, empty_tokens=None):
+  """Frozen text encoders -> per-encoder caption dropout (to zeros, or to the empty prompt's outputs when
+  `empty_tokens` is given) -> SD3 composition (context, pooled)."""
   outputs = text_stack.apply({"params": text_params}, tokens)
-  context, pooled = text_encoders.drop_and_compose(outputs, key, drop_prob)
+  empty = None if empty_tokens is None else text_encoders.empty_outputs(text_stack, text_params, empty_tokens)
+  context, pooled = text_encoders.drop_and_compose(outputs, key, drop_prob, empty)
   return jax.lax.stop_gradient(context), jax.lax.stop_gradient(pooled)
+
+
+def stored_inputs(batch, key, stored: StoredInputs, drop_prob: float):
+  """Precomputed records -> (x0, context, pooled), as encoding the images and captions inside the step would give.
+
+  x0 = normalize_latents(mean + exp(logvar / 2)·ε) with fresh ε from the step's key; the stored per-encoder outputs
+  go through the same caption dropout (the same key) and composition as `condition`'s.
+  """
+  k_drop, _ = jax.random.split(key)
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
+  x = vae_lib.sample_posterior(f32(batch["latent_mean"]), f32(batch["latent_logvar"]),
+                               jax.random.fold_in(key, LATENT_NOISE_STREAM))
+  x0 = vae_lib.normalize_latents(x, stored.scaling_factor, stored.shift_factor)
+  outputs = jax.tree.unflatten(stored.text_treedef, [f32(batch[k]) for k in stored.text_keys])
+  empty = None if stored.empty is None else jax.tree.unflatten(stored.text_treedef, [f32(x) for x in stored.empty])
+  context, pooled = text_encoders.drop_and_compose(outputs, k_drop, drop_prob, empty)
+  return x0, jax.lax.stop_gradient(context), jax.lax.stop_gradient(pooled)
 
 
 def _microbatch_loss(params, inputs, *, model, formulation, microbatches: int):
@@ -52,15 +90,19 @@ def _unsplit(x):
 
 
 def _grads_and_metrics(params, text_params, batch, key, *, model, text_stack, formulation, drop_prob: float,
-                       microbatches: int):
+                       microbatches: int, stored: StoredInputs | None = None, empty_tokens=None):
   """Mean loss of the batch, its per-example losses and times (B,), and the float32 gradient of the mean loss.
 
   The randomness is drawn for the whole batch before any split, so any `microbatches` sees the same draws.
   """
   k_drop, k_loss = jax.random.split(key)
-  context, pooled = condition(text_stack, text_params, batch["tokens"], k_drop, drop_prob)
-  t, eps = losses.draw_noise(formulation, k_loss, batch["image"].shape)
-  inputs = {"image": batch["image"], "context": context, "pooled": pooled, "t": t, "eps": eps}
+  if stored is None:
+    x0 = batch["image"]
+    context, pooled = condition(text_stack, text_params, batch["tokens"], k_drop, drop_prob, empty_tokens)
+  else:
+    x0, context, pooled = stored_inputs(batch, key, stored, drop_prob)
+  t, eps = losses.draw_noise(formulation, k_loss, x0.shape)
+  inputs = {"image": x0, "context": context, "pooled": pooled, "t": t, "eps": eps}
   grad_fn = jax.value_and_grad(
       functools.partial(_microbatch_loss, model=model, formulation=formulation, microbatches=microbatches),
       has_aux=True)
@@ -79,17 +121,22 @@ def _grads_and_metrics(params, text_params, batch, key, *, model, text_stack, fo
 
 
 def train_step(state: TrainState, batch, *, model, text_stack, formulation, tx, seed: int, drop_prob: float,
-               ema_decay: float, microbatches: int = 1) -> tuple[TrainState, dict[str, Any]]:
+               ema_decay: float, microbatches: int = 1,
+               stored: StoredInputs | None = None, empty_tokens=None) -> tuple[TrainState, dict[str, Any]]:
   """One optimiser update with EMA and a non-finite guard.
 
   Args:
     state: the current TrainState.
-    batch: {"image": (B, H, W, C) float32 in [-1, 1], "tokens": (B, L) int32} (global arrays).
+    batch: {"image": (B, H, W, C) float32 in [-1, 1], "tokens": (B, L) int32} (global arrays); with `stored`, the
+      precomputed records' arrays instead (stored_inputs).
     model, text_stack: Linen modules. formulation: rflow_jax.flow.formulations.Formulation. tx: optax transform.
     seed: root seed; the step's key is fold_in(key(seed), step).
     drop_prob: per-encoder caption dropout probability.
     ema_decay: EMA decay (warmed up, see optimizer.ema_decay).
     microbatches: gradient accumulation: the batch is processed in this many pieces (divides the per-device batch).
+    stored: train on precomputed latent moments and text-stack outputs (data.name="precomputed"); None: images and
+      tokens, encoded in the step.
+    empty_tokens: the empty prompt's tokens: dropped encoders give its outputs (text.drop_to="empty"); None: zeros.
 
   Returns:
     The new state and a dict of scalar metrics (on device).
@@ -97,7 +144,7 @@ def train_step(state: TrainState, batch, *, model, text_stack, formulation, tx, 
   key = jax.random.fold_in(jax.random.key(seed), state.step)
   loss, per_example, t, grads = _grads_and_metrics(
       state.params, state.text_params, batch, key, model=model, text_stack=text_stack, formulation=formulation,
-      drop_prob=drop_prob, microbatches=microbatches)
+      drop_prob=drop_prob, microbatches=microbatches, stored=stored, empty_tokens=empty_tokens)
   updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
   new_params = optax.apply_updates(state.params, updates)
   decay = optim_lib.ema_decay(state.step, ema_decay)

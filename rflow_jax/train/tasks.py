@@ -28,7 +28,7 @@ from rflow_jax.flow import formulations
 from rflow_jax.model import registry as model_registry
 from rflow_jax.model import text_encoders
 from rflow_jax.sampling import pipeline as sampling
-from rflow_jax.train import optimizer as optim_lib, step as step_lib, vae_task
+from rflow_jax.train import latent_data, optimizer as optim_lib, step as step_lib, vae_task
 from rflow_jax.train.state import TrainState
 from rflow_jax.utils import flops as flops_lib
 
@@ -45,10 +45,16 @@ class FlowTask:
     self.tokenizer, self.text_stack = text_encoders.build(config.text)
     self.formulation = formulations.get(config.flow.formulation, shift=config.flow.shift)
     self.tx = optim_lib.make_optimizer(config.optim, config.train.num_steps)
+    # Precomputed latents and embeddings: the manifest is checked against this run here, before any compilation.
+    self.latents = None
+    if config.data.name == "precomputed":
+      self.latents = latent_data.LatentData(config, self.text_stack, self.tokenizer,
+                                            text_encoders.init_params(self.text_stack, config.text))
     self.train_step = functools.partial(
         step_lib.train_step, model=self.model, text_stack=self.text_stack, formulation=self.formulation, tx=self.tx,
         seed=config.seed, drop_prob=config.text.drop_prob, ema_decay=config.optim.ema_decay,
-        microbatches=config.train.microbatches)
+        microbatches=config.train.microbatches, stored=self.latents and self.latents.stored_inputs(),
+        empty_tokens=text_encoders.drop_tokens(config.text, self.tokenizer))
     self.flops_per_step = flops_lib.train_flops_per_step(config)
 
   def init(self, key) -> TrainState:
@@ -60,7 +66,9 @@ class FlowTask:
                       skipped_steps=jnp.zeros((), jnp.int32))
 
   def batch_spec(self, global_batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
-    """Images in [-1, 1] (NHWC) and the caption tokens."""
+    """Images in [-1, 1] (NHWC) and the caption tokens; or the precomputed records' arrays."""
+    if self.latents:
+      return self.latents.batch_spec(global_batch_size)
     s, c = self.config.data.image_size, self.config.model.in_channels
     return {"image": jax.ShapeDtypeStruct((global_batch_size, s, s, c), jnp.float32),
             "tokens": jax.ShapeDtypeStruct((global_batch_size, text_encoders.dims(self.config.text)[0]), jnp.int32)}
@@ -69,15 +77,17 @@ class FlowTask:
     """This process's slice of the shuffled, tokenized training stream of config.data, from global position `start`."""
     c = self.config
     return data_pipeline.make_train_iterator(
-        source=data_registry.make_source(c.data), tokenize=self.tokenizer, global_batch_size=c.train.global_batch_size,
+        source=data_registry.make_source(c.data), tokenize=None if self.latents else self.tokenizer,
+        global_batch_size=c.train.global_batch_size,
         seed=c.seed, process_index=process_index, process_count=process_count, worker_count=c.data.worker_count,
         start=start)
 
   @functools.cached_property
   def sampler(self) -> sampling.Sampler:
     """The sampler of this task's modules and config.sample (built, and compiled, on first use)."""
+    vae = self.latents and (self.latents.vae_model, self.latents.vae_params)  # Latent samples are decoded.
     return sampling.Sampler.from_config(self.config, model=self.model, text_stack=self.text_stack,
-                                        tokenizer=self.tokenizer)
+                                        tokenizer=self.tokenizer, vae=vae)
 
   def preview(self, state, step: int, workdir: str, writer) -> None:
     """The sample grid of config.sample.grid_prompts, to TensorBoard and WORKDIR/samples/grid_<step>.png."""

@@ -65,13 +65,22 @@ class SD3TextStack(nn.Module):
     return out
 
 
-def compose(outputs: dict, key: jax.Array | None = None, drop_prob: float = 0.0) -> tuple[jax.Array, jax.Array]:
+def drop(x: jax.Array, keep: jax.Array, empty: jax.Array | None = None) -> jax.Array:
+  """Caption dropout of one encoder output x (B, ...): rows with keep 0 become zeros, or `empty` (the empty prompt's
+  output, batch 1) when given."""
+  keep = keep.reshape(keep.shape + (1,) * (x.ndim - 1))
+  return x * keep if empty is None else jnp.where(keep > 0, x, empty.astype(x.dtype))
+
+
+def compose(outputs: dict, key: jax.Array | None = None, drop_prob: float = 0.0,
+            empty: dict | None = None) -> tuple[jax.Array, jax.Array]:
   """Per-encoder caption dropout, then SD3's composition.
 
   Args:
     outputs: SD3TextStack's output.
     key: PRNG key of the dropout draws (encoder i uses fold_in(key, i)), or None for no dropout.
-    drop_prob: probability of zeroing each encoder's output, independently per example and encoder.
+    drop_prob: probability of dropping each encoder's output, independently per example and encoder.
+    empty: SD3TextStack's output for the empty prompt (batch 1): a dropped encoder gives it instead of zeros.
 
   Returns:
     context (B, clip_length + t5_length, context_width) and pooled (B, D_l + D_g), float32.
@@ -82,14 +91,17 @@ def compose(outputs: dict, key: jax.Array | None = None, drop_prob: float = 0.0)
     keep[name] = jnp.ones((batch,), jnp.float32)
     if key is not None and drop_prob > 0:
       keep[name] = jax.random.bernoulli(jax.random.fold_in(key, i), 1.0 - drop_prob, (batch,)).astype(jnp.float32)
+  e = {name: (None, None) for name in ENCODERS} if empty is None else empty
   (l_ctx, l_pool), (g_ctx, g_pool), (t5_ctx, _) = (outputs[name] for name in ENCODERS)
-  clip_ctx = jnp.concatenate([l_ctx * keep["clip_l"][:, None, None], g_ctx * keep["clip_g"][:, None, None]], -1)
+  clip_ctx = jnp.concatenate([drop(l_ctx, keep["clip_l"], e["clip_l"][0]), drop(g_ctx, keep["clip_g"], e["clip_g"][0])],
+                             -1)
   width = t5_ctx.shape[-1]
   if clip_ctx.shape[-1] > width:
     raise ValueError(f"CLIP-L + CLIP-G width {clip_ctx.shape[-1]} exceeds the T5 width {width}")
   clip_ctx = jnp.pad(clip_ctx, ((0, 0), (0, 0), (0, width - clip_ctx.shape[-1])))  # (B, 77, width)
-  context = jnp.concatenate([clip_ctx, t5_ctx * keep["t5"][:, None, None]], axis=1)
-  pooled = jnp.concatenate([l_pool * keep["clip_l"][:, None], g_pool * keep["clip_g"][:, None]], axis=-1)
+  context = jnp.concatenate([clip_ctx, drop(t5_ctx, keep["t5"], e["t5"][0])], axis=1)
+  pooled = jnp.concatenate([drop(l_pool, keep["clip_l"], e["clip_l"][1]), drop(g_pool, keep["clip_g"], e["clip_g"][1])],
+                           axis=-1)
   return context, pooled
 
 
