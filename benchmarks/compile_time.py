@@ -19,8 +19,7 @@ from ml_collections import config_flags
 from rflow_jax import cli
 from rflow_jax.train import trainer
 
-config_flags.DEFINE_config_file("config", "configs/sd3.py:d2", "Config file (with optional :arg).",
-                                lock_config=False)
+config_flags.DEFINE_config_file("config", "configs/sd3.py:d2", "Config file (with optional :arg).", lock_config=False)
 flags.DEFINE_list("depths", ["4", "8", "16"], "Depths to compile.")
 flags.DEFINE_integer("batch", 2, "Global batch of the compiled step.")
 FLAGS = flags.FLAGS
@@ -37,17 +36,27 @@ def time_compile(config) -> dict:
   lowered.compile()
   t3, c3 = time.perf_counter(), time.process_time()
   # CPU seconds too: on a shared machine wall time mostly measures the neighbours.
-  return {"setup_s": round(t1 - t0, 2), "lower_s": round(t2 - t1, 2), "compile_s": round(t3 - t2, 2),
-          "compile_cpu_s": round(c3 - c2, 2)}
+  return {
+      "setup_s": round(t1 - t0, 2),
+      "lower_s": round(t2 - t1, 2),
+      "compile_s": round(t3 - t2, 2),
+      "compile_cpu_s": round(c3 - c2, 2),
+  }
 
 
 def main(argv):
   del argv
   base = FLAGS.config
   depths = [int(d) for d in FLAGS.depths]
-  summary = {"depths": depths, "unrolled_s": [], "scan_s": [], "unrolled_cpu_s": [], "scan_cpu_s": [],
-             "hidden_size": base.model.hidden_size,
-             "backend": jax.default_backend()}
+  summary = {
+      "depths": depths,
+      "unrolled_s": [],
+      "scan_s": [],
+      "unrolled_cpu_s": [],
+      "scan_cpu_s": [],
+      "hidden_size": base.model.hidden_size,
+      "backend": jax.default_backend(),
+  }
   for depth in depths:
     for scan in (False, True):
       config = base.copy_and_resolve_references()

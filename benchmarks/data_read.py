@@ -24,6 +24,7 @@ FLAGS = flags.FLAGS
 def _shapes_dataset(directory: str) -> str:
   from PIL import Image  # pylint: disable=g-import-not-at-top
   from rflow_jax.data import convert, shapes  # pylint: disable=g-import-not-at-top
+
   source = shapes.ShapesSource(size=64, seed=0, num_records=256, caption_style="sentence")
   folder = os.path.join(directory, "images")
   os.makedirs(folder)
@@ -48,21 +49,32 @@ def main(argv):
   del argv
   import grain  # pylint: disable=g-import-not-at-top
   from rflow_jax.data import arrayrecord, records  # pylint: disable=g-import-not-at-top
+
   with tempfile.TemporaryDirectory() as tmp:
     path = FLAGS.path or _shapes_dataset(tmp)
     t = time.perf_counter()
     source = arrayrecord.ArrayRecordImageSource(path, FLAGS.image_size)  # Includes the sha256 of every shard.
     open_s = time.perf_counter() - t
     manifest = records.load_manifest(path)
-    raw = grain.sources.ArrayRecordDataSource([os.path.join(path, s["file"]) for s in manifest["shards"]
-                                               if s["num_records"]])
+    raw = grain.sources.ArrayRecordDataSource(
+        [os.path.join(path, s["file"]) for s in manifest["shards"] if s["num_records"]]
+    )
     indices = np.random.default_rng(0).integers(0, len(source), FLAGS.reads)
     raw_rate = _rate(lambda i: records.decode_record(raw[i]), indices)
     source_rate = _rate(source.__getitem__, indices)
-    print(json.dumps({"num_records": len(source), "image_size": FLAGS.image_size,
-                      "stored_sizes": manifest["image_sizes"]["most_common"], "open_and_verify_s": round(open_s, 3),
-                      "raw_records_per_s": round(raw_rate, 1), "source_records_per_s": round(source_rate, 1),
-                      "threads": 1}))
+    print(
+        json.dumps(
+            {
+                "num_records": len(source),
+                "image_size": FLAGS.image_size,
+                "stored_sizes": manifest["image_sizes"]["most_common"],
+                "open_and_verify_s": round(open_s, 3),
+                "raw_records_per_s": round(raw_rate, 1),
+                "source_records_per_s": round(source_rate, 1),
+                "threads": 1,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ def parse_args(argv=None):
 def sd3_config(args):
   """configs/sd3.py:d24 at --batch (d2 in float32 for --smoke)."""
   from configs import sd3  # pylint: disable=g-import-not-at-top
+
   c = sd3.get_config("d2" if args.smoke else "d24")
   c.train.global_batch_size = args.batch
   c.model.scan_blocks = True
@@ -67,12 +68,16 @@ def time_rflow_jax(config, steps: int) -> dict:
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from rflow_jax.train import trainer  # pylint: disable=g-import-not-at-top
+
   setup = trainer.Setup(config, devices=jax.devices()[:1])
   b, s, ch = config.train.global_batch_size, config.data.image_size, config.model.in_channels
   rng = np.random.RandomState(0)
-  batch = setup.global_batch({"image": rng.uniform(-1, 1, (b, s, s, ch)).astype(np.float32),
-                              "tokens": rng.randint(1, setup.task.tokenizer.vocab_size, (b, config.text.max_length))
-                                        .astype(np.int32)})
+  batch = setup.global_batch(
+      {
+          "image": rng.uniform(-1, 1, (b, s, s, ch)).astype(np.float32),
+          "tokens": rng.randint(1, setup.task.tokenizer.vocab_size, (b, config.text.max_length)).astype(np.int32),
+      }
+  )
   state = setup.init_state()
   t0 = time.perf_counter()
   with setup.step_context():
@@ -88,8 +93,12 @@ def time_rflow_jax(config, steps: int) -> dict:
     jax.block_until_ready(m)
     times.append(time.perf_counter() - t0)
   del jnp
-  return {"step_s": statistics.median(times), "compile_s": compile_s, "loss": float(m["loss"]),
-          "model": setup.task.model}
+  return {
+      "step_s": statistics.median(times),
+      "compile_s": compile_s,
+      "loss": float(m["loss"]),
+      "model": setup.task.model,
+  }
 
 
 def time_diffusers(config, model, steps: int, compile_: bool) -> dict:
@@ -97,10 +106,12 @@ def time_diffusers(config, model, steps: int, compile_: bool) -> dict:
   import torch  # pylint: disable=g-import-not-at-top
   from diffusers import SD3Transformer2DModel  # pylint: disable=g-import-not-at-top
   from rflow_jax.export import diffusers as export  # pylint: disable=g-import-not-at-top
+
   cuda = torch.cuda.is_available()
   dev = torch.device("cuda" if cuda else "cpu")
-  net = SD3Transformer2DModel(**{k: v for k, v in export.diffusers_config(model).items()
-                                 if not k.startswith("_")}).to(dev)
+  net = SD3Transformer2DModel(**{k: v for k, v in export.diffusers_config(model).items() if not k.startswith("_")}).to(
+      dev
+  )
   opt = torch.optim.AdamW(net.parameters(), lr=config.optim.learning_rate, fused=cuda)
   fwd = torch.compile(net) if compile_ else net
   b, s, ch = config.train.global_batch_size, config.data.image_size, config.model.in_channels
@@ -114,8 +125,7 @@ def time_diffusers(config, model, steps: int, compile_: bool) -> dict:
   def step():
     opt.zero_grad(set_to_none=True)
     with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
-      out = fwd(hidden_states=z, timestep=t, encoder_hidden_states=ctx, pooled_projections=pooled,
-                return_dict=False)[0]
+      out = fwd(hidden_states=z, timestep=t, encoder_hidden_states=ctx, pooled_projections=pooled, return_dict=False)[0]
     loss = torch.mean(torch.square(out.float() - target))
     loss.backward()
     opt.step()
@@ -132,51 +142,81 @@ def time_diffusers(config, model, steps: int, compile_: bool) -> dict:
     t0 = time.perf_counter()
     step()
     times.append(time.perf_counter() - t0)
-  return {"step_s": statistics.median(times), "compile_s": compile_s, "device": str(dev),
-          "torch_compile": compile_, "autocast": str(dtype)}
+  return {
+      "step_s": statistics.median(times),
+      "compile_s": compile_s,
+      "device": str(dev),
+      "torch_compile": compile_,
+      "autocast": str(dtype),
+  }
 
 
 def shapes_gpu_examples_per_s(args) -> dict:
   """configs/shapes.py:gpu's train step (its batch, bf16; batch 4 in float32 for --smoke)."""
   from configs import shapes  # pylint: disable=g-import-not-at-top
+
   c = shapes.get_config("gpu")
   if args.smoke:
     c.train.global_batch_size, c.model.dtype = 4, "float32"
     c.model.depth, c.model.hidden_size, c.model.num_heads = 1, 64, 1
   r = time_rflow_jax(c, args.steps)
-  return {"step_s": round(r["step_s"], 4), "examples_per_s": round(c.train.global_batch_size / r["step_s"], 1),
-          "batch": c.train.global_batch_size, "compile_s": round(r["compile_s"], 1)}
+  return {
+      "step_s": round(r["step_s"], 4),
+      "examples_per_s": round(c.train.global_batch_size / r["step_s"], 1),
+      "batch": c.train.global_batch_size,
+      "compile_s": round(r["compile_s"], 1),
+  }
 
 
 def main(argv=None):
   args = parse_args(argv)
   import jax  # pylint: disable=g-import-not-at-top
   from rflow_jax.utils import flops as flops_lib  # pylint: disable=g-import-not-at-top
+
   config = sd3_config(args)
   flops = flops_lib.train_flops_per_step(config)
-  rate = lambda step_s: {"tflops": round(flops / step_s / 1e12, 4),
-                         "mfu": round(flops / step_s / 1e12 / args.peak_tflops, 6)}
+  rate = lambda step_s: {
+      "tflops": round(flops / step_s / 1e12, 4),
+      "mfu": round(flops / step_s / 1e12 / args.peak_tflops, 6),
+  }
   ours = time_rflow_jax(config, args.steps)
   print(json.dumps({"rflow_jax": {"step_s": ours["step_s"], **rate(ours["step_s"])}}), flush=True)
-  result = {"rflow_jax": {"step_s": round(ours["step_s"], 4), **rate(ours["step_s"]),
-                          "compile_s": round(ours["compile_s"], 1), "loss": ours["loss"]}}
+  result = {
+      "rflow_jax": {
+          "step_s": round(ours["step_s"], 4),
+          **rate(ours["step_s"]),
+          "compile_s": round(ours["compile_s"], 1),
+          "loss": ours["loss"],
+      }
+  }
   try:
     if args.skip_diffusers:
       raise ImportError("--skip_diffusers")
     peer = time_diffusers(config, ours["model"], args.steps, compile_=not args.smoke)
-    result["diffusers"] = {"step_s": round(peer["step_s"], 4), **rate(peer["step_s"]),
-                           **{k: v for k, v in peer.items() if k != "step_s"}}
+    result["diffusers"] = {
+        "step_s": round(peer["step_s"], 4),
+        **rate(peer["step_s"]),
+        **{k: v for k, v in peer.items() if k != "step_s"},
+    }
     result["speedup_vs_diffusers"] = round(peer["step_s"] / ours["step_s"], 3)
   except ImportError as e:  # No torch / diffusers on the machine: report ours only.
     result["diffusers"] = None
     result["diffusers_skipped"] = str(e)
   result["shapes_gpu"] = shapes_gpu_examples_per_s(args)
   m = config.model
-  result["config"] = {"variant": "d2" if args.smoke else "d24", "width": m.hidden_size, "depth": m.depth,
-                      "image_tokens": (config.data.image_size // m.patch_size) ** 2,
-                      "text_tokens": 2 * config.text.max_length, "batch": args.batch, "dtype": m.dtype,
-                      "attention_impl": m.attention_impl, "flops_per_step": flops,
-                      "peak_tflops": args.peak_tflops, "smoke": args.smoke}
+  result["config"] = {
+      "variant": "d2" if args.smoke else "d24",
+      "width": m.hidden_size,
+      "depth": m.depth,
+      "image_tokens": (config.data.image_size // m.patch_size) ** 2,
+      "text_tokens": 2 * config.text.max_length,
+      "batch": args.batch,
+      "dtype": m.dtype,
+      "attention_impl": m.attention_impl,
+      "flops_per_step": flops,
+      "peak_tflops": args.peak_tflops,
+      "smoke": args.smoke,
+  }
   result["device"] = str(jax.devices()[0].device_kind)
   print(json.dumps(result))
 

@@ -38,6 +38,7 @@ def main():
   from rflow_jax.sharding import partition
   from rflow_jax.train import trainer
   from rflow_jax.utils import flops as flops_lib
+
   cells = 0
   for name in PRESETS:
     for devices in (8, 64, 256):
@@ -47,11 +48,21 @@ def main():
       state = partition.shard_bytes(trainer.Setup(config, devices=jax.devices()[:devices]).abstract_state)
       for resolution in sd3.RESOLUTIONS:
         config = sd3.get_config(f"{name}@{resolution}")
-        print(json.dumps({"preset": name, "resolution": resolution, "mesh": recommended_mesh(config.model.depth,
-                                                                                             devices),
-                          "state_bytes_per_device": state, "flops_per_step": flops_lib.train_flops_per_step(config),
-                          "image_tokens": (config.data.image_size // config.model.patch_size) ** 2,
-                          "shift": config.flow.shift, "pos_table": config.model.pos_embed_max_size}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "preset": name,
+                    "resolution": resolution,
+                    "mesh": recommended_mesh(config.model.depth, devices),
+                    "state_bytes_per_device": state,
+                    "flops_per_step": flops_lib.train_flops_per_step(config),
+                    "image_tokens": (config.data.image_size // config.model.patch_size) ** 2,
+                    "shift": config.flow.shift,
+                    "pos_table": config.model.pos_embed_max_size,
+                }
+            ),
+            flush=True,
+        )
         cells += 1
   print(json.dumps({"cells": cells}))
 

@@ -32,8 +32,11 @@ def parse_args(argv=None):
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--impls", default="blocked", help="Comma-separated attention_impl names, timed interleaved.")
   p.add_argument("--reps", type=int, default=5)
-  p.add_argument("--attention_only", action="store_true",
-                  help="Time only attention forward+backward per size (interleaved across --impls); no train step.")
+  p.add_argument(
+      "--attention_only",
+      action="store_true",
+      help="Time only attention forward+backward per size (interleaved across --impls); no train step.",
+  )
   p.add_argument("--quick", action="store_true", help="Tokens 64, depths 1, width 64, 2 heads, batch 2, 2 reps.")
   args = p.parse_args(argv)
   if args.quick:
@@ -64,12 +67,14 @@ def measure_attention(args, side: int) -> list[dict]:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from rflow_jax.model import layers  # pylint: disable=g-import-not-at-top
+
   shape = (args.batch, (side // 2) ** 2 + 32, args.heads, args.width // args.heads)
   q, k, v, g = (jax.random.normal(jax.random.key(i), shape) for i in range(4))
   fns, grads = {}, {}
   for impl in args.impls:
-    f = jax.jit(jax.grad(lambda q, k, v, impl=impl: jnp.vdot(layers.dot_product_attention(q, k, v, impl), g),
-                         argnums=(0, 1, 2)))
+    f = jax.jit(
+        jax.grad(lambda q, k, v, impl=impl: jnp.vdot(layers.dot_product_attention(q, k, v, impl), g), argnums=(0, 1, 2))
+    )
     grads[impl] = jax.block_until_ready(f(q, k, v))
     fns[impl] = lambda f=f: jax.block_until_ready(f(q, k, v))
   times = {impl: [] for impl in fns}
@@ -77,10 +82,16 @@ def measure_attention(args, side: int) -> list[dict]:
     for impl, f in fns.items():
       times[impl].append(median_time(f, 1))
   first = grads[args.impls[0]]
-  return [{"image_tokens": (side // 2) ** 2, "joint_tokens": shape[1], "attention_impl": impl,
-           "attention_fwd_bwd_s": round(statistics.median(times[impl]), 4),
-           "max_abs_grad_diff": float(max(jnp.max(jnp.abs(a - b)) for a, b in zip(grads[impl], first)))}
-          for impl in fns]
+  return [
+      {
+          "image_tokens": (side // 2) ** 2,
+          "joint_tokens": shape[1],
+          "attention_impl": impl,
+          "attention_fwd_bwd_s": round(statistics.median(times[impl]), 4),
+          "max_abs_grad_diff": float(max(jnp.max(jnp.abs(a - b)) for a, b in zip(grads[impl], first))),
+      }
+      for impl in fns
+  ]
 
 
 def measure(args, side: int, depth: int) -> list[dict]:
@@ -91,6 +102,7 @@ def measure(args, side: int, depth: int) -> list[dict]:
   from configs import shapes  # pylint: disable=g-import-not-at-top
   from rflow_jax.model import layers  # pylint: disable=g-import-not-at-top
   from rflow_jax.train import trainer  # pylint: disable=g-import-not-at-top
+
   runs = {}
   for impl in args.impls:
     c = shapes.get_config()
@@ -101,9 +113,12 @@ def measure(args, side: int, depth: int) -> list[dict]:
     c.train.global_batch_size = args.batch
     setup = trainer.Setup(c)
     rng = np.random.RandomState(0)
-    batch = {"image": jnp.asarray(rng.uniform(-1, 1, (args.batch, side, side, 3)).astype(np.float32)),
-             "tokens": jnp.asarray(rng.randint(1, setup.task.tokenizer.vocab_size, (args.batch, c.text.max_length),
-                                               np.int32))}
+    batch = {
+        "image": jnp.asarray(rng.uniform(-1, 1, (args.batch, side, side, 3)).astype(np.float32)),
+        "tokens": jnp.asarray(
+            rng.randint(1, setup.task.tokenizer.vocab_size, (args.batch, c.text.max_length), np.int32)
+        ),
+    }
     state = setup.init_state()
     t0 = time.perf_counter()
     with setup.step_context():
@@ -121,11 +136,18 @@ def measure(args, side: int, depth: int) -> list[dict]:
     tokens = (side // c.model.patch_size) ** 2 + 2 * c.text.max_length
     shape = (args.batch, tokens, args.heads, args.width // args.heads)
     q, k, v = (jax.random.normal(jax.random.key(i), shape) for i in range(3))
-    attn = jax.jit(jax.grad(lambda q, k, v, impl=impl: jnp.sum(layers.dot_product_attention(q, k, v, impl)),
-                            argnums=(0, 1, 2)))
+    attn = jax.jit(
+        jax.grad(lambda q, k, v, impl=impl: jnp.sum(layers.dot_product_attention(q, k, v, impl)), argnums=(0, 1, 2))
+    )
     jax.block_until_ready(attn(q, k, v))
-    runs[impl] = dict(step=step, attn=lambda attn=attn, q=q, k=k, v=v: jax.block_until_ready(attn(q, k, v)),
-                      compile_s=compile_s, flops=float(cost.get("flops", 0.0)), times=[], attn_times=[])
+    runs[impl] = dict(
+        step=step,
+        attn=lambda attn=attn, q=q, k=k, v=v: jax.block_until_ready(attn(q, k, v)),
+        compile_s=compile_s,
+        flops=float(cost.get("flops", 0.0)),
+        times=[],
+        attn_times=[],
+    )
   for _ in range(args.reps):  # Interleaved across implementations.
     for r in runs.values():
       r["times"].append(median_time(r["step"], 1))
@@ -133,17 +155,25 @@ def measure(args, side: int, depth: int) -> list[dict]:
   rows = []
   for impl, r in runs.items():
     step_s, attn_s = statistics.median(r["times"]), statistics.median(r["attn_times"])
-    rows.append({"image_tokens": (side // 2) ** 2, "depth": depth, "attention_impl": impl,
-                 "step_s": round(step_s, 4), "gflops_per_s": round(r["flops"] / step_s / 1e9, 1),
-                 "attention_fwd_bwd_s": round(attn_s * depth, 4),
-                 "attention_share": round(min(attn_s * depth / step_s, 1.0), 3),
-                 "compile_s": round(r["compile_s"], 1)})
+    rows.append(
+        {
+            "image_tokens": (side // 2) ** 2,
+            "depth": depth,
+            "attention_impl": impl,
+            "step_s": round(step_s, 4),
+            "gflops_per_s": round(r["flops"] / step_s / 1e9, 1),
+            "attention_fwd_bwd_s": round(attn_s * depth, 4),
+            "attention_share": round(min(attn_s * depth / step_s, 1.0), 3),
+            "compile_s": round(r["compile_s"], 1),
+        }
+    )
   return rows
 
 
 def main(argv=None):
   args = parse_args(argv)
   import jax  # pylint: disable=g-import-not-at-top
+
   sweep_side = args.sides[0] if args.quick else 32  # The depth sweep runs at 256 image tokens.
   sizes = [(s, max(args.depths)) for s in args.sides]
   sizes += [(sweep_side, d) for d in args.depths if (sweep_side, d) not in sizes]
@@ -159,9 +189,20 @@ def main(argv=None):
     for row in measure(args, side, depth):
       print(json.dumps(row), flush=True)
       rows.append(row)
-  print(json.dumps({"rows": rows, "width": args.width, "heads": args.heads, "batch": args.batch,
-                    "text_tokens": 32, "dtype": "float32", "backend": jax.default_backend(),
-                    "cpu_count": os.cpu_count()}))
+  print(
+      json.dumps(
+          {
+              "rows": rows,
+              "width": args.width,
+              "heads": args.heads,
+              "batch": args.batch,
+              "text_tokens": 32,
+              "dtype": "float32",
+              "backend": jax.default_backend(),
+              "cpu_count": os.cpu_count(),
+          }
+      )
+  )
 
 
 if __name__ == "__main__":

@@ -45,9 +45,13 @@ def bytes_facts() -> dict:
   for n in (8, 64):
     _, abstract, _, _ = t5_xxl_sharded(n)
     total, shard = partition.total_bytes(abstract), partition.shard_bytes(abstract)
-    out[f"t5_xxl_fsdp{n}"] = {"params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract)),
-                              "total_bytes_f32": total, "bytes_per_device": shard, "ideal": total / n,
-                              "ratio_to_ideal": shard / (total / n)}
+    out[f"t5_xxl_fsdp{n}"] = {
+        "params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract)),
+        "total_bytes_f32": total,
+        "bytes_per_device": shard,
+        "ideal": total / n,
+        "ratio_to_ideal": shard / (total / n),
+    }
   return out
 
 
@@ -60,10 +64,15 @@ def aot_encode(num_devices: int = 8, batch: int = 8, length: int = 77) -> dict:
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     compiled = fn.lower(abstract, ids).compile()
   mem = compiled.memory_analysis()
-  return {"devices": num_devices, "batch": batch, "length": length, "compile_s": round(time.perf_counter() - t0, 1),
-          "argument_bytes": getattr(mem, "argument_size_in_bytes", None),
-          "temp_bytes": getattr(mem, "temp_size_in_bytes", None),
-          "output_bytes": getattr(mem, "output_size_in_bytes", None)}
+  return {
+      "devices": num_devices,
+      "batch": batch,
+      "length": length,
+      "compile_s": round(time.perf_counter() - t0, 1),
+      "argument_bytes": getattr(mem, "argument_size_in_bytes", None),
+      "temp_bytes": getattr(mem, "temp_size_in_bytes", None),
+      "output_bytes": getattr(mem, "output_size_in_bytes", None),
+  }
 
 
 def throughput(batch: int, repeats: int) -> dict:
@@ -83,8 +92,12 @@ def throughput(batch: int, repeats: int) -> dict:
     for _ in range(repeats):
       jax.block_until_ready(encode(params, tokens))
     seconds = (time.perf_counter() - t0) / repeats
-    out[f"encode_{name}"] = {"batch": batch, "tokens": int(tokens.shape[1]), "ms_per_batch": round(1e3 * seconds, 2),
-                             "prompts_per_s": round(batch / seconds, 1)}
+    out[f"encode_{name}"] = {
+        "batch": batch,
+        "tokens": int(tokens.shape[1]),
+        "ms_per_batch": round(1e3 * seconds, 2),
+        "prompts_per_s": round(batch / seconds, 1),
+    }
   return out
 
 

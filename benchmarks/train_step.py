@@ -44,12 +44,21 @@ def main(argv):
     jax.block_until_ready(m)
     times.append(time.perf_counter() - t)
   step_s = float(np.median(times))
-  print(json.dumps({
-      "model": {k: config.model[k] for k in ("hidden_size", "depth", "patch_size")},
-      "global_batch": config.train.global_batch_size, "compile_s": round(compile_s, 2),
-      "step_s_median": round(step_s, 4), "examples_per_s": round(config.train.global_batch_size / step_s, 1),
-      "flops_per_step": flops, "gflops_per_s": round(flops / step_s / 1e9, 1),
-      "devices": jax.device_count(), "backend": jax.default_backend()}))
+  print(
+      json.dumps(
+          {
+              "model": {k: config.model[k] for k in ("hidden_size", "depth", "patch_size")},
+              "global_batch": config.train.global_batch_size,
+              "compile_s": round(compile_s, 2),
+              "step_s_median": round(step_s, 4),
+              "examples_per_s": round(config.train.global_batch_size / step_s, 1),
+              "flops_per_step": flops,
+              "gflops_per_s": round(flops / step_s / 1e9, 1),
+              "devices": jax.device_count(),
+              "backend": jax.default_backend(),
+          }
+      )
+  )
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ def _time(fn, *args, reps: int) -> tuple[float, float]:
 def main(argv):
   del argv
   from rflow_jax.model import vae as vae_lib  # pylint: disable=g-import-not-at-top
+
   model = vae_lib.AutoencoderKL()  # SD3's configuration (the defaults).
   s, b, f = FLAGS.size, FLAGS.batch, vae_lib.AutoencoderKL().downsample_factor
   model.check_image_size(s, s)
@@ -50,13 +51,25 @@ def main(argv):
   latents = jnp.zeros((b, s // f, s // f, model.latent_channels), jnp.float32)
   enc_first, enc_s = _time(encode, params, images, reps=FLAGS.reps)
   dec_first, dec_s = _time(decode, params, latents, reps=FLAGS.reps)
-  print(json.dumps({
-      "config": "sd3", "params": num_params, "size": s, "batch": b, "reps": FLAGS.reps,
-      "device": jax.devices()[0].device_kind, "num_devices": jax.device_count(),
-      "encode_compile_s": round(enc_first, 2), "decode_compile_s": round(dec_first, 2),
-      "encode_s": round(enc_s, 4), "decode_s": round(dec_s, 4),
-      "encode_images_per_s": round(b / enc_s, 3), "decode_images_per_s": round(b / dec_s, 3),
-  }))
+  print(
+      json.dumps(
+          {
+              "config": "sd3",
+              "params": num_params,
+              "size": s,
+              "batch": b,
+              "reps": FLAGS.reps,
+              "device": jax.devices()[0].device_kind,
+              "num_devices": jax.device_count(),
+              "encode_compile_s": round(enc_first, 2),
+              "decode_compile_s": round(dec_first, 2),
+              "encode_s": round(enc_s, 4),
+              "decode_s": round(dec_s, 4),
+              "encode_images_per_s": round(b / enc_s, 3),
+              "decode_images_per_s": round(b / dec_s, 3),
+          }
+      )
+  )
 
 
 if __name__ == "__main__":

@@ -82,6 +82,7 @@ def make_config(args):
   """The shapes config at the benchmark's size (pixel space, 32x32x3, two tiny text encoders of 16 tokens)."""
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
   from configs import shapes  # pylint: disable=g-import-not-at-top
+
   c = shapes.get_config()
   c.model.depth, c.model.hidden_size, c.model.num_heads = args.depth, args.width, args.heads
   c.model.patch_size = args.patch
@@ -97,6 +98,7 @@ def make_config(args):
 def randomize(params, seed: int):
   """Every trainable leaf ~ N(0, 0.02²) (RMS scales ~ 1 + ...): the zero-initialised adaLN would make the output 0."""
   import jax  # pylint: disable=g-import-not-at-top
+
   leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
   keys = jax.random.split(jax.random.key(seed), len(leaves))
   out = []
@@ -114,6 +116,7 @@ def matmul_rates(reps: int) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
+
   n = 2048
   a = np.random.RandomState(0).randn(n, n).astype(np.float32)
   ja, jb = jax.device_put(a), jax.device_put(a.T.copy())
@@ -132,17 +135,26 @@ class Peer:
     import torch  # pylint: disable=g-import-not-at-top
     from diffusers import SD3Transformer2DModel  # pylint: disable=g-import-not-at-top
     from rflow_jax.export import diffusers as export  # pylint: disable=g-import-not-at-top
+
     self.torch = torch
-    self.net = SD3Transformer2DModel(**{k: v for k, v in export.diffusers_config(model).items()
-                                        if not k.startswith("_")})
+    self.net = SD3Transformer2DModel(
+        **{k: v for k, v in export.diffusers_config(model).items() if not k.startswith("_")}
+    )
     sd = export.params_to_diffusers(params, model)
     self.net.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=True)
     # AdamW as ours: decay only on matrices (none by default), the positional table is a buffer there.
     ps = list(self.net.parameters())
-    groups = [{"params": [p for p in ps if p.ndim >= 2], "weight_decay": optim_config.weight_decay},
-              {"params": [p for p in ps if p.ndim < 2], "weight_decay": 0.0}]
-    self.opt = torch.optim.AdamW(groups, lr=optim_config.learning_rate, betas=(optim_config.b1, optim_config.b2),
-                                 eps=optim_config.eps, foreach=True)
+    groups = [
+        {"params": [p for p in ps if p.ndim >= 2], "weight_decay": optim_config.weight_decay},
+        {"params": [p for p in ps if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    self.opt = torch.optim.AdamW(
+        groups,
+        lr=optim_config.learning_rate,
+        betas=(optim_config.b1, optim_config.b2),
+        eps=optim_config.eps,
+        foreach=True,
+    )
     self.clip = optim_config.grad_clip_norm
     self.ema = [p.detach().clone() for p in ps]
     self.ema_decay = ema_decay
@@ -150,8 +162,7 @@ class Peer:
 
   def forward(self, compiled: bool, x, t, ctx, pooled):
     net = self.compiled if compiled else self.net
-    return net(hidden_states=x, timestep=t, encoder_hidden_states=ctx, pooled_projections=pooled,
-               return_dict=False)[0]
+    return net(hidden_states=x, timestep=t, encoder_hidden_states=ctx, pooled_projections=pooled, return_dict=False)[0]
 
   def train_step(self, compiled: bool, batch) -> float:
     """One step on batch = (z_t NCHW, 1000 t, context, pooled, target NCHW); returns the loss."""
@@ -172,6 +183,7 @@ class Peer:
     """28-step (num_steps) Euler with CFG: a loop of FlowMatchEulerDiscreteScheduler.step; NCHW in and out."""
     torch = self.torch
     from diffusers import FlowMatchEulerDiscreteScheduler  # pylint: disable=g-import-not-at-top
+
     sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
     sched.set_timesteps(num_steps)
     both_ctx = torch.cat([ctx, torch.zeros_like(ctx)])
@@ -193,6 +205,7 @@ def main(argv=None):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
+
   torch.set_num_threads(args.threads)
   from rflow_jax.model import text_encoders  # pylint: disable=g-import-not-at-top
   from rflow_jax.sampling import guidance, schedules, solvers  # pylint: disable=g-import-not-at-top
@@ -207,22 +220,30 @@ def main(argv=None):
   state = state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params), opt_state=setup.task.tx.init(params))
   rng = np.random.RandomState(0)
   b, s, ch = args.batch, config.data.image_size, config.model.in_channels
-  batch = {"image": jnp.asarray(rng.uniform(-1, 1, (b, s, s, ch)).astype(np.float32)),
-           "tokens": jnp.asarray(rng.randint(1, setup.task.tokenizer.vocab_size, (b, config.text.max_length), np.int32))}
+  batch = {
+      "image": jnp.asarray(rng.uniform(-1, 1, (b, s, s, ch)).astype(np.float32)),
+      "tokens": jnp.asarray(rng.randint(1, setup.task.tokenizer.vocab_size, (b, config.text.max_length), np.int32)),
+  }
 
   # Step 0's draw of the jitted step, replayed outside it for the torch side (same key path as step.loss_fn).
   key = jax.random.fold_in(jax.random.key(config.seed), state.step)
   k_drop, k_loss = jax.random.split(key)
-  context, pooled = step_lib.condition(setup.task.text_stack, state.text_params, batch["tokens"], k_drop,
-                                       config.text.drop_prob)
+  context, pooled = step_lib.condition(
+      setup.task.text_stack, state.text_params, batch["tokens"], k_drop, config.text.drop_prob
+  )
   k_t, k_eps = jax.random.split(k_loss)
   t = setup.task.formulation.sample_t(k_t, (b,))
   eps = jax.random.normal(k_eps, batch["image"].shape, jnp.float32)
   z_t = setup.task.formulation.noise(batch["image"], eps, t)
   nchw = lambda a: torch.from_numpy(np.ascontiguousarray(np.asarray(a).transpose(0, 3, 1, 2)))
   tt = lambda a: torch.from_numpy(np.array(a))
-  torch_batch = (nchw(z_t), tt(1000.0 * setup.task.formulation.model_time(t)), tt(context), tt(pooled),
-                 nchw(setup.task.formulation.target(batch["image"], eps, t)))
+  torch_batch = (
+      nchw(z_t),
+      tt(1000.0 * setup.task.formulation.model_time(t)),
+      tt(context),
+      tt(pooled),
+      nchw(setup.task.formulation.target(batch["image"], eps, t)),
+  )
 
   compile_ = not args.no_compile
   ema = float(optim_lib.ema_decay(0, config.optim.ema_decay))
@@ -252,8 +273,10 @@ def main(argv=None):
     peer.train_step(False, torch_batch)
     if compile_:
       peer.train_step(True, torch_batch)
-  fns = {"rflow_jax": lambda: jax.block_until_ready(jax_step()),
-         "diffusers_eager": lambda: peer.train_step(False, torch_batch)}
+  fns = {
+      "rflow_jax": lambda: jax.block_until_ready(jax_step()),
+      "diffusers_eager": lambda: peer.train_step(False, torch_batch),
+  }
   if compile_:
     fns["diffusers_compile"] = lambda: peer.train_step(True, torch_batch)
   log("timing train steps")
@@ -264,7 +287,9 @@ def main(argv=None):
   sb = args.sample_batch
   srng = np.random.RandomState(1)
   s_tokens = jnp.asarray(srng.randint(1, setup.task.tokenizer.vocab_size, (sb, config.text.max_length), np.int32))
-  cond = text_encoders.drop_and_compose(setup.task.text_stack.apply({"params": holder["state"].text_params}, s_tokens), None, 0.0)
+  cond = text_encoders.drop_and_compose(
+      setup.task.text_stack.apply({"params": holder["state"].text_params}, s_tokens), None, 0.0
+  )
   uncond = jax.tree.map(jnp.zeros_like, cond)
   noise = jnp.asarray(srng.randn(sb, s, s, ch).astype(np.float32))
   sigmas = jnp.asarray(schedules.flow_sigmas(args.sample_steps, 1.0, "diffusers"), jnp.float32)
@@ -297,25 +322,46 @@ def main(argv=None):
   gflops = flops / train["rflow_jax"] / 1e9
   result = {
       "train_step": {
-          "rflow_jax_s": round(train["rflow_jax"], 4), "diffusers_eager_s": round(train["diffusers_eager"], 4),
+          "rflow_jax_s": round(train["rflow_jax"], 4),
+          "diffusers_eager_s": round(train["diffusers_eager"], 4),
           "diffusers_compile_s": round(train["diffusers_compile"], 4) if compile_ else None,
           "speedup_vs_eager": round(train["diffusers_eager"] / train["rflow_jax"], 3),
           "speedup_vs_compile": round(train["diffusers_compile"] / train["rflow_jax"], 3) if compile_ else None,
-          "rflow_jax_gflops": round(gflops, 1), "peak_fraction": round(gflops / mm["xla"], 3)},
+          "rflow_jax_gflops": round(gflops, 1),
+          "peak_fraction": round(gflops / mm["xla"], 3),
+      },
       "sampling": {
-          "rflow_jax_s": round(sample["rflow_jax"], 3), "diffusers_eager_s": round(sample["diffusers_eager"], 3),
+          "rflow_jax_s": round(sample["rflow_jax"], 3),
+          "diffusers_eager_s": round(sample["diffusers_eager"], 3),
           "diffusers_compile_s": round(sample["diffusers_compile"], 3) if compile_ else None,
           "speedup_vs_eager": round(sample["diffusers_eager"] / sample["rflow_jax"], 3),
-          "speedup_vs_compile": round(sample["diffusers_compile"] / sample["rflow_jax"], 3) if compile_ else None},
+          "speedup_vs_compile": round(sample["diffusers_compile"] / sample["rflow_jax"], 3) if compile_ else None,
+      },
       "matmul_gflops": mm,
-      "config": {"depth": args.depth, "width": args.width, "heads": args.heads, "patch": args.patch,
-                 "image": [s, s, ch], "image_tokens": (s // args.patch) ** 2, "text_tokens": context.shape[1],
-                 "batch": b, "sample_batch": sb, "sample_steps": args.sample_steps, "dtype": "float32",
-                 "attention_impl": config.model.attention_impl, "train_reps": args.train_reps,
-                 "sample_reps": args.sample_reps, "ema": "both", "params_m": round(sum(
-                     a.size for a in jax.tree.leaves(params)) / 1e6, 1), "quick": args.quick},
-      "loss": {"rflow_jax": float(m0["loss"]), "diffusers": loss_torch,
-               "rel_diff": abs(float(m0["loss"]) - loss_torch) / abs(loss_torch)},
+      "config": {
+          "depth": args.depth,
+          "width": args.width,
+          "heads": args.heads,
+          "patch": args.patch,
+          "image": [s, s, ch],
+          "image_tokens": (s // args.patch) ** 2,
+          "text_tokens": context.shape[1],
+          "batch": b,
+          "sample_batch": sb,
+          "sample_steps": args.sample_steps,
+          "dtype": "float32",
+          "attention_impl": config.model.attention_impl,
+          "train_reps": args.train_reps,
+          "sample_reps": args.sample_reps,
+          "ema": "both",
+          "params_m": round(sum(a.size for a in jax.tree.leaves(params)) / 1e6, 1),
+          "quick": args.quick,
+      },
+      "loss": {
+          "rflow_jax": float(m0["loss"]),
+          "diffusers": loss_torch,
+          "rel_diff": abs(float(m0["loss"]) - loss_torch) / abs(loss_torch),
+      },
       "sample_shape": list(ours_img.shape),
       "compile_s": {k: round(v, 1) for k, v in compile_s.items()},
       "flops_per_step": flops,

@@ -68,7 +68,9 @@ def get_config():
 
   # --- Model (MM-DiT; field names are rflow_jax.model.mmdit.MMDiT attributes) ---------------------------------
   c.model = ml_collections.ConfigDict()
-  c.model.arch = "mmdit"  # "mmdit" | the paper's RQ2 baselines "dit", "crossdit", "uvit" (rflow_jax/model/baselines.py).
+  c.model.arch = (
+      "mmdit"  # "mmdit" | the paper's RQ2 baselines "dit", "crossdit", "uvit" (rflow_jax/model/baselines.py).
+  )
   c.model.patch_size = 2  # p: p×p patches become tokens.
   c.model.in_channels = 3  # 3 for pixel space (quickstart), 16 for SD3 VAE latents.
   c.model.hidden_size = 128  # Width H (64·depth in the SD3 family).
@@ -195,9 +197,14 @@ def get_config():
   c.sample.eval_per_kind = 40  # ShapesEval prompts per scene kind (single, position, counting).
   c.sample.eval_seed = 7  # Seed of the fresh ShapesEval prompts and their noise.
   c.sample.grid_prompts = (  # Fixed prompts of the periodic sample grid.
-      "a red circle", "a blue square", "a green triangle", "a yellow circle",
-      "a magenta square to the left of a cyan circle", "a red triangle above a blue circle",
-      "two green squares", "three yellow circles",
+      "a red circle",
+      "a blue square",
+      "a green triangle",
+      "a yellow circle",
+      "a magenta square to the left of a cyan circle",
+      "a red triangle above a blue circle",
+      "two green squares",
+      "three yellow circles",
   )
 
   # --- Evaluation: the validation-loss protocol (rflow_jax/eval/val_loss.py) ------------------------------------------

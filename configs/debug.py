@@ -1,6 +1,6 @@
 """Debug: the smallest config that runs every code path (tests, smoke checks); trains nothing useful.
 
-  python -m rflow_jax.main --config=configs/debug.py --workdir=/tmp/rflow_debug
+python -m rflow_jax.main --config=configs/debug.py --workdir=/tmp/rflow_debug
 """
 
 import pathlib

@@ -30,8 +30,18 @@ DEFAULT = "rf/lognorm(0.00,1.00)"
 # best logit-normal and mode settings, CosMap, uniform rf, the LDM/cosine diffusion baselines and two EDMs,
 # Karras' defaults included), in the order of the paper's average rank where it has one.
 STUDY = (
-    "rf/lognorm(0.00,1.00)", "rf/lognorm(1.00,0.60)", "rf/lognorm(0.50,0.60)", "rf/mode(1.29)", "eps/linear",
-    "rf/mode(1.75)", "rf/cosmap", "edm(0.00,0.60)", "rf", "v/linear", "v/cos", "edm(-1.20,1.20)",
+    "rf/lognorm(0.00,1.00)",
+    "rf/lognorm(1.00,0.60)",
+    "rf/lognorm(0.50,0.60)",
+    "rf/mode(1.29)",
+    "eps/linear",
+    "rf/mode(1.75)",
+    "rf/cosmap",
+    "edm(0.00,0.60)",
+    "rf",
+    "v/linear",
+    "v/cos",
+    "edm(-1.20,1.20)",
 )
 
 

@@ -42,10 +42,24 @@ MATCHED = {
 
 # The MM-DiT each table matches (MMDiT constructor arguments besides depth/width/heads).
 REFERENCE_KWARGS = {
-    "quickstart": dict(patch_size=4, in_channels=3, mlp_ratio=4.0, qk_norm="rms_norm", pos_embed_max_size=8,
-                       context_dim=64, pooled_dim=64),
-    "d24": dict(patch_size=2, in_channels=16, mlp_ratio=4.0, qk_norm=None, pos_embed_max_size=192,
-                context_dim=4096, pooled_dim=2048),
+    "quickstart": dict(
+        patch_size=4,
+        in_channels=3,
+        mlp_ratio=4.0,
+        qk_norm="rms_norm",
+        pos_embed_max_size=8,
+        context_dim=64,
+        pooled_dim=64,
+    ),
+    "d24": dict(
+        patch_size=2,
+        in_channels=16,
+        mlp_ratio=4.0,
+        qk_norm=None,
+        pos_embed_max_size=192,
+        context_dim=4096,
+        pooled_dim=2048,
+    ),
 }
 
 

@@ -51,8 +51,10 @@ def _device_count(mesh_text: str) -> int:
 
 if __name__ == "__main__":
   os.environ["JAX_PLATFORMS"] = "cpu"
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             f" --xla_force_host_platform_device_count={_device_count(_preparse_mesh(sys.argv))}")
+  os.environ["XLA_FLAGS"] = (
+      os.environ.get("XLA_FLAGS", "")
+      + f" --xla_force_host_platform_device_count={_device_count(_preparse_mesh(sys.argv))}"
+  )
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -72,8 +74,11 @@ from rflow_jax.train import preflight, trainer
 
 config_flags.DEFINE_config_file("config", None, "Config file (with optional :arg).", lock_config=True)
 flags.DEFINE_string("mesh", "fsdp=1", "Mesh sizes as data=D,fsdp=F,tensor=T (omitted axes are 1; no -1).")
-flags.DEFINE_float("device_memory_gb", 0.0, "Refuse (exit 2, one line) when the per-device estimate exceeds this "
-                   "many GB (1e9 bytes); 0 = report only.")
+flags.DEFINE_float(
+    "device_memory_gb",
+    0.0,
+    "Refuse (exit 2, one line) when the per-device estimate exceeds this " "many GB (1e9 bytes); 0 = report only.",
+)
 flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 
@@ -118,8 +123,9 @@ def compile_report(config) -> dict:
       "model": {k: config.model[k] for k in ("depth", "hidden_size", "remat", "scan_blocks", "dtype")},
       "per_device_memory_bytes": int(per_device),
       "per_device_memory_gib": round(per_device / 2**30, 3),
-      "memory_analysis": {k: int(getattr(memory, f"{k}_size_in_bytes")) for k in ("argument", "output", "temp",
-                                                                                  "alias")},
+      "memory_analysis": {
+          k: int(getattr(memory, f"{k}_size_in_bytes")) for k in ("argument", "output", "temp", "alias")
+      },
       "state_bytes_per_device": partition.shard_bytes(setup.abstract_state),
       "flops_per_step": float(cost.get("flops", 0.0)) * devices,
       "analytic_flops_per_step": analytic,
@@ -145,10 +151,16 @@ def main(argv):
     print(json.dumps(report), flush=True)
     if FLAGS.device_memory_gb > 0:
       mesh = report["mesh"]
-      preflight.check(needed=report["per_device_memory_bytes"], limit=int(FLAGS.device_memory_gb * preflight.GB),
-                      source="XLA:CPU estimate", state=report["state_bytes_per_device"],
-                      microbatches=config.train.microbatches, remat=config.model.remat, fsdp=mesh["fsdp"],
-                      examples_per_shard=config.train.global_batch_size // (mesh["data"] * mesh["fsdp"]))
+      preflight.check(
+          needed=report["per_device_memory_bytes"],
+          limit=int(FLAGS.device_memory_gb * preflight.GB),
+          source="XLA:CPU estimate",
+          state=report["state_bytes_per_device"],
+          microbatches=config.train.microbatches,
+          remat=config.model.remat,
+          fsdp=mesh["fsdp"],
+          examples_per_shard=config.train.global_batch_size // (mesh["data"] * mesh["fsdp"]),
+      )
 
 
 if __name__ == "__main__":

@@ -29,14 +29,27 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _argv(workdir, steps, extra, processes=1):
   """The training command: one `python -m rflow_jax.main`, or `processes` of them (2 fake devices each, a data=P
   DCN axis over the processes) under launch/local_multiprocess.py."""
-  args = ["--config=configs/debug.py", f"--workdir={workdir}", f"--config.train.num_steps={steps}",
-          "--config.train.log_every=1", "--config.train.checkpoint_every=2", "--config.train.keep_checkpoints=2",
-          *extra]
+  args = [
+      "--config=configs/debug.py",
+      f"--workdir={workdir}",
+      f"--config.train.num_steps={steps}",
+      "--config.train.log_every=1",
+      "--config.train.checkpoint_every=2",
+      "--config.train.keep_checkpoints=2",
+      *extra,
+  ]
   if processes == 1:
     return [sys.executable, "-m", "rflow_jax.main", *args]
-  return [sys.executable, os.path.join(ROOT, "launch", "local_multiprocess.py"), f"--num_processes={processes}",
-          "--devices_per_process=2", "--", *args, "--config.sharding.mesh_shape=(1,-1,1)",
-          f"--config.sharding.dcn_mesh_shape=({processes},1,1)"]
+  return [
+      sys.executable,
+      os.path.join(ROOT, "launch", "local_multiprocess.py"),
+      f"--num_processes={processes}",
+      "--devices_per_process=2",
+      "--",
+      *args,
+      "--config.sharding.mesh_shape=(1,-1,1)",
+      f"--config.sharding.dcn_mesh_shape=({processes},1,1)",
+  ]
 
 
 def _children(pid):
@@ -49,8 +62,11 @@ def _children(pid):
 
 
 def _latest_step(workdir):
-  steps = [int(os.path.basename(p)) for p in glob.glob(os.path.join(workdir, "checkpoints", "*"))
-           if os.path.basename(p).isdigit()]
+  steps = [
+      int(os.path.basename(p))
+      for p in glob.glob(os.path.join(workdir, "checkpoints", "*"))
+      if os.path.basename(p).isdigit()
+  ]
   return max(steps) if steps else None
 
 
@@ -86,8 +102,9 @@ def _wait_for(proc, condition, timeout):
     time.sleep(0.01)
 
 
-def run_with_kills(workdir, *, steps, kills, seed, timeout=600.0, extra=(), log=None, processes=1, env=None,
-                   commit_every=3):
+def run_with_kills(
+    workdir, *, steps, kills, seed, timeout=600.0, extra=(), log=None, processes=1, env=None, commit_every=3
+):
   """Runs to completion while SIGKILLing `kills` times; returns statistics.
 
   Kills are placed by progress, not by wall time (start-up time varies with machine load): each attempt first
@@ -99,14 +116,26 @@ def run_with_kills(workdir, *, steps, kills, seed, timeout=600.0, extra=(), log=
   and every worker at once: a pod losing its slice).
   """
   rng = random.Random(seed)
-  stats = {"kills": 0, "kills_during_commit": 0, "restarts": 0, "resumed_from": [], "steps_lost": [],
-           "single_worker_kills": 0}
+  stats = {
+      "kills": 0,
+      "kills_during_commit": 0,
+      "restarts": 0,
+      "resumed_from": [],
+      "steps_lost": [],
+      "single_worker_kills": 0,
+  }
   env = {**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"}
   while True:
     resumed = _latest_step(workdir) or 0
     stats["resumed_from"].append(resumed)
-    proc = subprocess.Popen(_argv(workdir, steps, extra, processes), cwd=ROOT, stdout=log or subprocess.DEVNULL,
-                            stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        _argv(workdir, steps, extra, processes),
+        cwd=ROOT,
+        stdout=log or subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
     if stats["kills"] < kills:
       # Each attempt first commits one new checkpoint (so the run progresses), then dies at a random point.
       _wait_for(proc, lambda: (_latest_step(workdir) or 0) > resumed, timeout)
@@ -141,12 +170,15 @@ def compare(workdir, reference) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from rflow_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
+
   out = {}
   for name, ema in (("params", False), ("ema_params", True)):
     a, _, step_a = checkpoint.restore_params(workdir, use_ema=ema)
     b, _, step_b = checkpoint.restore_params(reference, use_ema=ema)
-    out[f"{name}_bitwise_equal"] = bool(step_a == step_b and all(
-        np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))))
+    out[f"{name}_bitwise_equal"] = bool(
+        step_a == step_b
+        and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    )
   out["losses_equal"] = final_losses(workdir) == final_losses(reference)
   return out
 
@@ -157,20 +189,39 @@ def main():
   parser.add_argument("--kills", type=int, default=30)
   parser.add_argument("--steps", type=int, default=60)
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--processes", type=int, default=1,
-                      help="Training processes (2 fake CPU devices each, launch/local_multiprocess.py) when > 1.")
+  parser.add_argument(
+      "--processes",
+      type=int,
+      default=1,
+      help="Training processes (2 fake CPU devices each, launch/local_multiprocess.py) when > 1.",
+  )
   args = parser.parse_args()
   sys.path.insert(0, ROOT)
   from rflow_jax import cli, paths  # pylint: disable=g-import-not-at-top
+
   with cli.clean_errors():  # A --workdir that is a file or read-only: one line, before any run starts.
     paths.check_writable_dir(args.workdir, "--workdir")
   killed, reference = os.path.join(args.workdir, "killed"), os.path.join(args.workdir, "reference")
   t0 = time.time()
-  subprocess.run(_argv(reference, args.steps, (), args.processes), cwd=ROOT, check=True, stdout=subprocess.DEVNULL,
-                 stderr=subprocess.STDOUT)
+  subprocess.run(
+      _argv(reference, args.steps, (), args.processes),
+      cwd=ROOT,
+      check=True,
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.STDOUT,
+  )
   stats = run_with_kills(killed, steps=args.steps, kills=args.kills, seed=args.seed, processes=args.processes)
-  print(json.dumps({**stats, **compare(killed, reference), "steps": args.steps, "processes": args.processes,
-                    "wall_s": round(time.time() - t0, 1)}))
+  print(
+      json.dumps(
+          {
+              **stats,
+              **compare(killed, reference),
+              "steps": args.steps,
+              "processes": args.processes,
+              "wall_s": round(time.time() - t0, 1),
+          }
+      )
+  )
 
 
 if __name__ == "__main__":

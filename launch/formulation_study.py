@@ -51,6 +51,7 @@ from rflow_jax.eval import formulation_report as report
 from rflow_jax.flow import formulations
 from rflow_jax.train import checkpoint
 from rflow_jax.train import trainer
+
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 SAMPLE_STEPS = (5, 10, 25)  # Euler steps of the evaluation settings (the paper used 5, 25 and 50).
@@ -82,8 +83,7 @@ def safe_name(name: str) -> str:
   return re.sub(r"[^A-Za-z0-9.\-]+", "_", name).strip("_")
 
 
-def variant_config(name: str, *, model: str = "quickstart", num_steps: int | None = None,
-                   shift: float | None = None):
+def variant_config(name: str, *, model: str = "quickstart", num_steps: int | None = None, shift: float | None = None):
   """The training config of one variant: configs/formulations.py (or the debug model), `name` as formulation.
 
   Args:
@@ -157,8 +157,17 @@ def train_variant(config, workdir: str) -> dict:
   return record
 
 
-_SAME_RUN_FIELDS = ("flow.formulation", "flow.shift", "model.hidden_size", "model.depth", "model.num_heads",
-                    "model.patch_size", "train.global_batch_size", "data.image_size", "seed")
+_SAME_RUN_FIELDS = (
+    "flow.formulation",
+    "flow.shift",
+    "model.hidden_size",
+    "model.depth",
+    "model.num_heads",
+    "model.patch_size",
+    "train.global_batch_size",
+    "data.image_size",
+    "seed",
+)
 
 
 def _check_same_run(saved, config, workdir: str) -> None:
@@ -170,15 +179,26 @@ def _check_same_run(saved, config, workdir: str) -> None:
     if field == "flow.formulation":
       a, b = formulations.get(a).name, formulations.get(b).name
     if a != b:
-      raise ValueError(f"{workdir!r} holds a run with {field}={a!r}, but this study asks for {b!r}; "
-                       "use another --study_dir")
+      raise ValueError(
+          f"{workdir!r} holds a run with {field}={a!r}, but this study asks for {b!r}; " "use another --study_dir"
+      )
 
 
-def run_study(study_dir: str, *, names: Sequence[str] | None = None, num_steps: int | None = None,
-              shift: float | None = None, model: str = "quickstart", per_kind: int = 40,
-              sample_steps: Sequence[int] = SAMPLE_STEPS, weights: Sequence[str] = formulation_eval.WEIGHTS,
-              reference_n: int = REFERENCE_N, out: str | None = None,
-              make_config: Callable[[str], object] | None = None, command: str | None = None) -> dict:
+def run_study(
+    study_dir: str,
+    *,
+    names: Sequence[str] | None = None,
+    num_steps: int | None = None,
+    shift: float | None = None,
+    model: str = "quickstart",
+    per_kind: int = 40,
+    sample_steps: Sequence[int] = SAMPLE_STEPS,
+    weights: Sequence[str] = formulation_eval.WEIGHTS,
+    reference_n: int = REFERENCE_N,
+    out: str | None = None,
+    make_config: Callable[[str], object] | None = None,
+    command: str | None = None,
+) -> dict:
   """Trains, evaluates and ranks every variant; writes STUDY_DIR/results.json and the markdown report.
 
   Args:
@@ -220,8 +240,7 @@ def run_study(study_dir: str, *, names: Sequence[str] | None = None, num_steps: 
     if train.get("diverged"):
       evals = {s.key: dict(DIVERGED_EVAL) for s in settings}
     else:
-      evals = formulation_eval.evaluate_variant(workdir, settings, per_kind=per_kind, reference=ref,
-                                                ref_meta=ref_meta)
+      evals = formulation_eval.evaluate_variant(workdir, settings, per_kind=per_kind, reference=ref, ref_meta=ref_meta)
     variants[name] = {"workdir": workdir, "train": train, "evals": evals}
   real = formulation_eval.real_baseline(per_kind, first.sample.eval_seed, size, ref)
   results = _results_dict(first, settings, per_kind, ref_meta, real, variants)
@@ -242,13 +261,21 @@ def _results_dict(config, settings, per_kind, ref_meta, real, variants) -> dict:
   """The study's results (what results.json holds), ranks included."""
   results = {
       "generated": datetime.datetime.now().isoformat(timespec="seconds"),
-      "settings": [s.key for s in settings], "sample_steps": sorted({s.steps for s in settings}),
-      "per_kind": per_kind, "reference": ref_meta, "feature_seed": fid_lib.FEATURE_SEED,
-      "train": {"num_steps": config.train.num_steps, "global_batch_size": config.train.global_batch_size,
-                "model": {k: config.model[k] for k in ("hidden_size", "depth", "num_heads", "patch_size")},
-                "cfg_scale": config.sample.cfg_scale, "train_shift": config.flow.shift,
-                "sample_shift": config.sample.shift},
-      "real": real, "variants": variants,
+      "settings": [s.key for s in settings],
+      "sample_steps": sorted({s.steps for s in settings}),
+      "per_kind": per_kind,
+      "reference": ref_meta,
+      "feature_seed": fid_lib.FEATURE_SEED,
+      "train": {
+          "num_steps": config.train.num_steps,
+          "global_batch_size": config.train.global_batch_size,
+          "model": {k: config.model[k] for k in ("hidden_size", "depth", "num_heads", "patch_size")},
+          "cfg_scale": config.sample.cfg_scale,
+          "train_shift": config.flow.shift,
+          "sample_shift": config.sample.shift,
+      },
+      "real": real,
+      "variants": variants,
   }
   results["ranks"] = report.rank_results(results)
   return results
@@ -259,13 +286,20 @@ def _results_dict(config, settings, per_kind, ref_meta, real, variants) -> dict:
 
 
 def _define_flags():
-  flags.DEFINE_string("study_dir", None, "One subdirectory per variant, results.json, reference stats.",
-                      required=True)
+  flags.DEFINE_string("study_dir", None, "One subdirectory per variant, results.json, reference stats.", required=True)
   flags.DEFINE_integer("steps", None, "Override train.num_steps for every variant (a cheaper study).")
-  flags.DEFINE_float("shift", None, "Override the timestep shift α of training and sampling for every variant "
-                     "(1.0 = the paper's protocol; default: the config's, 3.0).")
-  flags.DEFINE_string("only", None, "Subset of formulations (paper notation), comma-separated, e.g. "
-                      "'rf,rf/lognorm(0.00,1.00),eps/linear'. Default: configs/formulations.py STUDY.")
+  flags.DEFINE_float(
+      "shift",
+      None,
+      "Override the timestep shift α of training and sampling for every variant "
+      "(1.0 = the paper's protocol; default: the config's, 3.0).",
+  )
+  flags.DEFINE_string(
+      "only",
+      None,
+      "Subset of formulations (paper notation), comma-separated, e.g. "
+      "'rf,rf/lognorm(0.00,1.00),eps/linear'. Default: configs/formulations.py STUDY.",
+  )
   flags.DEFINE_integer("per_kind", 40, "ShapesEval prompts per scene kind (3 kinds: 120 prompts by default).")
   flags.DEFINE_list("sample_steps", [str(s) for s in SAMPLE_STEPS], "Euler step counts of the settings.")
   flags.DEFINE_list("weights", list(formulation_eval.WEIGHTS), "Weights evaluated: ema and/or raw.")
@@ -286,9 +320,19 @@ def main(argv) -> int:
         raise ValueError(f"--sample_steps: {s!r} is not a positive integer")
       sample_steps.append(int(s))
     paths.check_writable_dir(f.study_dir, "--study_dir")  # Before the first of many trainings.
-    run_study(f.study_dir, names=split_names(f.only) if f.only else None, num_steps=f.steps, shift=f.shift,
-              model=f.model, per_kind=f.per_kind, sample_steps=sample_steps, weights=f.weights,
-              reference_n=f.reference_n, out=f.out, command="python " + " ".join(sys.argv))
+    run_study(
+        f.study_dir,
+        names=split_names(f.only) if f.only else None,
+        num_steps=f.steps,
+        shift=f.shift,
+        model=f.model,
+        per_kind=f.per_kind,
+        sample_steps=sample_steps,
+        weights=f.weights,
+        reference_n=f.reference_n,
+        out=f.out,
+        command="python " + " ".join(sys.argv),
+    )
   return 0
 
 

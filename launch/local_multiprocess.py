@@ -43,8 +43,16 @@ def process_env(devices: int, base=None) -> dict[str, str]:
 
 
 def command(module: str, port: int, num_processes: int, process_id: int, args) -> list[str]:
-  return [sys.executable, "-m", module, "--distributed=explicit", f"--coordinator_address=127.0.0.1:{port}",
-          f"--num_processes={num_processes}", f"--process_id={process_id}", *args]
+  return [
+      sys.executable,
+      "-m",
+      module,
+      "--distributed=explicit",
+      f"--coordinator_address=127.0.0.1:{port}",
+      f"--num_processes={num_processes}",
+      f"--process_id={process_id}",
+      *args,
+  ]
 
 
 def _pump(stream, prefix: str):
@@ -67,8 +75,15 @@ def _stop(procs, grace_s: float = 10.0):
       p.wait()
 
 
-def launch(args, *, num_processes: int, devices_per_process: int, port: int = 0, module: str = "rflow_jax.main",
-           timeout: float = 0.0) -> int:
+def launch(
+    args,
+    *,
+    num_processes: int,
+    devices_per_process: int,
+    port: int = 0,
+    module: str = "rflow_jax.main",
+    timeout: float = 0.0,
+) -> int:
   """Starts the processes, streams their output, and returns 0, the first failing exit status, or 124 on timeout.
 
   Args:
@@ -88,8 +103,14 @@ def launch(args, *, num_processes: int, devices_per_process: int, port: int = 0,
   env = process_env(devices_per_process)
   procs, pumps = [], []
   for i in range(num_processes):
-    proc = subprocess.Popen(command(module, port, num_processes, i, args), env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, bufsize=1)
+    proc = subprocess.Popen(
+        command(module, port, num_processes, i, args),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+    )
     procs.append(proc)
     print(f"[launcher] process {i}: pid {proc.pid}", flush=True)  # Tests signal one process by its pid.
     pumps.append(threading.Thread(target=_pump, args=(proc.stdout, f"[p{i}]"), daemon=True))
@@ -100,8 +121,7 @@ def launch(args, *, num_processes: int, devices_per_process: int, port: int = 0,
       failed = [p for p in procs if p.poll() not in (None, 0)]
       if failed:
         status = failed[0].returncode
-        print(f"[launcher] process {procs.index(failed[0])} exited with {status}; stopping the others",
-              file=sys.stderr)
+        print(f"[launcher] process {procs.index(failed[0])} exited with {status}; stopping the others", file=sys.stderr)
         break
       if timeout and time.monotonic() - start > timeout:
         status = 124
@@ -127,8 +147,16 @@ def _define_flags():
 
 
 def main(argv):
-  sys.exit(launch(argv[1:], num_processes=FLAGS.num_processes, devices_per_process=FLAGS.devices_per_process,
-                  port=FLAGS.port, module=FLAGS.module, timeout=FLAGS.timeout))
+  sys.exit(
+      launch(
+          argv[1:],
+          num_processes=FLAGS.num_processes,
+          devices_per_process=FLAGS.devices_per_process,
+          port=FLAGS.port,
+          module=FLAGS.module,
+          timeout=FLAGS.timeout,
+      )
+  )
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ sys.path.insert(0, str(ROOT))  # `configs` and `rflow_jax` importable when run a
 from rflow_jax import cli, config_lib
 from rflow_jax.train import optimizer as optim_lib
 from rflow_jax.utils import flops as flops_lib
+
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 LAUNCHERS = ("local", "slurm", "tpu", "gke")
@@ -61,6 +62,7 @@ _SUBMIT_TOOLS = {"slurm": "sbatch", "tpu": "gcloud", "gke": "kubectl"}
 @dataclasses.dataclass
 class Run:
   """One training run of a sweep."""
+
   name: str
   overrides: dict
   workdir: str
@@ -109,8 +111,9 @@ def _set(config, field: str, value) -> None:
     node = node[part]
   if leaf not in node:
     raise ValueError(f"unknown config field {field!r}")
-  node[leaf] = type(node[leaf])(value) if isinstance(node[leaf], (int, float)) and not isinstance(
-      node[leaf], bool) else value
+  node[leaf] = (
+      type(node[leaf])(value) if isinstance(node[leaf], (int, float)) and not isinstance(node[leaf], bool) else value
+  )
 
 
 def run_name(overrides: dict) -> str:
@@ -161,8 +164,10 @@ def _make_run(module, arg, config_spec, sweep_dir, overrides, name=None) -> Run:
   if "val_loss" in config.train.evaluators and not config.train.eval_at_end:
     # The in-loop evaluations skip the last step (the trainer's final evaluation covers it): without it a run
     # would never count as done and every re-run of the sweep would train it again.
-    raise ValueError(f"run {name} evaluates val_loss but has train.eval_at_end=False: its final step would never be "
-                     "evaluated; set --set=train.eval_at_end=True")
+    raise ValueError(
+        f"run {name} evaluates val_loss but has train.eval_at_end=False: its final step would never be "
+        "evaluated; set --set=train.eval_at_end=True"
+    )
   workdir = os.path.join(sweep_dir, name)
   command = [sys.executable, "-m", "rflow_jax.main", f"--config={config_spec}", f"--workdir={workdir}"]
   command += [_flag(f, v) for f, v in overrides.items()]
@@ -177,13 +182,18 @@ def _branch(main: Run, fraction: float, module, arg, config_spec, sweep_dir) -> 
   steps = int(round(fraction * c.train.num_steps))
   seed = optim_lib.wsd_decay_start(steps, c.optim.decay_fraction)
   if not 0 < fraction < 1 or seed <= 0 or seed % c.train.checkpoint_every:
-    raise ValueError(f"--branches={fraction}: the branch of {main.name} ({steps} steps) starts at step {seed}, which "
-                     f"is not a checkpoint of the main run (train.checkpoint_every={c.train.checkpoint_every})")
+    raise ValueError(
+        f"--branches={fraction}: the branch of {main.name} ({steps} steps) starts at step {seed}, which "
+        f"is not a checkpoint of the main run (train.checkpoint_every={c.train.checkpoint_every})"
+    )
   if c.train.keep_checkpoints * c.train.checkpoint_every < c.train.num_steps:
-    raise ValueError(f"--branches: run {main.name} keeps only {c.train.keep_checkpoints} checkpoints; raise "
-                     f"train.keep_checkpoints to {math.ceil(c.train.num_steps / c.train.checkpoint_every)}")
-  run = _make_run(module, arg, config_spec, sweep_dir, {**main.overrides, "train.num_steps": steps},
-                  name=f"{main.name}_T{steps}")
+    raise ValueError(
+        f"--branches: run {main.name} keeps only {c.train.keep_checkpoints} checkpoints; raise "
+        f"train.keep_checkpoints to {math.ceil(c.train.num_steps / c.train.checkpoint_every)}"
+    )
+  run = _make_run(
+      module, arg, config_spec, sweep_dir, {**main.overrides, "train.num_steps": steps}, name=f"{main.name}_T{steps}"
+  )
   run.branch_of, run.branch_step = main.name, seed
   return run
 
@@ -211,8 +221,9 @@ def status(run: Run) -> str:
   """'done', 'partial (step k)' or 'new'."""
   steps = _checkpoint_steps(run.workdir)
   want = run.config.train.num_steps
-  evaluated = "val_loss" not in run.config.train.evaluators or "val_loss/mean" in _metrics_by_step(
-      run.workdir).get(want, {})
+  evaluated = "val_loss" not in run.config.train.evaluators or "val_loss/mean" in _metrics_by_step(run.workdir).get(
+      want, {}
+  )
   if steps and steps[-1] >= want and evaluated:
     return "done"
   return f"partial (step {steps[-1]})" if steps else "new"
@@ -224,8 +235,9 @@ def seed_branch(main_workdir: str, step: int, workdir: str) -> None:
     return  # Already seeded (or trained): the trainer resumes it.
   source = os.path.join(main_workdir, "checkpoints", str(step))
   if not os.path.isdir(source):
-    raise FileNotFoundError(f"decay branch {workdir!r} starts from {source!r}, which does not exist: "
-                            "train the main run first")
+    raise FileNotFoundError(
+        f"decay branch {workdir!r} starts from {source!r}, which does not exist: " "train the main run first"
+    )
   target = os.path.join(workdir, "checkpoints", str(step))
   os.makedirs(os.path.dirname(target), exist_ok=True)
   tmp = target + ".copying"
@@ -239,8 +251,11 @@ def run_local(runs, *, parallel: int = 1, log=print) -> None:
   pending = sorted(runs, key=lambda r: (r.branch_of is not None, -(flops_lib.train_flops_per_example(r.config) or 0)))
   active, failed = {}, []
   while pending or active:
-    for run in [r for r in pending if not r.branch_of or r.branch_of not in active and
-                r.branch_of not in {p.name for p in pending}][:max(parallel - len(active), 0)]:
+    for run in [
+        r
+        for r in pending
+        if not r.branch_of or r.branch_of not in active and r.branch_of not in {p.name for p in pending}
+    ][: max(parallel - len(active), 0)]:
       pending.remove(run)
       state = status(run)
       if state == "done":
@@ -251,8 +266,12 @@ def run_local(runs, *, parallel: int = 1, log=print) -> None:
       log(f"{run.name}: {state} -> training in {run.workdir}")
       os.makedirs(run.workdir, exist_ok=True)
       with open(os.path.join(run.workdir, "sweep.log"), "a") as out:
-        active[run.name] = (run, subprocess.Popen(run.command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
-                                                  env={**os.environ, "PYTHONPATH": str(ROOT)}))
+        active[run.name] = (
+            run,
+            subprocess.Popen(
+                run.command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}
+            ),
+        )
     if not active:
       break
     for name, (run, proc) in list(active.items()):
@@ -279,22 +298,31 @@ def emit(runs, launcher: str, emit_dir: str, *, submit: bool, log=print) -> list
     args = " ".join(shlex.quote(a) for a in run.command[3:])  # What follows `python -m rflow_jax.main`.
     seed = ""
     if run.branch_of:  # The branch's first checkpoint comes from its (finished) main run.
-      seed = (f"python launch/sweep.py seed --from={os.path.join(os.path.dirname(run.workdir), run.branch_of)} "
-              f"--step={run.branch_step} --to={run.workdir}\n")
+      seed = (
+          f"python launch/sweep.py seed --from={os.path.join(os.path.dirname(run.workdir), run.branch_of)} "
+          f"--step={run.branch_step} --to={run.workdir}\n"
+      )
     if launcher == "gke":
       text = (ROOT / "launch" / "gke_jobset.yaml").read_text()
       text = text.replace("name: rflow-d24", f"name: rflow-{run.name.lower().replace('_', '-').replace('.', '-')}")
-      text = re.sub(r"( +)- --config=configs/sd3.py:d24\n +- --workdir=/runs/d24\n",
-                    lambda m: "".join(f"{m.group(1)}- {a}\n" for a in run.command[3:]), text)
+      text = re.sub(
+          r"( +)- --config=configs/sd3.py:d24\n +- --workdir=/runs/d24\n",
+          lambda m: "".join(f"{m.group(1)}- {a}\n" for a in run.command[3:]),
+          text,
+      )
       path = os.path.join(emit_dir, f"{run.name}.yaml")
       command = f"kubectl apply -f {path}"
       if seed:
         text = f"# Before applying: {seed}" + text
     else:
-      job = {"slurm": f"sbatch --job-name=rf-{run.name} launch/slurm.sbatch {args}",
-             "tpu": f"TPU_NAME=${{TPU_NAME:-rf-{run.name.lower()}}} launch/tpu_pod.sh {args}"}[launcher]
-      text = (f"#!/usr/bin/env bash\n# Sweep run {run.name}.\nset -euo pipefail\ncd {shlex.quote(str(ROOT))}\n"
-              f"{seed}{job}\n")
+      job = {
+          "slurm": f"sbatch --job-name=rf-{run.name} launch/slurm.sbatch {args}",
+          "tpu": f"TPU_NAME=${{TPU_NAME:-rf-{run.name.lower()}}} launch/tpu_pod.sh {args}",
+      }[launcher]
+      text = (
+          f"#!/usr/bin/env bash\n# Sweep run {run.name}.\nset -euo pipefail\ncd {shlex.quote(str(ROOT))}\n"
+          f"{seed}{job}\n"
+      )
       path = os.path.join(emit_dir, f"{run.name}.sh")
       command = f"bash {path}"
     tmp = path + ".tmp"
@@ -317,11 +345,17 @@ def collect(runs, out: str) -> list[dict]:
   for run in runs:
     c = run.config
     params = flops_lib.param_count(c)
-    base = {"run": run.name, "branch_of": run.branch_of or "", "depth": c.model.depth,
-            "hidden_size": c.model.hidden_size, "params": params["trainable"] if params else "",
-            "flops_per_example": flops_lib.train_flops_per_example(c) or "",
-            "learning_rate": c.optim.learning_rate, "global_batch_size": c.train.global_batch_size,
-            "num_steps": c.train.num_steps}
+    base = {
+        "run": run.name,
+        "branch_of": run.branch_of or "",
+        "depth": c.model.depth,
+        "hidden_size": c.model.hidden_size,
+        "params": params["trainable"] if params else "",
+        "flops_per_example": flops_lib.train_flops_per_example(c) or "",
+        "learning_rate": c.optim.learning_rate,
+        "global_batch_size": c.train.global_batch_size,
+        "num_steps": c.train.num_steps,
+    }
     for step, metrics in sorted(_metrics_by_step(run.workdir).items()):
       scores = {k: v for k, v in metrics.items() if k.startswith(("val_loss/", "shapes/"))}
       if not scores:

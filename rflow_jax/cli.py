@@ -13,11 +13,29 @@ from absl import flags
 from rflow_jax import config_lib
 
 # Errors a user can cause with bad input; the CLIs print them as one line (no traceback) and exit 2.
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, UnicodeDecodeError,
-               FileExistsError, IsADirectoryError)
+USER_ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    NotADirectoryError,
+    PermissionError,
+    UnicodeDecodeError,
+    FileExistsError,
+    IsADirectoryError,
+)
 # OS errors a path given by the user causes (read-only filesystem, full disk, ...): also one line.
-PATH_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EISDIR,
-               errno.EEXIST, errno.ENOENT, errno.ENAMETOOLONG, errno.ELOOP)
+PATH_ERRNOS = (
+    errno.EROFS,
+    errno.EACCES,
+    errno.EPERM,
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.ENOTDIR,
+    errno.EISDIR,
+    errno.EEXIST,
+    errno.ENOENT,
+    errno.ENAMETOOLONG,
+    errno.ELOOP,
+)
 
 
 @contextlib.contextmanager
@@ -40,12 +58,15 @@ def quiet_orbax():
   skips saving): keep the console to our own lines and Orbax's real warnings."""
   import logging as py_logging  # pylint: disable=g-import-not-at-top
   from absl import logging  # pylint: disable=g-import-not-at-top
+
   def keep(record):
     if "/orbax/" not in record.pathname:
       return True
     message = record.getMessage()  # Not the read-only notes: a sampler's manager is read-only by design.
     return record.levelno >= py_logging.WARNING and not any(
-        note in message for note in ("read only", "read_only=True", "could not be restored"))
+        note in message for note in ("read only", "read_only=True", "could not be restored")
+    )
+
   logging.get_absl_handler().addFilter(keep)
   py_logging.getLogger().addFilter(keep)  # Before absl's handler is installed, Orbax goes to the root logger.
 

@@ -98,19 +98,24 @@ def check_output_dir(out: str | os.PathLike[str], *, marker: str, overwrite: boo
   run = enclosing_run(target)
   if run is not None:
     where = "is the training workdir" if run == target else f"is inside the training workdir {run!r}"
-    raise OutputPathError(f"{flag}={shown!r} {where}; writing there could replace its checkpoints: "
-                          "choose a directory outside the run")
+    raise OutputPathError(
+        f"{flag}={shown!r} {where}; writing there could replace its checkpoints: " "choose a directory outside the run"
+    )
   check_writable_dir(target, flag)
   if os.path.isdir(target) and os.listdir(target):
     if not overwrite:
-      raise OutputPathError(f"{flag}={shown!r} exists and is not empty; pass --overwrite to replace a previous "
-                            "output there, or choose an empty directory")
+      raise OutputPathError(
+          f"{flag}={shown!r} exists and is not empty; pass --overwrite to replace a previous "
+          "output there, or choose an empty directory"
+      )
     nested = _nested_run(target)
     if nested is not None:
       raise OutputPathError(f"{flag}={shown!r} holds the training workdir {nested!r}; --overwrite would delete it")
     if not os.path.isfile(os.path.join(target, marker)):
-      raise OutputPathError(f"{flag}={shown!r} is not empty and holds no {marker} (it is not an earlier output of "
-                            "this tool); --overwrite replaces only such a directory: choose another")
+      raise OutputPathError(
+          f"{flag}={shown!r} is not empty and holds no {marker} (it is not an earlier output of "
+          "this tool); --overwrite replaces only such a directory: choose another"
+      )
   return target
 
 

@@ -37,6 +37,7 @@ from rflow_jax.train import latent_data, multihost
 @dataclasses.dataclass
 class Job:
   """Everything a process needs to encode shards, built once from the config (`build`)."""
+
   config: object
   out: str
   source: arrayrecord.ArrayRecordImageSource
@@ -55,8 +56,10 @@ def _check_config(config, out: str) -> None:
   if not out:
     raise ValueError("--out is required: the directory of the precomputed records")
   if config.data.name != "arrayrecord" or not config.data.path:
-    raise ValueError(f"data.name={config.data.name!r}, data.path={config.data.path!r}: precompute reads a converted "
-                     'dataset (data.name="arrayrecord", data.path=the --out of python -m rflow_jax.data.convert)')
+    raise ValueError(
+        f"data.name={config.data.name!r}, data.path={config.data.path!r}: precompute reads a converted "
+        'dataset (data.name="arrayrecord", data.path=the --out of python -m rflow_jax.data.convert)'
+    )
   precomputed.storage_dtype(config.precompute.latent_dtype, "precompute.latent_dtype")
   precomputed.storage_dtype(config.precompute.text_dtype, "precompute.text_dtype")
   if config.precompute.batch_size < 1:
@@ -77,24 +80,45 @@ def build(config, out: str) -> Job:
   _, shapes = latent_data.text_treedef(text_stack, config.text)
   _, n_context, d_context, d_pooled = text_encoders.dims(config.text)
   head = {
-      "format": precomputed.FORMAT, "format_version": precomputed.FORMAT_VERSION,
-      "num_records": in_manifest["num_records"], "image_size": s,
-      "source": {"path": os.path.abspath(config.data.path),
-                 "shard_sha256": [x["sha256"] for x in in_manifest["shards"]]},
-      "vae": {"path": os.path.abspath(config.vae.path), "identity": latent_data.vae_identity(vae_model, vae_params),
-              "scaling_factor": vae_model.scaling_factor, "shift_factor": vae_model.shift_factor,
-              "dtype": config.vae.dtype},
+      "format": precomputed.FORMAT,
+      "format_version": precomputed.FORMAT_VERSION,
+      "num_records": in_manifest["num_records"],
+      "image_size": s,
+      "source": {
+          "path": os.path.abspath(config.data.path),
+          "shard_sha256": [x["sha256"] for x in in_manifest["shards"]],
+      },
+      "vae": {
+          "path": os.path.abspath(config.vae.path),
+          "identity": latent_data.vae_identity(vae_model, vae_params),
+          "scaling_factor": vae_model.scaling_factor,
+          "shift_factor": vae_model.shift_factor,
+          "dtype": config.vae.dtype,
+      },
       "latent": {"shape": [s // f, s // f, vae_model.latent_channels], "dtype": config.precompute.latent_dtype},
-      "text": {"identity": latent_data.text_identity(config.text, tokenizer, text_params),
-               "encoders": config.text.encoders, "dtype": config.precompute.text_dtype,
-               "shapes": [list(x) for x in shapes],
-               "dims": {"context_tokens": n_context, "context_width": d_context, "pooled_width": d_pooled}},
+      "text": {
+          "identity": latent_data.text_identity(config.text, tokenizer, text_params),
+          "encoders": config.text.encoders,
+          "dtype": config.precompute.text_dtype,
+          "shapes": [list(x) for x in shapes],
+          "dims": {"context_tokens": n_context, "context_width": d_context, "pooled_width": d_pooled},
+      },
   }
   fingerprint = {k: head[k] for k in ("format_version", "image_size", "latent", "text")}
   fingerprint.update(vae=head["vae"]["identity"], vae_dtype=config.vae.dtype, batch_size=config.precompute.batch_size)
-  return Job(config=config, out=out, source=source, shards=in_manifest["shards"], vae_model=vae_model,
-             vae_params=vae_params, tokenizer=tokenizer, text_stack=text_stack, text_params=text_params,
-             manifest_head=head, fingerprint=fingerprint)
+  return Job(
+      config=config,
+      out=out,
+      source=source,
+      shards=in_manifest["shards"],
+      vae_model=vae_model,
+      vae_params=vae_params,
+      tokenizer=tokenizer,
+      text_stack=text_stack,
+      text_params=text_params,
+      manifest_head=head,
+      fingerprint=fingerprint,
+  )
 
 
 def _note_path(job: Job, k: int) -> str:
@@ -103,8 +127,12 @@ def _note_path(job: Job, k: int) -> str:
 
 def _shard_fingerprint(job: Job, k: int) -> dict:
   shard = job.shards[k]
-  return {**job.fingerprint, "input_sha256": shard["sha256"], "first_index": shard["first_index"],
-          "num_records": shard["num_records"]}
+  return {
+      **job.fingerprint,
+      "input_sha256": shard["sha256"],
+      "first_index": shard["first_index"],
+      "num_records": shard["num_records"],
+  }
 
 
 def finished_note(job: Job, k: int) -> dict | None:
@@ -150,8 +178,10 @@ def encode_shard(job: Job, k: int, encode, rows: int) -> dict:
   """Encodes shard k into its two record files (atomically) and writes its note; returns the note."""
   shard = job.shards[k]
   first, n = shard["first_index"], shard["num_records"]
-  writers = {kind: precomputed.ShardWriter(os.path.join(job.out, precomputed.shard_file(kind, k, len(job.shards))))
-             for kind in precomputed.KINDS}
+  writers = {
+      kind: precomputed.ShardWriter(os.path.join(job.out, precomputed.shard_file(kind, k, len(job.shards))))
+      for kind in precomputed.KINDS
+  }
   try:
     for start in range(first, first + n, rows):
       items = [job.source[i] for i in range(start, min(start + rows, first + n))]
@@ -204,11 +234,19 @@ def finalize(job: Job) -> dict:
   for k, shard in enumerate(job.shards):
     note = finished_note(job, k)
     if note is None:
-      raise records.ManifestError(f"shard {k} of {len(job.shards)} is not finished in {job.out}: run precompute "
-                                  "again (every process) to encode it")
+      raise records.ManifestError(
+          f"shard {k} of {len(job.shards)} is not finished in {job.out}: run precompute "
+          "again (every process) to encode it"
+      )
     for kind in precomputed.KINDS:
-      shards[kind].append({"file": precomputed.shard_file(kind, k, len(job.shards)), "num_records": note["num_records"],
-                           "first_index": shard["first_index"], "sha256": note["sha256"][kind]})
+      shards[kind].append(
+          {
+              "file": precomputed.shard_file(kind, k, len(job.shards)),
+              "num_records": note["num_records"],
+              "first_index": shard["first_index"],
+              "sha256": note["sha256"][kind],
+          }
+      )
   empty = jax.tree.leaves(job.text_stack.apply({"params": job.text_params}, jnp.asarray(job.tokenizer.batch([""]))))
   empty_sha = precomputed.save_empty_prompt(os.path.join(job.out, precomputed.EMPTY_PROMPT), empty)
   manifest = {**job.manifest_head, "shards": shards, "empty_prompt_sha256": empty_sha}
@@ -232,16 +270,30 @@ def main(argv):
   with cli.clean_errors():
     manifest = run(FLAGS.config, FLAGS.out)
   if manifest:
-    print(json.dumps({"out": FLAGS.out, "num_records": manifest["num_records"], "latent": manifest["latent"],
-                      "vae": manifest["vae"]["identity"][:12], "text": manifest["text"]["identity"][:12]}))
+    print(
+        json.dumps(
+            {
+                "out": FLAGS.out,
+                "num_records": manifest["num_records"],
+                "latent": manifest["latent"],
+                "vae": manifest["vae"]["identity"][:12],
+                "text": manifest["text"]["identity"][:12],
+            }
+        )
+    )
 
 
 FLAGS = flags.FLAGS
 
 if __name__ == "__main__":
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file("config", None, "A configs/*.py file naming the converted dataset (data), the VAE "
-                                  "(vae.path) and the text encoders (text).", lock_config=True)
+
+  config_flags.DEFINE_config_file(
+      "config",
+      None,
+      "A configs/*.py file naming the converted dataset (data), the VAE " "(vae.path) and the text encoders (text).",
+      lock_config=True,
+  )
   flags.DEFINE_string("out", None, "Output directory of the precomputed records and manifest.json.")
   multihost.define_distributed_flags()
   flags.mark_flags_as_required(["config", "out"])

@@ -32,8 +32,9 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.load(f))
 
 
-def load_sampler(workdir: str, *, steps=None, cfg=None, solver=None, use_ema: bool = True,
-                 transformer: str | None = None):
+def load_sampler(
+    workdir: str, *, steps=None, cfg=None, solver=None, use_ema: bool = True, transformer: str | None = None
+):
   """Rebuilds (sampler, params, text_params, config, step) from a workdir.
 
   Args:
@@ -62,8 +63,9 @@ def load_sampler(workdir: str, *, steps=None, cfg=None, solver=None, use_ema: bo
   if transformer is not None:
     params = transformer_params
   tokenizer, text_stack = text_encoders.build(config.text)
-  sampler = pipeline.Sampler.from_config(config, model=model, text_stack=text_stack, tokenizer=tokenizer,
-                                         vae=latent_data.run_vae(config))  # A latent-space run's samples are decoded.
+  sampler = pipeline.Sampler.from_config(
+      config, model=model, text_stack=text_stack, tokenizer=tokenizer, vae=latent_data.run_vae(config)
+  )  # A latent-space run's samples are decoded.
   return sampler, params, text_params, config, step
 
 
@@ -87,8 +89,9 @@ def load_transformer_for(path: str | os.PathLike[str], config) -> tuple[mmdit.MM
   overrides = dict(dtype=registry.DTYPES[config.model.dtype], attention_impl=config.model.attention_impl)
   config_file = path / diffusers_io.CONFIG_NAME
   if not config_file.is_file():
-    raise FileNotFoundError(f"--transformer={str(path)!r} has no {diffusers_io.CONFIG_NAME}: not a diffusers "
-                            f"transformer directory")
+    raise FileNotFoundError(
+        f"--transformer={str(path)!r} has no {diffusers_io.CONFIG_NAME}: not a diffusers " f"transformer directory"
+    )
   # The architecture is checked against the run before any weight is read.
   model = export_diffusers.model_from_diffusers_config(json.loads(config_file.read_text()), **overrides)
   grid = config.data.image_size // model.patch_size
@@ -99,14 +102,16 @@ def load_transformer_for(path: str | os.PathLike[str], config) -> tuple[mmdit.MM
       ("joint_attention_dim", model.context_dim, width, context_width),
       ("pooled_projection_dim", model.pooled_dim, width, pooled_width),
       ("in_channels", model.in_channels, "model.in_channels", config.model.in_channels),
-      ("out_channels", model.output_channels, "model.in_channels", config.model.in_channels)]
+      ("out_channels", model.output_channels, "model.in_channels", config.model.in_channels),
+  ]
   for theirs, value, ours, expected in checks:
     if value != expected:
       raise ValueError(f"--transformer={str(path)!r} has {theirs}={value}, but the workdir's {ours}={expected}")
   if config.data.image_size % model.patch_size or grid > model.pos_embed_max_size:
     raise ValueError(
         f"--transformer={str(path)!r} (patch_size={model.patch_size}, pos_embed_max_size={model.pos_embed_max_size}) "
-        f"cannot take the workdir's data.image_size={config.data.image_size}")
+        f"cannot take the workdir's data.image_size={config.data.image_size}"
+    )
   return diffusers_io.load_transformer(path, **overrides)
 
 

@@ -31,8 +31,12 @@ flags.DEFINE_float("cfg", None, "Classifier-free guidance scale (default: the ru
 flags.DEFINE_string("solver", None, "Sampler (default: the run's sample.solver); rflow_jax/sampling/solvers.py.")
 flags.DEFINE_integer("seed", 0, "Noise seed; image i uses fold_in(seed, i).")
 flags.DEFINE_bool("raw", False, "Use the raw (non-EMA) parameters.")
-flags.DEFINE_string("transformer", None, "diffusers transformer directory to sample with instead of the workdir's "
-                    "MM-DiT weights (the workdir still gives the config and the text encoders).")
+flags.DEFINE_string(
+    "transformer",
+    None,
+    "diffusers transformer directory to sample with instead of the workdir's "
+    "MM-DiT weights (the workdir still gives the config and the text encoders).",
+)
 flags.DEFINE_bool("overwrite", False, "Replace --out when it holds an earlier sampling output.")
 FLAGS = flags.FLAGS
 MARKER = "rflow_jax_samples.json"  # In every output directory: what was sampled, and the mark --overwrite needs.
@@ -63,8 +67,13 @@ def main(argv):
     if FLAGS.raw and FLAGS.transformer:
       raise ValueError("--raw selects the workdir's MM-DiT weights; it has no meaning with --transformer")
     sampler, params, text_params, _, step = rundir.load_sampler(
-        FLAGS.workdir, steps=FLAGS.steps, cfg=FLAGS.cfg, solver=FLAGS.solver, use_ema=not FLAGS.raw,
-        transformer=FLAGS.transformer)
+        FLAGS.workdir,
+        steps=FLAGS.steps,
+        cfg=FLAGS.cfg,
+        solver=FLAGS.solver,
+        use_ema=not FLAGS.raw,
+        transformer=FLAGS.transformer,
+    )
     for i, prompt in enumerate(prompts):  # Say what the model will not see, instead of dropping it silently.
       for problem in sampler.tokenizer.problems(prompt):
         print(f"warning: prompt {i + 1} ({prompt!r}): {problem}", file=sys.stderr)
@@ -74,8 +83,18 @@ def main(argv):
         pipeline.save_png(image, os.path.join(staged, f"{i:06d}.png"))
       pipeline.save_png(pipeline.make_grid(images), os.path.join(staged, "grid.png"))
       with open(os.path.join(staged, MARKER), "w") as f:
-        json.dump({"workdir": os.path.abspath(FLAGS.workdir), "step": int(step), "seed": FLAGS.seed,
-                   "raw": FLAGS.raw, "transformer": FLAGS.transformer, "prompts": prompts}, f, indent=2)
+        json.dump(
+            {
+                "workdir": os.path.abspath(FLAGS.workdir),
+                "step": int(step),
+                "seed": FLAGS.seed,
+                "raw": FLAGS.raw,
+                "transformer": FLAGS.transformer,
+                "prompts": prompts,
+            },
+            f,
+            indent=2,
+        )
   print(f"wrote {len(images)} images (checkpoint step {step}) to {FLAGS.out}")
 
 

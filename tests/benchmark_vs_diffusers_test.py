@@ -27,10 +27,22 @@ def test_quick_run_reports_every_key_and_the_same_loss(capsys):
   finally:
     torch.set_num_threads(threads)  # The benchmark sets it; later tests in this worker keep theirs.
   result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-  assert set(result["train_step"]) == {"rflow_jax_s", "diffusers_eager_s", "diffusers_compile_s", "speedup_vs_eager",
-                                       "speedup_vs_compile", "rflow_jax_gflops", "peak_fraction"}
-  assert set(result["sampling"]) == {"rflow_jax_s", "diffusers_eager_s", "diffusers_compile_s", "speedup_vs_eager",
-                                     "speedup_vs_compile"}
+  assert set(result["train_step"]) == {
+      "rflow_jax_s",
+      "diffusers_eager_s",
+      "diffusers_compile_s",
+      "speedup_vs_eager",
+      "speedup_vs_compile",
+      "rflow_jax_gflops",
+      "peak_fraction",
+  }
+  assert set(result["sampling"]) == {
+      "rflow_jax_s",
+      "diffusers_eager_s",
+      "diffusers_compile_s",
+      "speedup_vs_eager",
+      "speedup_vs_compile",
+  }
   assert set(result["matmul_gflops"]) == {"xla", "torch"}
   assert result["threads"] == 1 and result["config"]["quick"]
   for section in ("train_step", "sampling"):

@@ -11,12 +11,15 @@ pytestmark = pytest.mark.slow
 _run, _assert_one_line_error = cli_util.run_module, cli_util.assert_one_line_error
 
 
-@pytest.mark.parametrize("override, needles", [
-    ("--config.model.nope=3", ("unknown config key 'nope'", "--config.model.nope=3")),
-    ("--config.model.depth=abc", ("--config.model.depth=abc",)),
-    ("--config.data.image_size=30", ("data.image_size=30", "model.patch_size=8")),
-    ("--config.flow.formulation=rf/banana", ("flow.formulation", "rf/banana")),
-])
+@pytest.mark.parametrize(
+    "override, needles",
+    [
+        ("--config.model.nope=3", ("unknown config key 'nope'", "--config.model.nope=3")),
+        ("--config.model.depth=abc", ("--config.model.depth=abc",)),
+        ("--config.data.image_size=30", ("data.image_size=30", "model.patch_size=8")),
+        ("--config.flow.formulation=rf/banana", ("flow.formulation", "rf/banana")),
+    ],
+)
 def test_train_cli_bad_config(tmp_path, override, needles):
   workdir = tmp_path / "w"
   rc, _, stderr = _run("rflow_jax.main", "--config=configs/debug.py", f"--workdir={workdir}", override)
@@ -33,13 +36,22 @@ def test_sample_cli_writes_one_png_per_prompt(trained_workdir, tmp_path):
   prompts = tmp_path / "prompts.txt"
   prompts.write_text("a red circle\n\n  two blue squares  \na green triangle above a red square\n", encoding="utf-8")
   out = tmp_path / "out"
-  rc, stdout, stderr = _run("rflow_jax.sample", f"--workdir={trained_workdir}", f"--prompts={prompts}",
-                            f"--out={out}", "--steps=2", "--cfg=2.0", "--seed=3")
+  rc, stdout, stderr = _run(
+      "rflow_jax.sample",
+      f"--workdir={trained_workdir}",
+      f"--prompts={prompts}",
+      f"--out={out}",
+      "--steps=2",
+      "--cfg=2.0",
+      "--seed=3",
+  )
   assert rc == 0, stderr[-3000:]
   assert sorted(os.listdir(out)) == ["000000.png", "000001.png", "000002.png", "grid.png", "rflow_jax_samples.json"]
   # The third prompt has 7 words; debug's text.max_length=8 holds 6: the user is told what is dropped.
-  assert ("warning: prompt 3 ('a green triangle above a red square'): cut at text.max_length=8 (6 words): "
-          "'square' is dropped") in stderr
+  assert (
+      "warning: prompt 3 ('a green triangle above a red square'): cut at text.max_length=8 (6 words): "
+      "'square' is dropped"
+  ) in stderr
   assert "read only" not in stderr and "orbax" not in stderr.lower(), stderr  # No Orbax chatter.
   for name in ("000000.png", "000002.png"):
     with Image.open(out / name) as im:
@@ -47,17 +59,21 @@ def test_sample_cli_writes_one_png_per_prompt(trained_workdir, tmp_path):
   assert "wrote 3 images" in stdout
 
 
-@pytest.mark.parametrize("content, needles", [
-    (None, ("--prompts=", "no such file")),
-    (b"\n   \n", ("holds no non-empty line",)),
-    (b"a red circle\n\xff\xfe bad\n", ("is not UTF-8",)),
-])
+@pytest.mark.parametrize(
+    "content, needles",
+    [
+        (None, ("--prompts=", "no such file")),
+        (b"\n   \n", ("holds no non-empty line",)),
+        (b"a red circle\n\xff\xfe bad\n", ("is not UTF-8",)),
+    ],
+)
 def test_sample_cli_bad_prompts(trained_workdir, tmp_path, content, needles):
   prompts = tmp_path / "prompts.txt"
   if content is not None:
     prompts.write_bytes(content)
-  rc, _, stderr = _run("rflow_jax.sample", f"--workdir={trained_workdir}", f"--prompts={prompts}",
-                       f"--out={tmp_path / 'out'}")
+  rc, _, stderr = _run(
+      "rflow_jax.sample", f"--workdir={trained_workdir}", f"--prompts={prompts}", f"--out={tmp_path / 'out'}"
+  )
   _assert_one_line_error(rc, stderr, *needles)
   assert not (tmp_path / "out").exists()
 
@@ -65,14 +81,21 @@ def test_sample_cli_bad_prompts(trained_workdir, tmp_path, content, needles):
 def test_sample_cli_bad_workdir_cfg_and_solver(trained_workdir, tmp_path):
   prompts = tmp_path / "p.txt"
   prompts.write_text("a red circle\n")
-  rc, _, stderr = _run("rflow_jax.sample", f"--workdir={tmp_path / 'nowhere'}", f"--prompts={prompts}",
-                       f"--out={tmp_path / 'o'}")
+  rc, _, stderr = _run(
+      "rflow_jax.sample", f"--workdir={tmp_path / 'nowhere'}", f"--prompts={prompts}", f"--out={tmp_path / 'o'}"
+  )
   _assert_one_line_error(rc, stderr, "has no config.json")
-  rc, _, stderr = _run("rflow_jax.sample", f"--workdir={trained_workdir}", f"--prompts={prompts}",
-                       f"--out={tmp_path / 'o'}", "--cfg=-1")
+  rc, _, stderr = _run(
+      "rflow_jax.sample", f"--workdir={trained_workdir}", f"--prompts={prompts}", f"--out={tmp_path / 'o'}", "--cfg=-1"
+  )
   _assert_one_line_error(rc, stderr, "sample.cfg_scale=-1.0 must be >= 0")
-  rc, _, stderr = _run("rflow_jax.sample", f"--workdir={trained_workdir}", f"--prompts={prompts}",
-                       f"--out={tmp_path / 'o'}", "--solver=rk4")
+  rc, _, stderr = _run(
+      "rflow_jax.sample",
+      f"--workdir={trained_workdir}",
+      f"--prompts={prompts}",
+      f"--out={tmp_path / 'o'}",
+      "--solver=rk4",
+  )
   _assert_one_line_error(rc, stderr, "sample.solver='rk4'", "euler_stochastic")
   assert not (tmp_path / "o").exists()
 
@@ -85,8 +108,14 @@ def test_run_shapes_cli_keeps_the_runs_own_eval_apart_from_probes(trained_workdi
   assert sorted(os.listdir(own)) == ["failures.json", "grid.png", "prompts.txt", "scores.json"]
   before = {n: open(os.path.join(own, n), "rb").read() for n in os.listdir(own)}
   # Another guidance scale, solver and the raw weights: a directory of its own; the run's own eval is left as it was.
-  rc, _, stderr = _run("rflow_jax.eval.run_shapes", f"--workdir={trained_workdir}", "--cfg=5", "--raw",
-                       "--per_kind=1", "--solver=euler_stochastic")
+  rc, _, stderr = _run(
+      "rflow_jax.eval.run_shapes",
+      f"--workdir={trained_workdir}",
+      "--cfg=5",
+      "--raw",
+      "--per_kind=1",
+      "--solver=euler_stochastic",
+  )
   assert rc == 0, stderr[-3000:]
   probe = os.path.join(trained_workdir, "eval_step2_cfg5_per_kind1_euler_stochastic_raw")
   assert open(os.path.join(probe, "prompts.txt")).read().count("\n") == 3

@@ -12,6 +12,7 @@ def train_debug_run(tmp_path_factory, name: str, num_steps: int = 2) -> str:
   """A fresh temporary workdir holding a `num_steps`-step run of configs/debug.py (checkpoint, config.json)."""
   from configs import debug  # pylint: disable=g-import-not-at-top
   from rflow_jax.train import trainer  # pylint: disable=g-import-not-at-top
+
   workdir = str(tmp_path_factory.mktemp(name))
   config = debug.get_config()
   config.train.num_steps = num_steps
@@ -27,8 +28,9 @@ ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "RFLOW_JAX_TENSORBOARD": "0", "
 
 def run_module(module, *args):
   """`python -m module args…` from the repo root; returns (exit code, stdout, stderr)."""
-  proc = subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                        timeout=600, env=ENV)
+  proc = subprocess.run(
+      [sys.executable, "-m", module, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=600, env=ENV
+  )
   return proc.returncode, proc.stdout, proc.stderr
 
 
@@ -51,14 +53,21 @@ def assert_one_line_error(rc, stderr, *needles):
     assert needle in errors[0], errors[0]
 
 
-def train_and_signal(workdir: str, sig, wait_for: str, timeout: float = 300,
-                     log_every: int = 1000) -> tuple[int, str]:
+def train_and_signal(workdir: str, sig, wait_for: str, timeout: float = 300, log_every: int = 1000) -> tuple[int, str]:
   """Starts a debug training run (100000 steps, no periodic checkpoint, a progress line every `log_every` steps),
   sends `sig` once a line containing `wait_for` appears in its output, and returns (exit code, whole output)."""
   import time  # pylint: disable=g-import-not-at-top
-  args = [sys.executable, "-m", "rflow_jax.main", "--config=configs/debug.py", f"--workdir={workdir}",
-          "--config.train.num_steps=100000", "--config.train.checkpoint_every=100000",
-          f"--config.train.log_every={log_every}"]
+
+  args = [
+      sys.executable,
+      "-m",
+      "rflow_jax.main",
+      "--config=configs/debug.py",
+      f"--workdir={workdir}",
+      "--config.train.num_steps=100000",
+      "--config.train.checkpoint_every=100000",
+      f"--config.train.log_every={log_every}",
+  ]
   proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
   deadline, head = time.time() + timeout, []
   while time.time() < deadline:

@@ -41,14 +41,18 @@ def _keys(config, prefix="") -> list[str]:
 
 
 def _config_modules():
-  return sorted(os.path.basename(f)[:-3] for f in glob.glob(os.path.join(ROOT, "configs", "*.py"))
-                if not f.endswith("__init__.py"))
+  return sorted(
+      os.path.basename(f)[:-3]
+      for f in glob.glob(os.path.join(ROOT, "configs", "*.py"))
+      if not f.endswith("__init__.py")
+  )
 
 
 def unread_keys(config, names) -> list[str]:
   """The keys of `config` that no code reads (per the module docstring's rule)."""
-  model_fields = set.intersection(*({f.name for f in dataclasses.fields(cls)}
-                                    for cls in registry.ARCHITECTURES.values()))
+  model_fields = set.intersection(
+      *({f.name for f in dataclasses.fields(cls)} for cls in registry.ARCHITECTURES.values())
+  )
   unread = []
   for key in _keys(config):
     leaf = key.rsplit(".", 1)[-1]

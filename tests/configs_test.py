@@ -42,6 +42,7 @@ def _param_count(config):
 
 def test_shapes_variants_validate_and_unknown_variants_fail():
   from configs import shapes  # pylint: disable=g-import-not-at-top
+
   config = shapes.get_config("gpu")
   config_lib.validate(config)
   assert _param_count(config) > 5 * _param_count(shapes.get_config())
@@ -61,51 +62,59 @@ def test_every_config_file_is_listed():
   assert files == set(SIMPLE) | set(COVERED_ELSEWHERE)
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("model.hidden_size", 33, "model.hidden_size=33 is not divisible by model.num_heads=2"),
-    ("data.image_size", 36, "data.image_size=36 is not divisible by model.patch_size=8"),
-    ("data.name", "imagenet", "data.name='imagenet' is not a dataset; valid: ['arrayrecord', 'precomputed', 'shapes']"),
-    ("text.drop_to", "none", "text.drop_to='none'; valid: ('zeros', 'empty')"),
-    ("train.global_batch_size", 0, "train.global_batch_size=0 must be positive"),
-    ("train.nonfinite", "ignore", "train.nonfinite='ignore'; valid: ('halt', 'skip')"),
-    ("sample.num_steps", 0, "sample.num_steps=0 must be positive"),
-    ("sample.cfg_scale", -1.0, "sample.cfg_scale=-1.0 must be >= 0"),
-    ("train.eval_every", -1, "train.eval_every=-1 must be >= 0"),
-    ("sample.solver", "rk4", "sample.solver='rk4'; valid:"),
-    ("model.dtype", "float16", "model.dtype='float16'; valid: ['bfloat16', 'float32']"),
-    ("sharding.rules", "zero3", "sharding.rules='zero3' is not a preset"),
-    ("flow.formulation", "rf/mode(3.00)", "flow.formulation"),
-    ("model.pos_embed_max_size", 2, "larger than model.pos_embed_max_size=2"),
-    # Every number finite and in range (config_lib.RANGES).
-    ("optim.learning_rate", -1e-4, "optim.learning_rate=-0.0001 must be positive and finite"),
-    ("optim.learning_rate", float("nan"), "optim.learning_rate=nan must be positive and finite"),
-    ("optim.learning_rate", float("inf"), "optim.learning_rate=inf must be positive and finite"),
-    ("optim.b1", 1.0, "optim.b1=1.0 must be in [0, 1)"),
-    ("optim.b2", -0.1, "optim.b2=-0.1 must be in [0, 1)"),
-    ("optim.eps", 0.0, "optim.eps=0.0 must be positive and finite"),
-    ("optim.weight_decay", -0.1, "optim.weight_decay=-0.1 must be >= 0 and finite"),
-    ("optim.grad_clip_norm", float("nan"), "optim.grad_clip_norm=nan must be >= 0 and finite"),
-    ("optim.ema_decay", 1.0, "optim.ema_decay=1.0 must be in [0, 1)"),
-    ("data.image_size", 0, "data.image_size=0 must be positive"),
-    ("data.num_records", 0, "data.num_records=0 must be positive"),
-    ("model.hidden_size", 0, "model.hidden_size=0 must be positive"),
-    ("model.depth", 0, "model.depth=0 must be positive"),
-    ("model.num_heads", -2, "model.num_heads=-2 must be positive"),
-    ("model.patch_size", 0, "model.patch_size=0 must be positive"),
-    ("model.mlp_ratio", float("nan"), "model.mlp_ratio=nan must be positive and finite"),
-    ("text.width", 0, "text.width=0 must be positive"),
-    ("text.depth", 0, "text.depth=0 must be positive"),
-    ("text.num_heads", 0, "text.num_heads=0 must be positive"),
-    ("text.max_length", 2, "text.max_length=2 must be >= 3"),
-    ("flow.shift", 0.0, "flow.shift=0.0 must be positive and finite"),
-    ("sample.cfg_scale", float("nan"), "sample.cfg_scale=nan must be >= 0 and finite"),
-    ("sample.cfg_scale", float("inf"), "sample.cfg_scale=inf must be >= 0 and finite"),
-    ("sample.shift", float("inf"), "sample.shift=inf must be positive and finite"),
-    ("sample.num_steps", -3, "sample.num_steps=-3 must be positive"),
-    ("train.peak_tflops_per_device", -1.0, "train.peak_tflops_per_device=-1.0 must be >= 0 and finite"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("model.hidden_size", 33, "model.hidden_size=33 is not divisible by model.num_heads=2"),
+        ("data.image_size", 36, "data.image_size=36 is not divisible by model.patch_size=8"),
+        (
+            "data.name",
+            "imagenet",
+            "data.name='imagenet' is not a dataset; valid: ['arrayrecord', 'precomputed', 'shapes']",
+        ),
+        ("text.drop_to", "none", "text.drop_to='none'; valid: ('zeros', 'empty')"),
+        ("train.global_batch_size", 0, "train.global_batch_size=0 must be positive"),
+        ("train.nonfinite", "ignore", "train.nonfinite='ignore'; valid: ('halt', 'skip')"),
+        ("sample.num_steps", 0, "sample.num_steps=0 must be positive"),
+        ("sample.cfg_scale", -1.0, "sample.cfg_scale=-1.0 must be >= 0"),
+        ("train.eval_every", -1, "train.eval_every=-1 must be >= 0"),
+        ("sample.solver", "rk4", "sample.solver='rk4'; valid:"),
+        ("model.dtype", "float16", "model.dtype='float16'; valid: ['bfloat16', 'float32']"),
+        ("sharding.rules", "zero3", "sharding.rules='zero3' is not a preset"),
+        ("flow.formulation", "rf/mode(3.00)", "flow.formulation"),
+        ("model.pos_embed_max_size", 2, "larger than model.pos_embed_max_size=2"),
+        # Every number finite and in range (config_lib.RANGES).
+        ("optim.learning_rate", -1e-4, "optim.learning_rate=-0.0001 must be positive and finite"),
+        ("optim.learning_rate", float("nan"), "optim.learning_rate=nan must be positive and finite"),
+        ("optim.learning_rate", float("inf"), "optim.learning_rate=inf must be positive and finite"),
+        ("optim.b1", 1.0, "optim.b1=1.0 must be in [0, 1)"),
+        ("optim.b2", -0.1, "optim.b2=-0.1 must be in [0, 1)"),
+        ("optim.eps", 0.0, "optim.eps=0.0 must be positive and finite"),
+        ("optim.weight_decay", -0.1, "optim.weight_decay=-0.1 must be >= 0 and finite"),
+        ("optim.grad_clip_norm", float("nan"), "optim.grad_clip_norm=nan must be >= 0 and finite"),
+        ("optim.ema_decay", 1.0, "optim.ema_decay=1.0 must be in [0, 1)"),
+        ("data.image_size", 0, "data.image_size=0 must be positive"),
+        ("data.num_records", 0, "data.num_records=0 must be positive"),
+        ("model.hidden_size", 0, "model.hidden_size=0 must be positive"),
+        ("model.depth", 0, "model.depth=0 must be positive"),
+        ("model.num_heads", -2, "model.num_heads=-2 must be positive"),
+        ("model.patch_size", 0, "model.patch_size=0 must be positive"),
+        ("model.mlp_ratio", float("nan"), "model.mlp_ratio=nan must be positive and finite"),
+        ("text.width", 0, "text.width=0 must be positive"),
+        ("text.depth", 0, "text.depth=0 must be positive"),
+        ("text.num_heads", 0, "text.num_heads=0 must be positive"),
+        ("text.max_length", 2, "text.max_length=2 must be >= 3"),
+        ("flow.shift", 0.0, "flow.shift=0.0 must be positive and finite"),
+        ("sample.cfg_scale", float("nan"), "sample.cfg_scale=nan must be >= 0 and finite"),
+        ("sample.cfg_scale", float("inf"), "sample.cfg_scale=inf must be >= 0 and finite"),
+        ("sample.shift", float("inf"), "sample.shift=inf must be positive and finite"),
+        ("sample.num_steps", -3, "sample.num_steps=-3 must be positive"),
+        ("train.peak_tflops_per_device", -1.0, "train.peak_tflops_per_device=-1.0 must be >= 0 and finite"),
+    ],
+)
 def test_bad_values_fail_validation_with_the_value_named(field, value, message):
   from configs import debug  # pylint: disable=g-import-not-at-top
+
   config = debug.get_config()
   section, leaf = field.split(".")
   config[section][leaf] = value
@@ -116,17 +125,21 @@ def test_bad_values_fail_validation_with_the_value_named(field, value, message):
 
 def test_val_loss_needs_held_out_shapes_records():
   from configs import debug  # pylint: disable=g-import-not-at-top
+
   config = debug.get_config()
   config.data.name, config.train.evaluators = "precomputed", ("val_loss",)
   with pytest.raises(config_lib.ConfigError) as e:
     config_lib.validate(config)
-  assert str(e.value) == ("train.evaluators=('val_loss',) includes 'val_loss', which scores held-out shapes records; "
-                          "data.name='precomputed' has none (remove it from train.evaluators)")
+  assert str(e.value) == (
+      "train.evaluators=('val_loss',) includes 'val_loss', which scores held-out shapes records; "
+      "data.name='precomputed' has none (remove it from train.evaluators)"
+  )
 
 
 @pytest.mark.parametrize("arch", ["mmdit", "dit", "crossdit", "uvit"])
 def test_rq2_baseline_configs_build(arch):
   from configs import rq2_baselines  # pylint: disable=g-import-not-at-top
+
   config = rq2_baselines.get_config(f"arch={arch}")
   config_lib.validate(config)
   model = registry.build_model(config)
@@ -136,6 +149,7 @@ def test_rq2_baseline_configs_build(arch):
 
 def test_unknown_arch_is_rejected():
   from configs import debug  # pylint: disable=g-import-not-at-top
+
   config = debug.get_config()
   config.model.arch = "unet"
   with pytest.raises(config_lib.ConfigError, match=r"model.arch='unet'; valid: \['crossdit', 'dit', 'mmdit', 'uvit'\]"):

@@ -76,8 +76,10 @@ def folder(tmp_path_factory):
   _write(f"{root}/rgb16.png", _png_rgb16(_RGB16))
   _write(f"{root}/sub/d.png", _png(_RGB[3]))
   _write(f"{root}/sub/d.txt", " a caption from a text file \n".encode())
-  lines = [{"file_name": n, "text": f"caption of {n} ünïcode"} for n in
-           ("a.png", "b.png", "c.jpg", "gray16.png", "gray.png", "rgb16.png", "rgba.png")]
+  lines = [
+      {"file_name": n, "text": f"caption of {n} ünïcode"}
+      for n in ("a.png", "b.png", "c.jpg", "gray16.png", "gray.png", "rgb16.png", "rgba.png")
+  ]
   _write(f"{root}/metadata.jsonl", "".join(json.dumps(line) + "\n" for line in lines).encode())
   return root
 
@@ -86,8 +88,16 @@ def test_imagefolder_round_trip_and_pixel_policy(folder, tmp_path):
   manifest = convert.convert(convert.Options("imagefolder", folder, str(tmp_path), records_per_shard=3))
   manifest_again, recs = _read_all(str(tmp_path))
   assert manifest == manifest_again
-  assert [r["key"] for r in recs] == ["a.png", "b.png", "c.jpg", "gray.png", "gray16.png", "rgb16.png", "rgba.png",
-                                      "sub/d.png"]
+  assert [r["key"] for r in recs] == [
+      "a.png",
+      "b.png",
+      "c.jpg",
+      "gray.png",
+      "gray16.png",
+      "rgb16.png",
+      "rgba.png",
+      "sub/d.png",
+  ]
   assert manifest["num_records"] == 8 and [s["num_records"] for s in manifest["shards"]] == [3, 3, 2]
   assert [s["first_index"] for s in manifest["shards"]] == [0, 3, 6]
   for s in manifest["shards"]:
@@ -119,9 +129,11 @@ def test_imagefolder_round_trip_and_pixel_policy(folder, tmp_path):
 
 
 def test_webdataset_round_trip(tmp_path):
-  samples = [("00000", "jpg", _jpeg(_RGB[0]), "txt", b"first caption"),
-             ("00001", "png", _png(_RGB[1]), "json", json.dumps({"caption": "from json", "url": "x"}).encode()),
-             ("00002", "jpg", _jpeg(_RGB[2]), "txt", b"third")]
+  samples = [
+      ("00000", "jpg", _jpeg(_RGB[0]), "txt", b"first caption"),
+      ("00001", "png", _png(_RGB[1]), "json", json.dumps({"caption": "from json", "url": "x"}).encode()),
+      ("00002", "jpg", _jpeg(_RGB[2]), "txt", b"third"),
+  ]
   for t, part in enumerate((samples[:2], samples[2:])):
     with tarfile.open(tmp_path / f"{t:05d}.tar", "w") as tar:
       for key, image_ext, image, caption_ext, caption in part:
@@ -140,10 +152,14 @@ def test_webdataset_round_trip(tmp_path):
 @pytest.mark.slow
 def test_tfds_class_labels_get_the_caption_template(tmp_path):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   with tfds.testing.mock_data(num_examples=5):
     examples = list(tfds.as_numpy(tfds.builder("mnist").as_dataset(split="train", shuffle_files=False)))
-    manifest = convert.convert(convert.Options("tfds", "mnist", str(tmp_path), records_per_shard=2,
-                                               caption_template="a photo of the digit {label}"))
+    manifest = convert.convert(
+        convert.Options(
+            "tfds", "mnist", str(tmp_path), records_per_shard=2, caption_template="a photo of the digit {label}"
+        )
+    )
   _, recs = _read_all(str(tmp_path))
   assert [s["num_records"] for s in manifest["shards"]] == [2, 2, 1] and manifest["caption_field"] == "label"
   assert manifest["source"]["input"] == "mnist"
@@ -172,8 +188,12 @@ def test_crash_then_restart_is_bitwise_identical(folder, tmp_path, monkeypatch):
     convert.convert(crashed)
   after_crash = cli_util.dir_bytes(tmp_path / "crashed")
   # Two shards finished (with their notes); nothing of the third, no manifest: no reader can take it as complete.
-  assert sorted(after_crash) == ["images-00000-of-00004.arrayrecord", "images-00000-of-00004.arrayrecord.json",
-                                 "images-00001-of-00004.arrayrecord", "images-00001-of-00004.arrayrecord.json"]
+  assert sorted(after_crash) == [
+      "images-00000-of-00004.arrayrecord",
+      "images-00000-of-00004.arrayrecord.json",
+      "images-00001-of-00004.arrayrecord",
+      "images-00001-of-00004.arrayrecord.json",
+  ]
   with pytest.raises(records.ManifestError, match="has no manifest.json"):
     arrayrecord.ArrayRecordImageSource(str(tmp_path / "crashed"), 16)
   # What a SIGKILL mid-write leaves: a temporary file; and a finished shard damaged since.
@@ -203,15 +223,23 @@ _INT32 = io.BytesIO()
 Image.fromarray(np.zeros((16, 16), np.int32), "I").save(_INT32, format="TIFF")
 
 
-@pytest.mark.parametrize("name,data,caption,message", [
-    ("bad.png", _TRUNCATED, b"x", "bad record bad.png: cannot decode image: OSError: image file is truncated"),
-    ("bad.jpg", b"\xff\xd8 not a jpeg at all", b"x", "bad record bad.jpg: not an image file Pillow can decode"),
-    ("bad.tif", _INT32.getvalue(), b"x", "bad record bad.tif: unsupported pixel mode I (32-bit values of unknown "
-     "range): convert it to 8-bit RGB first"),
-    ("bad.png", _png(_RGB[0][:6, :9]), b"x", "bad record bad.png: image is 9x6, below --min_size=8"),
-    ("bad.png", _png(_RGB[0]), None, "bad record bad.png: missing caption: no metadata.jsonl entry and no bad.txt"),
-    ("bad.png", _png(_RGB[0]), b"ab\xffc", "bad record bad.txt: caption is not UTF-8 (byte 0xff at offset 2)"),
-])
+@pytest.mark.parametrize(
+    "name,data,caption,message",
+    [
+        ("bad.png", _TRUNCATED, b"x", "bad record bad.png: cannot decode image: OSError: image file is truncated"),
+        ("bad.jpg", b"\xff\xd8 not a jpeg at all", b"x", "bad record bad.jpg: not an image file Pillow can decode"),
+        (
+            "bad.tif",
+            _INT32.getvalue(),
+            b"x",
+            "bad record bad.tif: unsupported pixel mode I (32-bit values of unknown "
+            "range): convert it to 8-bit RGB first",
+        ),
+        ("bad.png", _png(_RGB[0][:6, :9]), b"x", "bad record bad.png: image is 9x6, below --min_size=8"),
+        ("bad.png", _png(_RGB[0]), None, "bad record bad.png: missing caption: no metadata.jsonl entry and no bad.txt"),
+        ("bad.png", _png(_RGB[0]), b"ab\xffc", "bad record bad.txt: caption is not UTF-8 (byte 0xff at offset 2)"),
+    ],
+)
 def test_bad_inputs_fail_naming_the_file_or_are_skipped_and_reported(tmp_path, name, data, caption, message):
   root = _one_bad(tmp_path, name, data, caption)
   out = tmp_path / "out"
@@ -234,8 +262,9 @@ def test_empty_source_and_bad_metadata(tmp_path):
     convert.convert(convert.Options("imagefolder", str(tmp_path / "empty"), str(tmp_path / "out")))
   _write(str(tmp_path / "all_bad" / "x.png"), b"not a png")
   with pytest.raises(ValueError, match=r"gave no usable records \(1 bad inputs: see .*bad_records.jsonl\)"):
-    convert.convert(convert.Options("imagefolder", str(tmp_path / "all_bad"), str(tmp_path / "out_bad"),
-                                    on_bad_record="skip"))
+    convert.convert(
+        convert.Options("imagefolder", str(tmp_path / "all_bad"), str(tmp_path / "out_bad"), on_bad_record="skip")
+    )
   assert not os.path.exists(tmp_path / "out_bad" / "manifest.json")  # Nothing to train on.
   root = _one_bad(tmp_path, "x.png", _png(_RGB[0]))
   _write(os.path.join(root, "metadata.jsonl"), b'{"file_name": "gone.png", "text": "t"}\n\xff\n')
@@ -247,21 +276,33 @@ def test_empty_source_and_bad_metadata(tmp_path):
   with open(tmp_path / "out" / "bad_records.jsonl") as f:
     assert [json.loads(line) for line in f] == [
         {"key": "metadata.jsonl:2", "reason": "line is not UTF-8 (byte 0xff at offset 0)"},
-        {"key": "gone.png", "reason": "listed in metadata.jsonl but no such image file"}]
+        {"key": "gone.png", "reason": "listed in metadata.jsonl but no such image file"},
+    ]
 
 
 def test_cli_exits_2_with_one_line_naming_the_first_bad_file(tmp_path):
   root = _one_bad(tmp_path, "bad.png", _TRUNCATED)
-  rc, _, stderr = cli_util.run_module("rflow_jax.data.convert", "--format=imagefolder", f"--input={root}",
-                                      f"--out={tmp_path / 'out'}", "--workers=2")
+  rc, _, stderr = cli_util.run_module(
+      "rflow_jax.data.convert", "--format=imagefolder", f"--input={root}", f"--out={tmp_path / 'out'}", "--workers=2"
+  )
   cli_util.assert_one_line_error(rc, stderr, "bad record bad.png: cannot decode image")
   assert not os.path.exists(tmp_path / "out" / "manifest.json")
-  rc, stdout, stderr = cli_util.run_module("rflow_jax.data.convert", "--format=imagefolder", f"--input={root}",
-                                           f"--out={tmp_path / 'out'}", "--workers=1", "--on_bad_record=skip",
-                                           "--records_per_shard=1")
+  rc, stdout, stderr = cli_util.run_module(
+      "rflow_jax.data.convert",
+      "--format=imagefolder",
+      f"--input={root}",
+      f"--out={tmp_path / 'out'}",
+      "--workers=1",
+      "--on_bad_record=skip",
+      "--records_per_shard=1",
+  )
   assert rc == 0, stderr[-2000:]
-  assert json.loads(stdout.splitlines()[-1]) == {"out": str(tmp_path / "out"), "num_records": 1,
-                                                 "num_bad_records": 1, "num_shards": 2}
+  assert json.loads(stdout.splitlines()[-1]) == {
+      "out": str(tmp_path / "out"),
+      "num_records": 1,
+      "num_bad_records": 1,
+      "num_shards": 2,
+  }
 
 
 @pytest.fixture(scope="module")
@@ -308,6 +349,7 @@ def test_arrayrecord_source_serves_the_images_and_refuses_a_changed_shard(shapes
 @pytest.mark.slow
 def test_two_training_steps_on_a_converted_folder(shapes_dataset, tmp_path):
   from rflow_jax.train import trainer  # pylint: disable=g-import-not-at-top
+
   out, _ = shapes_dataset
   config = debug.get_config()
   config.data.name, config.data.path = "arrayrecord", out

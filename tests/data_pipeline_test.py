@@ -13,13 +13,11 @@ _TOKEN_LEN = 16
 
 def _tokenize(text):
   """Dummy byte tokenizer (module level, so it pickles)."""
-  return np.frombuffer(
-      text.encode().ljust(_TOKEN_LEN)[:_TOKEN_LEN], np.uint8).astype(np.int32)
+  return np.frombuffer(text.encode().ljust(_TOKEN_LEN)[:_TOKEN_LEN], np.uint8).astype(np.int32)
 
 
 def _iterator(source, **overrides):
-  kwargs = dict(source=source, tokenize=_tokenize, global_batch_size=8,
-                seed=7, process_index=0, process_count=1)
+  kwargs = dict(source=source, tokenize=_tokenize, global_batch_size=8, seed=7, process_index=0, process_count=1)
   kwargs.update(overrides)
   return pipeline.make_train_iterator(**kwargs)
 
@@ -42,10 +40,8 @@ def test_batch_contents_match_the_source():
   assert batch["image"].min() >= -1.0 and batch["image"].max() <= 1.0
   for row, index in enumerate(batch["index"]):
     record = source[int(index)]
-    np.testing.assert_allclose(
-        batch["image"][row], record["image"] / 127.5 - 1.0, atol=1e-6)
-    np.testing.assert_array_equal(
-        batch["tokens"][row], _tokenize(record["caption"]))
+    np.testing.assert_allclose(batch["image"][row], record["image"] / 127.5 - 1.0, atol=1e-6)
+    np.testing.assert_array_equal(batch["tokens"][row], _tokenize(record["caption"]))
 
 
 def test_stream_is_shuffled_and_seeded():
@@ -75,15 +71,13 @@ def test_two_processes_split_one_epoch_exactly():
   source = shapes.ShapesSource(seed=3, num_records=40)
   seen = []
   for process_index in range(2):
-    it = _iterator(source, process_index=process_index, process_count=2,
-                   num_epochs=1)
+    it = _iterator(source, process_index=process_index, process_count=2, num_epochs=1)
     batches = list(it)
     assert len(batches) == 5  # 20 records per process, local batch 4.
     assert all(b["image"].shape[0] == 4 for b in batches)
     seen.append(np.concatenate([b["index"] for b in batches]))
   assert not set(seen[0]) & set(seen[1])
-  np.testing.assert_array_equal(
-      np.sort(np.concatenate(seen)), np.arange(40))
+  np.testing.assert_array_equal(np.sort(np.concatenate(seen)), np.arange(40))
 
 
 def test_global_batch_does_not_depend_on_process_count():
@@ -91,12 +85,10 @@ def test_global_batch_does_not_depend_on_process_count():
   # k's global batch is the same records for any number of processes.
   source = shapes.ShapesSource(seed=4, num_records=64)
   single = _iterator(source)
-  split = [_iterator(source, process_index=p, process_count=2)
-           for p in range(2)]
+  split = [_iterator(source, process_index=p, process_count=2) for p in range(2)]
   for _ in range(3):
     together = set(next(single)["index"].tolist())
-    apart = set(itertools.chain.from_iterable(
-        next(it)["index"].tolist() for it in split))
+    apart = set(itertools.chain.from_iterable(next(it)["index"].tolist() for it in split))
     assert together == apart
 
 
@@ -131,16 +123,14 @@ def test_make_eval_batch():
 
 
 @pytest.mark.parametrize("process_count", [1, 2, 4])
-def test_a_global_start_position_resumes_the_stream_for_any_process_count(
-    process_count):
+def test_a_global_start_position_resumes_the_stream_for_any_process_count(process_count):
   # Elastic resume: 3 global batches consumed by 1 process; P processes
   # started at position 3 * 8 continue with exactly the stream's batch 3, 4.
   source = shapes.ShapesSource(seed=4, num_records=20)  # Crosses an epoch.
   single = _iterator(source)
   for _ in range(3):
     next(single)
-  resumed = [_iterator(source, process_index=p, process_count=process_count,
-                       start=3 * 8) for p in range(process_count)]
+  resumed = [_iterator(source, process_index=p, process_count=process_count, start=3 * 8) for p in range(process_count)]
   for _ in range(2):
     expected = next(single)["index"].tolist()
     got = [i for it in resumed for i in next(it)["index"].tolist()]

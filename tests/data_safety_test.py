@@ -32,9 +32,20 @@ def _spellings(tmp_path, w):
   os.symlink(w / "checkpoints", tmp_path / "link_to_ckpts")
   os.symlink(w, tmp_path / "link_to_run")
   (tmp_path / "other").mkdir()
-  return [str(w), f"{w}/", f"{w}/checkpoints", f"{w}/checkpoints/", f"{w}/checkpoints/2", f"{w}/../W/checkpoints",
-          f"{tmp_path}/other/../W/./checkpoints//", str(tmp_path / "link_to_ckpts"), f"{tmp_path}/link_to_run/",
-          f"{w}/samples", f"{w}/new/deeper", os.path.relpath(w / "checkpoints")]
+  return [
+      str(w),
+      f"{w}/",
+      f"{w}/checkpoints",
+      f"{w}/checkpoints/",
+      f"{w}/checkpoints/2",
+      f"{w}/../W/checkpoints",
+      f"{tmp_path}/other/../W/./checkpoints//",
+      str(tmp_path / "link_to_ckpts"),
+      f"{tmp_path}/link_to_run/",
+      f"{w}/samples",
+      f"{w}/new/deeper",
+      os.path.relpath(w / "checkpoints"),
+  ]
 
 
 def test_export_and_sample_outputs_never_replace_a_run_however_spelled(tmp_path):
@@ -58,11 +69,14 @@ def test_export_and_sample_outputs_never_replace_a_run_however_spelled(tmp_path)
   assert sorted(os.listdir(w)) == ["checkpoints", "config.json"]
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda p: p.joinpath("f").write_text("x") and p / "f", "exists and is not a directory"),
-    (lambda p: p / "f2" / "sub", "is not a directory"),  # A file where a parent directory must go.
-    (lambda p: "/proc/rflow_jax_out", "cannot be written"),  # A filesystem nobody can write (also as root).
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: p.joinpath("f").write_text("x") and p / "f", "exists and is not a directory"),
+        (lambda p: p / "f2" / "sub", "is not a directory"),  # A file where a parent directory must go.
+        (lambda p: "/proc/rflow_jax_out", "cannot be written"),  # A filesystem nobody can write (also as root).
+    ],
+)
 def test_unwritable_output_paths_are_one_line_user_errors(tmp_path, make, message):
   (tmp_path / "f2").write_text("x")
   with pytest.raises(paths.OutputPathError, match=message):
@@ -89,16 +103,37 @@ def test_finite_gradient_with_a_nonfinite_update_is_not_applied():
   new, metrics = setup.step(state, setup.global_batch(local))
   assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
   assert float(metrics["nonfinite"]) == 1.0 and int(new.skipped_steps) == 1 and int(new.step) == 1
-  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(jax.device_get((new.params, new.ema_params,
-                                                                            new.opt_state)))):
+  for a, b in zip(
+      jax.tree.leaves(before), jax.tree.leaves(jax.device_get((new.params, new.ema_params, new.opt_state)))
+  ):
     np.testing.assert_array_equal(a, b)
 
 
 def test_empty_t_quarters_are_left_out_not_logged_as_zero():
-  window = [{"loss": 1.0, "loss_t0": 2.0, "count_t0": 3.0, "loss_t1": 0.0, "count_t1": 0.0, "loss_t2": 4.0,
-             "count_t2": 1.0, "loss_t3": 0.0, "count_t3": 0.0},
-            {"loss": 3.0, "loss_t0": 1.0, "count_t0": 1.0, "loss_t1": 0.0, "count_t1": 0.0, "loss_t2": 0.0,
-             "count_t2": 0.0, "loss_t3": 5.0, "count_t3": 2.0}]
+  window = [
+      {
+          "loss": 1.0,
+          "loss_t0": 2.0,
+          "count_t0": 3.0,
+          "loss_t1": 0.0,
+          "count_t1": 0.0,
+          "loss_t2": 4.0,
+          "count_t2": 1.0,
+          "loss_t3": 0.0,
+          "count_t3": 0.0,
+      },
+      {
+          "loss": 3.0,
+          "loss_t0": 1.0,
+          "count_t0": 1.0,
+          "loss_t1": 0.0,
+          "count_t1": 0.0,
+          "loss_t2": 0.0,
+          "count_t2": 0.0,
+          "loss_t3": 5.0,
+          "count_t3": 2.0,
+      },
+  ]
   assert writers.average_metrics(window) == {"loss": 2.0, "loss_t0": 1.75, "loss_t2": 4.0, "loss_t3": 5.0}
 
 
@@ -132,7 +167,9 @@ def test_damaged_newest_checkpoint_training_falls_back_and_keeps_it(run, tmp_pat
   lines = [r.getMessage() for r in caplog.records if "Damaged checkpoint" in r.getMessage()]
   assert len(lines) == 1 and "step 4 (ValueError" in lines[0] and "step 2" in lines[0], lines
   kept = os.listdir(os.path.join(w, checkpoint.DAMAGED_DIR))
-  assert len(kept) == 1 and kept[0].startswith("4-") and f"moved to {os.path.join(w, checkpoint.DAMAGED_DIR)}" in lines[0]
+  assert (
+      len(kept) == 1 and kept[0].startswith("4-") and f"moved to {os.path.join(w, checkpoint.DAMAGED_DIR)}" in lines[0]
+  )
 
 
 @pytest.mark.slow
@@ -162,12 +199,15 @@ def test_ctrl_c_during_compilation_stops_cleanly_with_a_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("field, value, message", [
-    ("flow.formulation", "rf/lognorm(0.50,1.00)", "flow.formulation='rf/lognorm(0.50,1.00)', but"),
-    ("model.hidden_size", 64, "model.hidden_size=64, but"),
-    ("optim.learning_rate", 5e-4, "optim.learning_rate=0.0005, but"),
-    ("train.num_steps", 3, "train.num_steps=3 is below the checkpoint step 4"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("flow.formulation", "rf/lognorm(0.50,1.00)", "flow.formulation='rf/lognorm(0.50,1.00)', but"),
+        ("model.hidden_size", 64, "model.hidden_size=64, but"),
+        ("optim.learning_rate", 5e-4, "optim.learning_rate=0.0005, but"),
+        ("train.num_steps", 3, "train.num_steps=3 is below the checkpoint step 4"),
+    ],
+)
 def test_resume_that_changes_what_is_trained_is_refused_and_config_json_kept(run, tmp_path, field, value, message):
   w = str(tmp_path / "w")
   shutil.copytree(run, w)

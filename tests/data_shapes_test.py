@@ -22,16 +22,12 @@ _COLOR = "(" + "|".join(shapes_scenes.PALETTE) + ")"
 _SHAPE = "(" + "|".join(shapes_scenes.SHAPES) + ")"
 _SENTENCE_RE = {
     "single": re.compile(rf"a {_COLOR} {_SHAPE}"),
-    "position": re.compile(
-        rf"a {_COLOR} {_SHAPE} ({'|'.join(shapes_scenes.RELATIONS)}) "
-        rf"a {_COLOR} {_SHAPE}"),
+    "position": re.compile(rf"a {_COLOR} {_SHAPE} ({'|'.join(shapes_scenes.RELATIONS)}) " rf"a {_COLOR} {_SHAPE}"),
     "counting": re.compile(rf"(two|three) {_COLOR} {_SHAPE}s"),
 }
 _TAG_RE = {
     "single": re.compile(rf"{_COLOR} {_SHAPE}"),
-    "position": re.compile(
-        rf"{_COLOR} {_SHAPE}, (left of|right of|above|below), "
-        rf"{_COLOR} {_SHAPE}"),
+    "position": re.compile(rf"{_COLOR} {_SHAPE}, (left of|right of|above|below), " rf"{_COLOR} {_SHAPE}"),
     "counting": re.compile(rf"(two|three), {_COLOR} {_SHAPE}s"),
 }
 
@@ -70,19 +66,21 @@ def test_different_index_or_seed_gives_different_images():
   images = {src[i]["image"].tobytes() for i in range(50)}
   assert len(images) == 50
   other = shapes.ShapesSource(seed=1)
-  assert all(src[i]["image"].tobytes() != other[i]["image"].tobytes()
-             for i in range(10))
+  assert all(src[i]["image"].tobytes() != other[i]["image"].tobytes() for i in range(10))
 
 
 def test_records_identical_in_a_fresh_process():
   # A fresh interpreter with another hash seed must produce the same bytes,
   # i.e. nothing depends on process state (global RNG, set/dict hash order).
-  code = ("import sys; sys.path.insert(0, 'tests'); "
-          "import data_shapes_test as t; print(t._records_digest(5, 20))")
+  code = "import sys; sys.path.insert(0, 'tests'); " "import data_shapes_test as t; print(t._records_digest(5, 20))"
   out = subprocess.run(
-      [sys.executable, "-c", code], check=True, capture_output=True,
-      text=True, cwd=_REPO,
-      env={"PYTHONHASHSEED": "123", "PYTHONPATH": str(_REPO)})
+      [sys.executable, "-c", code],
+      check=True,
+      capture_output=True,
+      text=True,
+      cwd=_REPO,
+      env={"PYTHONHASHSEED": "123", "PYTHONPATH": str(_REPO)},
+  )
   assert out.stdout.strip() == _records_digest(5, 20)
 
 
@@ -128,7 +126,7 @@ def test_every_scene_rule_holds(size):
     # >= 2 background pixels between objects, diagonals included.
     for i, a in enumerate(masks):
       grown = ndimage.binary_dilation(a, structure=np.ones((5, 5), bool))
-      for b in masks[i + 1:]:
+      for b in masks[i + 1 :]:
         assert not np.any(grown & b), scene
     assert np.array_equal(image.any(-1), np.logical_or.reduce(masks))
     _check_kind_rules(scene, size)
@@ -159,14 +157,11 @@ def test_kinds_relations_and_styles_are_balanced():
   kinds = collections.Counter(s.kind for s in scenes)
   assert set(kinds) == set(shapes_scenes.KINDS)
   assert all(0.27 < kinds[k] / len(scenes) < 0.40 for k in shapes_scenes.KINDS)
-  relations = collections.Counter(
-      s.relation for s in scenes if s.kind == "position")
+  relations = collections.Counter(s.relation for s in scenes if s.kind == "position")
   assert set(relations) == set(shapes_scenes.RELATIONS)
-  counts = collections.Counter(
-      len(s.objects) for s in scenes if s.kind == "counting")
+  counts = collections.Counter(len(s.objects) for s in scenes if s.kind == "counting")
   assert set(counts) == {2, 3}
-  styles = collections.Counter(
-      shapes.mixed_caption_style(2, i) for i in range(len(scenes)))
+  styles = collections.Counter(shapes.mixed_caption_style(2, i) for i in range(len(scenes)))
   assert 0.43 < styles["sentence"] / len(scenes) < 0.57
 
 
@@ -195,8 +190,7 @@ def test_captions_describe_the_scene():
       assert m.groups() == (first.color, first.shape)
     elif scene.kind == "position":
       second = scene.objects[1]
-      assert m.groups() == (first.color, first.shape, scene.relation,
-                            second.color, second.shape)
+      assert m.groups() == (first.color, first.shape, scene.relation, second.color, second.shape)
     else:
       word = shapes.COUNT_WORDS[len(scene.objects)]
       assert m.groups() == (word, first.color, first.shape)
@@ -206,8 +200,7 @@ def test_caption_examples():
   red = shapes_scenes.Obj("red", "circle", 8, 5.5, 5.5)
   blue = shapes_scenes.Obj("blue", "square", 8, 20.5, 5.5)
   position = shapes_scenes.Scene("position", (red, blue), "to the left of")
-  assert shapes.caption(position, "sentence") == (
-      "a red circle to the left of a blue square")
+  assert shapes.caption(position, "sentence") == ("a red circle to the left of a blue square")
   assert shapes.caption(position, "tag") == "red circle, left of, blue square"
   counting = shapes_scenes.Scene("counting", (red, red, red))
   assert shapes.caption(counting, "sentence") == "three red circles"
@@ -244,11 +237,10 @@ def test_eval_prompts_are_deterministic_sentences_per_kind():
   assert prompts != shapes.eval_prompts(20, seed=1)
   assert len(prompts) == 60
   for k, kind in enumerate(shapes_scenes.KINDS):
-    for p in prompts[20 * k:20 * (k + 1)]:
+    for p in prompts[20 * k : 20 * (k + 1)]:
       assert _SENTENCE_RE[kind].fullmatch(p), p
   # A stream of its own: not the training records' captions.
-  train = [shapes.caption(shapes_scenes.make_scene(0, j, kind="position"), "sentence")
-           for j in range(20)]
+  train = [shapes.caption(shapes_scenes.make_scene(0, j, kind="position"), "sentence") for j in range(20)]
   assert prompts[20:40] != train
 
 

@@ -26,11 +26,14 @@ def test_features_are_deterministic_with_the_documented_shape(real):
   assert dead.size == 0, f"features {dead} are constant over 240 real images (dead channels)"
 
 
-@pytest.mark.parametrize("bad, message", [
-    (np.zeros((2, 32, 32, 3), np.float32), "dtype float32"),
-    (np.zeros((2, 32, 32), np.uint8), r"shape \(2, 32, 32\)"),
-    (np.zeros((2, 30, 30, 3), np.uint8), r"divisible by 4.*\(30, 30\)"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (np.zeros((2, 32, 32, 3), np.float32), "dtype float32"),
+        (np.zeros((2, 32, 32), np.uint8), r"shape \(2, 32, 32\)"),
+        (np.zeros((2, 30, 30, 3), np.uint8), r"divisible by 4.*\(30, 30\)"),
+    ],
+)
 def test_features_reject_bad_images_naming_them(bad, message):
   with pytest.raises(ValueError, match=message):
     fid.features(bad)
@@ -90,11 +93,14 @@ def test_singular_covariances_stay_finite_via_the_eigen_guard():
   assert fid.frechet_distance(f1, f1) == pytest.approx(0.0, abs=1e-6)
 
 
-@pytest.mark.parametrize("broken_root", [
-    lambda a: np.full_like(a, np.nan),  # sqrtm failed outright
-    lambda a: a + 0j,                   # a "root" whose square is far from the product
-    lambda a: np.eye(len(a)) * 1j,      # purely imaginary
-])
+@pytest.mark.parametrize(
+    "broken_root",
+    [
+        lambda a: np.full_like(a, np.nan),  # sqrtm failed outright
+        lambda a: a + 0j,  # a "root" whose square is far from the product
+        lambda a: np.eye(len(a)) * 1j,  # purely imaginary
+    ],
+)
 def test_eigen_guard_replaces_an_untrustworthy_sqrtm(monkeypatch, broken_root):
   theta = 0.3
   r = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
@@ -109,19 +115,23 @@ def _noise(images, sigma, rng):
 
 
 def _blur(images, sigma):
-  return np.clip(ndimage.gaussian_filter(images.astype(np.float64), (0, sigma, sigma, 0)).round(), 0, 255
-                 ).astype(np.uint8)
+  return np.clip(ndimage.gaussian_filter(images.astype(np.float64), (0, sigma, sigma, 0)).round(), 0, 255).astype(
+      np.uint8
+  )
 
 
 def _colour_shift(images, amount):
   return np.clip(images.astype(np.int64) + np.array([amount, -amount, 0]), 0, 255).astype(np.uint8)
 
 
-@pytest.mark.parametrize("corrupt, levels", [
-    ("noise", (0, 10, 30, 60)),
-    ("blur", (0, 0.7, 1.5, 3.0)),
-    ("colour", (0, 15, 40, 80)),
-])
+@pytest.mark.parametrize(
+    "corrupt, levels",
+    [
+        ("noise", (0, 10, 30, 60)),
+        ("blur", (0, 0.7, 1.5, 3.0)),
+        ("colour", (0, 15, 40, 80)),
+    ],
+)
 def test_distance_grows_monotonically_with_corruption(real, corrupt, levels):
   images, ref = real
   rng = np.random.default_rng(0)
@@ -153,11 +163,14 @@ def test_stats_round_trip_through_npz(tmp_path):
   assert loaded.n == 10
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda: fid.stats(np.zeros((1, 4))), r"N >= 2; got shape \(1, 4\)"),
-    (lambda: fid.frechet_distance_from_stats(np.zeros(2), np.eye(2), np.zeros(3), np.eye(3)), "mismatched"),
-    (lambda: fid.reference_stats(1, seed=0), "n >= 2; got 1"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: fid.stats(np.zeros((1, 4))), r"N >= 2; got shape \(1, 4\)"),
+        (lambda: fid.frechet_distance_from_stats(np.zeros(2), np.eye(2), np.zeros(3), np.eye(3)), "mismatched"),
+        (lambda: fid.reference_stats(1, seed=0), "n >= 2; got 1"),
+    ],
+)
 def test_bad_arguments_name_the_value(call, message):
   with pytest.raises(ValueError, match=message):
     call()

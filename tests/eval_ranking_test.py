@@ -47,9 +47,14 @@ def test_sort_rejects_mismatched_objectives():
 
 def test_average_ranks_over_all_settings_and_subsets():
   table = {
-      "ema/5": POINTS,                                                    # A1 B1 C2 D2 E3
-      "ema/25": {"A": (0.5, 1.0), "B": (0.6, 2.0), "C": (0.9, 0.5),       # C dominates all: C1, B2, A2, D3, E4
-                 "D": (0.4, 3.0), "E": (0.1, 9.0)},
+      "ema/5": POINTS,  # A1 B1 C2 D2 E3
+      "ema/25": {
+          "A": (0.5, 1.0),
+          "B": (0.6, 2.0),
+          "C": (0.9, 0.5),  # C dominates all: C1, B2, A2, D3, E4
+          "D": (0.4, 3.0),
+          "E": (0.1, 9.0),
+      },
   }
   avg = ranking.average_ranks(table)
   assert avg == {"A": 1.5, "B": 1.5, "C": 1.5, "D": 2.5, "E": 3.5}
@@ -57,10 +62,13 @@ def test_average_ranks_over_all_settings_and_subsets():
   assert ranking.average_ranks(table, ["ema/25"]) == {"C": 1.0, "A": 2.0, "B": 2.0, "D": 3.0, "E": 4.0}
 
 
-@pytest.mark.parametrize("settings, message", [
-    ([], "at least one setting"),
-    (["raw/5"], r"unknown settings \['raw/5'\]"),
-])
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ([], "at least one setting"),
+        (["raw/5"], r"unknown settings \['raw/5'\]"),
+    ],
+)
 def test_average_ranks_rejects_bad_settings(settings, message):
   with pytest.raises(ValueError, match=message):
     ranking.average_ranks({"ema/5": POINTS}, settings)

@@ -65,13 +65,22 @@ def test_diffusers_export_matches_our_model(run):
   pooled = rng.randn(b, config.text.width).astype(np.float32)
   ours = np.asarray(model.apply({"params": params}, x, t, ctx, pooled))
   with torch.no_grad():
-    theirs = ref(hidden_states=torch.from_numpy(x.transpose(0, 3, 1, 2)), encoder_hidden_states=torch.from_numpy(ctx),
-                 pooled_projections=torch.from_numpy(pooled),
-                 timestep=torch.from_numpy(t) * 1000.0).sample.numpy().transpose(0, 2, 3, 1)
+    theirs = (
+        ref(
+            hidden_states=torch.from_numpy(x.transpose(0, 3, 1, 2)),
+            encoder_hidden_states=torch.from_numpy(ctx),
+            pooled_projections=torch.from_numpy(pooled),
+            timestep=torch.from_numpy(t) * 1000.0,
+        )
+        .sample.numpy()
+        .transpose(0, 2, 3, 1)
+    )
   scale = float(np.abs(theirs).max())
   err = float(np.abs(ours - theirs).max()) / scale
-  print(f"debug run, step 2, EMA params: max|ours - diffusers| / max|diffusers| = {err:.2e} (max|diffusers| = "
-        f"{scale:.3e})")
+  print(
+      f"debug run, step 2, EMA params: max|ours - diffusers| / max|diffusers| = {err:.2e} (max|diffusers| = "
+      f"{scale:.3e})"
+  )
   assert scale > 1e-4  # Two updates moved the zero-initialised output layer: the check is not 0 == 0.
   assert err <= PARITY_RTOL
 
@@ -85,16 +94,16 @@ def test_scheduler_config_and_export_info(run):
   assert info["step"] == 2 and info["params"] == "ema" and info["format"] == "diffusers"
   assert info["sample"]["shift"] == 3.0 and info["workdir"] == str(workdir.resolve())
   assert info["arch"] == "mmdit"
-  assert export_workdir.model_from_config(info["arch"], info["model"]) == mmdit.MMDiT(
-      **registry.model_kwargs(config))
+  assert export_workdir.model_from_config(info["arch"], info["model"]) == mmdit.MMDiT(**registry.model_kwargs(config))
 
 
 @pytest.mark.parametrize("which", ["raw", "ema"])
 def test_safetensors_export_roundtrips_bitwise(run, tmp_path, which):
   workdir, config, _ = run
   out = tmp_path / "flat"
-  rc, _, stderr = _run("rflow_jax.export", f"--workdir={workdir}", f"--out={out}", "--format=safetensors",
-                       f"--params={which}")
+  rc, _, stderr = _run(
+      "rflow_jax.export", f"--workdir={workdir}", f"--out={out}", "--format=safetensors", f"--params={which}"
+  )
   assert rc == 0, stderr[-3000:]
   assert sorted(os.listdir(out)) == ["params.safetensors", "rflow_jax_export.json"]
   saved = safetensors.numpy.load_file(str(out / "params.safetensors"))
@@ -163,8 +172,15 @@ def test_sample_with_transformer_matches_sampling_the_workdir(run, tmp_path):
   prompts.write_text("a red circle\ntwo blue squares\n", encoding="utf-8")
   images = {}
   for name, extra in (("workdir", []), ("transformer", [f"--transformer={out / 'transformer'}"])):
-    rc, stdout, stderr = _run("rflow_jax.sample", f"--workdir={workdir}", f"--prompts={prompts}",
-                              f"--out={tmp_path / name}", "--steps=2", "--seed=1", *extra)
+    rc, stdout, stderr = _run(
+        "rflow_jax.sample",
+        f"--workdir={workdir}",
+        f"--prompts={prompts}",
+        f"--out={tmp_path / name}",
+        "--steps=2",
+        "--seed=1",
+        *extra,
+    )
     assert rc == 0, stderr[-3000:]
     assert sorted(os.listdir(tmp_path / name)) == ["000000.png", "000001.png", "grid.png", "rflow_jax_samples.json"]
     assert "wrote 2 images" in stdout
@@ -178,11 +194,22 @@ def test_sample_transformer_errors(run, tmp_path):
   workdir, _, out = run
   prompts = tmp_path / "p.txt"
   prompts.write_text("a red circle\n")
-  rc, _, stderr = _run("rflow_jax.sample", f"--workdir={workdir}", f"--prompts={prompts}", f"--out={tmp_path / 'o'}",
-                       f"--transformer={tmp_path / 'missing'}")
+  rc, _, stderr = _run(
+      "rflow_jax.sample",
+      f"--workdir={workdir}",
+      f"--prompts={prompts}",
+      f"--out={tmp_path / 'o'}",
+      f"--transformer={tmp_path / 'missing'}",
+  )
   _assert_one_line_error(rc, stderr, "missing")
-  rc, _, stderr = _run("rflow_jax.sample", f"--workdir={workdir}", f"--prompts={prompts}", f"--out={tmp_path / 'o'}",
-                       f"--transformer={out / 'transformer'}", "--raw")
+  rc, _, stderr = _run(
+      "rflow_jax.sample",
+      f"--workdir={workdir}",
+      f"--prompts={prompts}",
+      f"--out={tmp_path / 'o'}",
+      f"--transformer={out / 'transformer'}",
+      "--raw",
+  )
   _assert_one_line_error(rc, stderr, "--raw")
   # A transformer whose context width is not the run's text width.
   wrong = tmp_path / "wrong"
@@ -191,9 +218,15 @@ def test_sample_transformer_errors(run, tmp_path):
   cfg["joint_attention_dim"] = 24
   (wrong / "config.json").write_text(json.dumps(cfg))
   (wrong / "diffusion_pytorch_model.safetensors").write_bytes(
-      (out / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes())
-  rc, _, stderr = _run("rflow_jax.sample", f"--workdir={workdir}", f"--prompts={prompts}", f"--out={tmp_path / 'o'}",
-                       f"--transformer={wrong}")
+      (out / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes()
+  )
+  rc, _, stderr = _run(
+      "rflow_jax.sample",
+      f"--workdir={workdir}",
+      f"--prompts={prompts}",
+      f"--out={tmp_path / 'o'}",
+      f"--transformer={wrong}",
+  )
   _assert_one_line_error(rc, stderr, "joint_attention_dim=24", "text.width=16")
   assert not (tmp_path / "o").exists()
 
@@ -211,9 +244,15 @@ def test_baseline_runs_export_as_safetensors_only(run, tmp_path):
   run_model = json.loads((workdir / "config.json").read_text())["model"]
   arch, kwargs = "dit", {**{k: v for k, v in run_model.items() if k != "arch"}, "context_dim": 16, "pooled_dim": 16}
   model = export_workdir.model_from_config(arch, kwargs)
-  params = flax.linen.unbox(model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32),
-                                       np.zeros((1,), np.float32), np.zeros((1, 16, 16), np.float32),
-                                       np.zeros((1, 16), np.float32))["params"])
+  params = flax.linen.unbox(
+      model.init(
+          jax.random.key(0),
+          np.zeros((1, 32, 32, 3), np.float32),
+          np.zeros((1,), np.float32),
+          np.zeros((1, 16, 16), np.float32),
+          np.zeros((1, 16), np.float32),
+      )["params"]
+  )
   out = tmp_path / "flat"
   out.mkdir()
   export_workdir.save_flat(params, out / export_workdir.FLAT_WEIGHTS_NAME)
@@ -230,27 +269,43 @@ def test_quickstart_architecture_parity_with_random_weights(tmp_path):
   """The quickstart MM-DiT (patch 4, 3 channels, text width 64) with every weight random, through save_transformer."""
   from configs import quickstart  # pylint: disable=g-import-not-at-top
   from rflow_jax.export import diffusers_io  # pylint: disable=g-import-not-at-top
+
   config = quickstart.get_config()
   model = mmdit.MMDiT(**registry.model_kwargs(config))
   rng = np.random.RandomState(1)
   b, s, length, width = 2, config.data.image_size, 2 * config.text.max_length, config.text.width
-  inputs = (rng.randn(b, s, s, 3).astype(np.float32), np.array([0.3, 0.8], np.float32),
-            rng.randn(b, length, width).astype(np.float32), rng.randn(b, width).astype(np.float32))
+  inputs = (
+      rng.randn(b, s, s, 3).astype(np.float32),
+      np.array([0.3, 0.8], np.float32),
+      rng.randn(b, length, width).astype(np.float32),
+      rng.randn(b, width).astype(np.float32),
+  )
   shapes = flax.linen.unbox(jax.eval_shape(model.init, jax.random.key(0), *inputs)["params"])
   # Random everywhere (N(0, 0.05), qk-norm scales N(1, 0.2)), so the zero-initialised adaLN layers count too.
   params = jax.tree_util.tree_map_with_path(
       lambda path, a: (1.0 if "norm" in jax.tree_util.keystr(path) else 0.0)
-      + (0.2 if "norm" in jax.tree_util.keystr(path) else 0.05) * rng.randn(*a.shape).astype(np.float32), shapes)
+      + (0.2 if "norm" in jax.tree_util.keystr(path) else 0.05) * rng.randn(*a.shape).astype(np.float32),
+      shapes,
+  )
   params["pos_embed"] = np.asarray(model.init(jax.random.key(0), *inputs)["params"]["pos_embed"].unbox())
   diffusers_io.save_transformer(params, model, tmp_path / "transformer")
   ref = SD3Transformer2DModel.from_pretrained(tmp_path / "transformer").eval()
   ours = np.asarray(model.apply({"params": params}, *inputs))
   x, t, ctx, pooled = inputs
   with torch.no_grad():
-    theirs = ref(hidden_states=torch.from_numpy(x.transpose(0, 3, 1, 2)), encoder_hidden_states=torch.from_numpy(ctx),
-                 pooled_projections=torch.from_numpy(pooled),
-                 timestep=torch.from_numpy(t) * 1000.0).sample.numpy().transpose(0, 2, 3, 1)
+    theirs = (
+        ref(
+            hidden_states=torch.from_numpy(x.transpose(0, 3, 1, 2)),
+            encoder_hidden_states=torch.from_numpy(ctx),
+            pooled_projections=torch.from_numpy(pooled),
+            timestep=torch.from_numpy(t) * 1000.0,
+        )
+        .sample.numpy()
+        .transpose(0, 2, 3, 1)
+    )
   err = float(np.abs(ours - theirs).max() / np.abs(theirs).max())
-  print(f"quickstart architecture, random weights: max|ours - diffusers| / max|diffusers| = {err:.2e} "
-        f"(max|diffusers| = {np.abs(theirs).max():.3f})")
+  print(
+      f"quickstart architecture, random weights: max|ours - diffusers| / max|diffusers| = {err:.2e} "
+      f"(max|diffusers| = {np.abs(theirs).max():.3f})"
+  )
   assert err <= PARITY_RTOL

@@ -26,32 +26,63 @@ from rflow_jax.model import mmdit_tree
 # name -> (diffusers config, latent (H, W)).
 CONFIGS = {
     # SD3-medium-like: no qk-norm, table exactly the grid, 16 channels.
-    "plain_c16": (dict(sample_size=8, patch_size=2, in_channels=16,
-                       out_channels=16, num_layers=2, attention_head_dim=32,
-                       num_attention_heads=2, joint_attention_dim=48,
-                       caption_projection_dim=64, pooled_projection_dim=40,
-                       pos_embed_max_size=4, dual_attention_layers=(),
-                       qk_norm=None), (8, 8)),
+    "plain_c16": (
+        dict(
+            sample_size=8,
+            patch_size=2,
+            in_channels=16,
+            out_channels=16,
+            num_layers=2,
+            attention_head_dim=32,
+            num_attention_heads=2,
+            joint_attention_dim=48,
+            caption_projection_dim=64,
+            pooled_projection_dim=40,
+            pos_embed_max_size=4,
+            dual_attention_layers=(),
+            qk_norm=None,
+        ),
+        (8, 8),
+    ),
     # SD3.5-large-like: qk RMSNorm, center crop of a larger table, non-square
     # latents, 3 -> 6 channels.
-    "qknorm_crop_nonsquare": (dict(sample_size=16, patch_size=2, in_channels=3,
-                                   out_channels=6, num_layers=3,
-                                   attention_head_dim=16,
-                                   num_attention_heads=4,
-                                   joint_attention_dim=24,
-                                   caption_projection_dim=64,
-                                   pooled_projection_dim=32,
-                                   pos_embed_max_size=11,
-                                   dual_attention_layers=(),
-                                   qk_norm="rms_norm"), (8, 12)),
+    "qknorm_crop_nonsquare": (
+        dict(
+            sample_size=16,
+            patch_size=2,
+            in_channels=3,
+            out_channels=6,
+            num_layers=3,
+            attention_head_dim=16,
+            num_attention_heads=4,
+            joint_attention_dim=24,
+            caption_projection_dim=64,
+            pooled_projection_dim=32,
+            pos_embed_max_size=11,
+            dual_attention_layers=(),
+            qk_norm="rms_norm",
+        ),
+        (8, 12),
+    ),
     # SD3.5-medium-like: dual attention + qk-norm, cropping, tall latents.
-    "dual_attention": (dict(sample_size=16, patch_size=2, in_channels=16,
-                            out_channels=16, num_layers=3,
-                            attention_head_dim=32, num_attention_heads=2,
-                            joint_attention_dim=96, caption_projection_dim=64,
-                            pooled_projection_dim=40, pos_embed_max_size=8,
-                            dual_attention_layers=(0, 1),
-                            qk_norm="rms_norm"), (12, 8)),
+    "dual_attention": (
+        dict(
+            sample_size=16,
+            patch_size=2,
+            in_channels=16,
+            out_channels=16,
+            num_layers=3,
+            attention_head_dim=32,
+            num_attention_heads=2,
+            joint_attention_dim=96,
+            caption_projection_dim=64,
+            pooled_projection_dim=40,
+            pos_embed_max_size=8,
+            dual_attention_layers=(0, 1),
+            qk_norm="rms_norm",
+        ),
+        (12, 8),
+    ),
 }
 BATCH, CONTEXT_LEN = 2, 5
 # fp32 parity bound: max |ours - diffusers| / max |diffusers|.
@@ -63,8 +94,7 @@ def _random_diffusers(cfg: dict, seed: int = 0) -> SD3Transformer2DModel:
   model = SD3Transformer2DModel(**cfg).eval()
   with torch.no_grad():
     for name, p in model.named_parameters():
-      if name.endswith(("norm_q.weight", "norm_k.weight", "norm_added_q.weight",
-                        "norm_added_k.weight")):
+      if name.endswith(("norm_q.weight", "norm_k.weight", "norm_added_q.weight", "norm_added_k.weight")):
         p.normal_(1.0, 0.2)
       else:
         p.normal_(0.0, 0.05)
@@ -79,18 +109,19 @@ def _inputs(cfg: dict, hw: tuple[int, int], seed: int = 0):
   rng = np.random.RandomState(seed)
   x = rng.randn(BATCH, *hw, cfg["in_channels"]).astype(np.float32)
   t = np.array([0.25, 0.9], np.float32)
-  ctx = rng.randn(BATCH, CONTEXT_LEN, cfg["joint_attention_dim"]).astype(
-      np.float32)
+  ctx = rng.randn(BATCH, CONTEXT_LEN, cfg["joint_attention_dim"]).astype(np.float32)
   pooled = rng.randn(BATCH, cfg["pooled_projection_dim"]).astype(np.float32)
   return x, t, ctx, pooled
 
 
 def _diffusers_forward(model, x, t, ctx, pooled) -> np.ndarray:
   with torch.no_grad():
-    out = model(hidden_states=torch.from_numpy(x.transpose(0, 3, 1, 2)),
-                encoder_hidden_states=torch.from_numpy(ctx),
-                pooled_projections=torch.from_numpy(pooled),
-                timestep=torch.from_numpy(t) * 1000.0).sample
+    out = model(
+        hidden_states=torch.from_numpy(x.transpose(0, 3, 1, 2)),
+        encoder_hidden_states=torch.from_numpy(ctx),
+        pooled_projections=torch.from_numpy(pooled),
+        timestep=torch.from_numpy(t) * 1000.0,
+    ).sample
   return out.numpy().transpose(0, 2, 3, 1)  # NCHW -> NHWC
 
 
@@ -111,8 +142,7 @@ def test_parity_with_diffusers_and_bitwise_roundtrip(name):
   expected = _diffusers_forward(ref, *inputs)
   assert ours.shape == expected.shape == (BATCH, *hw, cfg["out_channels"])
   err = _rel_err(ours, expected)
-  print(f"{name}: max|diff|/max|ref| = {err:.2e} "
-        f"(max|ref| = {np.abs(expected).max():.3f})")
+  print(f"{name}: max|diff|/max|ref| = {err:.2e} " f"(max|ref| = {np.abs(expected).max():.3f})")
   assert err < PARITY_RTOL
 
   back = export_diffusers.params_to_diffusers(params, model)
@@ -132,8 +162,7 @@ def _perturbed_init(model, inputs, seed=1):
   params = nn.unbox(model.init(jax.random.key(seed), *inputs)["params"])
   leaves, tree = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-  leaves = [np.asarray(p + 0.05 * jax.random.normal(k, p.shape))
-            for p, k in zip(leaves, keys)]
+  leaves = [np.asarray(p + 0.05 * jax.random.normal(k, p.shape)) for p, k in zip(leaves, keys)]
   return jax.tree.unflatten(tree, leaves)
 
 
@@ -147,8 +176,7 @@ def test_save_transformer_loads_in_diffusers(tmp_path):
   single = diffusers_io.save_transformer(params, model, tmp_path / "one")
   assert (single / diffusers_io.WEIGHTS_NAME).exists()
   # A tiny shard limit forces the sharded layout with its index.
-  sharded = diffusers_io.save_transformer(params, model, tmp_path / "many",
-                                              max_shard_bytes=256 * 1024)
+  sharded = diffusers_io.save_transformer(params, model, tmp_path / "many", max_shard_bytes=256 * 1024)
   index = json.loads((sharded / diffusers_io.INDEX_NAME).read_text())
   assert len(set(index["weight_map"].values())) > 1
   assert not list(tmp_path.glob(".*"))  # No temporary directories left.
@@ -160,8 +188,7 @@ def test_save_transformer_loads_in_diffusers(tmp_path):
     assert err < PARITY_RTOL
     model2, params2 = diffusers_io.load_transformer(path)
     assert model2 == model
-    jax.tree.map(np.testing.assert_array_equal, params2,
-                 jax.tree.map(np.asarray, params))
+    jax.tree.map(np.testing.assert_array_equal, params2, jax.tree.map(np.asarray, params))
 
 
 def test_save_transformer_refuses_to_clobber(tmp_path):
@@ -181,18 +208,14 @@ def test_config_roundtrip_and_overrides():
     back = export_diffusers.diffusers_config(model)
     for key, value in cfg.items():
       assert back[key] == (list(value) if isinstance(value, tuple) else value)
-  model = export_diffusers.model_from_diffusers_config(
-      CONFIGS["plain_c16"][0], dtype=jnp.bfloat16, remat="full")
+  model = export_diffusers.model_from_diffusers_config(CONFIGS["plain_c16"][0], dtype=jnp.bfloat16, remat="full")
   assert model.dtype == jnp.bfloat16 and model.remat == "full"
   with pytest.raises(ValueError, match="depth"):
-    export_diffusers.model_from_diffusers_config(CONFIGS["plain_c16"][0],
-                                                 depth=3)
+    export_diffusers.model_from_diffusers_config(CONFIGS["plain_c16"][0], depth=3)
   with pytest.raises(ValueError, match="skip_layers"):
-    export_diffusers.model_from_diffusers_config(
-        {**CONFIGS["plain_c16"][0], "skip_layers": [1]})
+    export_diffusers.model_from_diffusers_config({**CONFIGS["plain_c16"][0], "skip_layers": [1]})
   with pytest.raises(ValueError, match="caption_projection_dim=32"):
-    export_diffusers.model_from_diffusers_config(
-        {**CONFIGS["plain_c16"][0], "caption_projection_dim": 32})
+    export_diffusers.model_from_diffusers_config({**CONFIGS["plain_c16"][0], "caption_projection_dim": 32})
 
 
 def test_bad_state_dict_lists_every_problem():
@@ -207,12 +230,10 @@ def test_bad_state_dict_lists_every_problem():
     export_diffusers.params_from_diffusers(sd, model)
   msg = str(err.value)
   assert "4 problems" in msg
-  assert "missing transformer_blocks.1.attn2.to_k.weight (expected shape " \
-         "(64, 64))" in msg
+  assert "missing transformer_blocks.1.attn2.to_k.weight (expected shape " "(64, 64))" in msg
   assert "missing proj_out.bias" in msg
   assert "unexpected transformer_blocks.0.attn.extra.weight" in msg
-  assert ("wrong shape context_embedder.weight: expected (64, 96), got "
-          "(64, 95)") in msg
+  assert ("wrong shape context_embedder.weight: expected (64, 96), got " "(64, 95)") in msg
 
 
 def test_pickle_checkpoints_are_refused(tmp_path):
@@ -229,20 +250,24 @@ def test_pickle_checkpoints_are_refused(tmp_path):
     diffusers_io.load_transformer(folder)
 
 
-def _to_original(sd: dict, num_layers: int, dual: tuple[int, ...],
-                 qk: bool) -> dict[str, np.ndarray]:
+def _to_original(sd: dict, num_layers: int, dual: tuple[int, ...], qk: bool) -> dict[str, np.ndarray]:
   """Inverse of diffusers' convert_sd3_transformer_checkpoint_to_diffusers."""
+
   def swap(w):  # (scale, shift) -> (shift, scale) along dim 0.
     a, b = np.split(w, 2, axis=0)
     return np.concatenate([b, a], axis=0)
 
-  o = {"pos_embed": sd["pos_embed.pos_embed"],
-       "x_embedder.proj.weight": sd["pos_embed.proj.weight"],
-       "x_embedder.proj.bias": sd["pos_embed.proj.bias"]}
-  for ours, theirs in [("t_embedder.mlp.0", "timestep_embedder.linear_1"),
-                       ("t_embedder.mlp.2", "timestep_embedder.linear_2"),
-                       ("y_embedder.mlp.0", "text_embedder.linear_1"),
-                       ("y_embedder.mlp.2", "text_embedder.linear_2")]:
+  o = {
+      "pos_embed": sd["pos_embed.pos_embed"],
+      "x_embedder.proj.weight": sd["pos_embed.proj.weight"],
+      "x_embedder.proj.bias": sd["pos_embed.proj.bias"],
+  }
+  for ours, theirs in [
+      ("t_embedder.mlp.0", "timestep_embedder.linear_1"),
+      ("t_embedder.mlp.2", "timestep_embedder.linear_2"),
+      ("y_embedder.mlp.0", "text_embedder.linear_1"),
+      ("y_embedder.mlp.2", "text_embedder.linear_2"),
+  ]:
     for s in ("weight", "bias"):
       o[f"{ours}.{s}"] = sd[f"time_text_embed.{theirs}.{s}"]
   for s in ("weight", "bias"):
@@ -252,39 +277,38 @@ def _to_original(sd: dict, num_layers: int, dual: tuple[int, ...],
   for i in range(num_layers):
     b, j = f"transformer_blocks.{i}", f"joint_blocks.{i}"
     last = i == num_layers - 1
-    renames = {"x_block.attn.proj": "attn.to_out.0",
-               "x_block.adaLN_modulation.1": "norm1.linear",
-               "x_block.mlp.fc1": "ff.net.0.proj",
-               "x_block.mlp.fc2": "ff.net.2"}
+    renames = {
+        "x_block.attn.proj": "attn.to_out.0",
+        "x_block.adaLN_modulation.1": "norm1.linear",
+        "x_block.mlp.fc1": "ff.net.0.proj",
+        "x_block.mlp.fc2": "ff.net.2",
+    }
     if not last:
-      renames.update({"context_block.attn.proj": "attn.to_add_out",
-                      "context_block.adaLN_modulation.1":
-                          "norm1_context.linear",
-                      "context_block.mlp.fc1": "ff_context.net.0.proj",
-                      "context_block.mlp.fc2": "ff_context.net.2"})
+      renames.update(
+          {
+              "context_block.attn.proj": "attn.to_add_out",
+              "context_block.adaLN_modulation.1": "norm1_context.linear",
+              "context_block.mlp.fc1": "ff_context.net.0.proj",
+              "context_block.mlp.fc2": "ff_context.net.2",
+          }
+      )
     if i in dual:
       renames["x_block.attn2.proj"] = "attn2.to_out.0"
     for s in ("weight", "bias"):
       for ours, theirs in renames.items():
         o[f"{j}.{ours}.{s}"] = sd[f"{b}.{theirs}.{s}"]
-      o[f"{j}.x_block.attn.qkv.{s}"] = np.concatenate(
-          [sd[f"{b}.attn.to_{n}.{s}"] for n in "qkv"])
-      o[f"{j}.context_block.attn.qkv.{s}"] = np.concatenate(
-          [sd[f"{b}.attn.add_{n}_proj.{s}"] for n in "qkv"])
+      o[f"{j}.x_block.attn.qkv.{s}"] = np.concatenate([sd[f"{b}.attn.to_{n}.{s}"] for n in "qkv"])
+      o[f"{j}.context_block.attn.qkv.{s}"] = np.concatenate([sd[f"{b}.attn.add_{n}_proj.{s}"] for n in "qkv"])
       if i in dual:
-        o[f"{j}.x_block.attn2.qkv.{s}"] = np.concatenate(
-            [sd[f"{b}.attn2.to_{n}.{s}"] for n in "qkv"])
+        o[f"{j}.x_block.attn2.qkv.{s}"] = np.concatenate([sd[f"{b}.attn2.to_{n}.{s}"] for n in "qkv"])
       if last:
-        o[f"{j}.context_block.adaLN_modulation.1.{s}"] = swap(
-            sd[f"{b}.norm1_context.linear.{s}"])
+        o[f"{j}.context_block.adaLN_modulation.1.{s}"] = swap(sd[f"{b}.norm1_context.linear.{s}"])
     if qk:
       for n in "qk":
         o[f"{j}.x_block.attn.ln_{n}.weight"] = sd[f"{b}.attn.norm_{n}.weight"]
-        o[f"{j}.context_block.attn.ln_{n}.weight"] = sd[
-            f"{b}.attn.norm_added_{n}.weight"]
+        o[f"{j}.context_block.attn.ln_{n}.weight"] = sd[f"{b}.attn.norm_added_{n}.weight"]
         if i in dual:
-          o[f"{j}.x_block.attn2.ln_{n}.weight"] = sd[
-              f"{b}.attn2.norm_{n}.weight"]
+          o[f"{j}.x_block.attn2.ln_{n}.weight"] = sd[f"{b}.attn2.norm_{n}.weight"]
   return o
 
 
@@ -292,12 +316,11 @@ def _to_original(sd: dict, num_layers: int, dual: tuple[int, ...],
 def test_original_layout_matches_diffusers_path(name, tmp_path):
   cfg, _ = CONFIGS[name]
   sd = _state_dict(_random_diffusers(cfg, seed=3))
-  orig = _to_original(sd, cfg["num_layers"], cfg["dual_attention_layers"],
-                      cfg["qk_norm"] is not None)
+  orig = _to_original(sd, cfg["num_layers"], cfg["dual_attention_layers"], cfg["qk_norm"] is not None)
   # Our inverse is checked against diffusers' own converter.
   redone = single_file_utils.convert_sd3_transformer_checkpoint_to_diffusers(
-      {f"model.diffusion_model.{k}": torch.from_numpy(v)
-       for k, v in orig.items()})
+      {f"model.diffusion_model.{k}": torch.from_numpy(v) for k, v in orig.items()}
+  )
   assert set(redone) == set(sd)
   for key in sd:
     np.testing.assert_array_equal(redone[key].numpy(), sd[key], err_msg=key)
@@ -324,9 +347,11 @@ def test_scanned_model_converts_to_the_same_weights():
   scanned = export_diffusers.model_from_diffusers_config(cfg, scan_blocks=True)
   params = export_diffusers.params_from_diffusers(sd, scanned)
   assert "blocks_0_1" in params and "blocks_0" not in params
-  jax.tree.map(np.testing.assert_array_equal,
-               mmdit_tree.unstack_blocks(params, scanned),
-               export_diffusers.params_from_diffusers(sd, model))
+  jax.tree.map(
+      np.testing.assert_array_equal,
+      mmdit_tree.unstack_blocks(params, scanned),
+      export_diffusers.params_from_diffusers(sd, model),
+  )
   back = export_diffusers.params_to_diffusers(params, scanned)
   assert set(back) == set(sd)
   for key in sd:

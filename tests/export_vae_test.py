@@ -22,16 +22,38 @@ from rflow_jax.model import vae as vae_lib
 _BLOCKS = lambda n: dict(down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n)
 CONFIGS = {
     # SD1/SDXL style: quant convs, 1 res block per level, 4 latent channels.
-    "quant_lpb1_c4": dict(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, latent_channels=4,
-                          use_quant_conv=True, use_post_quant_conv=True, **_BLOCKS(2)),
+    "quant_lpb1_c4": dict(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        latent_channels=4,
+        use_quant_conv=True,
+        use_post_quant_conv=True,
+        **_BLOCKS(2),
+    ),
     # SD3 style: no quant convs, 2 res blocks per level, 16 latent channels, three levels (f=4).
-    "sd3like_lpb2_c16": dict(block_out_channels=(8, 16, 16), layers_per_block=2, norm_num_groups=4,
-                             latent_channels=16, use_quant_conv=False, use_post_quant_conv=False,
-                             scaling_factor=1.5305, shift_factor=0.0609, **_BLOCKS(3)),
+    "sd3like_lpb2_c16": dict(
+        block_out_channels=(8, 16, 16),
+        layers_per_block=2,
+        norm_num_groups=4,
+        latent_channels=16,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        scaling_factor=1.5305,
+        shift_factor=0.0609,
+        **_BLOCKS(3),
+    ),
     # Mixed: quant conv only, no mid-block attention, one level (f=1).
-    "quant_only_noattn": dict(block_out_channels=(8,), layers_per_block=1, norm_num_groups=2, latent_channels=4,
-                              use_quant_conv=True, use_post_quant_conv=False, mid_block_add_attention=False,
-                              **_BLOCKS(1)),
+    "quant_only_noattn": dict(
+        block_out_channels=(8,),
+        layers_per_block=1,
+        norm_num_groups=2,
+        latent_channels=4,
+        use_quant_conv=True,
+        use_post_quant_conv=False,
+        mid_block_add_attention=False,
+        **_BLOCKS(1),
+    ),
 }
 IMAGE = 16
 PARITY_RTOL = 1e-5  # fp32: max |ours - diffusers| / max |diffusers|.
@@ -59,8 +81,11 @@ def _check_parity(torch_model, model, params, seed=0):
     decoded = torch_model.decode(_nchw(latents)).sample
   mean, logvar = jax.jit(lambda p, x: model.apply({"params": p}, x, method="encode"))(params, images)
   out = jax.jit(lambda p, z: model.apply({"params": p}, z, method="decode"))(params, latents)
-  errors = dict(mean=_rel(mean, _nhwc(posterior.mean)), logvar=_rel(logvar, _nhwc(posterior.logvar)),
-                decode=_rel(out, _nhwc(decoded)))
+  errors = dict(
+      mean=_rel(mean, _nhwc(posterior.mean)),
+      logvar=_rel(logvar, _nhwc(posterior.logvar)),
+      decode=_rel(out, _nhwc(decoded)),
+  )
   assert max(errors.values()) < PARITY_RTOL, errors
   return errors
 
@@ -99,8 +124,14 @@ def test_round_trips_are_bitwise(diffusers_dir, tmp_path):
 
 
 def test_our_init_saved_loads_in_diffusers(tmp_path):
-  model = vae_lib.AutoencoderKL(block_out_channels=(8, 16), layers_per_block=2, norm_num_groups=4,
-                                latent_channels=16, scaling_factor=0.7, shift_factor=-0.25)
+  model = vae_lib.AutoencoderKL(
+      block_out_channels=(8, 16),
+      layers_per_block=2,
+      norm_num_groups=4,
+      latent_channels=16,
+      scaling_factor=0.7,
+      shift_factor=-0.25,
+  )
   # Our init's tree and shapes, filled with random values (a fresh init has zero biases and unit norm scales, which
   # would hide a layout error in them; compiling the real init would cost minutes on a loaded CPU).
   shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(1), np.zeros((1, IMAGE, IMAGE, 3), np.float32)))
@@ -133,8 +164,11 @@ def test_missing_or_misshapen_tensor_is_one_line(diffusers_dir, tmp_path):
   assert str(e.value) == f"{weights}: missing decoder.conv_out.bias (expected shape (3,))"
   bad = {**tensors, "encoder.conv_in.weight": np.zeros((1, 3, 3, 3), np.float32)}
   safetensors.numpy.save_file(bad, str(weights))
-  with pytest.raises(ValueError, match=r"^\S+diffusion_pytorch_model.safetensors: wrong shape encoder.conv_in.weight: "
-                                       r"expected \(8, 3, 3, 3\), got \(1, 3, 3, 3\)$"):
+  with pytest.raises(
+      ValueError,
+      match=r"^\S+diffusion_pytorch_model.safetensors: wrong shape encoder.conv_in.weight: "
+      r"expected \(8, 3, 3, 3\), got \(1, 3, 3, 3\)$",
+  ):
     load_vae(tmp_path)
 
 

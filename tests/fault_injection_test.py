@@ -22,8 +22,14 @@ ENV = cli_util.ENV
 def test_four_sigkills_resume_bitwise(tmp_path):
   reference, killed = str(tmp_path / "reference"), str(tmp_path / "killed")
   steps = 30
-  subprocess.run(fault_injection._argv(reference, steps, ()), cwd=fault_injection.ROOT, check=True,  # pylint: disable=protected-access
-                 stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=ENV)
+  subprocess.run(
+      fault_injection._argv(reference, steps, ()),
+      cwd=fault_injection.ROOT,
+      check=True,  # pylint: disable=protected-access
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.STDOUT,
+      env=ENV,
+  )
   # Four kills: every second lands while a checkpoint commits (the 2nd and 4th), the others 0-2 steps after a commit.
   stats = fault_injection.run_with_kills(killed, steps=steps, kills=4, seed=0, env=ENV, commit_every=2)
   result = fault_injection.compare(killed, reference)
@@ -47,12 +53,32 @@ def test_two_process_run_agrees_on_a_one_host_sigterm_and_survives_kills_bitwise
   2-process run."""
   reference, killed = str(tmp_path / "reference"), str(tmp_path / "killed")
   steps, signal_step = 8, 3
-  subprocess.run(fault_injection._argv(reference, steps, (), processes=2), cwd=fault_injection.ROOT, check=True,  # pylint: disable=protected-access
-                 stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=ENV, timeout=600)
+  subprocess.run(
+      fault_injection._argv(reference, steps, (), processes=2),
+      cwd=fault_injection.ROOT,
+      check=True,  # pylint: disable=protected-access
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.STDOUT,
+      env=ENV,
+      timeout=600,
+  )
   signalled = subprocess.run(
-      fault_injection._argv(killed, steps, (f"--config.train.signal_step={signal_step}",  # pylint: disable=protected-access
-                                            "--config.train.signal_process=1"), processes=2),
-      cwd=fault_injection.ROOT, capture_output=True, text=True, env=ENV, timeout=600, check=False)
+      fault_injection._argv(
+          killed,
+          steps,
+          (
+              f"--config.train.signal_step={signal_step}",  # pylint: disable=protected-access
+              "--config.train.signal_process=1",
+          ),
+          processes=2,
+      ),
+      cwd=fault_injection.ROOT,
+      capture_output=True,
+      text=True,
+      env=ENV,
+      timeout=600,
+      check=False,
+  )
   assert signalled.returncode == 0, signalled.stdout[-5000:]
   stopped = dict(re.findall(r"\[p(\d)\].*checkpoint of step (\d+) committed in .*; exiting", signalled.stdout))
   assert set(stopped) == {"0", "1"} and stopped["0"] == stopped["1"], signalled.stdout[-5000:]

@@ -13,8 +13,19 @@ from rflow_jax.flow import losses
 from rflow_jax.flow import paths
 from rflow_jax.flow import timesteps
 
-ALL = ("rf", "rf/lognorm(0.50,0.60)", "rf/mode(1.29)", "rf/cosmap", "eps/linear", "v/linear", "eps/cos",
-       "v/cos", "edm(-1.20,1.20)", "edm/rf", "edm/cos")
+ALL = (
+    "rf",
+    "rf/lognorm(0.50,0.60)",
+    "rf/mode(1.29)",
+    "rf/cosmap",
+    "eps/linear",
+    "v/linear",
+    "eps/cos",
+    "v/cos",
+    "edm(-1.20,1.20)",
+    "edm/rf",
+    "edm/cos",
+)
 
 
 def _data(batch=6, key=0):
@@ -31,13 +42,24 @@ def _mse(x):
 # ----------------------------------------------------------------------------------------------- parsing
 
 
-@pytest.mark.parametrize("spelling,canonical", [
-    ("rf", "rf"), ("rf/uniform", "rf"), ("RF/LogNorm(0, 1)", "rf/lognorm(0.00,1.00)"),
-    ("rf/lognorm(0.00, 1.00)", "rf/lognorm(0.00,1.00)"), ("rf/lognorm(-5e-1,1.0)", "rf/lognorm(-0.50,1.00)"),
-    ("rf/mode(1.29)", "rf/mode(1.29)"), ("rf/cosmap", "rf/cosmap"), ("eps/linear", "eps/linear"),
-    ("v / cos", "v/cos"), ("edm(0.00,0.60)", "edm(0.00,0.60)"), ("edm(-1.2, 1.2)", "edm(-1.20,1.20)"),
-    ("edm/rf", "edm/rf"), ("edm/cos", "edm/cos"),
-])
+@pytest.mark.parametrize(
+    "spelling,canonical",
+    [
+        ("rf", "rf"),
+        ("rf/uniform", "rf"),
+        ("RF/LogNorm(0, 1)", "rf/lognorm(0.00,1.00)"),
+        ("rf/lognorm(0.00, 1.00)", "rf/lognorm(0.00,1.00)"),
+        ("rf/lognorm(-5e-1,1.0)", "rf/lognorm(-0.50,1.00)"),
+        ("rf/mode(1.29)", "rf/mode(1.29)"),
+        ("rf/cosmap", "rf/cosmap"),
+        ("eps/linear", "eps/linear"),
+        ("v / cos", "v/cos"),
+        ("edm(0.00,0.60)", "edm(0.00,0.60)"),
+        ("edm(-1.2, 1.2)", "edm(-1.20,1.20)"),
+        ("edm/rf", "edm/rf"),
+        ("edm/cos", "edm/cos"),
+    ],
+)
 def test_get_parses_paper_names(spelling, canonical):
   f = formulations.get(spelling, shift=3)
   assert f.name == canonical and f.shift == 3.0
@@ -97,8 +119,9 @@ def test_endpoints_rf_and_cos(name):
 def test_endpoints_linear_are_the_ldm_table():
   alphas = paths.ldm_alphas(0.00085, 0.012, 1000)
   a, b = formulations.get("eps/linear").coefficients(jnp.array([0.0, 0.5, 1.0]))
-  np.testing.assert_allclose(a, [np.sqrt(1 - 0.00085), np.interp(499.5, np.arange(1000), alphas), alphas[-1]],
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+      a, [np.sqrt(1 - 0.00085), np.interp(499.5, np.arange(1000), alphas), alphas[-1]], rtol=1e-5
+  )
   np.testing.assert_allclose(a**2 + b**2, 1.0, rtol=1e-6)
   assert 0.06 < float(a[-1]) < 0.075  # LDM: sqrt(ᾱ_T) ≈ 0.068, the "SNR not zero at T" of LDM
 
@@ -135,8 +158,9 @@ def test_edm_log_snr_distribution():
 @pytest.mark.parametrize("edm,ref", [("edm/rf", "rf"), ("edm/cos", "v/cos")])
 def test_edm_schedule_variants_follow_reference_log_snr(edm, ref):
   t = jnp.linspace(0.05, 0.95, 19)
-  np.testing.assert_allclose(paths.log_snr(formulations.get(edm).path, t),
-                             paths.log_snr(formulations.get(ref).path, t), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(
+      paths.log_snr(formulations.get(edm).path, t), paths.log_snr(formulations.get(ref).path, t), rtol=1e-4, atol=1e-4
+  )
 
 
 # ------------------------------------------------------------------------------------ sampling times
@@ -156,8 +180,7 @@ def test_sample_t_open_interval_and_model_time(name):
 def test_rf_shift_applies_to_training_times():
   f1, f3 = formulations.get("rf/lognorm(0,1)"), formulations.get("rf/lognorm(0,1)", shift=3.0)
   key = jax.random.key(6)
-  np.testing.assert_allclose(f3.sample_t(key, (1000,)), timesteps.shift(f1.sample_t(key, (1000,)), 3.0),
-                             atol=1e-6)
+  np.testing.assert_allclose(f3.sample_t(key, (1000,)), timesteps.shift(f1.sample_t(key, (1000,)), 3.0), atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["v/cos", "eps/linear", "edm(0.00,0.60)"])
@@ -269,8 +292,13 @@ def test_loss_is_monte_carlo_estimate_of_l_w(name):
   out = f.target(x0, eps, t) + 0.3 * jax.random.normal(key, z.shape)
   eps_hat = f.predict(out, z, t)[1]
   dlam = np.asarray(paths.d_log_snr(f.path, t), np.float64)
-  expect = (-0.5 * np.asarray(f.weight(t), np.float64) * dlam * _mse(eps_hat - eps)
-            / np.asarray(f.sample_density(t), np.float64))
+  expect = (
+      -0.5
+      * np.asarray(f.weight(t), np.float64)
+      * dlam
+      * _mse(eps_hat - eps)
+      / np.asarray(f.sample_density(t), np.float64)
+  )
   np.testing.assert_allclose(f.loss(out, x0, eps, t, z), expect, rtol=2e-3)
 
 

@@ -9,8 +9,16 @@ from scipy import stats
 
 from rflow_jax.flow import timesteps
 
-NAMES = ("uniform", "lognorm(0.00,1.00)", "lognorm(1.00,0.60)", "lognorm(-0.5, 1)", "mode(1.29)",
-         "mode(-1.0)", "mode(1.75)", "cosmap")
+NAMES = (
+    "uniform",
+    "lognorm(0.00,1.00)",
+    "lognorm(1.00,0.60)",
+    "lognorm(-0.5, 1)",
+    "mode(1.29)",
+    "mode(-1.0)",
+    "mode(1.75)",
+    "cosmap",
+)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -46,8 +54,7 @@ def test_density_is_derivative_of_cdf_and_normalised(name):
 
 def test_closed_form_densities():
   t = jnp.array([0.1, 0.5, 0.8])
-  np.testing.assert_allclose(timesteps.density("cosmap", t), 2 / (np.pi - 2 * np.pi * t + 2 * np.pi * t**2),
-                             rtol=1e-6)
+  np.testing.assert_allclose(timesteps.density("cosmap", t), 2 / (np.pi - 2 * np.pi * t + 2 * np.pi * t**2), rtol=1e-6)
   # mode(0) is uniform; lognorm(m,s) equals the normal density of logit(t) times the Jacobian.
   np.testing.assert_allclose(timesteps.density("mode(0)", t), np.ones(3), rtol=1e-5)
   logit = np.log(np.asarray(t) / (1 - np.asarray(t)))
@@ -82,7 +89,8 @@ def test_shift_density_matches_samples():
   t = np.asarray(timesteps.shift(timesteps.sample("lognorm(0,1)", jax.random.key(2), (100_000,)), alpha))
   grid = np.linspace(0.001, 0.999, 2001)
   cdf_grid = integrate.cumulative_trapezoid(
-      np.asarray(timesteps.shift_density("lognorm(0,1)", jnp.asarray(grid), alpha)), grid, initial=0.0)
+      np.asarray(timesteps.shift_density("lognorm(0,1)", jnp.asarray(grid), alpha)), grid, initial=0.0
+  )
   cdf_grid += float(timesteps.cdf("lognorm(0,1)", timesteps.unshift(0.001, alpha)))
   assert stats.kstest(t, lambda x: np.interp(x, grid, cdf_grid)).pvalue > 1e-3
 

@@ -17,6 +17,7 @@ def _formatted_paths() -> list[str]:
 def test_tree_is_pyink_formatted():
   paths = _formatted_paths()
   assert "rflow_jax" in paths and "tests" in paths
-  got = subprocess.run([sys.executable, "-m", "pyink", "--check", *paths], cwd=ROOT, capture_output=True, text=True,
-                       check=False)
+  got = subprocess.run(
+      [sys.executable, "-m", "pyink", "--check", *paths], cwd=ROOT, capture_output=True, text=True, check=False
+  )
   assert got.returncode == 0, "run `make format`:\n" + got.stderr[-3000:]

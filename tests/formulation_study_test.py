@@ -14,8 +14,20 @@ from rflow_jax.eval import formulation_eval
 from rflow_jax.eval import formulation_report as report
 from rflow_jax.flow import formulations
 
-REQUIRED = ("rf", "rf/lognorm(0.00,1.00)", "rf/lognorm(0.50,0.60)", "rf/lognorm(1.00,0.60)", "rf/mode(1.29)",
-            "rf/mode(1.75)", "rf/cosmap", "eps/linear", "v/linear", "v/cos", "edm(0.00,0.60)", "edm(-1.20,1.20)")
+REQUIRED = (
+    "rf",
+    "rf/lognorm(0.00,1.00)",
+    "rf/lognorm(0.50,0.60)",
+    "rf/lognorm(1.00,0.60)",
+    "rf/mode(1.29)",
+    "rf/mode(1.75)",
+    "rf/cosmap",
+    "eps/linear",
+    "v/linear",
+    "v/cos",
+    "edm(0.00,0.60)",
+    "edm(-1.20,1.20)",
+)
 
 
 def _sweep_configs():
@@ -47,12 +59,16 @@ def test_sweep_covers_the_required_formulations_with_equal_compute():
 
 def test_get_config_takes_the_paper_name_and_starts_from_quickstart():
   from configs import quickstart  # pylint: disable=g-import-not-at-top
+
   assert formulations_config.get_config().flow.formulation == "rf/lognorm(0.00,1.00)"
   c = formulations_config.get_config("edm(-1.20,1.20)")
   assert c.flow.formulation == "edm(-1.20,1.20)"
   q = quickstart.get_config()
   assert (c.model.to_dict(), c.train.num_steps, c.train.global_batch_size) == (
-      q.model.to_dict(), q.train.num_steps, q.train.global_batch_size)
+      q.model.to_dict(),
+      q.train.num_steps,
+      q.train.global_batch_size,
+  )
   bad = formulations_config.get_config("rf/mode(3.00)")
   with pytest.raises(config_lib.ConfigError, match=r"flow.formulation.*mode"):
     config_lib.validate(bad)
@@ -60,7 +76,10 @@ def test_get_config_takes_the_paper_name_and_starts_from_quickstart():
 
 def test_names_split_and_map_to_distinct_directories():
   assert study.split_names("rf, rf/lognorm(0.00,1.00),edm(-1.20,1.20)") == [
-      "rf", "rf/lognorm(0.00,1.00)", "edm(-1.20,1.20)"]
+      "rf",
+      "rf/lognorm(0.00,1.00)",
+      "edm(-1.20,1.20)",
+  ]
   with pytest.raises(ValueError, match="unbalanced"):
     study.split_names("rf/lognorm(0.00,1.00")
   safe = [study.safe_name(n) for n in formulations_config.STUDY + formulations.PAPER_TABLE1]
@@ -70,7 +89,12 @@ def test_names_split_and_map_to_distinct_directories():
 
 
 def test_settings_grid_and_its_errors():
-  assert [s.key for s in formulation_eval.settings_of((5, 25), ("ema", "raw"))] == ["ema/5", "raw/5", "ema/25", "raw/25"]
+  assert [s.key for s in formulation_eval.settings_of((5, 25), ("ema", "raw"))] == [
+      "ema/5",
+      "raw/5",
+      "ema/25",
+      "raw/25",
+  ]
   with pytest.raises(ValueError, match=r"weights \['best'\]"):
     formulation_eval.settings_of((5,), ("best",))
   with pytest.raises(ValueError, match=r"sample steps \[0\]"):
@@ -81,17 +105,29 @@ def _fake_results(order_by_steps):
   """A results dict whose every setting ranks variants strictly in the given order (each dominates the next)."""
   names = order_by_steps[5]
   settings = [s.key for s in formulation_eval.settings_of(sorted(order_by_steps), ("ema", "raw"))]
-  variants = {n: {"workdir": "/x", "train": {"train_s": 1.0, "steps": 7, "final_loss": 0.5}, "evals": {}}
-              for n in names}
+  variants = {
+      n: {"workdir": "/x", "train": {"train_s": 1.0, "steps": 7, "final_loss": 0.5}, "evals": {}} for n in names
+  }
   for key in settings:
     order = order_by_steps[int(key.split("/")[1])]
     for place, name in enumerate(order):
-      variants[name]["evals"][key] = {"overall": 0.9 - 0.2 * place, "fid": 1.0 + place, "sample_s": 0.1,
-                                      "compile_s": 2.0}
-  results = {"generated": "now", "settings": settings, "sample_steps": sorted(order_by_steps), "per_kind": 40,
-             "reference": {"ref_n": 1200}, "feature_seed": 1,
-             "train": {"num_steps": 7, "global_batch_size": 64, "model": {}, "cfg_scale": 3.0},
-             "real": {"overall": 1.0, "fid": 0.01}, "variants": variants}
+      variants[name]["evals"][key] = {
+          "overall": 0.9 - 0.2 * place,
+          "fid": 1.0 + place,
+          "sample_s": 0.1,
+          "compile_s": 2.0,
+      }
+  results = {
+      "generated": "now",
+      "settings": settings,
+      "sample_steps": sorted(order_by_steps),
+      "per_kind": 40,
+      "reference": {"ref_n": 1200},
+      "feature_seed": 1,
+      "train": {"num_steps": 7, "global_batch_size": 64, "model": {}, "cfg_scale": 3.0},
+      "real": {"overall": 1.0, "fid": 0.01},
+      "variants": variants,
+  }
   results["ranks"] = report.rank_results(results)
   return results
 
@@ -134,8 +170,9 @@ def fast_compile():
 def test_smoke_study_trains_evaluates_ranks_and_resumes(tmp_path):
   names = ["rf/lognorm(0.00,1.00)", "eps/linear"]
   study_dir, out = str(tmp_path / "study"), str(tmp_path / "formulations.md")
-  kwargs = dict(names=names, model="debug", num_steps=2, per_kind=2, sample_steps=(2,), weights=("ema",),
-                reference_n=20, out=out)
+  kwargs = dict(
+      names=names, model="debug", num_steps=2, per_kind=2, sample_steps=(2,), weights=("ema",), reference_n=20, out=out
+  )
   results = study.run_study(study_dir, **kwargs)
 
   ranks = results["ranks"]["per_setting"]["ema/2"]
@@ -167,6 +204,7 @@ def test_smoke_study_trains_evaluates_ranks_and_resumes(tmp_path):
 
 def test_a_diverged_run_is_recorded_ranked_last_and_not_retried(tmp_path, monkeypatch):
   from rflow_jax.train import trainer  # pylint: disable=g-import-not-at-top
+
   calls = []
 
   def diverge(config, workdir):

@@ -13,18 +13,27 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # package (rflow_jax.<package>) without a cycle.
 FLOORS = {
     "rflow_jax.paths": 0,  # Output-path safety of the CLIs (imports nothing of rflow_jax).
-    "rflow_jax.model": 0, "rflow_jax.flow": 0, "rflow_jax.data": 0, "rflow_jax.sharding": 0,
+    "rflow_jax.model": 0,
+    "rflow_jax.flow": 0,
+    "rflow_jax.data": 0,
+    "rflow_jax.sharding": 0,
     "rflow_jax.sampling": 1,
     "rflow_jax.utils": 1,  # Compute accounting: reads the model's and text stack's shapes.
-    "rflow_jax.config_lib": 2, "rflow_jax.eval": 2, "rflow_jax.export": 2,  # export: the diffusers/original formats.
+    "rflow_jax.config_lib": 2,
+    "rflow_jax.eval": 2,
+    "rflow_jax.export": 2,  # export: the diffusers/original formats.
     "rflow_jax.train": 3,
     "rflow_jax.rundir": 4,  # Reading a finished run: config, model, params, sampler.
     "rflow_jax.export.workdir": 5,  # Exporting a run.
     "rflow_jax.eval.formulation_eval": 5,  # Scores finished runs of the formulation study.
     "rflow_jax.cli": 6,
     # Entry points.
-    "rflow_jax.main": 7, "rflow_jax.sample": 7, "rflow_jax.export.__main__": 7, "rflow_jax.eval.run_shapes": 7,
-    "rflow_jax.data.convert": 7, "rflow_jax.eval.run_vae_recon": 7,
+    "rflow_jax.main": 7,
+    "rflow_jax.sample": 7,
+    "rflow_jax.export.__main__": 7,
+    "rflow_jax.eval.run_shapes": 7,
+    "rflow_jax.data.convert": 7,
+    "rflow_jax.eval.run_vae_recon": 7,
     "rflow_jax.export.latent_stats": 7,
     "rflow_jax.precompute": 7,  # Encodes a converted dataset into latent and text-embedding records.
     "rflow_jax.scaling": 7,  # Fits and plots of a sweep's CSV (python -m rflow_jax.scaling.fit).
@@ -38,7 +47,7 @@ UPWARD = {("rflow_jax.model.text_encoders", "rflow_jax.export.text")}
 
 def _module_name(path: str) -> str:
   rel = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
-  return rel[:-len(".__init__")] if rel.endswith(".__init__") else rel
+  return rel[: -len(".__init__")] if rel.endswith(".__init__") else rel
 
 
 def _graph() -> dict[str, set[str]]:
@@ -54,8 +63,9 @@ def _graph() -> dict[str, set[str]]:
         deps.update(a.name for a in node.names)
       elif isinstance(node, ast.ImportFrom) and node.module:
         # `from rflow_jax.x import y`: y is a module of x when there is one, else a name in x.
-        deps.update(f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
-                    for a in node.names)
+        deps.update(
+            f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module for a in node.names
+        )
     graph[name] = {d for d in deps if d in modules and d != name and d != "rflow_jax"}
   return graph
 
@@ -71,10 +81,12 @@ def _package(module: str) -> str:
 
 
 def test_imports_go_down_the_floors():
-  bad = [f"{m} (floor {_floor(m)}) imports {d} (floor {_floor(d)})"
-         for m, deps in _graph().items() for d in sorted(deps)
-         if not (_floor(d) < _floor(m) or (_package(d) == _package(m) and _floor(d) <= _floor(m)))
-         and (m, d) not in UPWARD]
+  bad = [
+      f"{m} (floor {_floor(m)}) imports {d} (floor {_floor(d)})"
+      for m, deps in _graph().items()
+      for d in sorted(deps)
+      if not (_floor(d) < _floor(m) or (_package(d) == _package(m) and _floor(d) <= _floor(m))) and (m, d) not in UPWARD
+  ]
   assert not bad, "\n".join(bad)
 
 
@@ -85,7 +97,7 @@ def test_no_import_cycles():
     state[m] = "open"
     for d in sorted(graph[m]):
       if state.get(d) == "open":
-        cycles.append(" -> ".join(stack[stack.index(d):] + [d]))
+        cycles.append(" -> ".join(stack[stack.index(d) :] + [d]))
       elif d not in state:
         visit(d, stack + [d])
     state[m] = "done"

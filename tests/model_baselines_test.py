@@ -16,15 +16,29 @@ from rflow_jax.model import registry
 
 # Every logical name a param may carry (rflow_jax/sharding/rules.py), plus None (replicated).
 VOCAB = {"embed", "mlp", "heads", "kv", "modulation", "patch", "cond", "pos", None}
-TINY = dict(patch_size=2, in_channels=3, hidden_size=32, depth=3, num_heads=2, context_dim=16, pooled_dim=12,
-            pos_embed_max_size=6, pos_embed_base=4, qk_norm="rms_norm")
+TINY = dict(
+    patch_size=2,
+    in_channels=3,
+    hidden_size=32,
+    depth=3,
+    num_heads=2,
+    context_dim=16,
+    pooled_dim=12,
+    pos_embed_max_size=6,
+    pos_embed_base=4,
+    qk_norm="rms_norm",
+)
 ADALN_ZERO = ("mmdit", "dit", "crossdit")
 
 
 def _inputs(b=2, h=8, w=12, c=3, length=5, context_dim=16, pooled_dim=12, seed=1):
   keys = jax.random.split(jax.random.key(seed), 4)
-  return (jax.random.normal(keys[0], (b, h, w, c)), jax.random.uniform(keys[1], (b,)),
-          jax.random.normal(keys[2], (b, length, context_dim)), jax.random.normal(keys[3], (b, pooled_dim)))
+  return (
+      jax.random.normal(keys[0], (b, h, w, c)),
+      jax.random.uniform(keys[1], (b,)),
+      jax.random.normal(keys[2], (b, length, context_dim)),
+      jax.random.normal(keys[3], (b, pooled_dim)),
+  )
 
 
 @pytest.fixture(scope="module", params=sorted(registry.ARCHITECTURES))
@@ -110,27 +124,44 @@ def test_jit_grad_is_finite_and_reaches_the_blocks(tiny):
 
 def test_structure_of_each_architecture():
   inputs = _inputs()
-  names = {arch: set(_flat(jax.eval_shape(registry.build(arch, **TINY).init, jax.random.key(0), *inputs)["params"]))
-           for arch in ("dit", "crossdit", "uvit")}
-  stem = {"pos_embed", "patch_embed/kernel", "t_embedder/fc1/kernel", "y_embedder/fc2/kernel",
-          "context_embedder/kernel"}
+  names = {
+      arch: set(_flat(jax.eval_shape(registry.build(arch, **TINY).init, jax.random.key(0), *inputs)["params"]))
+      for arch in ("dit", "crossdit", "uvit")
+  }
+  stem = {
+      "pos_embed",
+      "patch_embed/kernel",
+      "t_embedder/fc1/kernel",
+      "y_embedder/fc2/kernel",
+      "context_embedder/kernel",
+  }
   for arch, n in names.items():
     assert stem <= n, (arch, sorted(stem - n))
   # DiT: one stream of weights per block (no x/context split).
   assert "blocks_2/modulation/kernel" in names["dit"] and "blocks_2/mlp/fc1/kernel" in names["dit"]
   assert not any("/context/" in k or "/x/" in k for k in names["dit"])
   # CrossDiT: self-attention + cross-attention (q from image, kv from text) + MLP.
-  assert {"blocks_0/attn/qkv/kernel", "blocks_0/cross_attn/q/kernel", "blocks_0/cross_attn/kv/kernel",
-          "blocks_0/cross_attn/k_norm/scale", "blocks_0/mlp/fc2/kernel"} <= names["crossdit"]
+  assert {
+      "blocks_0/attn/qkv/kernel",
+      "blocks_0/cross_attn/q/kernel",
+      "blocks_0/cross_attn/kv/kernel",
+      "blocks_0/cross_attn/k_norm/scale",
+      "blocks_0/mlp/fc2/kernel",
+  } <= names["crossdit"]
   # UViT (depth 3): 1 in, 1 mid, 1 out block; only the out block has a long-skip Dense; no modulation at all.
   blocks = {k.split("/")[0] for k in names["uvit"] if "blocks" in k or k.startswith("mid_block")}
   assert blocks == {"in_blocks_0", "mid_block", "out_blocks_0"}
   assert sorted(k for k in names["uvit"] if "/skip/" in k) == ["out_blocks_0/skip/bias", "out_blocks_0/skip/kernel"]
   assert not any("modulation" in k for k in names["uvit"])
-  even = _flat(jax.eval_shape(registry.build("uvit", **{**TINY, "depth": 4}).init, jax.random.key(0),
-                              *inputs)["params"])
-  assert {k.split("/")[0] for k in even if "blocks" in k} == {"in_blocks_0", "in_blocks_1", "out_blocks_0",
-                                                               "out_blocks_1"}
+  even = _flat(
+      jax.eval_shape(registry.build("uvit", **{**TINY, "depth": 4}).init, jax.random.key(0), *inputs)["params"]
+  )
+  assert {k.split("/")[0] for k in even if "blocks" in k} == {
+      "in_blocks_0",
+      "in_blocks_1",
+      "out_blocks_0",
+      "out_blocks_1",
+  }
 
 
 def test_uvit_long_skips_pair_mirrored_blocks():
@@ -138,17 +169,15 @@ def test_uvit_long_skips_pair_mirrored_blocks():
   model = registry.build("uvit", **{**TINY, "depth": 5})
   inputs = _inputs()
   variables = model.init(jax.random.key(0), *inputs)
-  _, state = model.apply(variables, *inputs,
-                         capture_intermediates=lambda mdl, _: isinstance(mdl, baselines.UViTBlock))
+  _, state = model.apply(variables, *inputs, capture_intermediates=lambda mdl, _: isinstance(mdl, baselines.UViTBlock))
   out = {name: v["__call__"][0] for name, v in state["intermediates"].items()}
   params = nn.unbox(variables["params"])
-  block = baselines.UViTBlock(32, 2, 4.0, "rms_norm", "xla", skip=True, dtype=jnp.float32,
-                              param_dtype=jnp.float32)
-  for i, (prev, mirror, other) in enumerate([("mid_block", "in_blocks_1", "in_blocks_0"),
-                                             ("out_blocks_0", "in_blocks_0", "in_blocks_1")]):
+  block = baselines.UViTBlock(32, 2, 4.0, "rms_norm", "xla", skip=True, dtype=jnp.float32, param_dtype=jnp.float32)
+  for i, (prev, mirror, other) in enumerate(
+      [("mid_block", "in_blocks_1", "in_blocks_0"), ("out_blocks_0", "in_blocks_0", "in_blocks_1")]
+  ):
     p = {"params": params[f"out_blocks_{i}"]}
-    np.testing.assert_allclose(block.apply(p, out[prev], out[mirror]), out[f"out_blocks_{i}"], rtol=1e-5,
-                               atol=1e-5)
+    np.testing.assert_allclose(block.apply(p, out[prev], out[mirror]), out[f"out_blocks_{i}"], rtol=1e-5, atol=1e-5)
     assert float(jnp.abs(block.apply(p, out[prev], out[other]) - out[f"out_blocks_{i}"]).max()) > 1e-3
 
 
@@ -217,9 +246,14 @@ def test_rq2_config_matches_quickstart_and_builds_every_arch():
     config = rq2_baselines.get_config(f"arch={arch}")
     model = registry.build_model(config)
     s = config.data.image_size
-    out = jax.eval_shape(model.init_with_output, jax.random.key(0), jnp.zeros((2, s, s, 3)), jnp.zeros((2,)),
-                         jnp.zeros((2, 2 * config.text.max_length, config.text.width)),
-                         jnp.zeros((2, config.text.width)))[0]
+    out = jax.eval_shape(
+        model.init_with_output,
+        jax.random.key(0),
+        jnp.zeros((2, s, s, 3)),
+        jnp.zeros((2,)),
+        jnp.zeros((2, 2 * config.text.max_length, config.text.width)),
+        jnp.zeros((2, config.text.width)),
+    )[0]
     assert out.shape == (2, s, s, 3)
   added = []
   rq2_baselines.sweep(lambda **kw: added.append(kw))

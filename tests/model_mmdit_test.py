@@ -19,28 +19,36 @@ from rflow_jax.model import mmdit
 from rflow_jax.model import mmdit_tree
 from rflow_jax.model import variants
 
-VOCAB = {"embed", "mlp", "heads", "kv", "modulation", "patch", "cond", "pos",
-         None}
+VOCAB = {"embed", "mlp", "heads", "kv", "modulation", "patch", "cond", "pos", None}
 
-TINY = dict(patch_size=2, in_channels=3, hidden_size=64, depth=3, num_heads=2,
-            context_dim=32, pooled_dim=24, pos_embed_max_size=16,
-            pos_embed_base=8)
+TINY = dict(
+    patch_size=2,
+    in_channels=3,
+    hidden_size=64,
+    depth=3,
+    num_heads=2,
+    context_dim=32,
+    pooled_dim=24,
+    pos_embed_max_size=16,
+    pos_embed_base=8,
+)
 
 
 def _inputs(b=2, h=8, w=12, c=3, length=5, context_dim=32, pooled_dim=24):
   keys = jax.random.split(jax.random.key(1), 4)
-  return (jax.random.normal(keys[0], (b, h, w, c)),
-          jax.random.uniform(keys[1], (b,)),
-          jax.random.normal(keys[2], (b, length, context_dim)),
-          jax.random.normal(keys[3], (b, pooled_dim)))
+  return (
+      jax.random.normal(keys[0], (b, h, w, c)),
+      jax.random.uniform(keys[1], (b,)),
+      jax.random.normal(keys[2], (b, length, context_dim)),
+      jax.random.normal(keys[3], (b, pooled_dim)),
+  )
 
 
 def _perturbed(params, scale=0.05):
   """Unboxed params plus noise, so no layer is zero."""
   leaves, tree = jax.tree.flatten(nn.unbox(params))
   keys = jax.random.split(jax.random.key(7), len(leaves))
-  return jax.tree.unflatten(tree, [
-      p + scale * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+  return jax.tree.unflatten(tree, [p + scale * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
 
 
 def _flat(params):
@@ -49,9 +57,11 @@ def _flat(params):
 
 def _assert_trees_close(actual, desired, rtol):
   """Per-leaf max |a - d| <= rtol * max |d| (gradients span many scales)."""
+
   def check(a, d):
     scale = max(float(np.abs(d).max()), 1e-12)
     assert float(np.abs(np.asarray(a) - d).max()) <= rtol * scale
+
   jax.tree.map(check, actual, desired)
 
 
@@ -75,8 +85,7 @@ def test_zero_init_policy_and_other_inits(tiny):
   _, variables, _ = tiny
   flat = _flat(variables["params"])
   for name, value in flat.items():
-    zero = ("modulation" in name or name.startswith("final_layer/proj")
-            or name.endswith("bias"))
+    zero = "modulation" in name or name.startswith("final_layer/proj") or name.endswith("bias")
     assert (np.all(np.asarray(value) == 0)) == zero, name
   # Timestep MLP ~ normal(0.02); xavier elsewhere has a larger spread here.
   std = np.std(np.asarray(flat["t_embedder/fc1/kernel"]))
@@ -100,8 +109,7 @@ def test_nonzero_params_change_output_and_depend_on_all_inputs(tiny):
 
 def test_logical_axis_names_use_the_vocabulary(tiny):
   _, variables, _ = tiny
-  boxed = jax.tree.leaves(variables["params"],
-                          is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  boxed = jax.tree.leaves(variables["params"], is_leaf=lambda x: isinstance(x, nn.Partitioned))
   assert boxed and all(isinstance(b, nn.LogicallyPartitioned) for b in boxed)
   for b in boxed:
     assert len(b.names) == b.value.ndim
@@ -112,8 +120,7 @@ def test_logical_axis_names_use_the_vocabulary(tiny):
 
 def test_pos_table_matches_diffusers_init():
   ours = embeddings.sincos_2d_table(64, 12, base_size=8)
-  ref = d_embeddings.get_2d_sincos_pos_embed(
-      64, 12, base_size=8, interpolation_scale=1.0, output_type="pt").numpy()
+  ref = d_embeddings.get_2d_sincos_pos_embed(64, 12, base_size=8, interpolation_scale=1.0, output_type="pt").numpy()
   np.testing.assert_allclose(ours, ref, atol=1e-6)
   # The param init uses the same table (jnp path).
   jnp_table = embeddings.sincos_2d_table(64, 12, base_size=8, xp=jnp)
@@ -132,9 +139,7 @@ def test_crop_pos_table_center_and_error():
 
 def test_timestep_embedding_matches_diffusers():
   t = np.array([0.0, 0.001, 0.37, 1.0], np.float32)
-  ref = d_embeddings.Timesteps(256, flip_sin_to_cos=True,
-                               downscale_freq_shift=0)(
-                                   torch.from_numpy(t) * 1000.0).numpy()
+  ref = d_embeddings.Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)(torch.from_numpy(t) * 1000.0).numpy()
   ours = np.asarray(embeddings.timestep_embedding(jnp.asarray(t)))
   # Arguments reach 1000 rad, where XLA's and torch's float32 sin/cos differ
   # by a few 1e-5 (float32 spacing at 1000 is 6e-5).
@@ -155,11 +160,13 @@ def test_patchify_roundtrip_and_order():
 
 def test_bad_config_values_are_named():
   inputs = _inputs()
-  for kwargs, match in [(dict(qk_norm="layer_norm"), "layer_norm"),
-                        (dict(num_heads=3), "num_heads=3"),
-                        (dict(remat="some"), "some"),
-                        (dict(attention_impl="flash"), "flash"),
-                        (dict(dual_attention_layers=(5,)), r"\[5\]")]:
+  for kwargs, match in [
+      (dict(qk_norm="layer_norm"), "layer_norm"),
+      (dict(num_heads=3), "num_heads=3"),
+      (dict(remat="some"), "some"),
+      (dict(attention_impl="flash"), "flash"),
+      (dict(dual_attention_layers=(5,)), r"\[5\]"),
+  ]:
     with pytest.raises(ValueError, match=match):
       mmdit.MMDiT(**{**TINY, **kwargs}).init(jax.random.key(0), *inputs)
   with pytest.raises(ValueError, match="pos_embed_max_size=16"):
@@ -174,8 +181,7 @@ def test_remat_matches_plain(tiny):
   def grad(m, p):
     return jax.grad(lambda p: jnp.sum(m.apply({"params": p}, *inputs) ** 2))(p)
 
-  _assert_trees_close(grad(model.clone(remat="dots_saveable"), params),
-                      grad(model, params), 1e-5)
+  _assert_trees_close(grad(model.clone(remat="dots_saveable"), params), grad(model, params), 1e-5)
 
 
 def test_bf16_forward_close_to_fp32(tiny):
@@ -189,33 +195,31 @@ def test_bf16_forward_close_to_fp32(tiny):
 
 
 def test_variants():
-  assert variants.variant("d24") == dict(depth=24, hidden_size=1536,
-                                         num_heads=24)
-  assert variants.variant("sd3.5-medium")["dual_attention_layers"] == tuple(
-      range(13))
+  assert variants.variant("d24") == dict(depth=24, hidden_size=1536, num_heads=24)
+  assert variants.variant("sd3.5-medium")["dual_attention_layers"] == tuple(range(13))
   with pytest.raises(ValueError, match="d99"):
     variants.variant("d99")
 
 
-@pytest.mark.parametrize("name,expected,with_pos", [
-    ("d24", 2.03e9, False),
-    ("d38", 8.06e9, False),
-    ("sd3.5-medium", 2.47e9, True),
-])
+@pytest.mark.parametrize(
+    "name,expected,with_pos",
+    [
+        ("d24", 2.03e9, False),
+        ("d38", 8.06e9, False),
+        ("sd3.5-medium", 2.47e9, True),
+    ],
+)
 def test_param_counts(name, expected, with_pos):
   model = mmdit.MMDiT(**variants.variant(name))
-  n = variants.count_params(model, (1, 128, 128, 16), (1, 154, 4096), (1, 2048),
-                            include_pos_embed=with_pos)
+  n = variants.count_params(model, (1, 128, 128, 16), (1, 154, 4096), (1, 2048), include_pos_embed=with_pos)
   assert abs(n / expected - 1) < 0.01, n
 
 
 def test_block_groups():
-  groups = lambda **kw: mmdit_tree.block_groups(
-      mmdit.MMDiT(**{**TINY, "depth": 5, "scan_blocks": True, **kw}))
+  groups = lambda **kw: mmdit_tree.block_groups(mmdit.MMDiT(**{**TINY, "depth": 5, "scan_blocks": True, **kw}))
   assert groups() == [(0, 4), (4, 5)]
   assert groups(dual_attention_layers=(0, 1, 2)) == [(0, 3), (3, 4), (4, 5)]
-  assert groups(dual_attention_layers=(1, 4)) == [(0, 1), (1, 2), (2, 4),
-                                                  (4, 5)]
+  assert groups(dual_attention_layers=(1, 4)) == [(0, 1), (1, 2), (2, 4), (4, 5)]
   assert groups(scan_blocks=False) == [(i, i + 1) for i in range(5)]
   assert mmdit_tree.block_name(0, 4) == "blocks_0_3"
   assert mmdit_tree.block_name(4, 5) == "blocks_4"
@@ -239,26 +243,22 @@ def test_scan_blocks_matches_unscanned(dual, remat):
   plain = mmdit.MMDiT(**kwargs)
   scanned = mmdit.MMDiT(**kwargs, scan_blocks=True, remat=remat)
   inputs = _inputs()
-  params = _perturbed(
-      jax.jit(plain.init)(jax.random.key(0), *inputs)["params"])
+  params = _perturbed(jax.jit(plain.init)(jax.random.key(0), *inputs)["params"])
   stacked = mmdit_tree.stack_blocks(params, scanned)
   # Same tree and shapes as the scanned model's own init.
-  init = nn.unbox(jax.eval_shape(scanned.init, jax.random.key(0),
-                                 *inputs)["params"])
+  init = nn.unbox(jax.eval_shape(scanned.init, jax.random.key(0), *inputs)["params"])
   assert jax.tree.map(np.shape, init) == jax.tree.map(np.shape, stacked)
   assert any(k.count("_") == 2 for k in stacked)  # At least one scanned group.
 
   @functools.partial(jax.jit, static_argnums=0)
   def value_and_grad(model, p):
-    return jax.value_and_grad(
-        lambda p: jnp.sum(model.apply({"params": p}, *inputs) ** 2))(p)
+    return jax.value_and_grad(lambda p: jnp.sum(model.apply({"params": p}, *inputs) ** 2))(p)
 
   v_plain, g_plain = value_and_grad(plain, params)
   v_scan, g_scan = value_and_grad(scanned, stacked)
   np.testing.assert_allclose(v_scan, v_plain, rtol=1e-5)
   _assert_trees_close(mmdit_tree.unstack_blocks(g_scan, scanned), g_plain, 1e-4)
-  jax.tree.map(np.testing.assert_array_equal,
-               mmdit_tree.unstack_blocks(stacked, scanned), params)
+  jax.tree.map(np.testing.assert_array_equal, mmdit_tree.unstack_blocks(stacked, scanned), params)
 
 
 def test_scanned_params_have_a_leading_unnamed_axis():
@@ -272,6 +272,7 @@ def test_scanned_params_have_a_leading_unnamed_axis():
 def test_registered_attention_kernel_is_used():
   """The hook for kernels outside jax.nn.dot_product_attention (e.g. a TPU splash kernel)."""
   from rflow_jax.model import layers  # pylint: disable=g-import-not-at-top
+
   calls = []
 
   def reference(q, k, v):
@@ -281,8 +282,9 @@ def test_registered_attention_kernel_is_used():
   layers.register_attention("test_einsum", reference)
   try:
     q, k, v = (jax.random.normal(jax.random.key(i), (2, 5, 2, 8)) for i in range(3))
-    np.testing.assert_allclose(layers.dot_product_attention(q, k, v, "test_einsum"),
-                               layers.dot_product_attention(q, k, v, "xla"), atol=1e-5)
+    np.testing.assert_allclose(
+        layers.dot_product_attention(q, k, v, "test_einsum"), layers.dot_product_attention(q, k, v, "xla"), atol=1e-5
+    )
     assert calls == [(2, 5, 2, 8)]
     with pytest.raises(ValueError, match="already registered"):
       layers.register_attention("xla", reference)
@@ -310,14 +312,18 @@ def _assert_same_attention(ours_impl, ref_impl, qkv, g, dtype, tol):
     np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(ref, np.float32), atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("shape_q,shape_kv,group_bytes,dtype,tol", [
-    ((2, 7, 3, 16), (2, 7, 3, 16), 1 << 19, jnp.float32, 1e-5),  # All 6 (batch, head) pairs in one group.
-    ((2, 7, 3, 16), (2, 9, 3, 16), 7 * 9 * 4 * 2, jnp.float32, 1e-5),  # T != S, groups of 2 pairs (3 map steps).
-    ((2, 7, 3, 16), (2, 7, 3, 16), 1, jnp.bfloat16, 2e-2),  # Groups of 1 pair.
-])
+@pytest.mark.parametrize(
+    "shape_q,shape_kv,group_bytes,dtype,tol",
+    [
+        ((2, 7, 3, 16), (2, 7, 3, 16), 1 << 19, jnp.float32, 1e-5),  # All 6 (batch, head) pairs in one group.
+        ((2, 7, 3, 16), (2, 9, 3, 16), 7 * 9 * 4 * 2, jnp.float32, 1e-5),  # T != S, groups of 2 pairs (3 map steps).
+        ((2, 7, 3, 16), (2, 7, 3, 16), 1, jnp.bfloat16, 2e-2),  # Groups of 1 pair.
+    ],
+)
 def test_blocked_attention_matches_einsum_attention(shape_q, shape_kv, group_bytes, dtype, tol, monkeypatch):
   """The blocked kernel with its recomputing custom_vjp: output and the three gradients equal the einsum kernel's."""
   from rflow_jax.model import blocked_attention  # pylint: disable=g-import-not-at-top
+
   monkeypatch.setattr(blocked_attention, "GROUP_BYTES", group_bytes)
   q, g = (jax.random.normal(jax.random.key(i), shape_q, dtype) for i in (0, 3))
   k, v = (jax.random.normal(jax.random.key(i), shape_kv, dtype) for i in (1, 2))

@@ -21,15 +21,22 @@ def test_sd3_parameter_count_equals_diffusers():
   ours = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(_abstract(model))))
   with torch.device("meta"):
     theirs = TorchAutoencoderKL(
-        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16, norm_num_groups=32,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        use_quant_conv=False, use_post_quant_conv=False)
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=16,
+        norm_num_groups=32,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
   assert ours == sum(p.numel() for p in theirs.parameters())  # 83,819,683
 
 
 def test_every_param_has_known_logical_axes():
-  model = vae_lib.AutoencoderKL(block_out_channels=(8, 16), norm_num_groups=4, latent_channels=4,
-                                use_quant_conv=True, use_post_quant_conv=True)
+  model = vae_lib.AutoencoderKL(
+      block_out_channels=(8, 16), norm_num_groups=4, latent_channels=4, use_quant_conv=True, use_post_quant_conv=True
+  )
   boxed = _abstract(model)["params"]
   leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
   assert leaves and all(isinstance(x, nn.Partitioned) for x in leaves)

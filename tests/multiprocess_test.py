@@ -34,8 +34,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_PROCESSES, DEVICES_PER_PROCESS, NUM_STEPS = 2, 2, 4
 ONE_PROCESS_STEPS = 2  # Start 1 (one process) trains these; the 2-process start resumes after them.
 RTOL, ATOL = 1e-5, 1e-6
-OVERRIDES = {"train.num_steps": NUM_STEPS, "train.log_every": 1, "train.checkpoint_every": 1,
-             "train.record_seen_indices": True}
+OVERRIDES = {
+    "train.num_steps": NUM_STEPS,
+    "train.log_every": 1,
+    "train.checkpoint_every": 1,
+    "train.record_seen_indices": True,
+}
 ONE_PROCESS_MESH = {"sharding.mesh_shape": (1, -1, 1), "sharding.dcn_mesh_shape": (1, 1, 1)}  # fsdp=4.
 
 
@@ -47,8 +51,9 @@ def _env(**extra):
 
 @functools.cache
 def _launcher():
-  spec = importlib.util.spec_from_file_location("local_multiprocess", os.path.join(ROOT, "launch",
-                                                                                 "local_multiprocess.py"))
+  spec = importlib.util.spec_from_file_location(
+      "local_multiprocess", os.path.join(ROOT, "launch", "local_multiprocess.py")
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -70,6 +75,7 @@ def _elastic_resume(config, workdir, step):
   to the end; returns (its final params, the example indices it trained on)."""
   import jax  # pylint: disable=g-import-not-at-top
   from rflow_jax.train import checkpoint, trainer  # pylint: disable=g-import-not-at-top
+
   elastic = workdir + "_elastic"
   shutil.copytree(os.path.join(workdir, "checkpoints", str(step)), os.path.join(elastic, "checkpoints", str(step)))
   shutil.copy(os.path.join(workdir, "config.json"), elastic)
@@ -86,6 +92,7 @@ def _worker(workdir, out_path):
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from configs import debug  # pylint: disable=g-import-not-at-top
   from rflow_jax.train import checkpoint, trainer  # pylint: disable=g-import-not-at-top
+
   assert jax.device_count() == NUM_PROCESSES * DEVICES_PER_PROCESS and jax.process_count() == 1
   config = debug.get_config()
   for key, value in {**OVERRIDES, **ONE_PROCESS_MESH}.items():
@@ -106,36 +113,48 @@ def _worker(workdir, out_path):
   restored = {}
   with checkpoint.make_manager(workdir, read_only=True) as manager:
     step = manager.latest_step()
-    for name, target in (("fsdp4", setup), ("one_device", trainer.Setup(config.copy_and_resolve_references(),
-                                                                        devices=jax.devices()[:1]))):
+    for name, target in (
+        ("fsdp4", setup),
+        ("one_device", trainer.Setup(config.copy_and_resolve_references(), devices=jax.devices()[:1])),
+    ):
       out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target.abstract_state)))
       got = out["state"]
       restored[name] = {
           "mesh": dict(target.mesh.shape),
-          "sharded_as_requested": all(a.sharding.is_equivalent_to(s.sharding, a.ndim) for a, s in zip(
-              jax.tree.leaves(got), jax.tree.leaves(target.abstract_state))),
-          "params": jax.device_get(got.params)}
+          "sharded_as_requested": all(
+              a.sharding.is_equivalent_to(s.sharding, a.ndim)
+              for a, s in zip(jax.tree.leaves(got), jax.tree.leaves(target.abstract_state))
+          ),
+          "params": jax.device_get(got.params),
+      }
   # Host copy of the saved params, via the 1-device restore (checkpoint.restore_params, which restores without a
   # target, refuses a checkpoint written on another topology; see docs/scaling.md).
   host_params = restored["one_device"]["params"]
 
   leaves = lambda t: [np.asarray(x) for x in jax.tree.leaves(t)]
   report = {
-      "ref_losses": losses, "mp_losses": _logged_losses(workdir), "ref_indices": indices, "ckpt_step": step,
-      "seen": {p: json.load(open(os.path.join(workdir, f"seen_indices_p{p}.json")))
-               for p in range(NUM_PROCESSES)},
-      "params_allclose": all(np.allclose(a, b, rtol=RTOL, atol=ATOL)
-                             for a, b in zip(leaves(ref_params), leaves(host_params))),
-      "elastic_params_allclose": all(np.allclose(a, b, rtol=RTOL, atol=ATOL)
-                                     for a, b in zip(leaves(ref_params), leaves(elastic_params))),
+      "ref_losses": losses,
+      "mp_losses": _logged_losses(workdir),
+      "ref_indices": indices,
+      "ckpt_step": step,
+      "seen": {p: json.load(open(os.path.join(workdir, f"seen_indices_p{p}.json"))) for p in range(NUM_PROCESSES)},
+      "params_allclose": all(
+          np.allclose(a, b, rtol=RTOL, atol=ATOL) for a, b in zip(leaves(ref_params), leaves(host_params))
+      ),
+      "elastic_params_allclose": all(
+          np.allclose(a, b, rtol=RTOL, atol=ATOL) for a, b in zip(leaves(ref_params), leaves(elastic_params))
+      ),
       "elastic_seen": elastic_seen,
-      "max_abs_param_diff": max(float(np.max(np.abs(a - b)))
-                                for a, b in zip(leaves(ref_params), leaves(host_params))),
+      "max_abs_param_diff": max(float(np.max(np.abs(a - b))) for a, b in zip(leaves(ref_params), leaves(host_params))),
       "num_param_leaves": len(leaves(host_params)),
-      "restored": {name: {"mesh": r["mesh"], "sharded_as_requested": r["sharded_as_requested"],
-                          "bit_exact": all(np.array_equal(a, b) for a, b in zip(leaves(r["params"]),
-                                                                                 leaves(host_params)))}
-                   for name, r in restored.items()},
+      "restored": {
+          name: {
+              "mesh": r["mesh"],
+              "sharded_as_requested": r["sharded_as_requested"],
+              "bit_exact": all(np.array_equal(a, b) for a, b in zip(leaves(r["params"]), leaves(host_params))),
+          }
+          for name, r in restored.items()
+      },
   }
   with open(out_path, "w") as f:
     json.dump(report, f, indent=1)
@@ -147,21 +166,51 @@ def report(tmp_path_factory):
   all_devices = f"--xla_force_host_platform_device_count={NUM_PROCESSES * DEVICES_PER_PROCESS}"
   args = ["--config=configs/debug.py", f"--workdir={workdir}", *_flags(OVERRIDES)]
   start = subprocess.run(  # Start 1: one process, 4 devices, steps 1-2.
-      [sys.executable, "-m", "rflow_jax.main", *args, *_flags(ONE_PROCESS_MESH),
-       f"--config.train.num_steps={ONE_PROCESS_STEPS}"],
-      cwd=ROOT, env=_env(XLA_FLAGS=all_devices), capture_output=True, text=True, timeout=600, check=False)
+      [
+          sys.executable,
+          "-m",
+          "rflow_jax.main",
+          *args,
+          *_flags(ONE_PROCESS_MESH),
+          f"--config.train.num_steps={ONE_PROCESS_STEPS}",
+      ],
+      cwd=ROOT,
+      env=_env(XLA_FLAGS=all_devices),
+      capture_output=True,
+      text=True,
+      timeout=600,
+      check=False,
+  )
   assert start.returncode == 0, start.stderr[-5000:]
   args += ["--config.sharding.mesh_shape=(1,-1,1)", f"--config.sharding.dcn_mesh_shape=({NUM_PROCESSES},1,1)"]
   launch = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "launch", "local_multiprocess.py"), f"--num_processes={NUM_PROCESSES}",
-       f"--devices_per_process={DEVICES_PER_PROCESS}", "--timeout=540", "--", *args],
-      cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600, check=False)
+      [
+          sys.executable,
+          os.path.join(ROOT, "launch", "local_multiprocess.py"),
+          f"--num_processes={NUM_PROCESSES}",
+          f"--devices_per_process={DEVICES_PER_PROCESS}",
+          "--timeout=540",
+          "--",
+          *args,
+      ],
+      cwd=ROOT,
+      env=_env(),
+      capture_output=True,
+      text=True,
+      timeout=600,
+      check=False,
+  )
   assert launch.returncode == 0, launch.stdout[-6000:] + launch.stderr[-2000:]
   out = os.path.join(os.path.dirname(workdir), "report.json")
   worker = subprocess.run(
-      [sys.executable, os.path.abspath(__file__), workdir, out], cwd=ROOT, capture_output=True, text=True,
+      [sys.executable, os.path.abspath(__file__), workdir, out],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
       env=_env(XLA_FLAGS=all_devices),
-      timeout=600, check=False)
+      timeout=600,
+      check=False,
+  )
   assert worker.returncode == 0, worker.stderr[-5000:]
   with open(out) as f:
     return {**json.load(f), "launcher_output": launch.stdout}
@@ -185,7 +234,7 @@ def test_processes_see_disjoint_halves_of_the_one_process_stream(report):
   assert sorted(union) == sorted(i for batch in ref for i in batch)  # No gaps: exactly the 1-process examples.
   half = len(ref[0]) // NUM_PROCESSES
   for k, batch in enumerate(ref):  # Row r of the global batch is the same example for 1 or 2 processes.
-    assert seen["0"][k * half:(k + 1) * half] + seen["1"][k * half:(k + 1) * half] == batch
+    assert seen["0"][k * half : (k + 1) * half] + seen["1"][k * half : (k + 1) * half] == batch
 
 
 @pytest.mark.slow
@@ -208,8 +257,7 @@ def test_checkpoint_restores_on_other_meshes_bit_exactly(report):
 
 def test_launcher_propagates_a_failing_exit_status(capfd):
   launcher = _launcher()
-  status = launcher.launch([], num_processes=2, devices_per_process=1, module="rflow_jax_no_such_module",
-                           timeout=60)
+  status = launcher.launch([], num_processes=2, devices_per_process=1, module="rflow_jax_no_such_module", timeout=60)
   assert status == 1
   assert "No module named rflow_jax_no_such_module" in capfd.readouterr().out
 
@@ -220,8 +268,15 @@ def test_launcher_sets_each_process_device_count_and_flags():
   assert env["XLA_FLAGS"] == "--xla_dump_to=/tmp/x --xla_force_host_platform_device_count=3"
   assert env["JAX_PLATFORMS"] == "cpu"
   cmd = launcher.command("rflow_jax.main", 1234, 2, 1, ["--workdir=w"])
-  assert cmd[1:] == ["-m", "rflow_jax.main", "--distributed=explicit", "--coordinator_address=127.0.0.1:1234",
-                     "--num_processes=2", "--process_id=1", "--workdir=w"]
+  assert cmd[1:] == [
+      "-m",
+      "rflow_jax.main",
+      "--distributed=explicit",
+      "--coordinator_address=127.0.0.1:1234",
+      "--num_processes=2",
+      "--process_id=1",
+      "--workdir=w",
+  ]
   with pytest.raises(ValueError, match="num_processes=0"):
     launcher.launch([], num_processes=0, devices_per_process=1)
 

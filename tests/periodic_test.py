@@ -6,8 +6,9 @@ from rflow_jax.train import periodic
 
 
 def _train(**overrides):
-  t = ml_collections.ConfigDict(dict(num_steps=10, log_every=4, checkpoint_every=5, sample_every=3, eval_every=6,
-                                     evaluators=("shapes",)))
+  t = ml_collections.ConfigDict(
+      dict(num_steps=10, log_every=4, checkpoint_every=5, sample_every=3, eval_every=6, evaluators=("shapes",))
+  )
   t.update(overrides)
   return t
 
@@ -26,8 +27,9 @@ def test_due_per_step():
 
 
 def test_stopping_logs_and_checkpoints_only():
-  assert periodic.due(6, _train(), stopping=True) == periodic.Due(log=True, checkpoint=True, preview=False,
-                                                                 evaluate=False)
+  assert periodic.due(6, _train(), stopping=True) == periodic.Due(
+      log=True, checkpoint=True, preview=False, evaluate=False
+  )
 
 
 def test_no_evaluators_no_evaluation():

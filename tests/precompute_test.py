@@ -23,8 +23,9 @@ IMAGE_SIZE = 32  # Pixels; the tiny VAE (f=2) makes 16x16x4 latents.
 
 
 def _save_vae(directory, seed, scaling_factor=0.7, shift_factor=0.1):
-  model = vae_task.build_model(shapes_vae.get_config("tiny")).clone(scaling_factor=scaling_factor,
-                                                                       shift_factor=shift_factor)
+  model = vae_task.build_model(shapes_vae.get_config("tiny")).clone(
+      scaling_factor=scaling_factor, shift_factor=shift_factor
+  )
   params = model.init(jax.random.key(seed), jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3)))["params"]
   export_vae.save_vae(params, model, directory)
   return str(directory)
@@ -135,16 +136,18 @@ def test_training_batch_equals_the_in_step_path_and_trains(inputs, tmp_path):
   source = arrayrecord.ArrayRecordImageSource(inputs[0], IMAGE_SIZE)
   items = [source[int(i)] for i in batch["index"]]
   vae_model, vae_params = export_vae.load_vae(inputs[1])
-  mean, logvar = vae_model.apply({"params": vae_params}, pixels.to_float(np.stack([x["image"] for x in items])),
-                                 method="encode")
+  mean, logvar = vae_model.apply(
+      {"params": vae_params}, pixels.to_float(np.stack([x["image"] for x in items])), method="encode"
+  )
   latent = vae_lib.sample_posterior(mean, logvar, jax.random.fold_in(key, step_lib.LATENT_NOISE_STREAM))
   expected_x0 = vae_lib.normalize_latents(latent, 0.7, 0.1)
   np.testing.assert_allclose(x0, expected_x0, rtol=0, atol=1e-5)
   tokens = jnp.asarray(task.tokenizer.batch([x["caption"] for x in items]))
   text_params = text_encoders.init_params(task.text_stack, config.text)
   k_drop = jax.random.split(key)[0]
-  expected_context, expected_pooled = step_lib.condition(task.text_stack, text_params, tokens, k_drop,
-                                                         config.text.drop_prob)
+  expected_context, expected_pooled = step_lib.condition(
+      task.text_stack, text_params, tokens, k_drop, config.text.drop_prob
+  )
   np.testing.assert_allclose(context, expected_context, rtol=0, atol=1e-5)  # Stored float32: encoder rounding only.
   np.testing.assert_allclose(pooled, expected_pooled, rtol=0, atol=1e-5)
   # text.drop_to="empty": a dropped encoder gives the empty prompt's outputs (stored once), in both paths alike.
@@ -156,8 +159,9 @@ def test_training_batch_equals_the_in_step_path_and_trains(inputs, tmp_path):
     expected = step_lib.condition(task.text_stack, text_params, tokens, k_drop, p, empty_tokens)
     np.testing.assert_allclose(context, expected[0], rtol=0, atol=1e-5)
     np.testing.assert_allclose(pooled, expected[1], rtol=0, atol=1e-5)
-  empty = text_encoders.drop_and_compose(text_encoders.empty_outputs(task.text_stack, text_params, empty_tokens),
-                                         None, 0.0)
+  empty = text_encoders.drop_and_compose(
+      text_encoders.empty_outputs(task.text_stack, text_params, empty_tokens), None, 0.0
+  )
   np.testing.assert_allclose(context, jnp.broadcast_to(empty[0], context.shape), rtol=0, atol=1e-5)  # p = 1.
   assert float(jnp.abs(empty[0]).max()) > 0.1  # Not zeros.
   # Three steps on the precomputed records (drop_to="empty"), the second one's latents poisoned (NaN) and dropped by
@@ -186,8 +190,14 @@ def test_sd3_stack_embeddings_and_empty_prompt_dropout(inputs, tmp_path):
   _, context, pooled = step_lib.stored_inputs(batch, key, task.latents.stored_inputs(), 0.5)
   captions = [arrayrecord.ArrayRecordImageSource(inputs[0], IMAGE_SIZE)[int(i)]["caption"] for i in batch["index"]]
   text_params = text_encoders.init_params(task.text_stack, config.text)
-  expected = step_lib.condition(task.text_stack, text_params, jnp.asarray(task.tokenizer.batch(captions)),
-                                jax.random.split(key)[0], 0.5, text_encoders.drop_tokens(config.text, task.tokenizer))
+  expected = step_lib.condition(
+      task.text_stack,
+      text_params,
+      jnp.asarray(task.tokenizer.batch(captions)),
+      jax.random.split(key)[0],
+      0.5,
+      text_encoders.drop_tokens(config.text, task.tokenizer),
+  )
   np.testing.assert_allclose(context, expected[0], rtol=0, atol=1e-5)
   np.testing.assert_allclose(pooled, expected[1], rtol=0, atol=1e-5)
 
@@ -213,18 +223,22 @@ def test_mismatches_are_refused_in_one_line(inputs, tmp_path):
   assert str(e.value) == f"data.path={out!r} holds latents of 4 channels, but model.in_channels=8"
   with pytest.raises(records.ManifestError) as e:
     tasks.get_task(_train_config(inputs, out, **{"data.image_size": 32, "model.patch_size": 8}))
-  assert str(e.value) == (f"data.path={out!r} holds 16x16 latents, but data.image_size=32 (with "
-                          'data.name="precomputed" it is the latent side the MM-DiT reads)')
+  assert str(e.value) == (
+      f"data.path={out!r} holds 16x16 latents, but data.image_size=32 (with "
+      'data.name="precomputed" it is the latent side the MM-DiT reads)'
+  )
   with pytest.raises(records.ManifestError) as e:
     tasks.get_task(_train_config(inputs, out, **{"text.width": 32}))
-  assert str(e.value) == (f"data.path={out!r} holds text embeddings of context_width=16, but config.text gives "
-                          "context_width=32")
+  assert str(e.value) == (
+      f"data.path={out!r} holds text embeddings of context_width=16, but config.text gives " "context_width=32"
+  )
   other = _save_vae(tmp_path / "other_vae", seed=1)
   with pytest.raises(records.ManifestError) as e:
     tasks.get_task(_train_config(inputs, out, **{"vae.path": other}))
   other_id = precompute.latent_data.vae_identity(*export_vae.load_vae(other))[:12]
-  assert str(e.value) == (f"data.path={out!r} was encoded by VAE {vae_id} ({inputs[1]}), but vae.path={other!r} "
-                          f"is VAE {other_id}")
+  assert str(e.value) == (
+      f"data.path={out!r} was encoded by VAE {vae_id} ({inputs[1]}), but vae.path={other!r} " f"is VAE {other_id}"
+  )
   # The same weights with other latent factors (latent_stats run afterwards) are the same VAE, and its factors apply.
   refactored = str(tmp_path / "refactored_vae")
   shutil.copytree(inputs[1], refactored)
@@ -248,13 +262,23 @@ def test_bad_precompute_input_fails_before_work(inputs, tmp_path):
 
 @pytest.mark.slow
 def test_command_line(inputs, tmp_path):
-  flags = ["--config.data.name=arrayrecord", f"--config.data.path={inputs[0]}", f"--config.vae.path={inputs[1]}",
-           "--config.precompute.batch_size=4"]
-  rc, _, stderr = cli_util.run_module("rflow_jax.precompute", "--config=configs/debug.py", f"--out={tmp_path}",
-                                      "--config.precompute.text_dtype=int8", *flags)
+  flags = [
+      "--config.data.name=arrayrecord",
+      f"--config.data.path={inputs[0]}",
+      f"--config.vae.path={inputs[1]}",
+      "--config.precompute.batch_size=4",
+  ]
+  rc, _, stderr = cli_util.run_module(
+      "rflow_jax.precompute",
+      "--config=configs/debug.py",
+      f"--out={tmp_path}",
+      "--config.precompute.text_dtype=int8",
+      *flags,
+  )
   cli_util.assert_one_line_error(rc, stderr, "precompute.text_dtype='int8'; valid: ['bfloat16', 'float16', 'float32']")
-  rc, stdout, stderr = cli_util.run_module("rflow_jax.precompute", "--config=configs/debug.py", f"--out={tmp_path}",
-                                           *flags)
+  rc, stdout, stderr = cli_util.run_module(
+      "rflow_jax.precompute", "--config=configs/debug.py", f"--out={tmp_path}", *flags
+  )
   assert rc == 0, stderr[-2000:]
   line = json.loads(stdout.strip().splitlines()[-1])
   assert line["num_records"] == 10 and line["latent"] == {"shape": [16, 16, 4], "dtype": "float16"}

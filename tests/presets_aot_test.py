@@ -37,10 +37,15 @@ print(json.dumps(out))
 def test_d24_preset_defaults_fit_64_devices_of_80gb():
   config = sd3.get_config("d24")
   assert config.model.scan_blocks and (config.model.remat, config.train.microbatches) == ("dots_no_batch", 1)
-  env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=64"}
-  proc = subprocess.run([sys.executable, "-c", _SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
-                        timeout=900, check=False)
+  env = {
+      **os.environ,
+      "PYTHONPATH": ROOT,
+      "JAX_PLATFORMS": "cpu",
+      "XLA_FLAGS": "--xla_force_host_platform_device_count=64",
+  }
+  proc = subprocess.run(
+      [sys.executable, "-c", _SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False
+  )
   assert proc.returncode == 0, proc.stderr[-4000:]
   m3, m4 = json.loads(proc.stdout.strip().splitlines()[-1])
   per_block = m4 - m3

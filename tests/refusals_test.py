@@ -12,8 +12,10 @@ from rflow_jax.model import text_encoders
 NAN, INF = float("nan"), float("inf")
 
 
-@pytest.mark.parametrize("field, value", [
-    ("sample.cfg_scale", NAN), ("sample.cfg_scale", INF), ("sample.shift", INF), ("sample.num_steps", -3)])
+@pytest.mark.parametrize(
+    "field, value",
+    [("sample.cfg_scale", NAN), ("sample.cfg_scale", INF), ("sample.shift", INF), ("sample.num_steps", -3)],
+)
 def test_sampling_overrides_that_cannot_give_an_image_are_refused(field, value):
   # The sampling CLIs' --steps/--cfg go through validate_sampling only (the config file's numbers are in
   # configs_test.py::test_bad_values_fail_validation_with_the_value_named).
@@ -23,11 +25,14 @@ def test_sampling_overrides_that_cannot_give_an_image_are_refused(field, value):
     config_lib.validate_sampling(config.sample)
 
 
-@pytest.mark.parametrize("text, message", [
-    ("def get_config(:\n", "has a syntax error at line 1"),
-    ("X = 1\n", "defines no get_config() function"),
-    (None, "no such file"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("def get_config(:\n", "has a syntax error at line 1"),
+        ("X = 1\n", "defines no get_config() function"),
+        (None, "no such file"),
+    ],
+)
 def test_config_files_that_cannot_load_are_one_line(tmp_path, text, message):
   path = tmp_path / "c.py"
   if text is not None:
@@ -41,7 +46,7 @@ def test_config_files_that_cannot_load_are_one_line(tmp_path, text, message):
 def test_prompt_words_the_tokenizer_cannot_represent_are_named():
   tokenizer = text_encoders.WordTokenizer(max_length=6)
   assert tokenizer.problems("a red circle") == []
-  assert tokenizer.problems("a purple hexagon") == [
-      "words not in the vocabulary, read as <unk>: purple, hexagon"]
+  assert tokenizer.problems("a purple hexagon") == ["words not in the vocabulary, read as <unk>: purple, hexagon"]
   assert tokenizer.problems("a red circle left of a blue square") == [
-      "cut at text.max_length=6 (4 words): 'of a blue square' is dropped"]
+      "cut at text.max_length=6 (4 words): 'of a blue square' is dropped"
+  ]

@@ -76,9 +76,12 @@ def test_full_disk_during_save_keeps_the_last_checkpoint(tmp_path, monkeypatch):
 
   def no_space(*args, **kwargs):
     raise OSError(28, "No space left on device")
+
   monkeypatch.setattr(checkpoint, "save", no_space)  # What Orbax raises when the disk fills during a save.
-  with pytest.raises(checkpoint.CheckpointWriteError,
-                     match=r"checkpoint of step 4 .*No space left on device.*last complete checkpoint \(step 2\) is intact"):
+  with pytest.raises(
+      checkpoint.CheckpointWriteError,
+      match=r"checkpoint of step 4 .*No space left on device.*last complete checkpoint \(step 2\) is intact",
+  ):
     trainer.train_and_evaluate(_debug(), workdir)
   monkeypatch.undo()
   assert checkpoint.latest_step(workdir) == 2

@@ -29,8 +29,9 @@ def test_scale_one_is_conditional_and_zero_is_unconditional():
   v_uncond = _model(x, sig, jax.tree.map(lambda u: jnp.broadcast_to(u, (3,) + u.shape[1:]), uncond))
   np.testing.assert_allclose(guidance.cfg_velocity(_model, cond, uncond, 1.0)(x, sigma), v_cond, atol=1e-6)
   np.testing.assert_allclose(guidance.cfg_velocity(_model, cond, uncond, 0.0)(x, sigma), v_uncond, atol=1e-6)
-  np.testing.assert_allclose(guidance.cfg_velocity(_model, cond, uncond, 5.0)(x, sigma),
-                             v_uncond + 5.0 * (v_cond - v_uncond), atol=1e-5)
+  np.testing.assert_allclose(
+      guidance.cfg_velocity(_model, cond, uncond, 5.0)(x, sigma), v_uncond + 5.0 * (v_cond - v_uncond), atol=1e-5
+  )
 
 
 def test_single_batched_call():

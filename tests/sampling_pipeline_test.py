@@ -34,8 +34,9 @@ def _generate(setup_and_params, *, solver, batch_size, prompts=PROMPTS, seed=3):
   setup.config.sample.solver = solver
   setup.config.sample.batch_size = batch_size
   task = setup.task  # A fresh sampler each call: task.sampler is built once, for the config it first saw.
-  sampler = pipeline.Sampler.from_config(setup.config, model=task.model, text_stack=task.text_stack,
-                                         tokenizer=task.tokenizer)
+  sampler = pipeline.Sampler.from_config(
+      setup.config, model=task.model, text_stack=task.text_stack, tokenizer=task.tokenizer
+  )
   return sampler.generate(params, text_params, prompts, seed)
 
 

@@ -30,8 +30,9 @@ def test_shifted_linear(steps, shift):
   assert sigmas.dtype == np.float32 and sigmas.shape == (steps + 1,)
   assert sigmas[0] == 1.0 and sigmas[-1] == 0.0
   assert np.all(np.diff(sigmas) < 0)
-  np.testing.assert_allclose(timesteps.unshift(sigmas.astype(np.float64), shift), np.linspace(1, 0, steps + 1),
-                             atol=1e-6)
+  np.testing.assert_allclose(
+      timesteps.unshift(sigmas.astype(np.float64), shift), np.linspace(1, 0, steps + 1), atol=1e-6
+  )
 
 
 def test_diffusers_double_shift_differs_from_clean_grid():
@@ -64,8 +65,13 @@ def _diffusers_and_ours(steps, shift, stochastic):
   replay = torch.Generator().manual_seed(0)
   noise = jnp.asarray(np.stack([torch.randn(x_init.shape, generator=replay).numpy() for _ in range(steps)]))
   sigmas = jnp.asarray(schedules.flow_sigmas(steps, shift, "diffusers"))
-  ours = solvers.sample(lambda x, s: velocity(x, s, jnp), jnp.asarray(x_init), sigmas,
-                        "euler_stochastic" if stochastic else "euler", key=lambda i: noise[i])
+  ours = solvers.sample(
+      lambda x, s: velocity(x, s, jnp),
+      jnp.asarray(x_init),
+      sigmas,
+      "euler_stochastic" if stochastic else "euler",
+      key=lambda i: noise[i],
+  )
   return ours, x.numpy()
 
 

@@ -121,8 +121,9 @@ def test_euler_stochastic_keeps_the_mean_and_shrinks_the_spread_as_predicted():
   # the mean is kept.
   n = 20000
   sigmas = schedules.flow_sigmas(10, 3.0)
-  out = solvers.sample(gaussian_velocity, jax.random.normal(jax.random.key(4), (n,)), sigmas, "euler_stochastic",
-                       key=jax.random.key(5))
+  out = solvers.sample(
+      gaussian_velocity, jax.random.normal(jax.random.key(4), (n,)), sigmas, "euler_stochastic", key=jax.random.key(5)
+  )
   predicted = _renoised_variance(np.asarray(sigmas, np.float64))
   assert predicted < 0.9 * S**2, predicted
   np.testing.assert_allclose(float(out.var()), predicted, rtol=0.04)  # 4 standard errors of a variance estimate.
@@ -135,8 +136,9 @@ def test_euler_stochastic_needs_one_key_or_one_per_example():
     solvers.sample(gaussian_velocity, x, sigmas, "euler_stochastic")
   with pytest.raises(ValueError, match=r"key has shape \(2,\).*\(3,\)"):
     solvers.sample(gaussian_velocity, x, sigmas, "euler_stochastic", key=jax.random.split(jax.random.key(0), 2))
-  per_example = solvers.sample(gaussian_velocity, x, sigmas, "euler_stochastic",
-                               key=jax.random.split(jax.random.key(0), 3))
+  per_example = solvers.sample(
+      gaussian_velocity, x, sigmas, "euler_stochastic", key=jax.random.split(jax.random.key(0), 3)
+  )
   assert per_example.shape == (3, 2) and len(np.unique(np.asarray(per_example))) == 6
 
 

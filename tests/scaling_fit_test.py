@@ -38,8 +38,12 @@ def test_huber_fit_is_robust_to_an_outlier():
 
 
 def test_frontier_keeps_points_no_cheaper_point_beats():
-  rows = [{"flops": 1.0, "val_loss": 3.0, "run": "a"}, {"flops": 2.0, "val_loss": 2.0, "run": "a"},
-          {"flops": 2.5, "val_loss": 2.5, "run": "b"}, {"flops": 4.0, "val_loss": 1.5, "run": "b"}]
+  rows = [
+      {"flops": 1.0, "val_loss": 3.0, "run": "a"},
+      {"flops": 2.0, "val_loss": 2.0, "run": "a"},
+      {"flops": 2.5, "val_loss": 2.5, "run": "b"},
+      {"flops": 4.0, "val_loss": 1.5, "run": "b"},
+  ]
   assert [r["flops"] for r in fit.frontier(rows)] == [1.0, 2.0, 4.0]
 
 
@@ -56,7 +60,10 @@ def test_cli_prints_json_last_and_writes_plots(tmp_path, capsys):
   assert {"E", "A", "alpha", "r2", "alpha_ci", "frontier"} <= set(out)
   assert out["alpha"] == pytest.approx(TRUE["alpha"], rel=0.15)
   assert sorted(p.rsplit("/", 1)[1] for p in out["plots"]) == [
-      "scaling_frontier_fit.png", "scaling_loss_vs_flops.png", "scaling_val_loss_vs_shapes_eval.png"]
+      "scaling_frontier_fit.png",
+      "scaling_loss_vs_flops.png",
+      "scaling_val_loss_vs_shapes_eval.png",
+  ]
   assert all((tmp_path / p.rsplit("/", 1)[1]).read_bytes()[:4] == b"\x89PNG" for p in out["plots"])
 
 

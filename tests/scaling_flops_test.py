@@ -15,18 +15,22 @@ def _eval_shape_count(config):
   return variants.count_params(registry.build_model(config), x.shape, context.shape, pooled.shape)
 
 
-@pytest.mark.parametrize("config_fn", [
-    lambda: scaling.get_config("cpu"),
-    lambda: sd3.get_config("d24"),  # The paper's 2B rung (abstract shapes only: nothing is allocated).
-    lambda: sd3.get_config("sd3-medium"),  # No qk-norm.
-    lambda: sd3.get_config("sd3.5-medium"),  # Dual attention in blocks 0-12.
-], ids=["cpu_d4", "d24", "sd3-medium", "sd3.5-medium"])
+@pytest.mark.parametrize(
+    "config_fn",
+    [
+        lambda: scaling.get_config("cpu"),
+        lambda: sd3.get_config("d24"),  # The paper's 2B rung (abstract shapes only: nothing is allocated).
+        lambda: sd3.get_config("sd3-medium"),  # No qk-norm.
+        lambda: sd3.get_config("sd3.5-medium"),  # Dual attention in blocks 0-12.
+    ],
+    ids=["cpu_d4", "d24", "sd3-medium", "sd3.5-medium"],
+)
 def test_param_formula_equals_eval_shape_count(config_fn):
   config = config_fn()
   counted = flops.param_count(config)
   assert counted["total"] == _eval_shape_count(config)
   m = config.model
-  assert counted["total"] - counted["trainable"] == m.pos_embed_max_size ** 2 * m.hidden_size
+  assert counted["total"] - counted["trainable"] == m.pos_embed_max_size**2 * m.hidden_size
 
 
 def test_train_flops_match_xla_cost_analysis_of_the_gradient_step():
@@ -72,7 +76,13 @@ def test_ladder_configs_follow_the_width_rule():
   scaling.sweep(lambda **kw: pod.append(kw))
   assert [a["model.hidden_size"] for a in pod] == [64 * d for d in sd3.PAPER_DEPTHS]
   c = scaling.get_config("d24")
-  assert (c.optim.learning_rate, c.optim.warmup_steps, c.train.global_batch_size, c.flow.formulation,
-          c.model.qk_norm, c.model.patch_size) == (1e-4, 1000, 4096, "rf/lognorm(0.00,1.00)", "rms_norm", 2)
+  assert (
+      c.optim.learning_rate,
+      c.optim.warmup_steps,
+      c.train.global_batch_size,
+      c.flow.formulation,
+      c.model.qk_norm,
+      c.model.patch_size,
+  ) == (1e-4, 1000, 4096, "rf/lognorm(0.00,1.00)", "rms_norm", 2)
   with pytest.raises(ValueError, match="configs/scaling.py:tpu: valid variants are 'cpu', 'pod' and 'd2'"):
     scaling.get_config("tpu")

@@ -14,7 +14,7 @@ sys.path.insert(0, ROOT)
 from launch import sweep  # pylint: disable=g-import-not-at-top,wrong-import-position
 from rflow_jax.utils import flops  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-CONFIG = f'''
+CONFIG = f"""
 import sys
 sys.path.insert(0, {ROOT!r})
 from configs import debug
@@ -34,7 +34,7 @@ def get_config():
 def sweep(add):
   add(**{{"train.num_steps": 2}})
   add(**{{"train.num_steps": 4}})
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -45,16 +45,32 @@ def config_file(tmp_path_factory):
 
 
 def test_dry_run_lists_every_run_with_workdir_and_command(config_file, tmp_path, capsys):
-  assert sweep.main([f"--config={config_file}", f"--sweep_dir={tmp_path}", "--dry_run",
-                     "--also=optim.learning_rate=0.001,0.002", "--set=train.log_every=1"]) == 0
+  assert (
+      sweep.main(
+          [
+              f"--config={config_file}",
+              f"--sweep_dir={tmp_path}",
+              "--dry_run",
+              "--also=optim.learning_rate=0.001,0.002",
+              "--set=train.log_every=1",
+          ]
+      )
+      == 0
+  )
   lines = [l.split("\t") for l in capsys.readouterr().out.strip().splitlines()]
-  names = ["num_steps2_learning_rate0.001", "num_steps2_learning_rate0.002", "num_steps4_learning_rate0.001",
-           "num_steps4_learning_rate0.002"]
+  names = [
+      "num_steps2_learning_rate0.001",
+      "num_steps2_learning_rate0.002",
+      "num_steps4_learning_rate0.001",
+      "num_steps4_learning_rate0.002",
+  ]
   assert [l[0] for l in lines] == names
   assert all(l[1] == "new" and l[2] == os.path.join(str(tmp_path), l[0]) for l in lines)
-  assert lines[2][3].endswith(f"-m rflow_jax.main --config={config_file} --workdir={tmp_path}/{names[2]} "
-                              "--config.train.num_steps=4 --config.optim.learning_rate=0.001 "
-                              "--config.train.log_every=1")
+  assert lines[2][3].endswith(
+      f"-m rflow_jax.main --config={config_file} --workdir={tmp_path}/{names[2]} "
+      "--config.train.num_steps=4 --config.optim.learning_rate=0.001 "
+      "--config.train.log_every=1"
+  )
 
 
 def test_bad_sweep_fields_fail_before_anything_runs(config_file, tmp_path, capsys):
@@ -66,25 +82,35 @@ def test_bad_sweep_fields_fail_before_anything_runs(config_file, tmp_path, capsy
   assert "error: --branches needs optim.decay='wsd'" in capsys.readouterr().err
   with pytest.raises(SystemExit):
     sweep.main([f"--config={config_file}", f"--sweep_dir={tmp_path}", "--dry_run", "--set=train.eval_at_end=False"])
-  assert ("error: run num_steps2 evaluates val_loss but has train.eval_at_end=False: its final step would never be "
-          "evaluated; set --set=train.eval_at_end=True") in capsys.readouterr().err
+  assert (
+      "error: run num_steps2 evaluates val_loss but has train.eval_at_end=False: its final step would never be "
+      "evaluated; set --set=train.eval_at_end=True"
+  ) in capsys.readouterr().err
 
 
 def test_wsd_branches_are_planned_from_stable_checkpoints(tmp_path):
   config_file = tmp_path / "wsd_sweep.py"
-  config_file.write_text(CONFIG.replace('add(**{"train.num_steps": 2})\n  add(**{"train.num_steps": 4})',
-                                        'add(**{"train.num_steps": 16})'))
-  runs = sweep.plan(str(config_file), str(tmp_path), sets=["optim.decay=wsd", "optim.decay_fraction=0.5",
-                                                            "train.keep_checkpoints=8"], branches=[0.5])
+  config_file.write_text(
+      CONFIG.replace('add(**{"train.num_steps": 2})\n  add(**{"train.num_steps": 4})', 'add(**{"train.num_steps": 16})')
+  )
+  runs = sweep.plan(
+      str(config_file),
+      str(tmp_path),
+      sets=["optim.decay=wsd", "optim.decay_fraction=0.5", "train.keep_checkpoints=8"],
+      branches=[0.5],
+  )
   branch = [r for r in runs if r.branch_of]
   assert [(r.name, r.branch_of, r.branch_step, r.config.train.num_steps) for r in branch] == [
-      ("num_steps16_T8", "num_steps16", 4, 8)]
+      ("num_steps16_T8", "num_steps16", 4, 8)
+  ]
 
 
 @pytest.mark.slow
-def test_second_run_skips_finished_runs_and_collect_gives_one_row_per_evaluation(config_file, tmp_path, monkeypatch,
-                                                                                 capsys):
+def test_second_run_skips_finished_runs_and_collect_gives_one_row_per_evaluation(
+    config_file, tmp_path, monkeypatch, capsys
+):
   from rflow_jax.train import trainer  # pylint: disable=g-import-not-at-top
+
   runs = sweep.plan(config_file, str(tmp_path))
   for run in runs:  # What the first `python launch/sweep.py` does, in this process (one compile for both).
     trainer.train_and_evaluate(run.config, run.workdir)
@@ -92,6 +118,7 @@ def test_second_run_skips_finished_runs_and_collect_gives_one_row_per_evaluation
 
   def no_training(*args, **kwargs):
     raise AssertionError(f"a finished run was started again: {args}")
+
   monkeypatch.setattr(subprocess, "Popen", no_training)
   log = []
   sweep.run_local(runs, parallel=2, log=log.append)

@@ -24,6 +24,7 @@ MESHES = {"one": ((1, 1, 1), 1), "data2": ((2, 1, 1), 2), "data2_fsdp2": ((2, 2,
 
 def _config():
   from configs import debug  # pylint: disable=g-import-not-at-top
+
   c = debug.get_config()
   c.train.evaluators = ("val_loss",)
   c.eval.val_loss_examples = 8
@@ -36,6 +37,7 @@ def _subprocess_main(out_path):
   import jax  # pylint: disable=g-import-not-at-top
   from rflow_jax.eval import val_loss  # pylint: disable=g-import-not-at-top
   from rflow_jax.train import trainer  # pylint: disable=g-import-not-at-top
+
   assert jax.device_count() == NUM_DEVICES, jax.devices()
   results, state = {}, None
   for name, (shape, n) in MESHES.items():
@@ -47,15 +49,23 @@ def _subprocess_main(out_path):
       # Distinct raw and EMA weights: one step of noise on the raw params.
       leaves, tree = jax.tree.flatten(state.params)
       keys = jax.random.split(jax.random.key(1), len(leaves))
-      state = state.replace(params=jax.tree.unflatten(
-          tree, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]))
+      state = state.replace(
+          params=jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+      )
       state = jax.device_get(state)
     placed = jax.device_put(state, setup.state_sharding)
     results[name] = val_loss.evaluate(setup.task, placed, 0, "")
     if name == "one":
       results["one_again"] = val_loss.evaluate(setup.task, placed, 0, "")
-      fresh = val_loss.ValLoss(config, model=setup.task.model, text_stack=setup.task.text_stack, tokenizer=setup.task.tokenizer,
-                               formulation=setup.task.formulation, mesh=setup.mesh, rules=setup.rules)
+      fresh = val_loss.ValLoss(
+          config,
+          model=setup.task.model,
+          text_stack=setup.task.text_stack,
+          tokenizer=setup.task.tokenizer,
+          formulation=setup.task.formulation,
+          mesh=setup.mesh,
+          rules=setup.rules,
+      )
       results["one_fresh"] = fresh.scores(placed.params, placed.text_params)
   with open(out_path, "w") as f:
     json.dump(results, f)
@@ -64,10 +74,20 @@ def _subprocess_main(out_path):
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
   out = tmp_path_factory.mktemp("val_loss") / "report.json"
-  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={NUM_DEVICES}",
-         "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
-  proc = subprocess.run([sys.executable, os.path.abspath(__file__), str(out)], env=env, capture_output=True,
-                        text=True, timeout=600, check=False)
+  env = {
+      **os.environ,
+      "XLA_FLAGS": f"--xla_force_host_platform_device_count={NUM_DEVICES}",
+      "JAX_PLATFORMS": "cpu",
+      "PYTHONPATH": ROOT,
+  }
+  proc = subprocess.run(
+      [sys.executable, os.path.abspath(__file__), str(out)],
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+      check=False,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(out) as f:
     return json.load(f)
@@ -76,8 +96,10 @@ def report(tmp_path_factory):
 @pytest.mark.slow
 def test_val_loss_is_bitwise_reproducible_and_equal_across_meshes(report):
   one = report["one"]
-  assert set(one) == {f"t{i}" for i in range(8)} | {"mean", "mean_excl_last"} | {
-      f"ema/t{i}" for i in range(8)} | {"ema/mean", "ema/mean_excl_last"}
+  assert set(one) == {f"t{i}" for i in range(8)} | {"mean", "mean_excl_last"} | {f"ema/t{i}" for i in range(8)} | {
+      "ema/mean",
+      "ema/mean_excl_last",
+  }
   assert report["one_again"] == one  # Bitwise: the same floats.
   assert report["one_fresh"] == {k: v for k, v in one.items() if not k.startswith("ema/")}
   assert one["mean"] != one["ema/mean"]  # Raw and EMA weights differ here, and so do their scores.
@@ -91,6 +113,7 @@ def test_val_loss_is_bitwise_reproducible_and_equal_across_meshes(report):
 def test_heldout_set_is_the_records_after_the_training_range():
   from rflow_jax.data import registry, shapes  # pylint: disable=g-import-not-at-top
   from rflow_jax.eval import val_loss  # pylint: disable=g-import-not-at-top
+
   config = _config()
   tokenize = lambda text: np.arange(8) + len(text)  # pylint: disable=unnecessary-lambda-assignment
   held = val_loss.heldout_set(config.data, tokenize, 3)
@@ -108,12 +131,14 @@ def test_heldout_set_is_the_records_after_the_training_range():
 def test_wsd_schedule_and_its_decay_branches():
   from configs import base  # pylint: disable=g-import-not-at-top
   from rflow_jax.train import optimizer  # pylint: disable=g-import-not-at-top
+
   c = base.get_config().optim
   c.decay, c.decay_fraction, c.warmup_steps, c.learning_rate = "wsd", 0.2, 10, 1.0
   long, branch = optimizer.learning_rate_schedule(c, 1000), optimizer.learning_rate_schedule(c, 250)
   assert optimizer.wsd_decay_start(1000, 0.2) == 800 and optimizer.wsd_decay_start(250, 0.2) == 200
-  np.testing.assert_allclose([float(long(s)) for s in (0, 5, 10, 500, 800, 900, 1000)],
-                             [0.0, 0.5, 1.0, 1.0, 1.0, 0.5, 0.0], atol=1e-6)
+  np.testing.assert_allclose(
+      [float(long(s)) for s in (0, 5, 10, 500, 800, 900, 1000)], [0.0, 0.5, 1.0, 1.0, 1.0, 0.5, 0.0], atol=1e-6
+  )
   # The branch agrees with the long run until its decay starts (step 200), then reaches 0 at 250.
   steps = np.arange(0, 201)
   np.testing.assert_array_equal([float(branch(s)) for s in steps], [float(long(s)) for s in steps])

@@ -24,23 +24,35 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _aot(*args):
   env = {**os.environ, "PYTHONPATH": ROOT, "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
   env.pop("XLA_FLAGS", None)
-  return subprocess.run([sys.executable, os.path.join(ROOT, "launch", "aot_compile.py"), *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=600, check=False)
+  return subprocess.run(
+      [sys.executable, os.path.join(ROOT, "launch", "aot_compile.py"), *args],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+      check=False,
+  )
 
 
 @pytest.mark.slow
 def test_aot_compile_of_scanned_model_reports_memory_and_flops():
   # d3 scans blocks 0-1 as one group: the trainer's Setup, shardings and step all handle stacked block params.
   # (Bad mesh/batch values fail in config_lib.validate first: tests/sharding_mesh_test.py.)
-  proc = _aot("--config=configs/sd3.py:d3", "--mesh=data=1,fsdp=4,tensor=1", "--config.train.global_batch_size=8",
-              "--config.model.scan_blocks=True")
+  proc = _aot(
+      "--config=configs/sd3.py:d3",
+      "--mesh=data=1,fsdp=4,tensor=1",
+      "--config.train.global_batch_size=8",
+      "--config.model.scan_blocks=True",
+  )
   assert proc.returncode == 0, proc.stderr[-4000:]
   report = json.loads(proc.stdout.strip().splitlines()[-1])
   config = sd3.get_config("d3")
   s = config.data.image_size
   model = mmdit.MMDiT(**{**registry.model_kwargs(config), "scan_blocks": True})
-  assert report["params"] == variants.count_params(model, (1, s, s, 16), (1, 154, config.text.width),
-                                                   (1, config.text.width))
+  assert report["params"] == variants.count_params(
+      model, (1, s, s, 16), (1, 154, config.text.width), (1, config.text.width)
+  )
   assert report["params_sd3_text_dims"] == report["params"] + (4096 + 2048 - 2 * config.text.width) * 192
   assert report["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1} and report["devices"] == 4
   assert report["global_batch"] == 8
@@ -85,13 +97,31 @@ def test_sweep_covers_the_paper_depths():
 
 def test_forward_flops_formula_matches_xla_cost_analysis():
   h, depth, t, l = 256, 2, 64, 32
-  model = mmdit.MMDiT(patch_size=2, in_channels=4, hidden_size=h, depth=depth, num_heads=4, context_dim=32,
-                      pooled_dim=48, pos_embed_max_size=8, qk_norm="rms_norm")
+  model = mmdit.MMDiT(
+      patch_size=2,
+      in_channels=4,
+      hidden_size=h,
+      depth=depth,
+      num_heads=4,
+      context_dim=32,
+      pooled_dim=48,
+      pos_embed_max_size=8,
+      qk_norm="rms_norm",
+  )
   args = (jnp.zeros((1, 16, 16, 4)), jnp.zeros((1,)), jnp.zeros((1, l, 32)), jnp.zeros((1, 48)))
   params = jax.eval_shape(model.init, jax.random.key(0), *args)
   xla = jax.jit(model.apply).lower(params, *args).compile().cost_analysis()["flops"]
-  ours = flops.forward_flops_per_example(hidden_size=h, depth=depth, mlp_ratio=4.0, image_tokens=t, context_tokens=l,
-                                         patch_features_in=16, patch_features_out=16, context_dim=32, pooled_dim=48)
+  ours = flops.forward_flops_per_example(
+      hidden_size=h,
+      depth=depth,
+      mlp_ratio=4.0,
+      image_tokens=t,
+      context_tokens=l,
+      patch_features_in=16,
+      patch_features_out=16,
+      context_dim=32,
+      pooled_dim=48,
+  )
   assert ours["total"] == ours["matmul"] + ours["attention"]
   # XLA also counts elementwise work (norms, GELU, softmax): a few percent more than the matmuls alone.
   assert 1.0 < xla / ours["total"] < 1.05, (xla, ours)

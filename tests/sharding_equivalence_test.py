@@ -26,6 +26,7 @@ RTOL, ATOL = 1e-5, 1e-6
 
 def _config(rules="fsdp", mesh_shape=(1, 1, 1)):
   from configs import debug  # pylint: disable=g-import-not-at-top
+
   c = debug.get_config()
   c.train.global_batch_size = 8  # Divisible by every mesh's batch axes (data × fsdp = 8 or 4).
   c.sharding.rules = rules
@@ -36,8 +37,13 @@ def _config(rules="fsdp", mesh_shape=(1, 1, 1)):
 def _batches(config, n):
   rng = np.random.default_rng(0)
   b, s, length = config.train.global_batch_size, config.data.image_size, config.text.max_length
-  return [{"image": rng.uniform(-1, 1, (b, s, s, config.model.in_channels)).astype(np.float32),
-           "tokens": rng.integers(1, 20, (b, length)).astype(np.int32)} for _ in range(n)]
+  return [
+      {
+          "image": rng.uniform(-1, 1, (b, s, s, config.model.in_channels)).astype(np.float32),
+          "tokens": rng.integers(1, 20, (b, length)).astype(np.int32),
+      }
+      for _ in range(n)
+  ]
 
 
 def _path(path):
@@ -66,6 +72,7 @@ def _worker(out_path):
   """Runs in the 8-device subprocess; writes losses, final states and sharding facts to OUT.json / .npz."""
   from rflow_jax.sharding import partition  # pylint: disable=g-import-not-at-top
   from rflow_jax.train import trainer  # pylint: disable=g-import-not-at-top
+
   assert jax.device_count() == NUM_DEVICES, jax.devices()
   ref = trainer.Setup(_config(), devices=jax.devices()[:1])
   init = jax.device_get(ref.init_state())
@@ -79,23 +86,31 @@ def _worker(out_path):
       old = state
       state, metrics = setup.step(state, setup.global_batch(batch))
       losses.append(float(metrics["loss"]))
-    entry = {"losses": losses, "devices": setup.mesh.size,
-             # Donation: the input state's buffers were handed to the output.
-             "donated": all(x.is_deleted() for x in jax.tree.leaves(old.params)),
-             "compiles": setup.train_step._cache_size(),  # pylint: disable=protected-access
-             "out_sharded_as_declared": all(
-                 x.sharding.is_equivalent_to(s, x.ndim)
-                 for x, s in zip(jax.tree.leaves(state), jax.tree.leaves(setup.state_sharding)))}
+    entry = {
+        "losses": losses,
+        "devices": setup.mesh.size,
+        # Donation: the input state's buffers were handed to the output.
+        "donated": all(x.is_deleted() for x in jax.tree.leaves(old.params)),
+        "compiles": setup.train_step._cache_size(),  # pylint: disable=protected-access
+        "out_sharded_as_declared": all(
+            x.sharding.is_equivalent_to(s, x.ndim)
+            for x, s in zip(jax.tree.leaves(state), jax.tree.leaves(setup.state_sharding))
+        ),
+    }
     if name == "fsdp":
       trained = (state.params, state.opt_state, state.ema_params)
       per_device = partition.bytes_per_device(trained)
-      entry.update(total_bytes=partition.total_bytes(trained), per_device_bytes=sorted(per_device.values()),
-                   predicted_per_device_bytes=partition.shard_bytes(
-                       (setup.abstract_state.params, setup.abstract_state.opt_state,
-                        setup.abstract_state.ema_params)),
-                   opt_leaves_checked=_opt_leaves_match_params(state))
-      abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=setup.batch_sharding)
-                        for k, v in batches[0].items()}
+      entry.update(
+          total_bytes=partition.total_bytes(trained),
+          per_device_bytes=sorted(per_device.values()),
+          predicted_per_device_bytes=partition.shard_bytes(
+              (setup.abstract_state.params, setup.abstract_state.opt_state, setup.abstract_state.ema_params)
+          ),
+          opt_leaves_checked=_opt_leaves_match_params(state),
+      )
+      abstract_batch = {
+          k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=setup.batch_sharding) for k, v in batches[0].items()
+      }
       with setup.step_context():  # As Setup.step traces it.
         lowered = setup.train_step.lower(setup.abstract_state, abstract_batch).as_text()
       entry["activation_constraints"] = lowered.count("@Sharding") + lowered.count("sdy.sharding_constraint")
@@ -110,7 +125,8 @@ def _worker(out_path):
     report[name]["num_leaves"] = len(diffs)
     report[name]["max_abs_param_diff"] = max(
         float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
-        for a, b in zip(jax.tree.leaves(finals["one_device"][0]), jax.tree.leaves(finals[name][0])))
+        for a, b in zip(jax.tree.leaves(finals["one_device"][0]), jax.tree.leaves(finals[name][0]))
+    )
   with open(out_path, "w") as f:
     json.dump(report, f, indent=1)
 
@@ -118,12 +134,22 @@ def _worker(out_path):
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
   out = tmp_path_factory.mktemp("equivalence") / "report.json"
-  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={NUM_DEVICES}",
-         "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT,
-         # Numerics need no XLA optimisation passes, and compiling 4 train steps without them is ~2x faster.
-         "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
-  proc = subprocess.run([sys.executable, os.path.abspath(__file__), str(out)], env=env, capture_output=True,
-                        text=True, timeout=600, check=False)
+  env = {
+      **os.environ,
+      "XLA_FLAGS": f"--xla_force_host_platform_device_count={NUM_DEVICES}",
+      "JAX_PLATFORMS": "cpu",
+      "PYTHONPATH": ROOT,
+      # Numerics need no XLA optimisation passes, and compiling 4 train steps without them is ~2x faster.
+      "JAX_DISABLE_MOST_OPTIMIZATIONS": "1",
+  }
+  proc = subprocess.run(
+      [sys.executable, os.path.abspath(__file__), str(out)],
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+      check=False,
+  )
   assert proc.returncode == 0, proc.stderr[-5000:]
   with open(out) as f:
     return json.load(f)

@@ -33,20 +33,29 @@ def _ids(mesh):
   return np.vectorize(lambda d: d.id)(mesh.devices)
 
 
-@pytest.mark.parametrize("shape, n, want", [
-    ((-1, 1, 1), 8, (8, 1, 1)), ((1, -1, 1), 8, (1, 8, 1)), ((2, -1, 2), 8, (2, 2, 2)), ((2, 4, 1), 8, (2, 4, 1)),
-])
+@pytest.mark.parametrize(
+    "shape, n, want",
+    [
+        ((-1, 1, 1), 8, (8, 1, 1)),
+        ((1, -1, 1), 8, (1, 8, 1)),
+        ((2, -1, 2), 8, (2, 2, 2)),
+        ((2, 4, 1), 8, (2, 4, 1)),
+    ],
+)
 def test_resolve_fills_minus_one(shape, n, want):
   assert mesh_lib.resolve_mesh_shape(shape, n) == want
 
 
-@pytest.mark.parametrize("shape, n, message", [
-    ((2, 2, 1), 8, r"sharding.mesh_shape=\(2, 2, 1\) multiplies to 4, but there are 8 devices"),
-    ((3, -1, 1), 8, r"sharding.mesh_shape=\(3, -1, 1\) cannot fill 8 devices \(3 does not divide it\)"),
-    ((-1, -1, 1), 8, "at most one -1"),
-    ((0, 8, 1), 8, "sizes must be positive"),
-    ((8, 1), 8, r"must have 3 sizes for axes \('data', 'fsdp', 'tensor'\)"),
-])
+@pytest.mark.parametrize(
+    "shape, n, message",
+    [
+        ((2, 2, 1), 8, r"sharding.mesh_shape=\(2, 2, 1\) multiplies to 4, but there are 8 devices"),
+        ((3, -1, 1), 8, r"sharding.mesh_shape=\(3, -1, 1\) cannot fill 8 devices \(3 does not divide it\)"),
+        ((-1, -1, 1), 8, "at most one -1"),
+        ((0, 8, 1), 8, "sizes must be positive"),
+        ((8, 1), 8, r"must have 3 sizes for axes \('data', 'fsdp', 'tensor'\)"),
+    ],
+)
 def test_resolve_rejects_bad_sizes(shape, n, message):
   with pytest.raises(ValueError, match=message):
     mesh_lib.resolve_mesh_shape(shape, n)
@@ -73,8 +82,10 @@ def test_slices_are_tpu_slices_when_devices_have_a_slice_index():
 
 
 def test_dcn_shape_must_match_the_number_of_slices():
-  with pytest.raises(ValueError, match=r"sharding.dcn_mesh_shape=\(3, 1, 1\) multiplies to 3, but there are 2 "
-                                       r"slices \(by process_index\)"):
+  with pytest.raises(
+      ValueError,
+      match=r"sharding.dcn_mesh_shape=\(3, 1, 1\) multiplies to 3, but there are 2 " r"slices \(by process_index\)",
+  ):
     mesh_lib.make_mesh((-1, 1, 1), (3, 1, 1), _devices(8, 4))
   with pytest.raises(ValueError, match=r"sharding.mesh_shape=\(8, 1, 1\) multiplies to 8, but there are 4"):
     mesh_lib.make_mesh((8, 1, 1), (2, 1, 1), _devices(8, 4))
@@ -99,12 +110,15 @@ def test_rule_overrides_replace_the_preset_entry_in_place():
   assert [k for k, _ in rules_lib.get_rules("fsdp")] == list(rules)  # Order (Flax's priority) unchanged.
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ((("mlp", "model"),), r"names mesh axis 'model', which is not one of \('data', 'fsdp', 'tensor'\)"),
-    ((("hidden", "fsdp"),), "names an unknown logical axis"),
-    ((("batch", ("data", "data")),), "uses a mesh axis twice"),
-    ((("mlp",),), "must be a \\(logical, mesh axes\\) pair"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ((("mlp", "model"),), r"names mesh axis 'model', which is not one of \('data', 'fsdp', 'tensor'\)"),
+        ((("hidden", "fsdp"),), "names an unknown logical axis"),
+        ((("batch", ("data", "data")),), "uses a mesh axis twice"),
+        ((("mlp",),), "must be a \\(logical, mesh axes\\) pair"),
+    ],
+)
 def test_bad_rules_are_rejected(overrides, message):
   with pytest.raises(ValueError, match=message):
     rules_lib.get_rules("fsdp", overrides)
@@ -125,11 +139,17 @@ def test_batch_must_split_over_data_times_fsdp():
 
 def test_indivisible_param_sharding_names_the_param():
   mesh = AbstractMesh((1, 8, 1), rules_lib.MESH_AXES)
-  tree = {"blocks_0": {"kernel": jax.ShapeDtypeStruct((36, 144), jnp.float32,
-                                                     sharding=NamedSharding(mesh, P("fsdp", None)))},
-          "ok": jax.ShapeDtypeStruct((32,), jnp.float32, sharding=NamedSharding(mesh, P("fsdp")))}
-  with pytest.raises(ValueError, match=r"blocks_0/kernel has shape \(36, 144\); dimension 0 \(36\) cannot be split "
-                                       r"8 ways over mesh axes \('fsdp',\)"):
+  tree = {
+      "blocks_0": {
+          "kernel": jax.ShapeDtypeStruct((36, 144), jnp.float32, sharding=NamedSharding(mesh, P("fsdp", None)))
+      },
+      "ok": jax.ShapeDtypeStruct((32,), jnp.float32, sharding=NamedSharding(mesh, P("fsdp"))),
+  }
+  with pytest.raises(
+      ValueError,
+      match=r"blocks_0/kernel has shape \(36, 144\); dimension 0 \(36\) cannot be split "
+      r"8 ways over mesh axes \('fsdp',\)",
+  ):
     partition.check_divisible(tree)
   partition.check_divisible({"ok": tree["ok"]})
   assert partition.shard_bytes({"ok": tree["ok"]}) == 4 * 4
@@ -137,6 +157,7 @@ def test_indivisible_param_sharding_names_the_param():
 
 def test_validate_reports_sharding_errors_as_config_errors():
   from configs import debug  # pylint: disable=g-import-not-at-top
+
   config = debug.get_config()
   config.sharding.mesh_shape = (2, 1, 1)  # This process has one device.
   with pytest.raises(config_lib.ConfigError, match=r"multiplies to 2, but there are 1 devices"):

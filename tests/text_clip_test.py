@@ -24,15 +24,24 @@ def save_clip(path, name):
   if name == "plain":  # quick_gelu, legacy eos_token_id == 2 (argmax pooling).
     return _save(path, name, transformers.CLIPTextModel, hidden_act="quick_gelu", eos_token_id=2)
   # Exact gelu, text projection, pooling at the first eos_token_id.
-  return _save(path, name, transformers.CLIPTextModelWithProjection, hidden_act="gelu", eos_token_id=VOCAB - 1,
-               projection_dim=24)
+  return _save(
+      path, name, transformers.CLIPTextModelWithProjection, hidden_act="gelu", eos_token_id=VOCAB - 1, projection_dim=24
+  )
 
 
 def _save(path, name, cls, **kw):
   torch.manual_seed(0)
-  cfg = transformers.CLIPTextConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-                                    num_attention_heads=4, max_position_embeddings=LENGTH, bos_token_id=VOCAB - 2,
-                                    pad_token_id=0, **kw)
+  cfg = transformers.CLIPTextConfig(
+      vocab_size=VOCAB,
+      hidden_size=32,
+      intermediate_size=48,
+      num_hidden_layers=3,
+      num_attention_heads=4,
+      max_position_embeddings=LENGTH,
+      bos_token_id=VOCAB - 2,
+      pad_token_id=0,
+      **kw,
+  )
   model = cls(cfg).eval()
   # Sharded save for one of them: the loader must follow model.safetensors.index.json.
   model.save_pretrained(path, max_shard_size="20KB" if name == "plain" else "1GB")
@@ -61,8 +70,10 @@ def parity(torch_model, path) -> float:
   assert len(out["hidden_states"]) == len(ref.hidden_states) == 4
   pooled_ref = ref.text_embeds if hasattr(ref, "text_embeds") else ref.pooler_output
   assert out["pooled"].shape == tuple(pooled_ref.shape)
-  pairs = list(zip(out["hidden_states"], ref.hidden_states)) + [(out["last_hidden_state"], ref.last_hidden_state),
-                                                               (out["pooled"], pooled_ref)]
+  pairs = list(zip(out["hidden_states"], ref.hidden_states)) + [
+      (out["last_hidden_state"], ref.last_hidden_state),
+      (out["pooled"], pooled_ref),
+  ]
   return max(_relerr(a, b) for a, b in pairs)
 
 
@@ -96,16 +107,20 @@ def test_scan_layers(projected):
 def test_bad_weights(projected, tmp_path):
   _, path = projected
   import safetensors.numpy  # pylint: disable=g-import-not-at-top
+
   tensors = safetensors.numpy.load_file(str(path / "model.safetensors"))
   (tmp_path / "config.json").write_text((path / "config.json").read_text())
   key = "text_model.encoder.layers.1.mlp.fc1.weight"
   safetensors.numpy.save_file({k: v for k, v in tensors.items() if k != key}, str(tmp_path / "model.safetensors"))
-  with pytest.raises(text_export.WeightsError, match=rf"model.safetensors: tensor {key} is missing \(expected "
-                     r"shape \(48, 32\)\)$"):
+  with pytest.raises(
+      text_export.WeightsError, match=rf"model.safetensors: tensor {key} is missing \(expected " r"shape \(48, 32\)\)$"
+  ):
     load_clip(tmp_path)
   safetensors.numpy.save_file({**tensors, key: tensors[key][:, :16]}, str(tmp_path / "model.safetensors"))
-  with pytest.raises(text_export.WeightsError, match=rf"model.safetensors: tensor {key} has shape \(48, 16\), "
-                     r"expected \(48, 32\) from .*config.json$"):
+  with pytest.raises(
+      text_export.WeightsError,
+      match=rf"model.safetensors: tensor {key} has shape \(48, 16\), " r"expected \(48, 32\) from .*config.json$",
+  ):
     load_clip(tmp_path)
   (tmp_path / "model.safetensors").unlink()
   (tmp_path / "pytorch_model.bin").write_bytes(b"")
@@ -113,6 +128,9 @@ def test_bad_weights(projected, tmp_path):
     load_clip(tmp_path)
   cfg = json.loads((path / "config.json").read_text())
   (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "t5", "architectures": ["T5EncoderModel"]}))
-  with pytest.raises(text_export.WeightsError, match=r"config.json describes T5EncoderModel \(model_type 't5'\), "
-                     r"not one of \['CLIPTextModel', 'CLIPTextModelWithProjection'\]"):
+  with pytest.raises(
+      text_export.WeightsError,
+      match=r"config.json describes T5EncoderModel \(model_type 't5'\), "
+      r"not one of \['CLIPTextModel', 'CLIPTextModelWithProjection'\]",
+  ):
     load_clip(tmp_path)

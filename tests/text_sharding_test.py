@@ -29,10 +29,15 @@ print(json.dumps(out))
 
 @pytest.mark.slow
 def test_t5_xxl_params_shard_over_8_devices():
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
-         "PYTHONPATH": ROOT}
-  proc = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=600,
-                        check=False)
+  env = {
+      **os.environ,
+      "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+      "JAX_PLATFORMS": "cpu",
+      "PYTHONPATH": ROOT,
+  }
+  proc = subprocess.run(
+      [sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=600, check=False
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   for name, (total, per_device) in result.items():

@@ -23,8 +23,16 @@ def _relerr(ours, theirs):
 def save_t5(path, feed_forward_proj):
   """Saves a tiny random T5EncoderModel ("gated-gelu" as T5 v1.1, or "relu"); returns it."""
   torch.manual_seed(0)
-  cfg = transformers.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=40, num_layers=2, num_heads=3,
-                              feed_forward_proj=feed_forward_proj, relative_attention_max_distance=20)
+  cfg = transformers.T5Config(
+      vocab_size=VOCAB,
+      d_model=32,
+      d_kv=8,
+      d_ff=40,
+      num_layers=2,
+      num_heads=3,
+      feed_forward_proj=feed_forward_proj,
+      relative_attention_max_distance=20,
+  )
   model = transformers.T5EncoderModel(cfg).eval()
   model.save_pretrained(path)
   return model
@@ -48,10 +56,14 @@ def parity(torch_model, path) -> float:
   # SD3 runs T5 without a mask; other users pass one (checked once, with the gated model).
   for attention_mask in (None, mask) if torch_model.config.is_gated_act else (None,):
     with torch.no_grad():
-      ref = torch_model(torch.from_numpy(ids), attention_mask=None if attention_mask is None else
-                        torch.from_numpy(attention_mask), output_hidden_states=True)
-    out = apply({"params": params}, jnp.asarray(ids, jnp.int32),
-                None if attention_mask is None else jnp.asarray(attention_mask))
+      ref = torch_model(
+          torch.from_numpy(ids),
+          attention_mask=None if attention_mask is None else torch.from_numpy(attention_mask),
+          output_hidden_states=True,
+      )
+    out = apply(
+        {"params": params}, jnp.asarray(ids, jnp.int32), None if attention_mask is None else jnp.asarray(attention_mask)
+    )
     assert len(out["hidden_states"]) == len(ref.hidden_states) == 3
     errors += [_relerr(a, b) for a, b in zip(out["hidden_states"], ref.hidden_states)]
     errors.append(_relerr(out["last_hidden_state"], ref.last_hidden_state))
@@ -74,10 +86,12 @@ def test_matches_transformers(saved):
 
 def test_relative_buckets_match_transformers():
   from transformers.models.t5 import modeling_t5  # pylint: disable=g-import-not-at-top
+
   for length, buckets, distance in ((300, 32, 128), (64, 16, 20)):
     pos = torch.arange(length)
     ref = modeling_t5.T5Attention._relative_position_bucket(  # pylint: disable=protected-access
-        pos[None, :] - pos[:, None], bidirectional=True, num_buckets=buckets, max_distance=distance)
+        pos[None, :] - pos[:, None], bidirectional=True, num_buckets=buckets, max_distance=distance
+    )
     np.testing.assert_array_equal(t5.relative_buckets(length, buckets, distance), ref.numpy())
 
 
@@ -85,6 +99,9 @@ def test_wrong_architecture(saved, tmp_path):
   _, path = saved
   cfg = json.loads((path / "config.json").read_text())
   (tmp_path / "config.json").write_text(json.dumps({**cfg, "architectures": ["T5ForConditionalGeneration"]}))
-  with pytest.raises(text_export.WeightsError, match=r"config.json describes T5ForConditionalGeneration \(model_type "
-                     r"'t5'\), not one of \['T5EncoderModel'\]"):
+  with pytest.raises(
+      text_export.WeightsError,
+      match=r"config.json describes T5ForConditionalGeneration \(model_type "
+      r"'t5'\), not one of \['T5EncoderModel'\]",
+  ):
     load_t5(tmp_path)

@@ -26,8 +26,10 @@ def _config(microbatches, global_batch_size=8):
 def _batch(config, seed=0):
   rng = np.random.default_rng(seed)
   g, s = config.train.global_batch_size, config.data.image_size
-  return {"image": rng.uniform(-1, 1, (g, s, s, config.model.in_channels)).astype(np.float32),
-          "tokens": rng.integers(1, 20, (g, config.text.max_length)).astype(np.int32)}
+  return {
+      "image": rng.uniform(-1, 1, (g, s, s, config.model.in_channels)).astype(np.float32),
+      "tokens": rng.integers(1, 20, (g, config.text.max_length)).astype(np.int32),
+  }
 
 
 def _one_step(microbatches):
@@ -46,16 +48,20 @@ def test_accumulated_step_equals_the_single_big_step():
   for k in big_metrics:  # loss, grad/update/param norms and the per-t-bin losses loss_t0..3.
     np.testing.assert_allclose(metrics[k], big_metrics[k], rtol=RTOL, atol=ATOL, err_msg=k)
   assert metrics["loss_t0"] != 0 or metrics["loss_t3"] != 0  # The bins are populated.
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL),
-               (state.params, state.opt_state, state.ema_params), (big_state.params, big_state.opt_state,
-                                                                    big_state.ema_params))
+  jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL),
+      (state.params, state.opt_state, state.ema_params),
+      (big_state.params, big_state.opt_state, big_state.ema_params),
+  )
   assert int(state.step) == 1
 
 
 def test_microbatches_must_divide_the_data_shard():
   c = _config(3)
-  with pytest.raises(config_lib.ConfigError, match=r"^train.microbatches=3 does not divide the 8 examples per "
-                     r"process \(train.global_batch_size=8\)$"):
+  with pytest.raises(
+      config_lib.ConfigError,
+      match=r"^train.microbatches=3 does not divide the 8 examples per " r"process \(train.global_batch_size=8\)$",
+  ):
     config_lib.validate(c)
 
 

@@ -24,9 +24,21 @@ runpy.run_module("rflow_jax.main", run_name="__main__", alter_sys=True)
 
 def test_trains_checkpoints_and_logs_without_tensorflow(tmp_path):
   workdir = tmp_path / "w"
-  proc = subprocess.run([sys.executable, "-c", _WITHOUT_TF, "--config=configs/debug.py", f"--workdir={workdir}",
-                         "--config.train.num_steps=2", "--config.train.log_every=1"],
-                        cwd=cli_util.ROOT, capture_output=True, text=True, timeout=600)
+  proc = subprocess.run(
+      [
+          sys.executable,
+          "-c",
+          _WITHOUT_TF,
+          "--config=configs/debug.py",
+          f"--workdir={workdir}",
+          "--config.train.num_steps=2",
+          "--config.train.log_every=1",
+      ],
+      cwd=cli_util.ROOT,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "TensorFlow is not installed" in proc.stderr
   assert not glob.glob(str(workdir / "events.out.tfevents*"))  # The one thing that needs TensorFlow.

@@ -26,7 +26,7 @@ def _tree_equal(a, b) -> bool:
 
 
 def _batch(task, seed=0):
-  images = vae_recon.heldout_set(2, seed, task.config.data.image_size)[0][:task.config.train.global_batch_size]
+  images = vae_recon.heldout_set(2, seed, task.config.data.image_size)[0][: task.config.train.global_batch_size]
   return {"image": jnp.asarray(images)}
 
 
@@ -73,8 +73,9 @@ def _tiny_perceptual(config):
   kernel = jax.random.normal(jax.random.key(3), (3, 3, 3, 4)) * 0.3
 
   def features(x):
-    return jax.nn.relu(jax.lax.conv_general_dilated(x, kernel, (2, 2), "SAME",
-                                                    dimension_numbers=("NHWC", "HWIO", "NHWC")))
+    return jax.nn.relu(
+        jax.lax.conv_general_dilated(x, kernel, (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    )
 
   del config
   return lambda x, y: jnp.mean((features(x) - features(y)) ** 2, axis=(1, 2, 3))
@@ -83,9 +84,19 @@ def _tiny_perceptual(config):
 @pytest.mark.slow
 def test_gan_perceptual_and_decoder_only():
   vae_task.register_perceptual("tiny_test_net", _tiny_perceptual)
-  task = vae_task.VAETask(_config(**{"vae.disc_weight": 0.5, "vae.disc_start": 1, "vae.disc_channels": 8,
-                                     "vae.disc_layers": 2, "vae.perceptual": "tiny_test_net",
-                                     "vae.perceptual_weight": 1.0, "vae.decoder_only": True}))
+  task = vae_task.VAETask(
+      _config(
+          **{
+              "vae.disc_weight": 0.5,
+              "vae.disc_start": 1,
+              "vae.disc_channels": 8,
+              "vae.disc_layers": 2,
+              "vae.perceptual": "tiny_test_net",
+              "vae.perceptual_weight": 1.0,
+              "vae.decoder_only": True,
+          }
+      )
+  )
   step = jax.jit(task.train_step)
   state0 = nn.meta.unbox(jax.jit(task.init)(jax.random.key(0)))
   batch = _batch(task)
@@ -101,12 +112,17 @@ def test_gan_perceptual_and_decoder_only():
   assert not _tree_equal(state2.params["decoder"], state0.params["decoder"])
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"data.image_size": 40, "vae.block_out_channels": (8, 8, 8, 8, 8)},
-     "vae: image size 40x40 is not divisible by the VAE's downsampling factor 16"),
-    ({"model.in_channels": 16}, "vae: model.in_channels=16 does not match the VAE's latent_channels=4"),
-    ({"vae.perceptual_weight": 1.0, "vae.perceptual": "lpips"}, "vae.perceptual='lpips' is not a registered"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            {"data.image_size": 40, "vae.block_out_channels": (8, 8, 8, 8, 8)},
+            "vae: image size 40x40 is not divisible by the VAE's downsampling factor 16",
+        ),
+        ({"model.in_channels": 16}, "vae: model.in_channels=16 does not match the VAE's latent_channels=4"),
+        ({"vae.perceptual_weight": 1.0, "vae.perceptual": "lpips"}, "vae.perceptual='lpips' is not a registered"),
+    ],
+)
 def test_bad_config_is_one_line(overrides, message):
   with pytest.raises(config_lib.ConfigError, match="^" + message.replace("(", r"\(").replace(")", r"\)")):
     vae_task.VAETask(_config(**overrides))

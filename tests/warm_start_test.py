@@ -66,9 +66,10 @@ def test_depth_growing_warm_start_computes_the_source_function(source_run, tmp_p
   source_params, source_text, _ = checkpoint.restore_params(source_run, use_ema=False)
   assert mmdit_tree.grown_block_positions(2, 4) == [0, 3]
   source_of = {"blocks_0": "blocks_0", "blocks_3": "blocks_1"}
-  chex.assert_trees_all_equal({k: v for k, v in params.items() if k not in ("blocks_1", "blocks_2")},
-                              {k: source_params[source_of.get(k, k)] for k in params
-                               if k not in ("blocks_1", "blocks_2")})
+  chex.assert_trees_all_equal(
+      {k: v for k, v in params.items() if k not in ("blocks_1", "blocks_2")},
+      {k: source_params[source_of.get(k, k)] for k in params if k not in ("blocks_1", "blocks_2")},
+  )
   chex.assert_trees_all_equal(text_params, source_text)
   for new in ("blocks_1", "blocks_2"):  # Fresh adaLN-zero blocks: every modulation (shift, scale, gate) is 0.
     modulation = [v for path, v in jax.tree_util.tree_leaves_with_path(params[new]) if "modulation" in str(path)]

@@ -43,12 +43,14 @@ class ArrayRecordImageSource(grain.sources.RandomAccessDataSource):
     shard_paths = records.verify_shards(path, manifest)
     total = sum(s["num_records"] for s in manifest["shards"])
     if total != manifest["num_records"] or total == 0:
-      raise records.ManifestError(f"{path}/{records.MANIFEST} says num_records={manifest['num_records']} but its "
-                                  f"shards hold {total}")
+      raise records.ManifestError(
+          f"{path}/{records.MANIFEST} says num_records={manifest['num_records']} but its " f"shards hold {total}"
+      )
     self._path, self._size, self._num_records = path, int(image_size), total
     # Shards without records add nothing to the index space; the reader is given only the others.
     self._records = grain.sources.ArrayRecordDataSource(
-        [p for p, s in zip(shard_paths, manifest["shards"]) if s["num_records"]])
+        [p for p, s in zip(shard_paths, manifest["shards"]) if s["num_records"]]
+    )
 
   def __len__(self) -> int:
     return self._num_records

@@ -41,6 +41,7 @@ MAX_SIZE_COUNTS = 32  # Most common (width, height) pairs listed in the manifest
 @dataclasses.dataclass(frozen=True)
 class Options:
   """What to convert and how (the command's flags)."""
+
   format: str
   input: str
   out: str
@@ -73,9 +74,14 @@ class Options:
 
   def record_options(self) -> dict:
     """The options that change a shard's content (part of every shard's fingerprint)."""
-    return {"format_version": records.FORMAT_VERSION, "min_size": self.min_size,
-            "caption_field": self.caption_field, "caption_template": self.caption_template,
-            "image_field": self.image_field, "tfds_split": self.tfds_split}
+    return {
+        "format_version": records.FORMAT_VERSION,
+        "min_size": self.min_size,
+        "caption_field": self.caption_field,
+        "caption_template": self.caption_template,
+        "image_field": self.image_field,
+        "tfds_split": self.tfds_split,
+    }
 
 
 def shard_name(index: int, count: int) -> str:
@@ -89,6 +95,7 @@ def write_shard(job: dict, path: str, options: Options) -> dict | records.BadRec
   nothing is left behind, neither at `path` nor under the temporary name.
   """
   from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=g-import-not-at-top
+
   directory, name = os.path.split(path)
   tmp = os.path.join(directory, f".{name}.tmp-{os.getpid()}")
   writer = ArrayRecordWriter(tmp, "group_size:1")
@@ -106,8 +113,15 @@ def write_shard(job: dict, path: str, options: Options) -> dict | records.BadRec
           return example
         bad.append({"key": example.key, "reason": example.reason})
         continue
-      record = {"image": data, "image_format": image_format, "width": width, "height": height, "caption": caption,
-                "key": key, "source_mode": mode}
+      record = {
+          "image": data,
+          "image_format": image_format,
+          "width": width,
+          "height": height,
+          "caption": caption,
+          "key": key,
+          "source_mode": mode,
+      }
       if label is not None:
         record["label"] = label
       writer.write(records.encode_record(record))
@@ -121,8 +135,14 @@ def write_shard(job: dict, path: str, options: Options) -> dict | records.BadRec
     if open_:  # Abandoned (bad input or an exception): no trace of a shard.
       writer.close()
       os.remove(tmp)
-  note = {"fingerprint": job["fingerprint"], "options": options.record_options(), "sha256": sha256,
-          "num_records": count, "bad_records": bad, "sizes": dict(sorted(sizes.items()))}
+  note = {
+      "fingerprint": job["fingerprint"],
+      "options": options.record_options(),
+      "sha256": sha256,
+      "num_records": count,
+      "bad_records": bad,
+      "sizes": dict(sorted(sizes.items())),
+  }
   records.write_json_atomic(path + ".json", note)
   return note
 
@@ -175,7 +195,7 @@ def _pending_with_examples(pending, jobs, options):
     return
   paths = {index: path for index, _, path in pending}
   last = max(paths, default=-1)  # Reads the split up to the last shard still to write, no further.
-  for index, (job, examples) in enumerate(ingest.iter_tfds_jobs(jobs[:last + 1], options)):
+  for index, (job, examples) in enumerate(ingest.iter_tfds_jobs(jobs[: last + 1], options)):
     if index in paths:
       yield index, dict(job, examples=examples), paths[index]
 
@@ -188,9 +208,14 @@ def _size_summary(notes) -> dict:
     return {}
   sizes = [tuple(map(int, s.split("x"))) for s in counts]
   common = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:MAX_SIZE_COUNTS]
-  return {"min_width": min(w for w, _ in sizes), "max_width": max(w for w, _ in sizes),
-          "min_height": min(h for _, h in sizes), "max_height": max(h for _, h in sizes),
-          "distinct": len(counts), "most_common": dict(common)}
+  return {
+      "min_width": min(w for w, _ in sizes),
+      "max_width": max(w for w, _ in sizes),
+      "min_height": min(h for _, h in sizes),
+      "max_height": max(h for _, h in sizes),
+      "distinct": len(counts),
+      "most_common": dict(common),
+  }
 
 
 def convert(options: Options) -> dict:
@@ -223,23 +248,46 @@ def convert(options: Options) -> dict:
   for i, path in enumerate(paths):
     note = notes[i]
     bad.extend(note["bad_records"])
-    shards.append({"file": os.path.basename(path), "num_records": note["num_records"], "first_index": first,
-                   "num_bad_records": len(note["bad_records"]), "sha256": note["sha256"]})
+    shards.append(
+        {
+            "file": os.path.basename(path),
+            "num_records": note["num_records"],
+            "first_index": first,
+            "num_bad_records": len(note["bad_records"]),
+            "sha256": note["sha256"],
+        }
+    )
     first += note["num_records"]
-  records.write_text_atomic(os.path.join(out, records.BAD_RECORDS),
-                            "".join(json.dumps(b, sort_keys=True) + "\n" for b in bad))
+  records.write_text_atomic(
+      os.path.join(out, records.BAD_RECORDS), "".join(json.dumps(b, sort_keys=True) + "\n" for b in bad)
+  )
   if first == 0:  # No manifest: there is nothing to train on.
-    raise ValueError(f"--input={options.input!r} gave no usable records ({len(bad)} bad inputs: see "
-                     f"{os.path.join(out, records.BAD_RECORDS)})" if bad else
-                     f"--input={options.input!r} holds no {options.format} examples (empty source)")
+    raise ValueError(
+        f"--input={options.input!r} gave no usable records ({len(bad)} bad inputs: see "
+        f"{os.path.join(out, records.BAD_RECORDS)})"
+        if bad
+        else f"--input={options.input!r} holds no {options.format} examples (empty source)"
+    )
   # A TFDS name stays a name; paths are made absolute.
-  source_input = options.input if options.format == "tfds" and not os.path.isdir(options.input) else \
-      os.path.abspath(options.input)
-  source = {"format": options.format, "input": source_input,
-            "records_per_shard": options.records_per_shard, **options.record_options()}
-  manifest = {"format": records.FORMAT, "format_version": records.FORMAT_VERSION, "source": source,
-              "caption_field": options.caption_field, "num_records": first, "num_bad_records": len(bad),
-              "image_sizes": _size_summary(notes.values()), "shards": shards}
+  source_input = (
+      options.input if options.format == "tfds" and not os.path.isdir(options.input) else os.path.abspath(options.input)
+  )
+  source = {
+      "format": options.format,
+      "input": source_input,
+      "records_per_shard": options.records_per_shard,
+      **options.record_options(),
+  }
+  manifest = {
+      "format": records.FORMAT,
+      "format_version": records.FORMAT_VERSION,
+      "source": source,
+      "caption_field": options.caption_field,
+      "num_records": first,
+      "num_bad_records": len(bad),
+      "image_sizes": _size_summary(notes.values()),
+      "shards": shards,
+  }
   records.write_json_atomic(os.path.join(out, records.MANIFEST), manifest)
   return manifest
 
@@ -253,13 +301,24 @@ def _define_flags():
   flags.DEFINE_string("input", None, "Image folder, .tar file or folder of them, or TFDS name / prepared directory.")
   flags.DEFINE_string("out", None, "Output directory of the shards and manifest.json.")
   flags.DEFINE_integer("workers", os.cpu_count() or 1, "Shards converted at once (processes).")
-  flags.DEFINE_integer("records_per_shard", 1000, "Examples per output shard (imagefolder, tfds; webdataset keeps "
-                       "one shard per input tar).")
+  flags.DEFINE_integer(
+      "records_per_shard",
+      1000,
+      "Examples per output shard (imagefolder, tfds; webdataset keeps " "one shard per input tar).",
+  )
   flags.DEFINE_integer("min_size", 0, "Images whose width or height is below this are bad records (0 = no minimum).")
-  flags.DEFINE_enum("on_bad_record", "fail", ["fail", "skip"], "fail: stop at the first bad input (exit 2); skip: "
-                    "list each in OUT/bad_records.jsonl and go on.")
-  flags.DEFINE_string("caption_field", "", "metadata.jsonl key (imagefolder, default 'text'), json key (webdataset, "
-                      "default 'caption') or TFDS feature (default 'label').")
+  flags.DEFINE_enum(
+      "on_bad_record",
+      "fail",
+      ["fail", "skip"],
+      "fail: stop at the first bad input (exit 2); skip: " "list each in OUT/bad_records.jsonl and go on.",
+  )
+  flags.DEFINE_string(
+      "caption_field",
+      "",
+      "metadata.jsonl key (imagefolder, default 'text'), json key (webdataset, "
+      "default 'caption') or TFDS feature (default 'label').",
+  )
   flags.DEFINE_string("caption_template", "a photo of a {label}", "Caption of a TFDS ClassLabel example.")
   flags.DEFINE_string("image_field", "image", "TFDS image feature.")
   flags.DEFINE_string("tfds_split", "train", "TFDS split (slices such as 'train[:10%]' work).")
@@ -272,14 +331,24 @@ def main(argv):
   from rflow_jax import cli  # pylint: disable=g-import-not-at-top
   # By module path, not __main__: the spawned workers unpickle the job function and options from it.
   from rflow_jax.data import convert as lib  # pylint: disable=g-import-not-at-top,import-self
+
   options = lib.Options(**{f.name: getattr(FLAGS, f.name) for f in dataclasses.fields(lib.Options)})
   with cli.clean_errors():
     manifest = lib.convert(options)
-  print(json.dumps({"out": options.out, "num_records": manifest["num_records"],
-                    "num_bad_records": manifest["num_bad_records"], "num_shards": len(manifest["shards"])}))
+  print(
+      json.dumps(
+          {
+              "out": options.out,
+              "num_records": manifest["num_records"],
+              "num_bad_records": manifest["num_bad_records"],
+              "num_shards": len(manifest["shards"]),
+          }
+      )
+  )
 
 
 if __name__ == "__main__":
   _define_flags()
   from rflow_jax import cli as _cli  # pylint: disable=g-import-not-at-top
+
   app.run(main, flags_parser=_cli.parse_flags)

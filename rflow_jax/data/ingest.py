@@ -72,8 +72,9 @@ def _read_metadata(path: str, root: str, caption_field: str, bad: list):
       image = os.path.normpath(os.path.join(folder, file_name))
       caption = entry.get(caption_field)
       if not isinstance(caption, str):
-        caption = records.BadRecordError(image, f"missing caption: {METADATA} line {number} has no string "
-                                         f"{caption_field!r} field")
+        caption = records.BadRecordError(
+            image, f"missing caption: {METADATA} line {number} has no string " f"{caption_field!r} field"
+        )
       entries[image] = caption
   return entries
 
@@ -110,7 +111,7 @@ def _plan_imagefolder(options) -> tuple[list[dict], list]:
   n = options.records_per_shard
   jobs = []
   for start in range(0, len(items), n):
-    chunk = items[start:start + n]
+    chunk = items[start : start + n]
     stats = [_stat(os.path.join(root, it["path"])) for it in chunk]
     jobs.append({"items": chunk, "fingerprint": _fingerprint("imagefolder", root, chunk, stats)})
   return jobs, bad
@@ -146,8 +147,9 @@ def _plan_webdataset(options) -> tuple[list[dict], list]:
   elif os.path.isfile(path):
     tars = [path]
   else:
-    raise FileNotFoundError(f"--input={options.input!r} does not exist (the webdataset format reads a .tar or a "
-                            "folder of them)")
+    raise FileNotFoundError(
+        f"--input={options.input!r} does not exist (the webdataset format reads a .tar or a " "folder of them)"
+    )
   return [{"tar": t, "fingerprint": _fingerprint("webdataset", t, _stat(t))} for t in tars], []
 
 
@@ -201,6 +203,7 @@ def _read_webdataset(job, options):
 
 def _tfds_builder(options):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   if os.path.isfile(os.path.join(options.input, "dataset_info.json")):
     return tfds.builder_from_directory(options.input)
   return tfds.builder(options.input, data_dir=options.tfds_data_dir or None)
@@ -216,8 +219,10 @@ def _tfds_dataset(options):
   try:
     dataset = builder.as_dataset(split=options.tfds_split, shuffle_files=False)
   except (AssertionError, KeyError, ValueError) as e:
-    raise FileNotFoundError(f"TFDS dataset {options.input!r} split {options.tfds_split!r} is not prepared under "
-                            f"--tfds_data_dir={options.tfds_data_dir!r} (convert never downloads): {e}") from None
+    raise FileNotFoundError(
+        f"TFDS dataset {options.input!r} split {options.tfds_split!r} is not prepared under "
+        f"--tfds_data_dir={options.tfds_data_dir!r} (convert never downloads): {e}"
+    ) from None
   return builder, dataset
 
 
@@ -225,20 +230,24 @@ def _plan_tfds(options) -> tuple[list[dict], list]:
   _, dataset = _tfds_dataset(options)
   total, n = len(dataset), options.records_per_shard
   source = [options.input, options.tfds_split, options.image_field, options.caption_field, options.caption_template]
-  return [{"start": s, "end": min(s + n, total), "fingerprint": _fingerprint("tfds", source, s, min(s + n, total))}
-          for s in range(0, total, n)], []
+  return [
+      {"start": s, "end": min(s + n, total), "fingerprint": _fingerprint("tfds", source, s, min(s + n, total))}
+      for s in range(0, total, n)
+  ], []
 
 
 def _array_to_png(array: np.ndarray, key: str) -> bytes:
   """A TFDS image array (H, W, C) -> PNG bytes; 16-bit arrays are scaled to 8 bits explicitly, never clipped."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   if array.ndim == 3 and array.shape[-1] == 1:
     array = array[..., 0]
   if array.dtype == np.uint16:
     array = ((array.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
   if array.dtype != np.uint8 or array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
-    raise records.BadRecordError(key, f"image array of dtype {array.dtype} and shape {array.shape} is not 8- or "
-                                 "16-bit gray, RGB or RGBA")
+    raise records.BadRecordError(
+        key, f"image array of dtype {array.dtype} and shape {array.shape} is not 8- or " "16-bit gray, RGB or RGBA"
+    )
   out = io.BytesIO()
   Image.fromarray(array).save(out, format="PNG")
   return out.getvalue()
@@ -247,6 +256,7 @@ def _array_to_png(array: np.ndarray, key: str) -> bytes:
 def iter_tfds_jobs(jobs, options):
   """Yields (job, list of examples) in order, reading the split once (TFDS cannot be opened per worker cheaply)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   builder, dataset = _tfds_dataset(options)
   caption_feature = builder.info.features[options.caption_field]
   names = getattr(caption_feature, "names", None)

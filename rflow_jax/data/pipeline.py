@@ -58,9 +58,7 @@ class ToTrainingExample(grain.transforms.Map):
   def map(self, element: dict[str, Any]) -> dict[str, np.ndarray]:
     image = np.asarray(element["image"])
     if image.dtype != np.uint8 or image.ndim != 3:
-      raise ValueError(
-          f"expected an (H, W, C) uint8 image; got dtype {image.dtype} and "
-          f"shape {image.shape}")
+      raise ValueError(f"expected an (H, W, C) uint8 image; got dtype {image.dtype} and " f"shape {image.shape}")
     example = {
         # uint8 [0, 255] -> [-1, 1]: the data end of the flow path (t = 0).
         "image": pixels.to_float(image),
@@ -94,8 +92,7 @@ class ContiguousShardSampler:
     return self._sampler[k * self._b * self._p + process * self._b + j]
 
   def __repr__(self) -> str:  # grain checks repr(sampler) when restoring.
-    return (f"ContiguousShardSampler({self._sampler!r}, local_batch_size={self._b}, "
-            f"process_count={self._p})")
+    return f"ContiguousShardSampler({self._sampler!r}, local_batch_size={self._b}, " f"process_count={self._p})"
 
 
 class OffsetSampler:
@@ -119,8 +116,8 @@ def _tokens(tokenize: Tokenize, text: str) -> np.ndarray:
   tokens = np.asarray(tokenize(text))
   if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
     raise ValueError(
-        f"tokenize({text!r}) must return a 1-D integer array; got dtype "
-        f"{tokens.dtype} and shape {tokens.shape}")
+        f"tokenize({text!r}) must return a 1-D integer array; got dtype " f"{tokens.dtype} and shape {tokens.shape}"
+    )
   return tokens.astype(np.int32)
 
 
@@ -138,8 +135,8 @@ def local_batch_size(global_batch_size: int, process_count: int) -> int:
     raise ValueError(f"process_count must be positive; got {process_count!r}")
   if global_batch_size <= 0 or global_batch_size % process_count:
     raise ValueError(
-        f"global_batch_size must be a positive multiple of process_count="
-        f"{process_count}; got {global_batch_size!r}")
+        f"global_batch_size must be a positive multiple of process_count=" f"{process_count}; got {global_batch_size!r}"
+    )
   return global_batch_size // process_count
 
 
@@ -185,9 +182,7 @@ def make_train_iterator(
   """
   batch_size = local_batch_size(global_batch_size, process_count)
   if not 0 <= process_index < process_count:
-    raise ValueError(
-        f"process_index must be in [0, {process_count}); got "
-        f"{process_index!r}")
+    raise ValueError(f"process_index must be in [0, {process_count}); got " f"{process_index!r}")
   if start < 0 or start % global_batch_size:
     raise ValueError(f"start={start!r} must be a non-negative multiple of global_batch_size={global_batch_size}")
   sampler = grain.samplers.IndexSampler(
@@ -201,17 +196,13 @@ def make_train_iterator(
     sampler = OffsetSampler(sampler, start)
   if process_count > 1:  # One process keeps the plain sampler (and its checkpointed repr).
     sampler = ContiguousShardSampler(sampler, batch_size, process_count)
-  shard_options = grain.sharding.ShardOptions(
-      shard_index=process_index, shard_count=process_count,
-      drop_remainder=True)
-  read_options = grain.ReadOptions(
-      num_threads=num_threads,
-      prefetch_buffer_size=prefetch_buffer_size or 2 * batch_size)
+  shard_options = grain.sharding.ShardOptions(shard_index=process_index, shard_count=process_count, drop_remainder=True)
+  read_options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size or 2 * batch_size)
   loader = grain.DataLoader(
       data_source=source,
       sampler=sampler,
-      operations=([ToTrainingExample(tokenize)] if tokenize is not None else []) + [
-          grain.transforms.Batch(batch_size, drop_remainder=True)],
+      operations=([ToTrainingExample(tokenize)] if tokenize is not None else [])
+      + [grain.transforms.Batch(batch_size, drop_remainder=True)],
       worker_count=worker_count,
       shard_options=shard_options,
       read_options=read_options,
@@ -219,8 +210,7 @@ def make_train_iterator(
   return iter(loader)
 
 
-def make_eval_batch(prompts: Sequence[str],
-                    tokenize: Tokenize) -> dict[str, np.ndarray]:
+def make_eval_batch(prompts: Sequence[str], tokenize: Tokenize) -> dict[str, np.ndarray]:
   """Tokenizes sampling prompts into one batch.
 
   Args:
@@ -235,6 +225,5 @@ def make_eval_batch(prompts: Sequence[str],
   tokens = [_tokens(tokenize, p) for p in prompts]
   lengths = sorted({len(t) for t in tokens})
   if len(lengths) > 1:
-    raise ValueError(
-        f"tokenize must return one fixed length; got lengths {lengths}")
+    raise ValueError(f"tokenize must return one fixed length; got lengths {lengths}")
   return {"tokens": np.stack(tokens)}

@@ -41,8 +41,11 @@ FORMAT = "rflow_jax.precomputed_records"
 FORMAT_VERSION = 1
 KINDS = ("latents", "text")  # The two record files of each shard, in this order.
 EMPTY_PROMPT = "empty_prompt.safetensors"
-STORAGE_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
-                  "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+STORAGE_DTYPES = {
+    "float32": np.dtype(np.float32),
+    "float16": np.dtype(np.float16),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+}
 LATENT_KEYS = ("latent_mean", "latent_logvar")  # The example keys the source serves (and the train step reads).
 
 
@@ -107,6 +110,7 @@ class ShardWriter:
 
   def __init__(self, path: str):
     from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=g-import-not-at-top
+
     directory, name = os.path.split(path)
     self.path, self._tmp = path, os.path.join(directory, f".{name}.tmp-{os.getpid()}")
     self._writer = ArrayRecordWriter(self._tmp, "group_size:1")
@@ -131,20 +135,25 @@ def load_manifest(directory: str) -> dict:
   """DIR/manifest.json of a precompute output; records.ManifestError in one line if it is missing or not ours."""
   path = os.path.join(directory, records.MANIFEST)
   if not os.path.isfile(path):
-    raise records.ManifestError(f"{directory!r} has no {records.MANIFEST}: not a precompute output, or its "
-                                "precompute did not finish (run python -m rflow_jax.precompute)")
+    raise records.ManifestError(
+        f"{directory!r} has no {records.MANIFEST}: not a precompute output, or its "
+        "precompute did not finish (run python -m rflow_jax.precompute)"
+    )
   with open(path) as f:
     manifest = json.load(f)
   if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-    raise records.ManifestError(f"{path} has format {manifest.get('format')!r} version "
-                                f"{manifest.get('format_version')!r}; data.name=\"precomputed\" reads {FORMAT!r} "
-                                f"version {FORMAT_VERSION}")
+    raise records.ManifestError(
+        f"{path} has format {manifest.get('format')!r} version "
+        f"{manifest.get('format_version')!r}; data.name=\"precomputed\" reads {FORMAT!r} "
+        f"version {FORMAT_VERSION}"
+    )
   return manifest
 
 
 def load_empty_prompt(directory: str, manifest: dict) -> list[np.ndarray]:
   """The empty prompt's text-stack outputs (float32, batch 1, jax.tree.leaves order), checked against the manifest."""
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+
   path = os.path.join(directory, EMPTY_PROMPT)
   if records.sha256_file(path) != manifest["empty_prompt_sha256"]:
     raise records.ManifestError(f"{path} fails its hash (changed since precompute; run precompute again)")
@@ -162,8 +171,10 @@ class PrecomputedSource(grain.sources.RandomAccessDataSource):
       records.ManifestError: no manifest, another format, a missing shard file or one that fails its hash.
     """
     if not path:
-      raise ValueError('data.name="precomputed" reads a precompute output: set data.path to the --out directory of '
-                       "python -m rflow_jax.precompute")
+      raise ValueError(
+          'data.name="precomputed" reads a precompute output: set data.path to the --out directory of '
+          "python -m rflow_jax.precompute"
+      )
     self.manifest = load_manifest(path)
     self._path, self._num_records = path, self.manifest["num_records"]
     self._specs = {"latents": latent_specs(self.manifest), "text": text_specs(self.manifest)}
@@ -172,7 +183,8 @@ class PrecomputedSource(grain.sources.RandomAccessDataSource):
       shards = self.manifest["shards"][kind]
       paths = records.verify_shards(path, {"shards": shards})
       self._sources[kind] = grain.sources.ArrayRecordDataSource(
-          [p for p, s in zip(paths, shards) if s["num_records"]])  # Empty shards add nothing to the index space.
+          [p for p, s in zip(paths, shards) if s["num_records"]]
+      )  # Empty shards add nothing to the index space.
 
   def __len__(self) -> int:
     return self._num_records
@@ -182,8 +194,11 @@ class PrecomputedSource(grain.sources.RandomAccessDataSource):
     if not 0 <= index < self._num_records:
       raise IndexError(f"record index {index} out of range [0, {self._num_records})")
     latents = decode_arrays(self._sources["latents"][index], self._specs["latents"])
-    example = {"latent_mean": latents["mean"], "latent_logvar": latents["logvar"],
-               **decode_arrays(self._sources["text"][index], self._specs["text"])}
+    example = {
+        "latent_mean": latents["mean"],
+        "latent_logvar": latents["logvar"],
+        **decode_arrays(self._sources["text"][index], self._specs["text"]),
+    }
     example["index"] = np.int64(index)
     return example
 
@@ -194,6 +209,7 @@ class PrecomputedSource(grain.sources.RandomAccessDataSource):
 def save_empty_prompt(path: str, leaves) -> str:
   """Writes the empty prompt's outputs to `path` (safetensors, atomically); returns the file's sha256."""
   from safetensors.numpy import save  # pylint: disable=g-import-not-at-top
+
   data = save({text_key(i): np.asarray(leaf, np.float32) for i, leaf in enumerate(leaves)})
   directory, name = os.path.split(path)
   tmp = os.path.join(directory, f".{name}.tmp-{os.getpid()}")

@@ -82,8 +82,9 @@ def _to_rgb8(image: Image.Image, key: str, mode: str) -> tuple[Image.Image, str]
     gray = ((pixels * 255 + 32767) // 65535).astype(np.uint8)
     return Image.fromarray(np.repeat(gray[..., None], 3, axis=-1), "RGB"), mode
   if image.mode in ("I", "F"):
-    raise BadRecordError(key, f"unsupported pixel mode {image.mode} (32-bit values of unknown range): "
-                         "convert it to 8-bit RGB first")
+    raise BadRecordError(
+        key, f"unsupported pixel mode {image.mode} (32-bit values of unknown range): " "convert it to 8-bit RGB first"
+    )
   if image.mode in _ALPHA_MODES or (image.mode == "P" and "transparency" in image.info):
     rgba = image.convert("RGBA")
     background = Image.new("RGBA", rgba.size, _WHITE + (255,))
@@ -176,16 +177,20 @@ def load_manifest(directory: str) -> dict:
   """Reads DIR/manifest.json and checks its format; raises ManifestError in one line if it is not ours."""
   path = os.path.join(directory, MANIFEST)
   if not os.path.isfile(path):
-    raise ManifestError(f"{directory!r} has no {MANIFEST}: not a converted dataset, or its conversion did not "
-                        "finish (run python -m rflow_jax.data.convert)")
+    raise ManifestError(
+        f"{directory!r} has no {MANIFEST}: not a converted dataset, or its conversion did not "
+        "finish (run python -m rflow_jax.data.convert)"
+    )
   with open(path) as f:
     try:
       manifest = json.load(f)
     except ValueError as e:
       raise ManifestError(f"{path} is not valid JSON: {e}") from None
   if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-    raise ManifestError(f"{path} has format {manifest.get('format')!r} version {manifest.get('format_version')!r}; "
-                        f"this reader needs {FORMAT!r} version {FORMAT_VERSION}")
+    raise ManifestError(
+        f"{path} has format {manifest.get('format')!r} version {manifest.get('format_version')!r}; "
+        f"this reader needs {FORMAT!r} version {FORMAT_VERSION}"
+    )
   return manifest
 
 
@@ -202,7 +207,9 @@ def verify_shards(directory: str, manifest: dict) -> list[str]:
       raise ManifestError(f"shard {path} listed in {MANIFEST} is missing")
     digest = sha256_file(path)
     if digest != shard["sha256"]:
-      raise ManifestError(f"shard {path} fails its hash: sha256 {digest[:16]}… but {MANIFEST} says "
-                          f"{shard['sha256'][:16]}… (changed or damaged since conversion; convert again)")
+      raise ManifestError(
+          f"shard {path} fails its hash: sha256 {digest[:16]}… but {MANIFEST} says "
+          f"{shard['sha256'][:16]}… (changed or damaged since conversion; convert again)"
+      )
     paths.append(path)
   return paths

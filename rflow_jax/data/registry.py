@@ -4,14 +4,20 @@ from rflow_jax.data import arrayrecord, precomputed, shapes
 
 
 def _shapes(data_config):
-  return shapes.ShapesSource(size=data_config.image_size, seed=data_config.seed,
-                             num_records=data_config.num_records, caption_style=data_config.caption_style)
+  return shapes.ShapesSource(
+      size=data_config.image_size,
+      seed=data_config.seed,
+      num_records=data_config.num_records,
+      caption_style=data_config.caption_style,
+  )
 
 
 def _arrayrecord(data_config):
   if not data_config.path:
-    raise ValueError('data.name="arrayrecord" reads a converted dataset: set data.path to the output directory of '
-                     "python -m rflow_jax.data.convert")
+    raise ValueError(
+        'data.name="arrayrecord" reads a converted dataset: set data.path to the output directory of '
+        "python -m rflow_jax.data.convert"
+    )
   return arrayrecord.ArrayRecordImageSource(data_config.path, data_config.image_size)
 
 

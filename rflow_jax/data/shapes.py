@@ -76,7 +76,7 @@ def render(scene: shapes_scenes.Scene, size: int) -> np.ndarray:
       raise ValueError(f"unknown shape {obj.shape!r}; valid: {shapes_scenes.SHAPES}")
     x0, y0 = _top_left(obj, size)
     mask, _, _ = shapes_scenes.template(obj.shape, obj.size)
-    image[y0:y0 + obj.size, x0:x0 + obj.size][mask] = shapes_scenes.PALETTE[obj.color]
+    image[y0 : y0 + obj.size, x0 : x0 + obj.size][mask] = shapes_scenes.PALETTE[obj.color]
   return image
 
 
@@ -90,8 +90,7 @@ def _sentence(scene: shapes_scenes.Scene) -> str:
     return f"a {first.color} {first.shape}"
   if scene.kind == "position":
     second = scene.objects[1]
-    return (f"a {first.color} {first.shape} {scene.relation} "
-            f"a {second.color} {second.shape}")
+    return f"a {first.color} {first.shape} {scene.relation} " f"a {second.color} {second.shape}"
   return f"{COUNT_WORDS[len(scene.objects)]} {first.color} {first.shape}s"
 
 
@@ -101,8 +100,7 @@ def _tag(scene: shapes_scenes.Scene) -> str:
     return f"{first.color} {first.shape}"
   if scene.kind == "position":
     second = scene.objects[1]
-    return (f"{first.color} {first.shape}, {RELATION_TAGS[scene.relation]}, "
-            f"{second.color} {second.shape}")
+    return f"{first.color} {first.shape}, {RELATION_TAGS[scene.relation]}, " f"{second.color} {second.shape}"
   return f"{COUNT_WORDS[len(scene.objects)]}, {first.color} {first.shape}s"
 
 
@@ -151,8 +149,7 @@ class ShapesSource:
     index: np.int64 record index (useful to check sharding and for logging).
   """
 
-  def __init__(self, *, size: int = 32, seed: int = 0,
-               num_records: int = 1_000_000, caption_style: str = "mixed"):
+  def __init__(self, *, size: int = 32, seed: int = 0, num_records: int = 1_000_000, caption_style: str = "mixed"):
     """Initialises the source.
 
     Args:
@@ -167,8 +164,7 @@ class ShapesSource:
       raise ValueError(f"num_records must be positive; got {num_records!r}")
     valid_styles = ("mixed",) + CAPTION_STYLES
     if caption_style not in valid_styles:
-      raise ValueError(
-          f"unknown caption_style {caption_style!r}; valid: {valid_styles}")
+      raise ValueError(f"unknown caption_style {caption_style!r}; valid: {valid_styles}")
     self._seed = int(seed)
     self._num_records = int(num_records)
     self._caption_style = caption_style
@@ -183,8 +179,7 @@ class ShapesSource:
   def __getitem__(self, index: int) -> dict[str, object]:
     index = operator.index(index)
     if not 0 <= index < self._num_records:
-      raise IndexError(
-          f"record index {index} out of range [0, {self._num_records})")
+      raise IndexError(f"record index {index} out of range [0, {self._num_records})")
     scene = shapes_scenes.make_scene(self._seed, index, self._size)
     style = self._caption_style
     if style == "mixed":
@@ -197,9 +192,11 @@ class ShapesSource:
     }
 
   def __repr__(self) -> str:
-    return (f"ShapesSource(size={self._size}, seed={self._seed}, "
-            f"num_records={self._num_records}, "
-            f"caption_style={self._caption_style!r})")
+    return (
+        f"ShapesSource(size={self._size}, seed={self._seed}, "
+        f"num_records={self._num_records}, "
+        f"caption_style={self._caption_style!r})"
+    )
 
 
 def eval_prompts(n_per_kind: int, seed: int) -> list[str]:
@@ -213,4 +210,3 @@ def eval_prompts(n_per_kind: int, seed: int) -> list[str]:
     A list of 3 * n_per_kind prompts in `shapes_scenes.KINDS` order.
   """
   return [caption(s, "sentence") for s in shapes_scenes.eval_scenes(n_per_kind, seed)]
-

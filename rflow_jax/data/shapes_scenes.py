@@ -80,6 +80,7 @@ class Obj:
     cx: x (column) of the centroid of the drawn pixels.
     cy: y (row, growing downward) of the centroid of the drawn pixels.
   """
+
   color: str
   shape: str
   size: int
@@ -94,6 +95,7 @@ class Scene:
   For `position`, `objects[0]` is the subject and `objects[1]` the reference:
   "objects[0] <relation> objects[1]".
   """
+
   kind: str
   objects: tuple[Obj, ...]
   relation: str | None = None
@@ -102,9 +104,7 @@ class Scene:
 def check_size(size: int) -> int:
   """Returns `size` if it is a supported canvas size, else raises ValueError."""
   if not isinstance(size, (int, np.integer)) or size < 32 or size % 16:
-    raise ValueError(
-        f"shapes canvas size must be an integer >= 32 and a multiple of 16; "
-        f"got {size!r}")
+    raise ValueError(f"shapes canvas size must be an integer >= 32 and a multiple of 16; " f"got {size!r}")
   return int(size)
 
 
@@ -113,10 +113,9 @@ def size_range(size: int) -> tuple[int, int]:
   return size // 4, 3 * size // 8
 
 
-def relation_holds(subject: tuple[float, float],
-                   reference: tuple[float, float],
-                   relation: str,
-                   min_separation: float = 0.0) -> bool:
+def relation_holds(
+    subject: tuple[float, float], reference: tuple[float, float], relation: str, min_separation: float = 0.0
+) -> bool:
   """Whether `subject <relation> reference` holds for two (x, y) centroids.
 
   The difference along the relation's axis must have the right sign, be at
@@ -134,8 +133,7 @@ def relation_holds(subject: tuple[float, float],
   """
   if relation not in RELATION_GEOMETRY:
     raise ValueError(f"unknown relation {relation!r}; valid: {RELATIONS}")
-  return bool(_relation_allows(subject, relation, min_separation,
-                               reference[0], reference[1]))
+  return bool(_relation_allows(subject, relation, min_separation, reference[0], reference[1]))
 
 
 def _relation_allows(subject, relation, min_separation, ref_x, ref_y):
@@ -187,7 +185,7 @@ def _halo(shape: str, length: int) -> np.ndarray:
   halo = np.zeros((length + 2 * g, length + 2 * g), dtype=bool)
   for dy in range(2 * g + 1):
     for dx in range(2 * g + 1):
-      halo[dy:dy + length, dx:dx + length] |= mask
+      halo[dy : dy + length, dx : dx + length] |= mask
   halo.flags.writeable = False
   return halo
 
@@ -228,10 +226,10 @@ def _place_one(rng, occupied, spec, size, allowed=None) -> Obj | None:
     keep = allowed(x0s + ox, y0s + oy)
     x0s, y0s = x0s[keep], y0s[keep]
   for x0, y0 in zip(x0s.tolist(), y0s.tolist()):
-    window = occupied[y0 + g:y0 + g + length, x0 + g:x0 + g + length]
+    window = occupied[y0 + g : y0 + g + length, x0 + g : x0 + g + length]
     if not (window & mask).any():
       halo = _halo(shape, length)
-      occupied[y0:y0 + length + 2 * g, x0:x0 + length + 2 * g] |= halo
+      occupied[y0 : y0 + length + 2 * g, x0 : x0 + length + 2 * g] |= halo
       return Obj(color=color, shape=shape, size=length, cx=x0 + ox, cy=y0 + oy)
   return None
 
@@ -256,8 +254,7 @@ def _place(rng, size, specs, relation=None) -> tuple[Obj, ...]:
     for spec in specs:
       allowed = None
       if relation is not None and objs:
-        allowed = functools.partial(
-            _relation_allows, (objs[0].cx, objs[0].cy), relation, size / 4)
+        allowed = functools.partial(_relation_allows, (objs[0].cx, objs[0].cy), relation, size / 4)
       obj = _place_one(rng, occupied, spec, size, allowed)
       if obj is None:
         break
@@ -279,8 +276,7 @@ def _position_scene(rng, size) -> Scene:
   i = int(rng.integers(len(_SPECS)))
   j = int(rng.integers(len(_SPECS) - 1))
   j += j >= i
-  specs = [(*_SPECS[i], _draw_length(rng, size)),
-           (*_SPECS[j], _draw_length(rng, size))]
+  specs = [(*_SPECS[i], _draw_length(rng, size)), (*_SPECS[j], _draw_length(rng, size))]
   objs = _place(rng, size, specs, relation)
   return Scene(kind="position", objects=objs, relation=relation)
 
@@ -302,13 +298,10 @@ _SCENE_BUILDERS = {
 def check_key(seed: int, index: int) -> None:
   """Raises ValueError unless the record key (seed, index) is non-negative."""
   if seed < 0 or index < 0:
-    raise ValueError(
-        f"seed and index must be non-negative; got seed={seed!r}, "
-        f"index={index!r}")
+    raise ValueError(f"seed and index must be non-negative; got seed={seed!r}, " f"index={index!r}")
 
 
-def make_scene(seed: int, index: int, size: int = 32,
-               kind: str | None = None) -> Scene:
+def make_scene(seed: int, index: int, size: int = 32, kind: str | None = None) -> Scene:
   """Samples scene `index` of the dataset with `seed`.
 
   Args:

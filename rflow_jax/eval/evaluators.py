@@ -45,12 +45,19 @@ def shapes(task, state, step: int, out_dir: str) -> dict[str, float]:
   score, so "n" is left out)."""
   del step
   if task.config.data.name != "shapes":  # Its prompts and grader describe the built-in shapes scenes only.
-    logging.warning("The 'shapes' evaluator scores the built-in shapes task only; data.name=%r: skipped",
-                    task.config.data.name)
+    logging.warning(
+        "The 'shapes' evaluator scores the built-in shapes task only; data.name=%r: skipped", task.config.data.name
+    )
     return {}
   sample = task.config.sample
-  scores = shapes_scores(task.sampler, task.sampler.params_of(state), state.text_params,
-                         per_kind=sample.eval_per_kind, seed=sample.eval_seed, out_dir=out_dir)
+  scores = shapes_scores(
+      task.sampler,
+      task.sampler.params_of(state),
+      state.text_params,
+      per_kind=sample.eval_per_kind,
+      seed=sample.eval_seed,
+      out_dir=out_dir,
+  )
   return {k: v for k, v in scores.items() if k != "n"}
 
 

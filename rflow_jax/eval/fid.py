@@ -91,7 +91,7 @@ def features(images: np.ndarray) -> np.ndarray:
   k1, k2, k3 = _weights()
   out = []
   for start in range(0, len(images), _CHUNK):
-    x = pixels.to_float(images[start:start + _CHUNK])
+    x = pixels.to_float(images[start : start + _CHUNK])
     x = _avg_pool2(_conv3x3_relu(x, k1))
     x = _avg_pool2(_conv3x3_relu(x, k2))
     out.append(_conv3x3_relu(x, k3).mean(axis=(1, 2)))
@@ -109,6 +109,7 @@ class Stats:
     sigma: (F, F) covariance (unbiased, N - 1).
     n: number of images they were computed from.
   """
+
   mu: np.ndarray
   sigma: np.ndarray
   n: int
@@ -194,7 +195,7 @@ def real_images(n: int, seed: int, size: int = 32) -> np.ndarray:
     raise ValueError(f"real_images needs n >= 1; got {n}")
   per_kind = -(-n // len(shapes_scenes.KINDS))
   scenes = shapes_scenes.eval_scenes(per_kind, seed, size)
-  by_kind = [scenes[k * per_kind:(k + 1) * per_kind] for k in range(len(shapes_scenes.KINDS))]
+  by_kind = [scenes[k * per_kind : (k + 1) * per_kind] for k in range(len(shapes_scenes.KINDS))]
   interleaved = [s for group in zip(*by_kind) for s in group][:n]
   return np.stack([shapes.render(s, size) for s in interleaved])
 

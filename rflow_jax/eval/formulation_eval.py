@@ -29,6 +29,7 @@ EVAL_CACHE = "study_eval.json"
 @dataclasses.dataclass(frozen=True)
 class Setting:
   """One evaluation setting: which weights, how many Euler steps."""
+
   weights: str
   steps: int
 
@@ -63,13 +64,21 @@ def write_json(path: str, obj) -> None:
 
 def _eval_meta(config, step: int, per_kind: int, ref_meta: dict) -> dict:
   """Everything an evaluation depends on besides the setting; a cached result is reused only if it matches."""
-  return {"step": step, "per_kind": per_kind, "cfg_scale": float(config.sample.cfg_scale),
-          "eval_seed": int(config.sample.eval_seed), "solver": config.sample.solver, "shift": config.sample.shift,
-          "feature_seed": fid_lib.FEATURE_SEED, **ref_meta}
+  return {
+      "step": step,
+      "per_kind": per_kind,
+      "cfg_scale": float(config.sample.cfg_scale),
+      "eval_seed": int(config.sample.eval_seed),
+      "solver": config.sample.solver,
+      "shift": config.sample.shift,
+      "feature_seed": fid_lib.FEATURE_SEED,
+      **ref_meta,
+  }
 
 
-def evaluate_variant(workdir: str, settings: Sequence[Setting], *, per_kind: int, reference: fid_lib.Stats,
-                     ref_meta: dict) -> dict[str, dict]:
+def evaluate_variant(
+    workdir: str, settings: Sequence[Setting], *, per_kind: int, reference: fid_lib.Stats, ref_meta: dict
+) -> dict[str, dict]:
   """ShapesEval + FD of one trained variant at every setting (cached per setting in WORKDIR/study_eval.json).
 
   Returns:
@@ -96,8 +105,15 @@ def evaluate_variant(workdir: str, settings: Sequence[Setting], *, per_kind: int
       if setting.weights == "raw" and raw_params is None:
         raw_params, _, _ = checkpoint.restore_params(workdir, use_ema=False)
       params = ema_params if setting.weights == "ema" else raw_params
-      cache["results"][setting.key] = _score_setting(sampler, params, text_params, prompts, config, reference,
-                                                     os.path.join(workdir, "study_eval", setting.key.replace("/", "_")))
+      cache["results"][setting.key] = _score_setting(
+          sampler,
+          params,
+          text_params,
+          prompts,
+          config,
+          reference,
+          os.path.join(workdir, "study_eval", setting.key.replace("/", "_")),
+      )
       cache["results"][setting.key]["compile_s"] = compile_s
       write_json(cache_path, cache)
   return {s.key: cache["results"][s.key] for s in settings}
@@ -133,5 +149,3 @@ def real_baseline(per_kind: int, eval_seed: int, size: int, ref: fid_lib.Stats) 
   images = np.stack([shapes.render(s, size) for s in shapes_scenes.eval_scenes(per_kind, eval_seed, size)])
   scores = shapes_eval.evaluate(images, shapes.eval_prompts(per_kind, eval_seed))  # Same (kind-major) order.
   return {**{k: float(v) for k, v in scores.items()}, "fid": fid_lib.fid(images, ref)}
-
-

@@ -18,13 +18,17 @@ from rflow_jax.eval import ranking
 
 def rank_results(results: dict) -> dict:
   """Per-setting fronts and average ranks (all settings and per step count) of a results dict."""
-  table = {key: {n: (v["evals"][key]["overall"], v["evals"][key]["fid"]) for n, v in results["variants"].items()}
-           for key in results["settings"]}
+  table = {
+      key: {n: (v["evals"][key]["overall"], v["evals"][key]["fid"]) for n, v in results["variants"].items()}
+      for key in results["settings"]
+  }
   subsets = {"all": list(table)}
   for steps in results["sample_steps"]:
     subsets[f"{steps} steps"] = [k for k in table if int(k.split("/")[1]) == steps]
-  return {"per_setting": {k: ranking.rank_setting(points) for k, points in table.items()},
-          "average": {label: ranking.average_ranks(table, keys) for label, keys in subsets.items()}}
+  return {
+      "per_setting": {k: ranking.rank_setting(points) for k, points in table.items()},
+      "average": {label: ranking.average_ranks(table, keys) for label, keys in subsets.items()},
+  }
 
 
 _RF_TUNED = re.compile(r"rf/(lognorm|mode|cosmap)")  # rf with a non-uniform timestep sampler.
@@ -61,23 +65,38 @@ def _claims(results: dict) -> list[str]:
       lines.append(f"- **{'agrees' if ok else 'disagrees'}** — {text}: {detail}")
 
   best = "rf/lognorm(0.00,1.00)"
-  claim(f"`{best}` has the best average rank (paper 1.54, first of 16)", [best],
-        lambda: (_position(avg, best)[0] == 1, "ours: place {} of {} (avg rank {})".format(
-            *_position(avg, best), _fmt(avg[best]))))
-  claim(f"`{best}` beats uniform `rf` (paper 1.54 vs 5.67)", [best, "rf"],
-        lambda: (avg[best] < avg["rf"], f"ours: {_fmt(avg[best])} vs {_fmt(avg['rf'])}"))
+  claim(
+      f"`{best}` has the best average rank (paper 1.54, first of 16)",
+      [best],
+      lambda: (
+          _position(avg, best)[0] == 1,
+          "ours: place {} of {} (avg rank {})".format(*_position(avg, best), _fmt(avg[best])),
+      ),
+  )
+  claim(
+      f"`{best}` beats uniform `rf` (paper 1.54 vs 5.67)",
+      [best, "rf"],
+      lambda: (avg[best] < avg["rf"], f"ours: {_fmt(avg[best])} vs {_fmt(avg['rf'])}"),
+  )
 
   def only_tuned_rf_beats_eps():
     better = [n for n in avg if avg[n] < avg["eps/linear"]]
     ok = bool(better) and all(_RF_TUNED.fullmatch(n.split("(")[0]) for n in better)
-    return ok, f"ours: ahead of eps/linear ({_fmt(avg['eps/linear'])}): " + (", ".join(f"`{n}`" for n in better)
-                                                                             or "none")
-  claim("rf with a modified timestep sampler (lognorm/mode/cosmap), and nothing else, beats `eps/linear`",
-        ["eps/linear"],
-        only_tuned_rf_beats_eps)
+    return ok, f"ours: ahead of eps/linear ({_fmt(avg['eps/linear'])}): " + (
+        ", ".join(f"`{n}`" for n in better) or "none"
+    )
+
+  claim(
+      "rf with a modified timestep sampler (lognorm/mode/cosmap), and nothing else, beats `eps/linear`",
+      ["eps/linear"],
+      only_tuned_rf_beats_eps,
+  )
   worst = "edm(-1.20,1.20)"
-  claim(f"`{worst}` (Karras' defaults) ranks last (paper 15.58, last of 16)", [worst],
-        lambda: (avg[worst] == max(avg.values()), "ours: place {} of {}".format(*_position(avg, worst))))
+  claim(
+      f"`{worst}` (Karras' defaults) ranks last (paper 15.58, last of 16)",
+      [worst],
+      lambda: (avg[worst] == max(avg.values()), "ours: place {} of {}".format(*_position(avg, worst))),
+  )
   few, many = _paper_columns(results)
   if few and many:
     lines.append(_degradation_claim(results, few, many))
@@ -94,8 +113,10 @@ def _degradation_claim(results: dict, few: str, many: str) -> str:
     return f"- **not testable** — {text} (needs rf and non-rf variants)"
   delta = lambda group: float(np.mean([avg[few][n] - avg[many][n] for n in group]))
   ok = delta(rf) < delta(rest)
-  return (f"- **{'agrees' if ok else 'disagrees'}** — {text}: mean rank change rf {delta(rf):+.2f}, "
-          f"others {delta(rest):+.2f}")
+  return (
+      f"- **{'agrees' if ok else 'disagrees'}** — {text}: mean rank change rf {delta(rf):+.2f}, "
+      f"others {delta(rest):+.2f}"
+  )
 
 
 def _settings_table(results: dict) -> list[str]:
@@ -113,12 +134,20 @@ def _settings_table(results: dict) -> list[str]:
 def _average_table(results: dict) -> list[str]:
   avg = results["ranks"]["average"]
   labels = list(avg)
-  lines = ["| variant | " + " | ".join(f"ours: {l}" for l in labels) + " | paper: all | paper: 5 steps | "
-           "paper: 50 steps |", "|---|" + "---|" * (len(labels) + 3)]
+  lines = [
+      "| variant | " + " | ".join(f"ours: {l}" for l in labels) + " | paper: all | paper: 5 steps | "
+      "paper: 50 steps |",
+      "|---|" + "---|" * (len(labels) + 3),
+  ]
   for name in avg["all"]:
     paper = ranking.PAPER_AVERAGE_RANKS.get(name, {})
-    lines.append(f"| `{name}` | " + " | ".join(_fmt(avg[l][name]) for l in labels) + " | " +
-                 " | ".join(_fmt(paper.get(c)) for c in ("all", "5 steps", "50 steps")) + " |")
+    lines.append(
+        f"| `{name}` | "
+        + " | ".join(_fmt(avg[l][name]) for l in labels)
+        + " | "
+        + " | ".join(_fmt(paper.get(c)) for c in ("all", "5 steps", "50 steps"))
+        + " |"
+    )
   return lines
 
 
@@ -129,7 +158,7 @@ def _order_table(results: dict) -> list[str]:
   lines = ["| place | ours (avg rank, all) | paper Table 1 (avg rank, all) |", "|---|---|---|"]
   for i in range(len(ours)):
     ours_cell = f"`{ours[i]}` ({_fmt(results['ranks']['average']['all'][ours[i]])})"
-    paper_cell = (f"`{paper[i]}` ({_fmt(ranking.PAPER_AVERAGE_RANKS[paper[i]]['all'])})" if i < len(paper) else "")
+    paper_cell = f"`{paper[i]}` ({_fmt(ranking.PAPER_AVERAGE_RANKS[paper[i]]['all'])})" if i < len(paper) else ""
     lines.append(f"| {i + 1} | {ours_cell} | {paper_cell} |")
   return lines
 
@@ -147,8 +176,10 @@ def _correlations(results: dict) -> list[str]:
 
 
 def _train_table(results: dict) -> list[str]:
-  lines = ["| variant | train steps | train wall s | final loss | sample wall s per setting (compile s) |",
-           "|---|---|---|---|---|"]
+  lines = [
+      "| variant | train steps | train wall s | final loss | sample wall s per setting (compile s) |",
+      "|---|---|---|---|---|",
+  ]
   for name, v in results["variants"].items():
     t = v["train"]
     samples = ", ".join(f"{k}: {e['sample_s']:.1f} ({e['compile_s']:.1f})" for k, e in v["evals"].items())
@@ -162,23 +193,43 @@ def render_markdown(results: dict, command: str | None = None) -> str:
   # results.json files written before the shifts were recorded lack them; they still render ("n/a").
   tr, n_prompts = results["train"], 3 * results["per_kind"]
   out = [
-      "# Formulation study (SD3 §5.1, Table 1) in miniature — results", "",
+      "# Formulation study (SD3 §5.1, Table 1) in miniature — results",
+      "",
       f"Generated {results['generated']} by `launch/formulation_study.py`"
-      + (f" (`{command}`)" if command else "") + "; the protocol is at the end of this page.", "",
+      + (f" (`{command}`)" if command else "")
+      + "; the protocol is at the end of this page.",
+      "",
       f"Training (equal for all): {tr['num_steps']} steps × batch {tr['global_batch_size']}, MM-DiT "
       f"{tr['model']}, timestep shift α = {tr.get('train_shift', 'n/a')}. Sampling: Euler, CFG {tr['cfg_scale']}, "
       f"shift α = {tr.get('sample_shift', 'n/a')}, {n_prompts} fresh ShapesEval prompts per setting; "
       f"FD on random-conv features (seed {results['feature_seed']}) against {results['reference']['ref_n']} real "
-      "images.", "",
-      "## Per setting: ShapesEval overall ↑ / FD ↓ (Pareto front)", "",
-      *_settings_table(results), "",
+      "images.",
+      "",
+      "## Per setting: ShapesEval overall ↑ / FD ↓ (Pareto front)",
+      "",
+      *_settings_table(results),
+      "",
       "The *real images* row scores the real scenes of the same prompts: ShapesEval's ceiling and the FD floor at "
-      "this sample size.", "",
-      "## Average rank (non-dominated sorting per setting, lower = better)", "", *_average_table(results), "",
-      "## Side by side with the paper's Table 1 order", "", *_order_table(results), "",
-      "## Agrees / disagrees (generated from the numbers above)", "", *_correlations(results), "",
-      *_claims(results), "",
-      "## Wall times", "", *_train_table(results), "",
+      "this sample size.",
+      "",
+      "## Average rank (non-dominated sorting per setting, lower = better)",
+      "",
+      *_average_table(results),
+      "",
+      "## Side by side with the paper's Table 1 order",
+      "",
+      *_order_table(results),
+      "",
+      "## Agrees / disagrees (generated from the numbers above)",
+      "",
+      *_correlations(results),
+      "",
+      *_claims(results),
+      "",
+      "## Wall times",
+      "",
+      *_train_table(results),
+      "",
       PROTOCOL,
   ]
   return "\n".join(out) + "\n"

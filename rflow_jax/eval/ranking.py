@@ -96,8 +96,9 @@ def rank_setting(points: Mapping[str, tuple[float, float]]) -> dict[str, int]:
   return {n: int(f) for n, f in zip(names, fronts)}
 
 
-def average_ranks(table: Mapping[str, Mapping[str, tuple[float, float]]],
-                  settings: Iterable[str] | None = None) -> dict[str, float]:
+def average_ranks(
+    table: Mapping[str, Mapping[str, tuple[float, float]]], settings: Iterable[str] | None = None
+) -> dict[str, float]:
   """Average front index of each variant over settings (the paper's Table 1 statistic).
 
   Args:

@@ -29,13 +29,19 @@ flags.DEFINE_bool("raw", False, "Use the raw (non-EMA) parameters.")
 FLAGS = flags.FLAGS
 
 
-def out_dir_name(step: int, config, *, per_kind: int, steps: int, cfg: float, seed: int, raw: bool,
-                 solver: str) -> str:
+def out_dir_name(step: int, config, *, per_kind: int, steps: int, cfg: float, seed: int, raw: bool, solver: str) -> str:
   """eval_step{step}, plus one suffix per setting that differs from the run's config (what its evals used)."""
   s = config.sample
-  suffixes = [f"_{name}{value:g}" for name, value, default in (
-      ("cfg", cfg, s.cfg_scale), ("steps", steps, s.num_steps), ("seed", seed, s.eval_seed),
-      ("per_kind", per_kind, s.eval_per_kind)) if value != default]
+  suffixes = [
+      f"_{name}{value:g}"
+      for name, value, default in (
+          ("cfg", cfg, s.cfg_scale),
+          ("steps", steps, s.num_steps),
+          ("seed", seed, s.eval_seed),
+          ("per_kind", per_kind, s.eval_per_kind),
+      )
+      if value != default
+  ]
   if solver != s.solver:
     suffixes.append(f"_{solver}")
   if raw == s.use_ema:  # Evaluated with the other parameter set than the run's.
@@ -53,13 +59,23 @@ def main(argv):
     paths.check_writable_dir(f.workdir, "--workdir")  # The scores go to WORKDIR/eval_step*/: fail before sampling.
     run_config = rundir.load_config(f.workdir)  # As trained: load_sampler's config carries the overrides.
     sampler, params, text_params, config, step = rundir.load_sampler(
-        f.workdir, steps=f.steps, cfg=f.cfg, solver=f.solver, use_ema=not f.raw)
+        f.workdir, steps=f.steps, cfg=f.cfg, solver=f.solver, use_ema=not f.raw
+    )
     seed = config.sample.eval_seed if f.seed is None else f.seed
     per_kind = config.sample.eval_per_kind if f.per_kind is None else f.per_kind
-    name = out_dir_name(step, run_config, per_kind=per_kind, steps=config.sample.num_steps,
-                        cfg=config.sample.cfg_scale, seed=seed, raw=f.raw, solver=config.sample.solver)
-    scores = evaluators.shapes_scores(sampler, params, text_params, per_kind=per_kind, seed=seed,
-                                      out_dir=os.path.join(f.workdir, name))
+    name = out_dir_name(
+        step,
+        run_config,
+        per_kind=per_kind,
+        steps=config.sample.num_steps,
+        cfg=config.sample.cfg_scale,
+        seed=seed,
+        raw=f.raw,
+        solver=config.sample.solver,
+    )
+    scores = evaluators.shapes_scores(
+        sampler, params, text_params, per_kind=per_kind, seed=seed, out_dir=os.path.join(f.workdir, name)
+    )
     print(json.dumps({"step": step, **scores}))
 
 

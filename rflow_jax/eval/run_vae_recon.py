@@ -26,8 +26,9 @@ def main(argv):
     config = rundir.load_config(FLAGS.workdir)
     task = vae_task.VAETask(config)  # Checks the config before the checkpoint is read.
     params, _, step = checkpoint.restore_params(FLAGS.workdir, use_ema=True)
-    scores = vae_recon.evaluate(task, types.SimpleNamespace(ema_params=params), step,
-                                os.path.join(FLAGS.workdir, f"eval_step{step}"))
+    scores = vae_recon.evaluate(
+        task, types.SimpleNamespace(ema_params=params), step, os.path.join(FLAGS.workdir, f"eval_step{step}")
+    )
     print(json.dumps({"step": step, **scores}))
 
 

@@ -70,8 +70,7 @@ FILL_MIN = 0.5  # Circles ~0.8 and squares ~1 of their bbox; less is ragged.
 
 _EIGHT = np.ones((3, 3), dtype=bool)  # 8-connectivity / 1-pixel ring.
 _PALETTE_NAMES = tuple(shapes_scenes.PALETTE)
-_PALETTE_CHROMA = np.array(
-    [np.array(rgb) / max(rgb) for rgb in shapes_scenes.PALETTE.values()])
+_PALETTE_CHROMA = np.array([np.array(rgb) / max(rgb) for rgb in shapes_scenes.PALETTE.values()])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +89,7 @@ class Detection:
     skew: vertical skewness of the mass (negative = bottom-heavy).
     squareness: four-fold anisotropy |E[z^4]| / E[|z|^2]^2.
   """
+
   color: str
   shape: str
   cx: float
@@ -107,14 +107,12 @@ def _segment(bright: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
   dark = bright <= FOREGROUND_MIN
   bg = float(np.median(bright[dark])) if dark.any() else 0.0
   # The median filter keeps a lone noise spike from posing as a peak.
-  peak = ndimage.maximum_filter(
-      ndimage.median_filter(bright, size=3), size=PEAK_WINDOW)
+  peak = ndimage.maximum_filter(ndimage.median_filter(bright, size=3), size=PEAK_WINDOW)
   core = ~dark & (bright - bg >= CORE_FRACTION * (peak - bg))
   cores, _ = ndimage.label(core, structure=_EIGHT)
   # Each core claims the pixels within RING_WIDTH of it (nearest core wins),
   # which hold the mass that blur spilled over its edge.
-  dist, (iy, ix) = ndimage.distance_transform_edt(cores == 0,
-                                                  return_indices=True)
+  dist, (iy, ix) = ndimage.distance_transform_edt(cores == 0, return_indices=True)
   regions = np.where(dist <= RING_WIDTH, cores[iy, ix], 0)
   return cores, regions, bg
 
@@ -142,8 +140,9 @@ def _mass_moments(ys, xs, weights):
   cx = float((weights * xs).sum() / mass)
   cy = float((weights * ys).sum() / mass)
   dx, dy = xs - cx, ys - cy
-  cov = np.array([[(weights * dx * dx).sum(), (weights * dx * dy).sum()],
-                  [(weights * dx * dy).sum(), (weights * dy * dy).sum()]])
+  cov = np.array(
+      [[(weights * dx * dx).sum(), (weights * dx * dy).sum()], [(weights * dx * dy).sum(), (weights * dy * dy).sum()]]
+  )
   cov /= mass
   low, high = np.linalg.eigvalsh(cov)
   z = dx + 1j * dy
@@ -153,14 +152,12 @@ def _mass_moments(ys, xs, weights):
       "cx": cx,
       "cy": cy,
       "elongation": float(low / max(high, 1e-6)),
-      "skew": float((weights * dy ** 3).sum() / mass
-                    / max(cov[1, 1], 1e-6) ** 1.5),
-      "squareness": float(abs((weights * z ** 4).sum() / mass) / second ** 2),
+      "skew": float((weights * dy**3).sum() / mass / max(cov[1, 1], 1e-6) ** 1.5),
+      "squareness": float(abs((weights * z**4).sum() / mass) / second**2),
   }
 
 
-def _classify_shape(elongation: float, skew: float, squareness: float,
-                    fill: float) -> str:
+def _classify_shape(elongation: float, skew: float, squareness: float, fill: float) -> str:
   """Rule 5 of the module docstring."""
   if elongation < ELONGATION_MIN or skew > INVERTED_SKEW_MIN:
     return "unknown"
@@ -193,11 +190,16 @@ def _describe(image, bright, bg, core_mask, region_mask, box) -> Detection:
   rgb = np.median(image[plateau].astype(np.float32), axis=0)
   return Detection(
       color=_classify_color(rgb),
-      shape=_classify_shape(mom["elongation"], mom["skew"],
-                            mom["squareness"], fill),
-      cx=mom["cx"], cy=mom["cy"], area=int(core_mask.sum()),
-      bbox=(y0, x0, y1, x1), fill=fill, elongation=mom["elongation"],
-      skew=mom["skew"], squareness=mom["squareness"])
+      shape=_classify_shape(mom["elongation"], mom["skew"], mom["squareness"], fill),
+      cx=mom["cx"],
+      cy=mom["cy"],
+      area=int(core_mask.sum()),
+      bbox=(y0, x0, y1, x1),
+      fill=fill,
+      elongation=mom["elongation"],
+      skew=mom["skew"],
+      squareness=mom["squareness"],
+  )
 
 
 def analyze(image: np.ndarray) -> list[Detection]:
@@ -213,7 +215,8 @@ def analyze(image: np.ndarray) -> list[Detection]:
   if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
     raise ValueError(
         f"analyze expects an (H, W, 3) uint8 image; got dtype {image.dtype} "
-        f"and shape {image.shape} (use rflow_jax.data.pixels.to_uint8 for [-1, 1] floats)")
+        f"and shape {image.shape} (use rflow_jax.data.pixels.to_uint8 for [-1, 1] floats)"
+    )
   bright = image.max(axis=-1).astype(np.float32)
   cores, regions, bg = _segment(bright)
   min_area = image.shape[0] * image.shape[1] * SPECK_FRACTION
@@ -222,6 +225,5 @@ def analyze(image: np.ndarray) -> list[Detection]:
     core_mask = cores == label
     if core_mask.sum() < min_area:
       continue
-    detections.append(
-        _describe(image, bright, bg, core_mask, regions == label, box))
+    detections.append(_describe(image, bright, bg, core_mask, regions == label, box))
   return detections

@@ -45,6 +45,7 @@ class PromptSpec:
       position (subject, reference).
     relation: for position, one of `shapes_scenes.RELATIONS`; else None.
   """
+
   kind: str
   objects: tuple[tuple[str, str], ...]
   relation: str | None = None
@@ -57,10 +58,8 @@ _COLOR = "(" + "|".join(shapes_scenes.PALETTE) + ")"
 _SHAPE = "(" + "|".join(shapes_scenes.SHAPES) + ")"
 _WORD_COUNTS = {word: n for n, word in shapes.COUNT_WORDS.items()}
 _SINGLE_RE = re.compile(rf"a {_COLOR} {_SHAPE}")
-_POSITION_RE = re.compile(
-    rf"a {_COLOR} {_SHAPE} ({'|'.join(shapes_scenes.RELATIONS)}) a {_COLOR} {_SHAPE}")
-_COUNTING_RE = re.compile(
-    rf"({'|'.join(_WORD_COUNTS)}) {_COLOR} {_SHAPE}s")
+_POSITION_RE = re.compile(rf"a {_COLOR} {_SHAPE} ({'|'.join(shapes_scenes.RELATIONS)}) a {_COLOR} {_SHAPE}")
+_COUNTING_RE = re.compile(rf"({'|'.join(_WORD_COUNTS)}) {_COLOR} {_SHAPE}s")
 
 
 def parse_prompt(prompt: str) -> PromptSpec:
@@ -87,7 +86,8 @@ def parse_prompt(prompt: str) -> PromptSpec:
       f"prompt {prompt!r} is not a shapes sentence prompt; expected e.g. "
       f"'a red circle', 'a red circle to the left of a blue square' or "
       f"'two red circles' (colours {list(shapes_scenes.PALETTE)}, shapes "
-      f"{list(shapes_scenes.SHAPES)}, relations {list(shapes_scenes.RELATIONS)})")
+      f"{list(shapes_scenes.SHAPES)}, relations {list(shapes_scenes.RELATIONS)})"
+  )
 
 
 # ---------------------------------------------------------------------------
@@ -108,22 +108,22 @@ def _position_pairs(dets: list[Detection], spec: PromptSpec):
   Both orders are tried: the generator may draw the objects in any order.
   """
   subject_spec, reference_spec = spec.objects
-  return [(subject, reference)
-          for subject, reference in itertools.permutations(dets)
-          if _matches(subject, subject_spec)
-          and _matches(reference, reference_spec)]
+  return [
+      (subject, reference)
+      for subject, reference in itertools.permutations(dets)
+      if _matches(subject, subject_spec) and _matches(reference, reference_spec)
+  ]
 
 
 def _check_position(dets: list[Detection], spec: PromptSpec) -> bool:
   return len(dets) == 2 and any(
-      shapes_scenes.relation_holds((subject.cx, subject.cy),
-                                   (reference.cx, reference.cy), spec.relation)
-      for subject, reference in _position_pairs(dets, spec))
+      shapes_scenes.relation_holds((subject.cx, subject.cy), (reference.cx, reference.cy), spec.relation)
+      for subject, reference in _position_pairs(dets, spec)
+  )
 
 
 def _check_counting(dets: list[Detection], spec: PromptSpec) -> bool:
-  return (len(dets) == len(spec.objects)
-          and all(_matches(d, spec.objects[0]) for d in dets))
+  return len(dets) == len(spec.objects) and all(_matches(d, spec.objects[0]) for d in dets)
 
 
 _CHECKS = {
@@ -149,8 +149,7 @@ def score(image: np.ndarray, prompt: str) -> dict[str, object]:
 
 def _check_pairs(images: Sequence[np.ndarray], prompts: Sequence[str]) -> None:
   if len(images) != len(prompts):
-    raise ValueError(
-        f"got {len(images)} images but {len(prompts)} prompts; need one each")
+    raise ValueError(f"got {len(images)} images but {len(prompts)} prompts; need one each")
 
 
 # Failure reasons of `diagnose`, in the order they are checked: the first that
@@ -189,16 +188,14 @@ def diagnose(image: np.ndarray, prompt: str) -> dict[str, object]:
   spec = parse_prompt(prompt)
   dets = shapes_detector.analyze(image)
   correct = bool(_CHECKS[spec.kind](dets, spec))
-  out: dict[str, object] = {"kind": spec.kind, "correct": correct,
-                            "reason": "ok", "shapes": []}
+  out: dict[str, object] = {"kind": spec.kind, "correct": correct, "reason": "ok", "shapes": []}
   if correct:
     return out
   if len(dets) < len(spec.objects):
     out["reason"] = "too few objects"
   elif len(dets) > len(spec.objects):
     whole = sum(not _is_sliver(d) for d in dets)
-    out["reason"] = ("stray stripe" if whole == len(spec.objects)
-                     else "too many objects")
+    out["reason"] = "stray stripe" if whole == len(spec.objects) else "too many objects"
   elif sorted(d.color for d in dets) != sorted(c for c, _ in spec.objects):
     out["reason"] = "colour"
   elif sorted(d.shape for d in dets) != sorted(s for _, s in spec.objects):
@@ -207,14 +204,12 @@ def diagnose(image: np.ndarray, prompt: str) -> dict[str, object]:
     out["reason"] = "binding"
   else:
     out["reason"] = "relation"
-  if (out["reason"] in ("shape", "binding")
-      and len({s for _, s in spec.objects}) == 1):
+  if out["reason"] in ("shape", "binding") and len({s for _, s in spec.objects}) == 1:
     out["shapes"] = [(spec.objects[0][1], d.shape) for d in dets]
   return out
 
 
-def failure_breakdown(images: Sequence[np.ndarray],
-                      prompts: Sequence[str]) -> dict[str, object]:
+def failure_breakdown(images: Sequence[np.ndarray], prompts: Sequence[str]) -> dict[str, object]:
   """Counts of `diagnose` reasons per scene kind, and the shape confusions.
 
   Returns:
@@ -236,8 +231,7 @@ def failure_breakdown(images: Sequence[np.ndarray],
   return {"reasons": reasons, "shape_confusion": dict(sorted(confusion.items()))}
 
 
-def evaluate(images: Sequence[np.ndarray],
-             prompts: Sequence[str]) -> dict[str, float]:
+def evaluate(images: Sequence[np.ndarray], prompts: Sequence[str]) -> dict[str, float]:
   """Scores images against their prompts; GenEval-style accuracies.
 
   Args:

@@ -45,7 +45,7 @@ def ssim(images: jax.Array, reference: jax.Array) -> jax.Array:
   def band(n):  # (n - W + 1, n): row i holds the window at offsets i..i+W-1 ('valid' borders).
     m = np.zeros((n - SSIM_WINDOW + 1, n), np.float32)
     for i in range(m.shape[0]):
-      m[i, i:i + SSIM_WINDOW] = g
+      m[i, i : i + SSIM_WINDOW] = g
     return jnp.asarray(m)
 
   mh, mw = band(x.shape[1]), band(x.shape[2])

@@ -101,8 +101,10 @@ class ValLoss:
     """
     e = config.eval
     if e.val_loss_examples % e.val_loss_batch_size:
-      raise ValueError(f"eval.val_loss_examples={e.val_loss_examples} is not a multiple of "
-                       f"eval.val_loss_batch_size={e.val_loss_batch_size}")
+      raise ValueError(
+          f"eval.val_loss_examples={e.val_loss_examples} is not a multiple of "
+          f"eval.val_loss_batch_size={e.val_loss_batch_size}"
+      )
     self.batch_size = e.val_loss_batch_size
     self.data = heldout_set(config.data, tokenizer, e.val_loss_examples)
     self.data["eps"] = fixed_noise(e.val_loss_seed, e.val_loss_examples, self.data["image"].shape[1:])
@@ -111,11 +113,13 @@ class ValLoss:
     if mesh is not None:
       ways = math.prod(mesh.shape[a] for a in partition.batch_mesh_axes(self.rules))
       if self.batch_size % ways:
-        raise ValueError(f"eval.val_loss_batch_size={self.batch_size} is not divisible by the {ways} ways the "
-                         "mesh splits a batch")
+        raise ValueError(
+            f"eval.val_loss_batch_size={self.batch_size} is not divisible by the {ways} ways the " "mesh splits a batch"
+        )
       self.sharding = partition.batch_sharding(mesh, self.rules)
-    self._fn = jax.jit(lambda p, tp, b: per_level_losses(p, tp, b, model=model, text_stack=text_stack,
-                                                         formulation=formulation))
+    self._fn = jax.jit(
+        lambda p, tp, b: per_level_losses(p, tp, b, model=model, text_stack=text_stack, formulation=formulation)
+    )
 
   def _put(self, array: np.ndarray):
     if self.sharding is None:
@@ -128,7 +132,7 @@ class ValLoss:
     out = []
     n = len(self.data["image"])
     for start in range(0, n, self.batch_size):
-      batch = {k: self._put(v[start:start + self.batch_size]) for k, v in self.data.items()}
+      batch = {k: self._put(v[start : start + self.batch_size]) for k, v in self.data.items()}
       if self.mesh is None:
         out.append(self._fn(params, text_params, batch))
       else:
@@ -139,8 +143,11 @@ class ValLoss:
   def scores(self, params, text_params) -> dict[str, float]:
     """{"t0" … "t7", "mean", "mean_excl_last"} of these weights."""
     per_level = self.per_example(params, text_params).mean(axis=0)
-    return {**{f"t{i}": float(v) for i, v in enumerate(per_level)}, "mean": float(per_level.mean()),
-            "mean_excl_last": float(per_level[:-1].mean())}
+    return {
+        **{f"t{i}": float(v) for i, v in enumerate(per_level)},
+        "mean": float(per_level.mean()),
+        "mean_excl_last": float(per_level[:-1].mean()),
+    }
 
 
 _CACHE = weakref.WeakKeyDictionary()  # task -> ValLoss: the held-out set is built and compiled once per run.
@@ -150,8 +157,15 @@ def for_task(task) -> ValLoss:
   """The ValLoss of a flow task (rflow_jax/train/tasks.py: config, model, text_stack, tokenizer, formulation, and the
   mesh and rules the trainer's Setup gives it), built on first use."""
   if task not in _CACHE:
-    _CACHE[task] = ValLoss(task.config, model=task.model, text_stack=task.text_stack, tokenizer=task.tokenizer,
-                           formulation=task.formulation, mesh=task.mesh, rules=task.rules)
+    _CACHE[task] = ValLoss(
+        task.config,
+        model=task.model,
+        text_stack=task.text_stack,
+        tokenizer=task.tokenizer,
+        formulation=task.formulation,
+        mesh=task.mesh,
+        rules=task.rules,
+    )
   return _CACHE[task]
 
 

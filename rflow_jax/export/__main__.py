@@ -25,8 +25,9 @@ def main(argv):
   del argv
   cli.quiet_orbax()
   with cli.clean_errors():
-    info = workdir.export_workdir(FLAGS.workdir, FLAGS.out, fmt=FLAGS.format, params=FLAGS.params,
-                                  overwrite=FLAGS.overwrite)
+    info = workdir.export_workdir(
+        FLAGS.workdir, FLAGS.out, fmt=FLAGS.format, params=FLAGS.params, overwrite=FLAGS.overwrite
+    )
   print(f"wrote {info['format']} export of checkpoint step {info['step']} ({info['params']} params) to {FLAGS.out}")
 
 

@@ -30,7 +30,6 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".ckpt", ".pth", ".pkl")
 DEFAULT_MAX_SHARD_BYTES = 10 * 10**9
 
 
-
 def refuse_pickle(path: str | os.PathLike[str]) -> None:
   """Raises ValueError for pickle-based checkpoints (never unpickled)."""
   path = pathlib.Path(path)
@@ -40,7 +39,8 @@ def refuse_pickle(path: str | os.PathLike[str]) -> None:
         f"it (arbitrary code execution). Convert it to safetensors first, "
         f"e.g. in a trusted environment: SD3Transformer2DModel."
         f"from_pretrained(...).save_pretrained(dir, safe_serialization=True) "
-        f"or safetensors.torch.save_file(torch.load(f), out)")
+        f"or safetensors.torch.save_file(torch.load(f), out)"
+    )
 
 
 def load_safetensors(files: Sequence[pathlib.Path]) -> dict[str, np.ndarray]:
@@ -56,8 +56,9 @@ def load_safetensors(files: Sequence[pathlib.Path]) -> dict[str, np.ndarray]:
   return out
 
 
-def weight_files(path: pathlib.Path, weights_name: str = WEIGHTS_NAME,
-                 index_name: str = INDEX_NAME) -> list[pathlib.Path]:
+def weight_files(
+    path: pathlib.Path, weights_name: str = WEIGHTS_NAME, index_name: str = INDEX_NAME
+) -> list[pathlib.Path]:
   """The safetensors files of a model directory: the index's shards, or the single file.
 
   Args:
@@ -75,15 +76,13 @@ def weight_files(path: pathlib.Path, weights_name: str = WEIGHTS_NAME,
   single = path / weights_name
   if single.exists():
     return [single]
-  pickles = sorted(p.name for p in path.iterdir()
-                   if p.suffix.lower() in PICKLE_SUFFIXES)
+  pickles = sorted(p.name for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
   if pickles:
     refuse_pickle(path / pickles[0])
   raise FileNotFoundError(f"{path} has neither {weights_name} nor {index_name}")
 
 
-def load_transformer(path: str | os.PathLike[str],
-                     **overrides: Any) -> tuple[mmdit.MMDiT, Params]:
+def load_transformer(path: str | os.PathLike[str], **overrides: Any) -> tuple[mmdit.MMDiT, Params]:
   """Loads a diffusers SD3 transformer directory as (MMDiT, params).
 
   Args:
@@ -100,15 +99,13 @@ def load_transformer(path: str | os.PathLike[str],
     raise ValueError(f"{path} is not a diffusers transformer directory")
   cfg = json.loads((path / CONFIG_NAME).read_text())
   if cfg.get("_class_name", names.CLASS_NAME) != names.CLASS_NAME:
-    raise ValueError(f"{path / CONFIG_NAME} describes {cfg['_class_name']}, "
-                     f"not {names.CLASS_NAME}")
+    raise ValueError(f"{path / CONFIG_NAME} describes {cfg['_class_name']}, " f"not {names.CLASS_NAME}")
   model = names.model_from_diffusers_config(cfg, **overrides)
   state_dict = load_safetensors(weight_files(path))
   return model, names.params_from_diffusers(state_dict, model)
 
 
-def _shards(state_dict: Mapping[str, np.ndarray],
-            max_shard_bytes: int) -> list[dict[str, np.ndarray]]:
+def _shards(state_dict: Mapping[str, np.ndarray], max_shard_bytes: int) -> list[dict[str, np.ndarray]]:
   """Greedy split in key order; a tensor larger than the limit stands alone."""
   shards, current, size = [], {}, 0
   for key in sorted(state_dict):
@@ -123,11 +120,14 @@ def _shards(state_dict: Mapping[str, np.ndarray],
   return shards
 
 
-def save_transformer(params: Mapping[str, Any], model: mmdit.MMDiT,
-                     out_dir: str | os.PathLike[str],
-                     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                     overwrite: bool = False,
-                     sample_size: int | None = None) -> pathlib.Path:
+def save_transformer(
+    params: Mapping[str, Any],
+    model: mmdit.MMDiT,
+    out_dir: str | os.PathLike[str],
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    overwrite: bool = False,
+    sample_size: int | None = None,
+) -> pathlib.Path:
   """Writes a diffusers SD3Transformer2DModel directory.
 
   config.json plus diffusion_pytorch_model.safetensors, or numbered shards
@@ -147,13 +147,23 @@ def save_transformer(params: Mapping[str, Any], model: mmdit.MMDiT,
   Returns:
     The output directory.
   """
-  return write_model_dir(names.diffusers_config(model, sample_size), names.params_to_diffusers(params, model), out_dir,
-                         max_shard_bytes=max_shard_bytes, overwrite=overwrite)
+  return write_model_dir(
+      names.diffusers_config(model, sample_size),
+      names.params_to_diffusers(params, model),
+      out_dir,
+      max_shard_bytes=max_shard_bytes,
+      overwrite=overwrite,
+  )
 
 
-def write_model_dir(config: Mapping[str, Any], state_dict: Mapping[str, np.ndarray],
-                    out_dir: str | os.PathLike[str], *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                    overwrite: bool = False) -> pathlib.Path:
+def write_model_dir(
+    config: Mapping[str, Any],
+    state_dict: Mapping[str, np.ndarray],
+    out_dir: str | os.PathLike[str],
+    *,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    overwrite: bool = False,
+) -> pathlib.Path:
   """Writes a diffusers model directory (config.json + safetensors, sharded past `max_shard_bytes`) atomically.
 
   Everything is written to a temporary sibling directory that is renamed into place, so readers never see a partial
@@ -173,8 +183,10 @@ def write_model_dir(config: Mapping[str, Any], state_dict: Mapping[str, np.ndarr
     else:
       stem = WEIGHTS_NAME.removesuffix(".safetensors")
       files = [f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-      index = {"metadata": {"total_size": sum(a.nbytes for a in state_dict.values())},
-               "weight_map": {k: n for n, s in zip(files, shards) for k in s}}
+      index = {
+          "metadata": {"total_size": sum(a.nbytes for a in state_dict.values())},
+          "weight_map": {k: n for n, s in zip(files, shards) for k in s},
+      }
       (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
     for name, shard in zip(files, shards):
       safetensors.numpy.save_file(shard, str(tmp / name), metadata={"format": "pt"})

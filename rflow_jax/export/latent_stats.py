@@ -51,7 +51,7 @@ def measure(model, params, images, *, batch_size: int, seed: int) -> dict[str, f
 
   total = total_sq = count = 0.0
   for i in range(0, len(images), batch_size):
-    chunk = images[i:i + batch_size]
+    chunk = images[i : i + batch_size]
     z = np.asarray(sample(params, chunk, jax.random.fold_in(jax.random.key(seed), i)), np.float64)
     total, total_sq, count = total + z.sum(), total_sq + (z**2).sum(), count + z.size
   mean = total / count
@@ -74,7 +74,8 @@ def main(argv):
     if FLAGS.num_examples < 1 or FLAGS.batch_size < 1:
       raise ValueError(f"--num_examples={FLAGS.num_examples} and --batch_size={FLAGS.batch_size} must be >= 1")
     is_workdir = os.path.isfile(os.path.join(FLAGS.vae, "config.json")) and os.path.isdir(
-        os.path.join(FLAGS.vae, "checkpoints"))
+        os.path.join(FLAGS.vae, "checkpoints")
+    )
     if is_workdir:
       if not FLAGS.out:
         raise ValueError(f"--vae={FLAGS.vae!r} is a training workdir: pass --out=DIR for the exported VAE")
@@ -84,8 +85,7 @@ def main(argv):
       model, params = export_vae.load_vae(FLAGS.vae)
       source = shapes.ShapesSource(size=FLAGS.image_size)
     model.check_image_size(source.size, source.size)  # Before anything is encoded.
-    stats = measure(model, params, _images(source, FLAGS.num_examples), batch_size=FLAGS.batch_size,
-                    seed=FLAGS.seed)
+    stats = measure(model, params, _images(source, FLAGS.num_examples), batch_size=FLAGS.batch_size, seed=FLAGS.seed)
     model = model.clone(scaling_factor=stats["scaling_factor"], shift_factor=stats["shift_factor"])
     if FLAGS.out:
       export_vae.save_vae(params, model, FLAGS.out, overwrite=FLAGS.overwrite)

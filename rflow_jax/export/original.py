@@ -26,17 +26,19 @@ PREFIX = "model.diffusion_model."
 
 
 def _linear(ours: str, theirs: str) -> list[Entry]:
-  return [Entry(f"{ours}/kernel", (f"{theirs}.weight",), "linear"),
-          Entry(f"{ours}/bias", (f"{theirs}.bias",), "copy")]
+  return [Entry(f"{ours}/kernel", (f"{theirs}.weight",), "linear"), Entry(f"{ours}/bias", (f"{theirs}.bias",), "copy")]
 
 
-def _attention(ours: str, theirs: str, qk_norm: bool,
-               has_out: bool) -> list[Entry]:
-  e = [Entry(f"{ours}/qkv/kernel", (f"{theirs}.qkv.weight",), "qkv_fused"),
-       Entry(f"{ours}/qkv/bias", (f"{theirs}.qkv.bias",), "qkv_bias_fused")]
+def _attention(ours: str, theirs: str, qk_norm: bool, has_out: bool) -> list[Entry]:
+  e = [
+      Entry(f"{ours}/qkv/kernel", (f"{theirs}.qkv.weight",), "qkv_fused"),
+      Entry(f"{ours}/qkv/bias", (f"{theirs}.qkv.bias",), "qkv_bias_fused"),
+  ]
   if qk_norm:
-    e += [Entry(f"{ours}/q_norm/scale", (f"{theirs}.ln_q.weight",), "copy"),
-          Entry(f"{ours}/k_norm/scale", (f"{theirs}.ln_k.weight",), "copy")]
+    e += [
+        Entry(f"{ours}/q_norm/scale", (f"{theirs}.ln_q.weight",), "copy"),
+        Entry(f"{ours}/k_norm/scale", (f"{theirs}.ln_k.weight",), "copy"),
+    ]
   if has_out:
     e += _linear(f"{ours}/proj", f"{theirs}.proj")
   return e
@@ -45,9 +47,11 @@ def _attention(ours: str, theirs: str, qk_norm: bool,
 def original_entries(model: mmdit.MMDiT, prefix: str = PREFIX) -> list[Entry]:
   """The complete our-param <-> original-key table for a model config."""
   qk = model.qk_norm is not None
-  e = [Entry("pos_embed", ("pos_embed",), "pos_table"),
-       Entry("patch_embed/kernel", ("x_embedder.proj.weight",), "patch"),
-       Entry("patch_embed/bias", ("x_embedder.proj.bias",), "copy")]
+  e = [
+      Entry("pos_embed", ("pos_embed",), "pos_table"),
+      Entry("patch_embed/kernel", ("x_embedder.proj.weight",), "patch"),
+      Entry("patch_embed/bias", ("x_embedder.proj.bias",), "copy"),
+  ]
   e += _linear("t_embedder/fc1", "t_embedder.mlp.0")
   e += _linear("t_embedder/fc2", "t_embedder.mlp.2")
   e += _linear("y_embedder/fc1", "y_embedder.mlp.0")
@@ -67,12 +71,10 @@ def original_entries(model: mmdit.MMDiT, prefix: str = PREFIX) -> list[Entry]:
         e += _linear(f"{ours}/mlp/fc2", f"{theirs}.mlp.fc2")
   e += _linear("final_layer/modulation", "final_layer.adaLN_modulation.1")
   e += _linear("final_layer/proj", "final_layer.linear")
-  return [Entry(x.ours, tuple(prefix + k for k in x.theirs), x.layout)
-          for x in e]
+  return [Entry(x.ours, tuple(prefix + k for k in x.theirs), x.layout) for x in e]
 
 
-def params_from_original(state_dict: Mapping[str, Any], model: mmdit.MMDiT,
-                         prefix: str = PREFIX) -> dict[str, Any]:
+def params_from_original(state_dict: Mapping[str, Any], model: mmdit.MMDiT, prefix: str = PREFIX) -> dict[str, Any]:
   """Our params from an original-layout SD3/SD3.5 state dict.
 
   Tensors outside `prefix` (VAE, text encoders of the all-in-one files) are
@@ -91,19 +93,15 @@ def params_from_original(state_dict: Mapping[str, Any], model: mmdit.MMDiT,
     ValueError: listing every missing, unexpected or wrongly shaped tensor.
   """
   own = {k: v for k, v in state_dict.items() if k.startswith(prefix)}
-  return diffusers_export.params_from_state_dict(
-      own, original_entries(model, prefix), model, "original SD3 state dict")
+  return diffusers_export.params_from_state_dict(own, original_entries(model, prefix), model, "original SD3 state dict")
 
 
-def params_to_original(params: Mapping[str, Any], model: mmdit.MMDiT,
-                       prefix: str = PREFIX) -> dict[str, np.ndarray]:
+def params_to_original(params: Mapping[str, Any], model: mmdit.MMDiT, prefix: str = PREFIX) -> dict[str, np.ndarray]:
   """An original-layout state dict (under `prefix`) from our params."""
-  return diffusers_export.state_dict_from_params(
-      params, original_entries(model, prefix), model)
+  return diffusers_export.state_dict_from_params(params, original_entries(model, prefix), model)
 
 
-def load_original(path: str | os.PathLike[str], model: mmdit.MMDiT,
-                  prefix: str = PREFIX) -> dict[str, Any]:
+def load_original(path: str | os.PathLike[str], model: mmdit.MMDiT, prefix: str = PREFIX) -> dict[str, Any]:
   """Reads an original single-file .safetensors checkpoint into our params.
 
   Args:

@@ -49,8 +49,10 @@ def _read_config(path: pathlib.Path, architectures, model_types) -> dict[str, An
   cfg = json.loads(config_file.read_text())
   archs = cfg.get("architectures") or []
   if cfg.get("model_type") not in model_types or (archs and archs[0] not in architectures):
-    raise WeightsError(f"{config_file} describes {archs[0] if archs else '?'} (model_type "
-                       f"{cfg.get('model_type')!r}), not one of {list(architectures)}")
+    raise WeightsError(
+        f"{config_file} describes {archs[0] if archs else '?'} (model_type "
+        f"{cfg.get('model_type')!r}), not one of {list(architectures)}"
+    )
   return cfg
 
 
@@ -66,11 +68,21 @@ def clip_config(path: str | os.PathLike[str]) -> tuple[clip.CLIPTextConfig, dict
   raw = _read_config(path, CLIP_ARCHITECTURES, ("clip_text_model",))
   archs = raw.get("architectures") or ["CLIPTextModelWithProjection"]
   projection = raw.get("projection_dim", raw["hidden_size"]) if archs[0] == "CLIPTextModelWithProjection" else 0
-  return clip.CLIPTextConfig(
-      vocab_size=raw["vocab_size"], width=raw["hidden_size"], depth=raw["num_hidden_layers"],
-      num_heads=raw["num_attention_heads"], mlp_dim=raw["intermediate_size"],
-      max_length=raw["max_position_embeddings"], act=_activation(path / "config.json", raw["hidden_act"]),
-      eps=raw["layer_norm_eps"], eos_token_id=raw["eos_token_id"], projection_dim=projection), raw
+  return (
+      clip.CLIPTextConfig(
+          vocab_size=raw["vocab_size"],
+          width=raw["hidden_size"],
+          depth=raw["num_hidden_layers"],
+          num_heads=raw["num_attention_heads"],
+          mlp_dim=raw["intermediate_size"],
+          max_length=raw["max_position_embeddings"],
+          act=_activation(path / "config.json", raw["hidden_act"]),
+          eps=raw["layer_norm_eps"],
+          eos_token_id=raw["eos_token_id"],
+          projection_dim=projection,
+      ),
+      raw,
+  )
 
 
 def t5_config(path: str | os.PathLike[str]) -> tuple[t5.T5Config, dict[str, Any]]:
@@ -81,11 +93,22 @@ def t5_config(path: str | os.PathLike[str]) -> tuple[t5.T5Config, dict[str, Any]
   gated = proj.startswith("gated-")
   act = proj.split("-")[-1]
   act = "gelu_new" if proj == "gated-gelu" else act  # transformers maps gated-gelu to the tanh form (T5 v1.1).
-  return t5.T5Config(
-      vocab_size=raw["vocab_size"], width=raw["d_model"], depth=raw["num_layers"], num_heads=raw["num_heads"],
-      head_dim=raw["d_kv"], mlp_dim=raw["d_ff"], act=_activation(path / "config.json", act), gated=gated,
-      num_buckets=raw.get("relative_attention_num_buckets", 32),
-      max_distance=raw.get("relative_attention_max_distance", 128), eps=raw.get("layer_norm_epsilon", 1e-6)), raw
+  return (
+      t5.T5Config(
+          vocab_size=raw["vocab_size"],
+          width=raw["d_model"],
+          depth=raw["num_layers"],
+          num_heads=raw["num_heads"],
+          head_dim=raw["d_kv"],
+          mlp_dim=raw["d_ff"],
+          act=_activation(path / "config.json", act),
+          gated=gated,
+          num_buckets=raw.get("relative_attention_num_buckets", 32),
+          max_distance=raw.get("relative_attention_max_distance", 128),
+          eps=raw.get("layer_norm_epsilon", 1e-6),
+      ),
+      raw,
+  )
 
 
 def _clip_name(key: str) -> str:
@@ -100,10 +123,12 @@ def _t5_name(key: str) -> str:
 
 def clip_entries(cfg: clip.CLIPTextConfig) -> dict[str, tuple[str, bool]]:
   """Our unscanned param path -> (transformers tensor name, transpose?)."""
-  out = {"token_embedding": ("text_model.embeddings.token_embedding.weight", False),
-         "position_embedding": ("text_model.embeddings.position_embedding.weight", False),
-         "final_layer_norm/scale": ("text_model.final_layer_norm.weight", False),
-         "final_layer_norm/bias": ("text_model.final_layer_norm.bias", False)}
+  out = {
+      "token_embedding": ("text_model.embeddings.token_embedding.weight", False),
+      "position_embedding": ("text_model.embeddings.position_embedding.weight", False),
+      "final_layer_norm/scale": ("text_model.final_layer_norm.weight", False),
+      "final_layer_norm/bias": ("text_model.final_layer_norm.bias", False),
+  }
   for i in range(cfg.depth):
     theirs = f"text_model.encoder.layers.{i}"
     for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
@@ -122,9 +147,11 @@ def clip_entries(cfg: clip.CLIPTextConfig) -> dict[str, tuple[str, bool]]:
 
 def t5_entries(cfg: t5.T5Config) -> dict[str, tuple[str, bool]]:
   """Our unscanned param path -> (transformers tensor name, transpose?)."""
-  out = {"embed": ("shared.weight", False),
-         "relative_attention_bias": ("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", False),
-         "final_layer_norm/scale": ("encoder.final_layer_norm.weight", False)}
+  out = {
+      "embed": ("shared.weight", False),
+      "relative_attention_bias": ("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", False),
+      "final_layer_norm/scale": ("encoder.final_layer_norm.weight", False),
+  }
   ff = ("wi_0", "wi_1", "wo") if cfg.gated else ("wi", "wo")
   for i in range(cfg.depth):
     theirs = f"encoder.block.{i}.layer"
@@ -152,8 +179,9 @@ def _stack_layers(params: dict[str, Any], depth: int) -> dict[str, Any]:
   return params
 
 
-def _load_params(path: pathlib.Path, model, entries: dict[str, tuple[str, bool]], depth: int,
-                 canonical: Callable[[str], str]) -> dict[str, Any]:
+def _load_params(
+    path: pathlib.Path, model, entries: dict[str, tuple[str, bool]], depth: int, canonical: Callable[[str], str]
+) -> dict[str, Any]:
   """Reads, checks and converts the weights of `path` into `model`'s param tree (numpy, param_dtype).
 
   `canonical` maps a stored tensor name to the name `entries` use (transformers has written the same weights under
@@ -161,7 +189,7 @@ def _load_params(path: pathlib.Path, model, entries: dict[str, tuple[str, bool]]
   """
   files = diffusers_io.weight_files(path, WEIGHTS_NAME, INDEX_NAME)
   index = path / INDEX_NAME
-  where = (json.loads(index.read_text())["weight_map"] if index.exists() else {})
+  where = json.loads(index.read_text())["weight_map"] if index.exists() else {}
   stored = diffusers_io.load_safetensors(files)
   state, original = {}, {}
   for key in sorted(stored):
@@ -180,14 +208,18 @@ def _load_params(path: pathlib.Path, model, entries: dict[str, tuple[str, bool]]
       raise WeightsError(f"{missing_from}: tensor {theirs} is missing (expected shape {want_theirs})")
     got = tuple(state[theirs].shape)
     if got != want_theirs:
-      raise WeightsError(f"{file_of(theirs)}: tensor {original[theirs]} has shape {got}, expected {want_theirs} from "
-                         f"{path / 'config.json'}")
+      raise WeightsError(
+          f"{file_of(theirs)}: tensor {original[theirs]} has shape {got}, expected {want_theirs} from "
+          f"{path / 'config.json'}"
+      )
     value = np.asarray(state.pop(theirs))
     flat[ours] = np.ascontiguousarray(value.T if transpose else value, dtype=dtype)
   extra = sorted(k for k in state if k not in _IGNORED)
   if extra:
-    raise WeightsError(f"{file_of(extra[0])}: tensor {original[extra[0]]} is not part of the model described by "
-                       f"{path / 'config.json'} ({len(extra)} unexpected tensors)")
+    raise WeightsError(
+        f"{file_of(extra[0])}: tensor {original[extra[0]]} is not part of the model described by "
+        f"{path / 'config.json'} ({len(extra)} unexpected tensors)"
+    )
   params = flax.traverse_util.unflatten_dict(flat, sep="/")
   return _stack_layers(params, depth) if model.scan_layers else params
 
@@ -235,6 +267,7 @@ def load_tokenizer(path: str | os.PathLike[str], vocab_size: int | None = None):
     The tokenizer (AutoTokenizer.from_pretrained with local_files_only).
   """
   import transformers  # pylint: disable=g-import-not-at-top  (heavy; only loaders of real encoders need it)
+
   path = pathlib.Path(path)
   if not path.is_dir():
     raise FileNotFoundError(f"{path} is not a tokenizer directory")
@@ -244,8 +277,10 @@ def load_tokenizer(path: str | os.PathLike[str], vocab_size: int | None = None):
     raise WeightsError(f"{path}: cannot load a tokenizer ({str(e).splitlines()[0]})") from None
   n = len(tokenizer)
   if vocab_size is not None and not vocab_size * (1 - TOKENIZER_VOCAB_SLACK) <= n <= vocab_size:
-    raise WeightsError(f"{path}: tokenizer has {n} tokens but the model's embedding has {vocab_size} rows "
-                       f"(a vocabulary file missing from the directory?)")
+    raise WeightsError(
+        f"{path}: tokenizer has {n} tokens but the model's embedding has {vocab_size} rows "
+        f"(a vocabulary file missing from the directory?)"
+    )
   return tokenizer
 
 
@@ -267,31 +302,46 @@ def sd3_stack(path: str | os.PathLike[str], t5_length: int, use_t5: bool = True,
     (SD3Tokenizer, SD3TextStack), the stack's empty_tokens set to the tokenized empty prompt.
   """
   from rflow_jax.model.text import sd3, sd3_tokenizer  # pylint: disable=g-import-not-at-top
+
   path = pathlib.Path(path)
   (l_dir, l_tok), (g_dir, g_tok), (t_dir, t_tok) = ((path / e, path / t) for e, t in SD3_FOLDERS)
   l_cfg, _ = clip_config(l_dir)
   g_cfg, _ = clip_config(g_dir)
   t_cfg = t5_config(t_dir)[0] if use_t5 else None
   # Without T5 the context keeps the transformer's width (joint_attention_dim), as diffusers' zeros do.
-  width = t_cfg.width if use_t5 else json.loads((path / "transformer" / "config.json").read_text())[
-      "joint_attention_dim"]
+  width = (
+      t_cfg.width if use_t5 else json.loads((path / "transformer" / "config.json").read_text())["joint_attention_dim"]
+  )
   tokenizer = sd3_tokenizer.SD3Tokenizer(
-      load_tokenizer(l_tok, l_cfg.vocab_size), load_tokenizer(g_tok, g_cfg.vocab_size),
-      load_tokenizer(t_tok, t_cfg.vocab_size) if use_t5 else None, t5_length)
-  stack = sd3.SD3TextStack(clip.CLIPText(l_cfg, **overrides), clip.CLIPText(g_cfg, **overrides),
-                           t5.T5Encoder(t_cfg, **overrides) if use_t5 else None, t5_length=t5_length,
-                           context_width=width, empty_tokens=tokenizer.empty())
+      load_tokenizer(l_tok, l_cfg.vocab_size),
+      load_tokenizer(g_tok, g_cfg.vocab_size),
+      load_tokenizer(t_tok, t_cfg.vocab_size) if use_t5 else None,
+      t5_length,
+  )
+  stack = sd3.SD3TextStack(
+      clip.CLIPText(l_cfg, **overrides),
+      clip.CLIPText(g_cfg, **overrides),
+      t5.T5Encoder(t_cfg, **overrides) if use_t5 else None,
+      t5_length=t5_length,
+      context_width=width,
+      empty_tokens=tokenizer.empty(),
+  )
   return tokenizer, stack
 
 
 def sd3_params(path: str | os.PathLike[str], stack) -> dict[str, Any]:
   """The weights of `stack` (from `sd3_stack`) read from the pipeline directory `path`."""
   path = pathlib.Path(path)
-  params = {"clip_l": _load_params(path / SD3_FOLDERS[0][0], stack.clip_l, clip_entries(stack.clip_l.cfg),
-                                   stack.clip_l.cfg.depth, _clip_name),
-            "clip_g": _load_params(path / SD3_FOLDERS[1][0], stack.clip_g, clip_entries(stack.clip_g.cfg),
-                                   stack.clip_g.cfg.depth, _clip_name)}
+  params = {
+      "clip_l": _load_params(
+          path / SD3_FOLDERS[0][0], stack.clip_l, clip_entries(stack.clip_l.cfg), stack.clip_l.cfg.depth, _clip_name
+      ),
+      "clip_g": _load_params(
+          path / SD3_FOLDERS[1][0], stack.clip_g, clip_entries(stack.clip_g.cfg), stack.clip_g.cfg.depth, _clip_name
+      ),
+  }
   if stack.t5 is not None:
-    params["t5"] = _load_params(path / SD3_FOLDERS[2][0], stack.t5, t5_entries(stack.t5.cfg), stack.t5.cfg.depth,
-                                _t5_name)
+    params["t5"] = _load_params(
+        path / SD3_FOLDERS[2][0], stack.t5, t5_entries(stack.t5.cfg), stack.t5.cfg.depth, _t5_name
+    )
   return params

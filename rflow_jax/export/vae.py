@@ -38,10 +38,25 @@ _CONV = dx.Layout(lambda k, xp: (k.transpose(3, 2, 0, 1),), lambda ts, xp: ts[0]
 
 # AutoencoderKL.__init__ defaults (diffusers 0.42), for keys a config.json leaves out.
 DIFFUSERS_DEFAULTS: dict[str, Any] = dict(
-    in_channels=3, out_channels=3, down_block_types=(DOWN_BLOCK,), up_block_types=(UP_BLOCK,),
-    block_out_channels=(64,), layers_per_block=1, act_fn="silu", latent_channels=4, norm_num_groups=32,
-    sample_size=32, scaling_factor=0.18215, shift_factor=None, latents_mean=None, latents_std=None,
-    force_upcast=True, use_quant_conv=True, use_post_quant_conv=True, mid_block_add_attention=True)
+    in_channels=3,
+    out_channels=3,
+    down_block_types=(DOWN_BLOCK,),
+    up_block_types=(UP_BLOCK,),
+    block_out_channels=(64,),
+    layers_per_block=1,
+    act_fn="silu",
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=32,
+    scaling_factor=0.18215,
+    shift_factor=None,
+    latents_mean=None,
+    latents_std=None,
+    force_upcast=True,
+    use_quant_conv=True,
+    use_post_quant_conv=True,
+    mid_block_add_attention=True,
+)
 
 # Our module path piece -> diffusers', applied in order to the '/'-joined path of a parameter.
 _RENAMES = (
@@ -68,8 +83,9 @@ def torch_name(path: str) -> str:
 def abstract_params(model: vae_lib.AutoencoderKL) -> dict[str, jax.ShapeDtypeStruct]:
   """Flat {path: ShapeDtypeStruct} of the model's params (no allocation)."""
   f = model.downsample_factor
-  shapes = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, f, f, model.in_channels),
-                                                                              jnp.float32))["params"]
+  shapes = jax.eval_shape(
+      model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, f, f, model.in_channels), jnp.float32)
+  )["params"]
   return flax.traverse_util.flatten_dict(nn.unbox(shapes), sep="/")
 
 
@@ -97,8 +113,9 @@ def _one_line(state_dict, expected, where: str) -> None:
     raise ValueError(f"{where}: {problems[0].strip()}{more}") from None
 
 
-def params_from_diffusers(state_dict: Mapping[str, Any], model: vae_lib.AutoencoderKL,
-                          where: str = "diffusers state dict") -> dict[str, Any]:
+def params_from_diffusers(
+    state_dict: Mapping[str, Any], model: vae_lib.AutoencoderKL, where: str = "diffusers state dict"
+) -> dict[str, Any]:
   """Our nested params (host numpy, param_dtype) from a diffusers AutoencoderKL state dict.
 
   Args:
@@ -111,8 +128,12 @@ def params_from_diffusers(state_dict: Mapping[str, Any], model: vae_lib.Autoenco
   """
   ours, expected = _expected(model)
   _one_line(state_dict, expected, where)
-  flat = {k: np.ascontiguousarray(_layout(k, len(v.shape)).from_torch((np.asarray(state_dict[torch_name(k)]),), np),
-                                  dtype=v.dtype) for k, v in ours.items()}
+  flat = {
+      k: np.ascontiguousarray(
+          _layout(k, len(v.shape)).from_torch((np.asarray(state_dict[torch_name(k)]),), np), dtype=v.dtype
+      )
+      for k, v in ours.items()
+  }
   return flax.traverse_util.unflatten_dict(flat, sep="/")
 
 
@@ -121,8 +142,10 @@ def params_to_diffusers(params: Mapping[str, Any], model: vae_lib.AutoencoderKL)
   ours = abstract_params(model)
   flat = flax.traverse_util.flatten_dict(nn.unbox(dict(params)), sep="/")
   _one_line(flat, {k: tuple(v.shape) for k, v in ours.items()}, "params")
-  return {torch_name(k): np.ascontiguousarray(_layout(k, np.ndim(v)).to_torch(np.asarray(v), np)[0])
-          for k, v in flat.items()}
+  return {
+      torch_name(k): np.ascontiguousarray(_layout(k, np.ndim(v)).to_torch(np.asarray(v), np)[0])
+      for k, v in flat.items()
+  }
 
 
 def model_from_diffusers_config(cfg: Mapping[str, Any], **overrides: Any) -> vae_lib.AutoencoderKL:
@@ -142,19 +165,29 @@ def model_from_diffusers_config(cfg: Mapping[str, Any], **overrides: Any) -> vae
   n = len(c["block_out_channels"])
   for key, want in (("down_block_types", DOWN_BLOCK), ("up_block_types", UP_BLOCK)):
     if list(c[key]) != [want] * n:
-      raise ValueError(f"AutoencoderKL {key}={list(c[key])}: only {n} x {want!r} (one per block_out_channels "
-                       "entry) is supported")
+      raise ValueError(
+          f"AutoencoderKL {key}={list(c[key])}: only {n} x {want!r} (one per block_out_channels " "entry) is supported"
+      )
   if c["act_fn"] != "silu":
     raise ValueError(f"AutoencoderKL act_fn={c['act_fn']!r}: only 'silu' is supported")
   if c["latents_mean"] is not None or c["latents_std"] is not None:
-    raise ValueError("AutoencoderKL latents_mean/latents_std (per-channel statistics) are not supported; "
-                     "use scaling_factor and shift_factor")
+    raise ValueError(
+        "AutoencoderKL latents_mean/latents_std (per-channel statistics) are not supported; "
+        "use scaling_factor and shift_factor"
+    )
   kwargs = dict(
-      block_out_channels=tuple(int(x) for x in c["block_out_channels"]), layers_per_block=c["layers_per_block"],
-      norm_num_groups=c["norm_num_groups"], latent_channels=c["latent_channels"], in_channels=c["in_channels"],
-      out_channels=c["out_channels"], use_quant_conv=c["use_quant_conv"],
-      use_post_quant_conv=c["use_post_quant_conv"], mid_block_attention=c["mid_block_add_attention"],
-      scaling_factor=float(c["scaling_factor"]), shift_factor=float(c["shift_factor"] or 0.0))
+      block_out_channels=tuple(int(x) for x in c["block_out_channels"]),
+      layers_per_block=c["layers_per_block"],
+      norm_num_groups=c["norm_num_groups"],
+      latent_channels=c["latent_channels"],
+      in_channels=c["in_channels"],
+      out_channels=c["out_channels"],
+      use_quant_conv=c["use_quant_conv"],
+      use_post_quant_conv=c["use_post_quant_conv"],
+      mid_block_attention=c["mid_block_add_attention"],
+      scaling_factor=float(c["scaling_factor"]),
+      shift_factor=float(c["shift_factor"] or 0.0),
+  )
   arch = sorted(set(overrides) & set(kwargs) - {"scaling_factor", "shift_factor"})
   if arch:
     raise ValueError(f"overrides {arch} would change the architecture")
@@ -168,15 +201,25 @@ def diffusers_config(model: vae_lib.AutoencoderKL) -> dict[str, Any]:
   model.check_config()
   n = len(model.block_out_channels)
   return {
-      "_class_name": CLASS_NAME, "_diffusers_version": "0.42.1",
-      "in_channels": model.in_channels, "out_channels": model.out_channels,
-      "down_block_types": [DOWN_BLOCK] * n, "up_block_types": [UP_BLOCK] * n,
-      "block_out_channels": list(model.block_out_channels), "layers_per_block": model.layers_per_block,
-      "act_fn": "silu", "latent_channels": model.latent_channels, "norm_num_groups": model.norm_num_groups,
+      "_class_name": CLASS_NAME,
+      "_diffusers_version": "0.42.1",
+      "in_channels": model.in_channels,
+      "out_channels": model.out_channels,
+      "down_block_types": [DOWN_BLOCK] * n,
+      "up_block_types": [UP_BLOCK] * n,
+      "block_out_channels": list(model.block_out_channels),
+      "layers_per_block": model.layers_per_block,
+      "act_fn": "silu",
+      "latent_channels": model.latent_channels,
+      "norm_num_groups": model.norm_num_groups,
       "sample_size": 32 * model.downsample_factor,  # Tiling tile size only; unused by our code.
-      "scaling_factor": float(model.scaling_factor), "shift_factor": float(model.shift_factor),
-      "latents_mean": None, "latents_std": None, "force_upcast": True,
-      "use_quant_conv": model.use_quant_conv, "use_post_quant_conv": model.use_post_quant_conv,
+      "scaling_factor": float(model.scaling_factor),
+      "shift_factor": float(model.shift_factor),
+      "latents_mean": None,
+      "latents_std": None,
+      "force_upcast": True,
+      "use_quant_conv": model.use_quant_conv,
+      "use_post_quant_conv": model.use_post_quant_conv,
       "mid_block_add_attention": model.mid_block_attention,
   }
 
@@ -190,8 +233,10 @@ def resolve_dir(path: str | os.PathLike[str]) -> pathlib.Path:
   if not (path / diffusers_io.CONFIG_NAME).exists() and (path / PIPELINE_SUBFOLDER / diffusers_io.CONFIG_NAME).exists():
     return path / PIPELINE_SUBFOLDER
   if not (path / diffusers_io.CONFIG_NAME).exists():
-    raise FileNotFoundError(f"{path} has no {diffusers_io.CONFIG_NAME} (nor {PIPELINE_SUBFOLDER}/{diffusers_io.CONFIG_NAME}): not a "
-                            "diffusers AutoencoderKL directory")
+    raise FileNotFoundError(
+        f"{path} has no {diffusers_io.CONFIG_NAME} (nor {PIPELINE_SUBFOLDER}/{diffusers_io.CONFIG_NAME}): not a "
+        "diffusers AutoencoderKL directory"
+    )
   return path
 
 
@@ -225,8 +270,9 @@ def load_vae(path: str | os.PathLike[str], **overrides: Any) -> tuple[vae_lib.Au
   return model, params_from_diffusers(state_dict, model, where)
 
 
-def save_vae(params: Mapping[str, Any], model: vae_lib.AutoencoderKL, out_dir: str | os.PathLike[str],
-             overwrite: bool = False) -> pathlib.Path:
+def save_vae(
+    params: Mapping[str, Any], model: vae_lib.AutoencoderKL, out_dir: str | os.PathLike[str], overwrite: bool = False
+) -> pathlib.Path:
   """Writes `out_dir` (config.json + diffusion_pytorch_model.safetensors) for AutoencoderKL.from_pretrained.
 
   Written to a temporary sibling and renamed into place (export.diffusers_io.write_model_dir).
@@ -240,8 +286,9 @@ def save_vae(params: Mapping[str, Any], model: vae_lib.AutoencoderKL, out_dir: s
   Returns:
     The output directory.
   """
-  return diffusers_io.write_model_dir(diffusers_config(model), params_to_diffusers(params, model), out_dir,
-                            overwrite=overwrite)
+  return diffusers_io.write_model_dir(
+      diffusers_config(model), params_to_diffusers(params, model), out_dir, overwrite=overwrite
+  )
 
 
 def set_latent_factors(out_dir: str | os.PathLike[str], scaling_factor: float, shift_factor: float) -> None:

@@ -66,9 +66,12 @@ def scheduler_config(shift: float) -> dict[str, Any]:
   """
   if not shift > 0:
     raise ValueError(f"sample.shift={shift} must be positive")
-  return {"_class_name": "FlowMatchEulerDiscreteScheduler",
-          "_diffusers_version": "0.42.1",
-          "num_train_timesteps": schedules.DIFFUSERS_NUM_TRAIN_TIMESTEPS, "shift": float(shift)}
+  return {
+      "_class_name": "FlowMatchEulerDiscreteScheduler",
+      "_diffusers_version": "0.42.1",
+      "num_train_timesteps": schedules.DIFFUSERS_NUM_TRAIN_TIMESTEPS,
+      "shift": float(shift),
+  }
 
 
 def model_config(config) -> tuple[str, dict[str, Any]]:
@@ -79,17 +82,14 @@ def model_config(config) -> tuple[str, dict[str, Any]]:
   kwargs = registry.model_kwargs(config)
   arch = config.model.arch
   kwargs["dtype"] = config.model.dtype
-  return arch, {k: list(v) if isinstance(v, tuple) else v
-                for k, v in kwargs.items()}
+  return arch, {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
 
 
 def model_from_config(arch: str, kwargs: dict[str, Any]) -> nn.Module:
   """Inverse of `model_config`: the backbone (MMDiT or an RQ2 baseline)."""
-  kwargs = {k: tuple(v) if isinstance(v, list) else v
-            for k, v in kwargs.items()}
+  kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
   if kwargs.get("dtype") not in registry.DTYPES:
-    raise ValueError(f"model dtype {kwargs.get('dtype')!r} is not one of "
-                     f"{sorted(registry.DTYPES)}")
+    raise ValueError(f"model dtype {kwargs.get('dtype')!r} is not one of " f"{sorted(registry.DTYPES)}")
   kwargs["dtype"] = registry.DTYPES[kwargs["dtype"]]
   return registry.build(arch, **kwargs)
 
@@ -102,25 +102,26 @@ def save_flat(params: Any, path: str | os.PathLike[str]) -> None:
     path: the .safetensors file to write.
   """
   flat = flax.traverse_util.flatten_dict(nn.unbox(params), sep="/")
-  tensors = {k: np.ascontiguousarray(jax.device_get(v))
-             for k, v in flat.items()}
+  tensors = {k: np.ascontiguousarray(jax.device_get(v)) for k, v in flat.items()}
   safetensors.numpy.save_file(tensors, str(path), metadata={"format": "flax"})
 
 
-def load_flat(out_dir: str | os.PathLike[str]) -> tuple[nn.Module, Any,
-                                                        dict[str, Any]]:
+def load_flat(out_dir: str | os.PathLike[str]) -> tuple[nn.Module, Any, dict[str, Any]]:
   """(backbone, nested numpy params, export info) of a safetensors export."""
   out_dir = pathlib.Path(out_dir)
   info = json.loads((out_dir / INFO_NAME).read_text())
   params = safetensors.numpy.load_file(str(out_dir / FLAT_WEIGHTS_NAME))
-  return (model_from_config(info["arch"], info["model"]),
-          flax.traverse_util.unflatten_dict(params, sep="/"), info)
+  return (model_from_config(info["arch"], info["model"]), flax.traverse_util.unflatten_dict(params, sep="/"), info)
 
 
-def export_workdir(workdir: str | os.PathLike[str],
-                   out: str | os.PathLike[str], *, fmt: str = "diffusers",
-                   params: str = "ema", overwrite: bool = False
-                   ) -> dict[str, Any]:
+def export_workdir(
+    workdir: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    fmt: str = "diffusers",
+    params: str = "ema",
+    overwrite: bool = False,
+) -> dict[str, Any]:
   """Exports the newest checkpoint of a training workdir.
 
   Args:
@@ -140,42 +141,50 @@ def export_workdir(workdir: str | os.PathLike[str],
   if fmt not in FORMATS:
     raise ValueError(f"--format={fmt!r} is not one of {list(FORMATS)}")
   if params not in PARAM_CHOICES:
-    raise ValueError(f"--params={params!r} is not one of "
-                     f"{list(PARAM_CHOICES)}")
+    raise ValueError(f"--params={params!r} is not one of " f"{list(PARAM_CHOICES)}")
   workdir, out = pathlib.Path(workdir), pathlib.Path(out)
   if not workdir.is_dir():
     raise FileNotFoundError(f"--workdir={str(workdir)!r} is not a directory")
   config = rundir.load_config(str(workdir))
   out = pathlib.Path(paths.check_output_dir(out, marker=INFO_NAME, overwrite=overwrite))  # Before any restore.
-  formulation = formulations.get(config.flow.formulation,
-                                 shift=config.flow.shift)
+  formulation = formulations.get(config.flow.formulation, shift=config.flow.shift)
   if fmt == "diffusers" and formulation.output != formulations.VELOCITY:
     raise ValueError(
         f"flow.formulation={config.flow.formulation!r} predicts "
         f"{formulation.output!r}, not the rf velocity that diffusers' "
-        f"FlowMatchEulerDiscreteScheduler integrates; use --format=safetensors")
+        f"FlowMatchEulerDiscreteScheduler integrates; use --format=safetensors"
+    )
   arch, kwargs = model_config(config)
   if fmt == "diffusers" and arch != "mmdit":
-    raise ValueError(f"model.arch={arch!r}: only the MM-DiT has a diffusers "
-                     f"equivalent (SD3Transformer2DModel); use "
-                     f"--format=safetensors")
+    raise ValueError(
+        f"model.arch={arch!r}: only the MM-DiT has a diffusers "
+        f"equivalent (SD3Transformer2DModel); use "
+        f"--format=safetensors"
+    )
   model = model_from_config(arch, kwargs)
-  weights, _, step = checkpoint.restore_params(str(workdir),
-                                               use_ema=params == "ema")
-  info = {"format": fmt, "workdir": str(workdir.resolve()), "step": int(step),
-          "params": params, "arch": arch, "model": kwargs,
-          "flow": {"formulation": formulation.name, "shift": config.flow.shift},
-          "sample": {"shift": config.sample.shift,
-                     "num_steps": config.sample.num_steps,
-                     "cfg_scale": config.sample.cfg_scale}}
+  weights, _, step = checkpoint.restore_params(str(workdir), use_ema=params == "ema")
+  info = {
+      "format": fmt,
+      "workdir": str(workdir.resolve()),
+      "step": int(step),
+      "params": params,
+      "arch": arch,
+      "model": kwargs,
+      "flow": {"formulation": formulation.name, "shift": config.flow.shift},
+      "sample": {
+          "shift": config.sample.shift,
+          "num_steps": config.sample.num_steps,
+          "cfg_scale": config.sample.cfg_scale,
+      },
+  }
   with paths.staged_dir(str(out)) as staged:  # Readable (umask), atomic, no partial OUT.
     tmp = pathlib.Path(staged)
     if fmt == "diffusers":
-      diffusers_io.save_transformer(weights, model, tmp / TRANSFORMER_DIR,
-                                    sample_size=config.data.image_size)
+      diffusers_io.save_transformer(weights, model, tmp / TRANSFORMER_DIR, sample_size=config.data.image_size)
       (tmp / SCHEDULER_DIR).mkdir()
       (tmp / SCHEDULER_DIR / SCHEDULER_CONFIG_NAME).write_text(
-          json.dumps(scheduler_config(config.sample.shift), indent=2) + "\n")
+          json.dumps(scheduler_config(config.sample.shift), indent=2) + "\n"
+      )
     else:
       save_flat(weights, tmp / FLAT_WEIGHTS_NAME)
     (tmp / INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")

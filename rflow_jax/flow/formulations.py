@@ -33,23 +33,45 @@ from rflow_jax.flow import paths
 from rflow_jax.flow import timesteps
 
 VALID_FORMS = (
-    "rf", "rf/uniform", "rf/lognorm(m,s)", "rf/mode(s)", "rf/cosmap",
-    "eps/linear", "v/linear", "eps/cos", "v/cos",
-    "edm(P_m,P_s)", "edm/rf", "edm/cos",
+    "rf",
+    "rf/uniform",
+    "rf/lognorm(m,s)",
+    "rf/mode(s)",
+    "rf/cosmap",
+    "eps/linear",
+    "v/linear",
+    "eps/cos",
+    "v/cos",
+    "edm(P_m,P_s)",
+    "edm/rf",
+    "edm/cos",
 )
 
 # The formulations of the paper's Table 1, best average rank first (for sweeps and docs).
 PAPER_TABLE1 = (
-    "rf/lognorm(0.00,1.00)", "rf/lognorm(1.00,0.60)", "rf/lognorm(0.50,0.60)", "rf/mode(1.29)",
-    "rf/lognorm(0.50,1.00)", "eps/linear", "rf/mode(1.75)", "rf/cosmap", "edm(0.00,0.60)", "rf",
-    "v/linear", "edm(0.60,1.20)", "v/cos", "edm/cos", "edm/rf", "edm(-1.20,1.20)",
+    "rf/lognorm(0.00,1.00)",
+    "rf/lognorm(1.00,0.60)",
+    "rf/lognorm(0.50,0.60)",
+    "rf/mode(1.29)",
+    "rf/lognorm(0.50,1.00)",
+    "eps/linear",
+    "rf/mode(1.75)",
+    "rf/cosmap",
+    "edm(0.00,0.60)",
+    "rf",
+    "v/linear",
+    "edm(0.60,1.20)",
+    "v/cos",
+    "edm/cos",
+    "edm/rf",
+    "edm(-1.20,1.20)",
 )
 
 # Network outputs.
 VELOCITY = "velocity"  # rf velocity ε - x0
-EPS = "eps"            # ε
-V = "v"                # v = a ε - b x0 (Salimans & Ho; VP paths)
-F = "F"                # EDM F: D(z) = c_skip z_ve + c_out F
+EPS = "eps"  # ε
+V = "v"  # v = a ε - b x0 (Salimans & Ho; VP paths)
+F = "F"  # EDM F: D(z) = c_skip z_ve + c_out F
 
 # ε-prediction is singular at a_t = 0 (pure noise, x̂0 = (z - b ε̂)/a); `as_velocity_fn` evaluates an
 # ε-model at t ≤ this instead, which only perturbs a first sampling step that starts at σ = 1.
@@ -185,8 +207,7 @@ class Formulation:
     x0_hat, eps_hat = self.predict(net_out, z, t)
     return eps_hat - x0_hat
 
-  def loss(self, net_out: jax.Array, x0: jax.Array, eps: jax.Array, t: jax.Array,
-           z_t: jax.Array) -> jax.Array:
+  def loss(self, net_out: jax.Array, x0: jax.Array, eps: jax.Array, t: jax.Array, z_t: jax.Array) -> jax.Array:
     """Per-example weighted loss -½ w_t λ'_t ||ε̂ - ε||² / π(t), mean over non-batch dims.
 
     Args:
@@ -230,8 +251,9 @@ class Formulation:
     """Density π(t) of `sample_t` at shift 1."""
     return timesteps.density(self.sampler, t)
 
-  def as_velocity_fn(self, model_fn: Callable[[jax.Array, jax.Array], jax.Array]
-                     ) -> Callable[[jax.Array, jax.Array], jax.Array]:
+  def as_velocity_fn(
+      self, model_fn: Callable[[jax.Array, jax.Array], jax.Array]
+  ) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """Wraps a trained network as an rf velocity field, so any formulation drives the rf samplers.
 
     Args:

@@ -16,8 +16,9 @@ from rflow_jax.flow import formulations
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
-def per_example_loss(formulation: formulations.Formulation, model_fn: ModelFn, x0: jax.Array,
-                     key: jax.Array) -> tuple[jax.Array, jax.Array]:
+def per_example_loss(
+    formulation: formulations.Formulation, model_fn: ModelFn, x0: jax.Array, key: jax.Array
+) -> tuple[jax.Array, jax.Array]:
   """Draws (t, ε), evaluates the network at z_t and returns the formulation's weighted loss.
 
   Args:
@@ -33,8 +34,9 @@ def per_example_loss(formulation: formulations.Formulation, model_fn: ModelFn, x
   return loss_at(formulation, model_fn, x0, t, eps), t
 
 
-def draw_noise(formulation: formulations.Formulation, key: jax.Array,
-               shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+def draw_noise(
+    formulation: formulations.Formulation, key: jax.Array, shape: tuple[int, ...]
+) -> tuple[jax.Array, jax.Array]:
   """The random part of per_example_loss: t (B,) and ε (shape, float32) for a batch of latents of `shape`.
 
   Drawn for a whole batch at once, so that a batch split into microbatches afterwards sees the same numbers.
@@ -43,8 +45,9 @@ def draw_noise(formulation: formulations.Formulation, key: jax.Array,
   return formulation.sample_t(key_t, shape[:1]), jax.random.normal(key_eps, shape, jnp.float32)
 
 
-def loss_at(formulation: formulations.Formulation, model_fn: ModelFn, x0: jax.Array, t: jax.Array,
-            eps: jax.Array) -> jax.Array:
+def loss_at(
+    formulation: formulations.Formulation, model_fn: ModelFn, x0: jax.Array, t: jax.Array, eps: jax.Array
+) -> jax.Array:
   """The deterministic part of per_example_loss: the weighted loss (B,) of the network at z_t(x0, ε, t)."""
   z_t = formulation.noise(x0.astype(jnp.float32), eps, t).astype(x0.dtype)
   net_out = model_fn(z_t, formulation.model_time(t))

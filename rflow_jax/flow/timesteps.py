@@ -73,7 +73,8 @@ def parse(name: str) -> tuple[str, tuple[float, ...]]:
     if not MODE_SCALE_MIN <= s <= MODE_SCALE_MAX:
       raise ValueError(
           f"mode scale s={s} in {name!r} is outside [{MODE_SCALE_MIN}, {MODE_SCALE_MAX:.4f}] = [-1, 2/(π-2)], "
-          "where f_mode stops being monotone.")
+          "where f_mode stops being monotone."
+      )
     return "mode", (s,)
   raise ValueError(f"Unknown timestep sampler {name!r}; valid forms: {', '.join(VALID_NAMES)}.")
 

@@ -83,6 +83,7 @@ class _Backbone(nn.Module):
       builds any architecture, and must be empty.
     scan_blocks: MMDiT-only (blocks are not scanned here); must be False.
   """
+
   patch_size: int = 2
   in_channels: int = 16
   out_channels: int | None = None
@@ -108,22 +109,20 @@ class _Backbone(nn.Module):
 
   def check_config(self) -> None:
     """Raises ValueError naming the first inconsistent attribute."""
-    layers.check_divisible("hidden_size", self.hidden_size, "num_heads",
-                           self.num_heads)
+    layers.check_divisible("hidden_size", self.hidden_size, "num_heads", self.num_heads)
     layers.check_divisible("hidden_size", self.hidden_size, "4", 4)
     layers.check_in("qk_norm", self.qk_norm, mmdit.QK_NORMS)
     layers.check_in("remat", self.remat, mmdit.REMAT_CHOICES)
-    layers.check_in("attention_impl", self.attention_impl,
-                    tuple(layers.ATTENTION_IMPLS))
+    layers.check_in("attention_impl", self.attention_impl, tuple(layers.ATTENTION_IMPLS))
     if self.depth < 1:
       raise ValueError(f"depth={self.depth} must be >= 1")
     name = type(self).__name__
     if self.dual_attention_layers:
-      raise ValueError(f"dual_attention_layers={self.dual_attention_layers}:"
-                       f" {name} has no dual-attention blocks (MMDiT only)")
+      raise ValueError(
+          f"dual_attention_layers={self.dual_attention_layers}:" f" {name} has no dual-attention blocks (MMDiT only)"
+      )
     if self.scan_blocks:
-      raise ValueError(f"scan_blocks=True: {name} does not scan its blocks "
-                       f"(MMDiT only); use remat to save memory")
+      raise ValueError(f"scan_blocks=True: {name} does not scan its blocks " f"(MMDiT only); use remat to save memory")
 
   def _remat(self, block_cls):
     if self.remat == "none":
@@ -131,8 +130,7 @@ class _Backbone(nn.Module):
     return nn.remat(block_cls, policy=mmdit.REMAT_POLICIES[self.remat])
 
   def _dense(self, features, axes, name, **kwargs) -> layers.Dense:
-    return layers.Dense(features, axes, dtype=self.dtype,
-                        param_dtype=self.param_dtype, name=name, **kwargs)
+    return layers.Dense(features, axes, dtype=self.dtype, param_dtype=self.param_dtype, name=name, **kwargs)
 
 
 class DiTBlock(mmdit.Stream):
@@ -142,6 +140,7 @@ class DiTBlock(mmdit.Stream):
     num_outputs: only the first num_outputs tokens (the image) are updated
       and returned; None updates all (every block but the last).
   """
+
   num_outputs: int | None = None
 
   def __call__(self, tokens: jax.Array, c: jax.Array) -> jax.Array:
@@ -156,8 +155,7 @@ class DiT(_Backbone):
   """DiT baseline: one weight set over concatenated text and image tokens."""
 
   @nn.compact
-  def __call__(self, x: jax.Array, t: jax.Array, context: jax.Array,
-               pooled: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, t: jax.Array, context: jax.Array, pooled: jax.Array) -> jax.Array:
     """Predicts the velocity; see the module docstring for the interface."""
     self.check_config()
     tokens, h, w = frontend.image_tokens(self, x)  # (B, T, H)
@@ -168,15 +166,23 @@ class DiT(_Backbone):
     block = self._remat(DiTBlock)
     for i in range(self.depth):
       seq = block(
-          self.hidden_size, self.num_heads, self.mlp_ratio, self.qk_norm,
-          pre_only=False, dual_attention=False,
-          attention_impl=self.attention_impl, dtype=self.dtype,
+          self.hidden_size,
+          self.num_heads,
+          self.mlp_ratio,
+          self.qk_norm,
+          pre_only=False,
+          dual_attention=False,
+          attention_impl=self.attention_impl,
+          dtype=self.dtype,
           param_dtype=self.param_dtype,
           num_outputs=n_img if i == self.depth - 1 else None,
-          name=f"blocks_{i}")(seq, c)  # (B, T+L, H); (B, T, H) after last
+          name=f"blocks_{i}",
+      )(
+          seq, c
+      )  # (B, T+L, H); (B, T, H) after last
     out = mmdit.FinalLayer(
-        self.patch_size**2 * self.output_channels, dtype=self.dtype,
-        param_dtype=self.param_dtype, name="final_layer")(seq, c)
+        self.patch_size**2 * self.output_channels, dtype=self.dtype, param_dtype=self.param_dtype, name="final_layer"
+    )(seq, c)
     return frontend.unpatchify(self, out, h, w).astype(jnp.float32)
 
 
@@ -186,6 +192,7 @@ class CrossAttention(nn.Module):
   The output projection is zero-initialised, so an ungated residual
   x + CrossAttention(x, ctx) is the identity at init.
   """
+
   hidden_size: int
   num_heads: int
   qk_norm: str | None
@@ -196,26 +203,29 @@ class CrossAttention(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, ctx: jax.Array) -> jax.Array:
     """x (B, T, H), ctx (B, L, H) -> (B, T, H)."""
-    dense = functools.partial(layers.Dense, dtype=self.dtype,
-                              param_dtype=self.param_dtype)
-    q = layers.split_heads(dense(self.hidden_size, ("embed", "heads"),
-                                 name="q")(x), self.num_heads)  # (B, T, N, D)
+    dense = functools.partial(layers.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
+    q = layers.split_heads(dense(self.hidden_size, ("embed", "heads"), name="q")(x), self.num_heads)  # (B, T, N, D)
     kv = layers.split_heads(
-        dense((2, self.hidden_size), ("embed", None, "heads"),
-              kernel_init=layers.xavier_uniform(num_out_axes=2),
-              name="kv")(ctx), self.num_heads)  # (B, L, 2, N, D)
+        dense(
+            (2, self.hidden_size),
+            ("embed", None, "heads"),
+            kernel_init=layers.xavier_uniform(num_out_axes=2),
+            name="kv",
+        )(ctx),
+        self.num_heads,
+    )  # (B, L, 2, N, D)
     k, v = kv[:, :, 0], kv[:, :, 1]
     if self.qk_norm == "rms_norm":
       q = layers.RMSNorm(param_dtype=self.param_dtype, name="q_norm")(q)
       k = layers.RMSNorm(param_dtype=self.param_dtype, name="k_norm")(k)
     out = layers.dot_product_attention(q, k, v, self.attention_impl)
     out = out.reshape(out.shape[:2] + (self.hidden_size,))  # (B, T, H)
-    return dense(self.hidden_size, ("heads", "embed"), kernel_init=_ZEROS,
-                 name="proj")(out)
+    return dense(self.hidden_size, ("heads", "embed"), kernel_init=_ZEROS, name="proj")(out)
 
 
 class CrossDiTBlock(nn.Module):
   """adaLN-zero self-attention, ungated cross-attention, adaLN-zero MLP."""
+
   hidden_size: int
   num_heads: int
   mlp_ratio: float
@@ -228,29 +238,37 @@ class CrossDiTBlock(nn.Module):
   def __call__(self, x: jax.Array, ctx: jax.Array, c: jax.Array) -> jax.Array:
     """x (B, T, H), ctx (B, L, H), c (B, H) float32 -> (B, T, H)."""
     width = self.hidden_size
-    mods = layers.Dense(6 * width, ("embed", "modulation"), kernel_init=_ZEROS,
-                        dtype=jnp.float32, param_dtype=self.param_dtype,
-                        name="modulation")(nn.silu(c))
-    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
-        jnp.split(mods, 6, axis=-1))  # 6 x (B, H) float32
-    attn = mmdit.Attention(width, self.num_heads, self.qk_norm, has_out=True,
-                           dtype=self.dtype, param_dtype=self.param_dtype,
-                           name="attn")
+    mods = layers.Dense(
+        6 * width,
+        ("embed", "modulation"),
+        kernel_init=_ZEROS,
+        dtype=jnp.float32,
+        param_dtype=self.param_dtype,
+        name="modulation",
+    )(nn.silu(c))
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mods, 6, axis=-1)  # 6 x (B, H) float32
+    attn = mmdit.Attention(
+        width, self.num_heads, self.qk_norm, has_out=True, dtype=self.dtype, param_dtype=self.param_dtype, name="attn"
+    )
     h = layers.modulate(layers.layer_norm(x), shift_msa, scale_msa)
     q, k, v = attn.project_qkv(h.astype(self.dtype))  # (B, T, N, D) each
-    h = attn.project_out(
-        layers.dot_product_attention(q, k, v, self.attention_impl))
+    h = attn.project_out(layers.dot_product_attention(q, k, v, self.attention_impl))
     # Residual arithmetic in float32, as in MMDiT's streams.
     x = x.astype(jnp.float32) + gate_msa[:, None] * h.astype(jnp.float32)
-    h = CrossAttention(width, self.num_heads, self.qk_norm,
-                       self.attention_impl, dtype=self.dtype,
-                       param_dtype=self.param_dtype, name="cross_attn")(
-                           layers.layer_norm(x).astype(self.dtype), ctx)
+    h = CrossAttention(
+        width,
+        self.num_heads,
+        self.qk_norm,
+        self.attention_impl,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name="cross_attn",
+    )(layers.layer_norm(x).astype(self.dtype), ctx)
     x = x + h.astype(jnp.float32)
     h = layers.modulate(layers.layer_norm(x), shift_mlp, scale_mlp)
-    h = layers.Mlp(int(width * self.mlp_ratio), dtype=self.dtype,
-                   param_dtype=self.param_dtype, name="mlp")(
-                       h.astype(self.dtype))  # (B, T, H)
+    h = layers.Mlp(int(width * self.mlp_ratio), dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")(
+        h.astype(self.dtype)
+    )  # (B, T, H)
     x = x + gate_mlp[:, None] * h.astype(jnp.float32)
     return frontend.constrain(x.astype(self.dtype))
 
@@ -259,8 +277,7 @@ class CrossDiT(_Backbone):
   """CrossDiT baseline: image tokens cross-attend to fixed text tokens."""
 
   @nn.compact
-  def __call__(self, x: jax.Array, t: jax.Array, context: jax.Array,
-               pooled: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, t: jax.Array, context: jax.Array, pooled: jax.Array) -> jax.Array:
     """Predicts the velocity; see the module docstring for the interface."""
     self.check_config()
     tokens, h, w = frontend.image_tokens(self, x)  # (B, T, H)
@@ -268,27 +285,36 @@ class CrossDiT(_Backbone):
     ctx = frontend.context_tokens(self, context)  # (B, L, H)
     block = self._remat(CrossDiTBlock)
     for i in range(self.depth):
-      tokens = block(self.hidden_size, self.num_heads, self.mlp_ratio,
-                     self.qk_norm, self.attention_impl, dtype=self.dtype,
-                     param_dtype=self.param_dtype,
-                     name=f"blocks_{i}")(tokens, ctx, c)  # (B, T, H)
+      tokens = block(
+          self.hidden_size,
+          self.num_heads,
+          self.mlp_ratio,
+          self.qk_norm,
+          self.attention_impl,
+          dtype=self.dtype,
+          param_dtype=self.param_dtype,
+          name=f"blocks_{i}",
+      )(
+          tokens, ctx, c
+      )  # (B, T, H)
     out = mmdit.FinalLayer(
-        self.patch_size**2 * self.output_channels, dtype=self.dtype,
-        param_dtype=self.param_dtype, name="final_layer")(tokens, c)
+        self.patch_size**2 * self.output_channels, dtype=self.dtype, param_dtype=self.param_dtype, name="final_layer"
+    )(tokens, c)
     return frontend.unpatchify(self, out, h, w).astype(jnp.float32)
 
 
 class LayerNorm(nn.Module):
   """LayerNorm with learnable scale and bias ("embed"), float32 inside."""
+
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     width = x.shape[-1]
-    scale = self.param("scale", nn.with_logical_partitioning(
-        nn.initializers.ones_init(), ("embed",)), (width,), self.param_dtype)
-    bias = self.param("bias", nn.with_logical_partitioning(
-        _ZEROS, ("embed",)), (width,), self.param_dtype)
+    scale = self.param(
+        "scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)), (width,), self.param_dtype
+    )
+    bias = self.param("bias", nn.with_logical_partitioning(_ZEROS, ("embed",)), (width,), self.param_dtype)
     y = layers.layer_norm(x) * scale.astype(jnp.float32)
     return (y + bias.astype(jnp.float32)).astype(x.dtype)
 
@@ -300,6 +326,7 @@ class UViTBlock(nn.Module):
     skip: the block of the second half, fed concat(x, skip) through
       Dense(2H -> H) first (U-ViT's skip_linear).
   """
+
   hidden_size: int
   num_heads: int
   mlp_ratio: float
@@ -316,21 +343,20 @@ class UViTBlock(nn.Module):
     if self.skip:
       # The 2H concat acts like an MLP hidden width: "mlp" shards it the way
       # fc2's input is sharded (and "embed" twice in one kernel could not be).
-      x = layers.Dense(width, ("mlp", "embed"), dtype=self.dtype,
-                       param_dtype=self.param_dtype, name="skip")(
-                           jnp.concatenate([x, skip], axis=-1))  # (B, S, H)
-    attn = mmdit.Attention(width, self.num_heads, self.qk_norm, has_out=True,
-                           dtype=self.dtype, param_dtype=self.param_dtype,
-                           name="attn")
+      x = layers.Dense(width, ("mlp", "embed"), dtype=self.dtype, param_dtype=self.param_dtype, name="skip")(
+          jnp.concatenate([x, skip], axis=-1)
+      )  # (B, S, H)
+    attn = mmdit.Attention(
+        width, self.num_heads, self.qk_norm, has_out=True, dtype=self.dtype, param_dtype=self.param_dtype, name="attn"
+    )
     h = LayerNorm(param_dtype=self.param_dtype, name="norm1")(x)
     q, k, v = attn.project_qkv(h.astype(self.dtype))  # (B, S, N, D) each
-    h = attn.project_out(
-        layers.dot_product_attention(q, k, v, self.attention_impl))
+    h = attn.project_out(layers.dot_product_attention(q, k, v, self.attention_impl))
     x = x.astype(jnp.float32) + h.astype(jnp.float32)
     h = LayerNorm(param_dtype=self.param_dtype, name="norm2")(x)
-    h = layers.Mlp(int(width * self.mlp_ratio), dtype=self.dtype,
-                   param_dtype=self.param_dtype, name="mlp")(
-                       h.astype(self.dtype))
+    h = layers.Mlp(int(width * self.mlp_ratio), dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")(
+        h.astype(self.dtype)
+    )
     return frontend.constrain((x + h.astype(jnp.float32)).astype(self.dtype))
 
 
@@ -338,19 +364,24 @@ class UViT(_Backbone):
   """U-ViT baseline: all inputs as tokens, long skips, no adaLN."""
 
   @nn.compact
-  def __call__(self, x: jax.Array, t: jax.Array, context: jax.Array,
-               pooled: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, t: jax.Array, context: jax.Array, pooled: jax.Array) -> jax.Array:
     """Predicts the velocity; see the module docstring for the interface."""
     self.check_config()
     tokens, h, w = frontend.image_tokens(self, x)  # (B, T, H)
-    extras = jnp.stack([frontend.time_embedding(self, t), frontend.pooled_embedding(self, pooled)],
-                       axis=1).astype(self.dtype)  # (B, 2, H)
-    seq = jnp.concatenate([extras, frontend.context_tokens(self, context), tokens],
-                          axis=1)  # (B, 2+L+T, H)
+    extras = jnp.stack([frontend.time_embedding(self, t), frontend.pooled_embedding(self, pooled)], axis=1).astype(
+        self.dtype
+    )  # (B, 2, H)
+    seq = jnp.concatenate([extras, frontend.context_tokens(self, context), tokens], axis=1)  # (B, 2+L+T, H)
     block = functools.partial(
-        self._remat(UViTBlock), self.hidden_size, self.num_heads,
-        self.mlp_ratio, self.qk_norm, self.attention_impl, dtype=self.dtype,
-        param_dtype=self.param_dtype)
+        self._remat(UViTBlock),
+        self.hidden_size,
+        self.num_heads,
+        self.mlp_ratio,
+        self.qk_norm,
+        self.attention_impl,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+    )
     half = self.depth // 2
     skips = []
     for i in range(half):
@@ -361,19 +392,22 @@ class UViT(_Backbone):
     for i in range(half):
       seq = block(skip=True, name=f"out_blocks_{i}")(seq, skips.pop())
     seq = LayerNorm(param_dtype=self.param_dtype, name="norm")(seq)
-    out = self._dense(self.patch_size**2 * self.output_channels,
-                      ("embed", "patch"), "decoder_pred")(
-                          seq[:, -tokens.shape[1]:])
+    out = self._dense(self.patch_size**2 * self.output_channels, ("embed", "patch"), "decoder_pred")(
+        seq[:, -tokens.shape[1] :]
+    )
     out = frontend.unpatchify(self, out, h, w)  # (B, H, W, out)
     c = self.output_channels
     # U-ViT's final 3x3 conv smooths patch seams; tiny, so left replicated.
     out = nn.Conv(
-        c, (3, 3), padding="SAME", dtype=self.dtype,
+        c,
+        (3, 3),
+        padding="SAME",
+        dtype=self.dtype,
         param_dtype=self.param_dtype,
-        kernel_init=nn.with_logical_partitioning(
-            nn.initializers.lecun_normal(), (None, None, None, None)),
+        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), (None, None, None, None)),
         bias_init=nn.with_logical_partitioning(_ZEROS, (None,)),
-        name="final_conv")(out)
+        name="final_conv",
+    )(out)
     return out.astype(jnp.float32)
 
 

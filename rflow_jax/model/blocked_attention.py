@@ -106,4 +106,3 @@ def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   """
   scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
   return _attention(q * scale, k, v)
-

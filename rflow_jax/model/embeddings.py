@@ -46,8 +46,7 @@ def timestep_embedding(t: jax.Array, dim: int = TIMESTEP_FREQ_DIM) -> jax.Array:
   # Constant frequencies computed on the host: exp in float64 rounded to
   # float32 agrees with torch's float32 exp (XLA's differs by ~1 ulp, which
   # at timestep 1000 shifts the phase by ~1e-4).
-  exponent = (np.float32(-np.log(_MAX_PERIOD))
-              * np.arange(half, dtype=np.float32) / np.float32(half))
+  exponent = np.float32(-np.log(_MAX_PERIOD)) * np.arange(half, dtype=np.float32) / np.float32(half)
   freqs = np.exp(exponent.astype(np.float64)).astype(np.float32)  # (half,)
   timestep = t.astype(jnp.float32) * TIMESTEP_SCALE
   args = timestep[:, None] * freqs[None, :]  # (B, half)
@@ -62,9 +61,9 @@ def sincos_1d(embed_dim: int, pos: np.ndarray) -> np.ndarray:
   return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
 
-def sincos_2d_table(embed_dim: int, grid_size: int, base_size: int,
-                    interpolation_scale: float = 1.0,
-                    xp: Any = np) -> Any:
+def sincos_2d_table(
+    embed_dim: int, grid_size: int, base_size: int, interpolation_scale: float = 1.0, xp: Any = np
+) -> Any:
   """The (grid_size**2, embed_dim) float32 2D sin-cos positional table.
 
   Same numbers as diffusers' PatchEmbed buffer for SD3: grid coordinate
@@ -83,9 +82,9 @@ def sincos_2d_table(embed_dim: int, grid_size: int, base_size: int,
     (M * M, H) float32 array, rows in row-major (h, w) order.
   """
   layers.check_divisible("pos embed width", embed_dim, "4", 4)
-  coords = (np.arange(grid_size, dtype=np.float32)
-            / np.float32(grid_size / base_size)
-            / np.float32(interpolation_scale))  # (M,)
+  coords = (
+      np.arange(grid_size, dtype=np.float32) / np.float32(grid_size / base_size) / np.float32(interpolation_scale)
+  )  # (M,)
   # Both axes use the same M coordinates: compute the 1D features once (in
   # float64, as diffusers does) and broadcast them over the other axis.
   emb = xp.asarray(sincos_1d(embed_dim // 2, coords).astype(np.float32))
@@ -96,8 +95,7 @@ def sincos_2d_table(embed_dim: int, grid_size: int, base_size: int,
   return table.reshape(grid_size * grid_size, embed_dim)
 
 
-def crop_pos_table(table: jax.Array, max_size: int, h: int,
-                   w: int) -> jax.Array:
+def crop_pos_table(table: jax.Array, max_size: int, h: int, w: int) -> jax.Array:
   """Center crop of an (M*M, H) table to an (h, w) grid -> (h*w, H).
 
   Args:
@@ -110,12 +108,12 @@ def crop_pos_table(table: jax.Array, max_size: int, h: int,
     (h * w, H) rows for the grid in row-major order.
   """
   if h > max_size or w > max_size:
-    raise ValueError(f"patch grid {h}x{w} exceeds pos_embed_max_size="
-                     f"{max_size}; use smaller latents or a larger table")
+    raise ValueError(
+        f"patch grid {h}x{w} exceeds pos_embed_max_size=" f"{max_size}; use smaller latents or a larger table"
+    )
   top, left = (max_size - h) // 2, (max_size - w) // 2
   grid = table.reshape(max_size, max_size, table.shape[-1])  # (M, M, H)
-  grid = jax.lax.slice(grid, (top, left, 0),
-                       (top + h, left + w, grid.shape[-1]))  # (h, w, H)
+  grid = jax.lax.slice(grid, (top, left, 0), (top + h, left + w, grid.shape[-1]))  # (h, w, H)
   return grid.reshape(h * w, table.shape[-1])  # (h*w, H)
 
 
@@ -146,6 +144,7 @@ class MlpEmbedder(nn.Module):
   Runs in float32: its inputs are (B, d) vectors, so the cost is negligible
   and the conditioning feeds every modulation.
   """
+
   hidden_size: int
   kernel_init: layers.Initializer = layers.xavier_uniform()
   param_dtype: jnp.dtype = jnp.float32
@@ -153,7 +152,7 @@ class MlpEmbedder(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     dense = lambda axes, name: layers.Dense(
-        self.hidden_size, axes, kernel_init=self.kernel_init,
-        dtype=jnp.float32, param_dtype=self.param_dtype, name=name)
+        self.hidden_size, axes, kernel_init=self.kernel_init, dtype=jnp.float32, param_dtype=self.param_dtype, name=name
+    )
     h = dense(("cond", "mlp"), "fc1")(x)  # (B, H)
     return dense(("mlp", "embed"), "fc2")(nn.silu(h))  # (B, H)

@@ -14,7 +14,6 @@ import jax.numpy as jnp
 from rflow_jax.model import embeddings
 from rflow_jax.model import layers
 
-
 # Params never trained: the positional table is a fixed buffer in SD3 (diffusers registers it as a buffer).
 FROZEN_PARAMS = ("pos_embed",)
 
@@ -31,11 +30,13 @@ def constrain(x: jax.Array) -> jax.Array:
 
 def pos_table_init(hidden_size: int, max_size: int, base_size: int):
   """Initializer returning the fixed 2D sin-cos table; ignores the rng."""
+
   def init(rng, shape, dtype=jnp.float32):
     del rng
     if shape != (max_size * max_size, hidden_size):
       raise ValueError(f"pos table shape {shape} != {(max_size * max_size, hidden_size)}")
     return embeddings.sincos_2d_table(hidden_size, max_size, base_size, xp=jnp).astype(dtype)
+
   return init
 
 
@@ -48,12 +49,16 @@ def image_tokens(module: nn.Module, x: jax.Array) -> tuple[jax.Array, int, int]:
   patches = embeddings.patchify(x, module.patch_size)  # (B, h, w, p*p*C)
   b, h, w, _ = patches.shape
   tokens = _dense(module, module.hidden_size, ("patch", "embed"), "patch_embed")(
-      patches.reshape(b, h * w, -1))  # (B, T, H)
+      patches.reshape(b, h * w, -1)
+  )  # (B, T, H)
   table = module.param(
       "pos_embed",
       nn.with_logical_partitioning(
-          pos_table_init(module.hidden_size, module.pos_embed_max_size, module.pos_embed_base), ("pos", "embed")),
-      (module.pos_embed_max_size**2, module.hidden_size), module.param_dtype)
+          pos_table_init(module.hidden_size, module.pos_embed_max_size, module.pos_embed_base), ("pos", "embed")
+      ),
+      (module.pos_embed_max_size**2, module.hidden_size),
+      module.param_dtype,
+  )
   pos = embeddings.crop_pos_table(table, module.pos_embed_max_size, h, w)
   tokens = tokens + pos.astype(module.dtype)[None]  # (B, T, H)
   return constrain(tokens), h, w
@@ -61,14 +66,16 @@ def image_tokens(module: nn.Module, x: jax.Array) -> tuple[jax.Array, int, int]:
 
 def time_embedding(module: nn.Module, t: jax.Array) -> jax.Array:
   """(B,) times -> (B, hidden) float32: MLP of the 256-d sinusoid of 1000·t (`t_embedder`)."""
-  return embeddings.MlpEmbedder(module.hidden_size, kernel_init=nn.initializers.normal(0.02),
-                                param_dtype=module.param_dtype, name="t_embedder")(embeddings.timestep_embedding(t))
+  return embeddings.MlpEmbedder(
+      module.hidden_size, kernel_init=nn.initializers.normal(0.02), param_dtype=module.param_dtype, name="t_embedder"
+  )(embeddings.timestep_embedding(t))
 
 
 def pooled_embedding(module: nn.Module, pooled: jax.Array) -> jax.Array:
   """(B, pooled_dim) -> (B, hidden) float32 (`y_embedder`)."""
-  return embeddings.MlpEmbedder(module.hidden_size, param_dtype=module.param_dtype,
-                                name="y_embedder")(pooled.astype(jnp.float32))
+  return embeddings.MlpEmbedder(module.hidden_size, param_dtype=module.param_dtype, name="y_embedder")(
+      pooled.astype(jnp.float32)
+  )
 
 
 def context_tokens(module: nn.Module, context: jax.Array) -> jax.Array:

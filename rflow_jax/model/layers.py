@@ -72,8 +72,7 @@ def register_attention(name: str, fn: Callable[[jax.Array, jax.Array, jax.Array]
 
 def xavier_uniform(num_out_axes: int = 1) -> Initializer:
   """Xavier-uniform over a kernel (in, *out): fan_out is the product of outs."""
-  return nn.initializers.xavier_uniform(
-      in_axis=0, out_axis=tuple(range(1, 1 + num_out_axes)))
+  return nn.initializers.xavier_uniform(in_axis=0, out_axis=tuple(range(1, 1 + num_out_axes)))
 
 
 class Dense(nn.Module):
@@ -89,6 +88,7 @@ class Dense(nn.Module):
     dtype: compute dtype (inputs and kernel are cast to it).
     param_dtype: storage dtype of the params.
   """
+
   features: int | tuple[int, ...]
   kernel_axes: tuple[str | None, ...]
   kernel_init: Initializer = xavier_uniform()
@@ -99,15 +99,17 @@ class Dense(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    features = ((self.features,) if isinstance(self.features, int)
-                else tuple(self.features))
+    features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
     if len(self.kernel_axes) != 1 + len(features):
-      raise ValueError(f"kernel_axes {self.kernel_axes} must name the input "
-                       f"axis and each of the features {features}")
+      raise ValueError(
+          f"kernel_axes {self.kernel_axes} must name the input " f"axis and each of the features {features}"
+      )
     kernel = self.param(
         "kernel",
         nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
-        (x.shape[-1],) + features, self.param_dtype)
+        (x.shape[-1],) + features,
+        self.param_dtype,
+    )
     lead = x.shape[:-1]
     # One 2-D matmul over all leading axes: XLA:CPU's weight-gradient of a 3-D dot_general (contracting batch and
     # tokens) ran ~1.5x slower than the same flops as a 2-D (B*T, H) matmul.
@@ -117,9 +119,8 @@ class Dense(nn.Module):
     if not self.use_bias:
       return y
     bias = self.param(
-        "bias", nn.with_logical_partitioning(self.bias_init,
-                                             self.kernel_axes[1:]),
-        features, self.param_dtype)
+        "bias", nn.with_logical_partitioning(self.bias_init, self.kernel_axes[1:]), features, self.param_dtype
+    )
     return y + bias.astype(self.dtype)
 
 
@@ -155,6 +156,7 @@ class RMSNorm(nn.Module):
     axis_name: logical name of the scale ("kv" per head in qk-norm, "embed" for T5's residual-stream norm).
     param_dtype: storage dtype of the scale.
   """
+
   eps: float = NORM_EPS
   axis_name: str = "kv"
   param_dtype: jnp.dtype = jnp.float32
@@ -162,17 +164,19 @@ class RMSNorm(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     scale = self.param(
-        "scale", nn.with_logical_partitioning(nn.initializers.ones_init(),
-                                              (self.axis_name,)),
-        (x.shape[-1],), self.param_dtype)
+        "scale",
+        nn.with_logical_partitioning(nn.initializers.ones_init(), (self.axis_name,)),
+        (x.shape[-1],),
+        self.param_dtype,
+    )
     y = x.astype(jnp.float32)
-    y = y * jax.lax.rsqrt(jnp.mean(jnp.square(y), axis=-1, keepdims=True)
-                          + self.eps)
+    y = y * jax.lax.rsqrt(jnp.mean(jnp.square(y), axis=-1, keepdims=True) + self.eps)
     return (y * scale.astype(jnp.float32)).astype(x.dtype)
 
 
 class Mlp(nn.Module):
   """Transformer MLP: Dense(H -> hidden) - GELU(tanh) - Dense(hidden -> H)."""
+
   hidden_features: int
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
@@ -180,16 +184,15 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     width = x.shape[-1]
-    h = Dense(self.hidden_features, ("embed", "mlp"), dtype=self.dtype,
-              param_dtype=self.param_dtype, name="fc1")(x)  # (B, T, F)
+    h = Dense(self.hidden_features, ("embed", "mlp"), dtype=self.dtype, param_dtype=self.param_dtype, name="fc1")(
+        x
+    )  # (B, T, F)
     h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
     h = jax.nn.gelu(h, approximate=True)
-    return Dense(width, ("mlp", "embed"), dtype=self.dtype,
-                 param_dtype=self.param_dtype, name="fc2")(h)  # (B, T, H)
+    return Dense(width, ("mlp", "embed"), dtype=self.dtype, param_dtype=self.param_dtype, name="fc2")(h)  # (B, T, H)
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                          impl: str) -> jax.Array:
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str) -> jax.Array:
   """Unmasked softmax attention on (B, T, N, D) arrays, scale 1/sqrt(D).
 
   Args:
@@ -202,8 +205,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     (B, T, N, D) attention output in the dtype of q.
   """
   if impl not in ATTENTION_IMPLS:
-    raise ValueError(f"attention_impl={impl!r} is not one of "
-                     f"{sorted(ATTENTION_IMPLS)}")
+    raise ValueError(f"attention_impl={impl!r} is not one of " f"{sorted(ATTENTION_IMPLS)}")
   impl_or_fn = ATTENTION_IMPLS[impl]
   if callable(impl_or_fn):
     return impl_or_fn(q, k, v)
@@ -215,12 +217,10 @@ def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
   return x.reshape(x.shape[:-1] + (num_heads, x.shape[-1] // num_heads))
 
 
-def check_divisible(name: str, value: int, divisor_name: str,
-                    divisor: int) -> None:
+def check_divisible(name: str, value: int, divisor_name: str, divisor: int) -> None:
   """Raises a ValueError naming both values if divisor does not divide value."""
   if divisor <= 0 or value % divisor:
-    raise ValueError(f"{name}={value} must be divisible by "
-                     f"{divisor_name}={divisor}")
+    raise ValueError(f"{name}={value} must be divisible by " f"{divisor_name}={divisor}")
 
 
 def check_in(name: str, value: object, allowed: Sequence[object]) -> None:

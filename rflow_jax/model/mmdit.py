@@ -59,6 +59,7 @@ class Attention(nn.Module):
   The softmax itself happens in the caller because joint attention mixes the
   q/k/v of two streams.
   """
+
   hidden_size: int
   num_heads: int
   qk_norm: str | None
@@ -68,15 +69,17 @@ class Attention(nn.Module):
 
   def setup(self):
     self.qkv = layers.Dense(
-        (3, self.hidden_size), ("embed", None, "heads"),
-        kernel_init=layers.xavier_uniform(num_out_axes=2), dtype=self.dtype,
-        param_dtype=self.param_dtype)
+        (3, self.hidden_size),
+        ("embed", None, "heads"),
+        kernel_init=layers.xavier_uniform(num_out_axes=2),
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+    )
     if self.qk_norm == "rms_norm":
       self.q_norm = layers.RMSNorm(param_dtype=self.param_dtype)
       self.k_norm = layers.RMSNorm(param_dtype=self.param_dtype)
     if self.has_out:
-      self.proj = layers.Dense(self.hidden_size, ("heads", "embed"),
-                               dtype=self.dtype, param_dtype=self.param_dtype)
+      self.proj = layers.Dense(self.hidden_size, ("heads", "embed"), dtype=self.dtype, param_dtype=self.param_dtype)
 
   def project_qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(B, T, H) -> q, k, v each (B, T, N, D)."""
@@ -100,6 +103,7 @@ class Stream(nn.Module):
     dual_attention: SD3.5 x stream with a second, image-only self-attention
       (9 modulation chunks).
   """
+
   hidden_size: int
   num_heads: int
   mlp_ratio: float
@@ -114,17 +118,20 @@ class Stream(nn.Module):
     n = 2 if self.pre_only else (9 if self.dual_attention else 6)
     # adaLN-zero: a zero modulation makes every block the identity at init.
     self.modulation = layers.Dense(
-        n * self.hidden_size, ("embed", "modulation"), kernel_init=_ZEROS,
-        dtype=jnp.float32, param_dtype=self.param_dtype)
+        n * self.hidden_size,
+        ("embed", "modulation"),
+        kernel_init=_ZEROS,
+        dtype=jnp.float32,
+        param_dtype=self.param_dtype,
+    )
     attn = functools.partial(
-        Attention, self.hidden_size, self.num_heads, self.qk_norm,
-        dtype=self.dtype, param_dtype=self.param_dtype)
+        Attention, self.hidden_size, self.num_heads, self.qk_norm, dtype=self.dtype, param_dtype=self.param_dtype
+    )
     self.attn = attn(has_out=not self.pre_only)
     if self.dual_attention:
       self.attn2 = attn(has_out=True)
     if not self.pre_only:
-      self.mlp = layers.Mlp(int(self.hidden_size * self.mlp_ratio),
-                            dtype=self.dtype, param_dtype=self.param_dtype)
+      self.mlp = layers.Mlp(int(self.hidden_size * self.mlp_ratio), dtype=self.dtype, param_dtype=self.param_dtype)
 
   def pre_attention(self, x: jax.Array, c: jax.Array):
     """Modulated LayerNorm and q, k, v of the joint attention.
@@ -137,9 +144,9 @@ class Stream(nn.Module):
       (q, k, v) each (B, T, N, D), and the modulation chunks [(B, H)] plus,
       for dual attention, the image self-attention output as the last item.
     """
-    mods = jnp.split(self.modulation(nn.silu(c)),
-                     self.modulation.features // self.hidden_size,
-                     axis=-1)  # n x (B, H) float32
+    mods = jnp.split(
+        self.modulation(nn.silu(c)), self.modulation.features // self.hidden_size, axis=-1
+    )  # n x (B, H) float32
     normed = layers.layer_norm(x)  # (B, T, H) float32
     x_in = layers.modulate(normed, mods[0], mods[1]).astype(self.dtype)
     qkv = self.attn.project_qkv(x_in)
@@ -150,8 +157,7 @@ class Stream(nn.Module):
       mods = mods + [self.attn2.project_out(out2)]  # (B, T, H)
     return qkv, mods
 
-  def post_attention(self, x: jax.Array, attn_out: jax.Array,
-                     mods: Sequence[jax.Array]) -> jax.Array:
+  def post_attention(self, x: jax.Array, attn_out: jax.Array, mods: Sequence[jax.Array]) -> jax.Array:
     """Gated residual attention output, then the gated residual MLP.
 
     Args:
@@ -176,6 +182,7 @@ class Stream(nn.Module):
 
 class JointBlock(nn.Module):
   """MM-DiT block: two streams, one attention over their concatenated tokens."""
+
   hidden_size: int
   num_heads: int
   mlp_ratio: float
@@ -187,21 +194,24 @@ class JointBlock(nn.Module):
   param_dtype: jnp.dtype
 
   @nn.compact
-  def __call__(self, x: jax.Array, ctx: jax.Array,
-               c: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def __call__(self, x: jax.Array, ctx: jax.Array, c: jax.Array) -> tuple[jax.Array, jax.Array]:
     """x (B, T, H), ctx (B, L, H), c (B, H) -> updated (x, ctx).
 
     The last block (context_pre_only) returns ctx unchanged: its context
     output is never used.
     """
     stream = functools.partial(
-        Stream, self.hidden_size, self.num_heads, self.mlp_ratio, self.qk_norm,
-        attention_impl=self.attention_impl, dtype=self.dtype,
-        param_dtype=self.param_dtype)
-    x_stream = stream(pre_only=False, dual_attention=self.dual_attention,
-                      name="x")
-    ctx_stream = stream(pre_only=self.context_pre_only, dual_attention=False,
-                        name="context")
+        Stream,
+        self.hidden_size,
+        self.num_heads,
+        self.mlp_ratio,
+        self.qk_norm,
+        attention_impl=self.attention_impl,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+    )
+    x_stream = stream(pre_only=False, dual_attention=self.dual_attention, name="x")
+    ctx_stream = stream(pre_only=self.context_pre_only, dual_attention=False, name="context")
     (xq, xk, xv), x_mods = x_stream.pre_attention(x, c)
     (cq, ck, cv), ctx_mods = ctx_stream.pre_attention(ctx, c)
     # Image tokens first, as diffusers does (order is irrelevant without mask).
@@ -220,6 +230,7 @@ class JointBlock(nn.Module):
 
 class FinalLayer(nn.Module):
   """adaLN (shift, scale) on LayerNorm, then Dense(H -> p*p*out)."""
+
   patch_features: int
   dtype: jnp.dtype
   param_dtype: jnp.dtype
@@ -227,14 +238,26 @@ class FinalLayer(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
     hidden = x.shape[-1]
-    mods = layers.Dense(2 * hidden, ("embed", "modulation"), kernel_init=_ZEROS,
-                        dtype=jnp.float32, param_dtype=self.param_dtype,
-                        name="modulation")(nn.silu(c))  # (B, 2H)
+    mods = layers.Dense(
+        2 * hidden,
+        ("embed", "modulation"),
+        kernel_init=_ZEROS,
+        dtype=jnp.float32,
+        param_dtype=self.param_dtype,
+        name="modulation",
+    )(
+        nn.silu(c)
+    )  # (B, 2H)
     shift, scale = jnp.split(mods, 2, axis=-1)
     x = layers.modulate(layers.layer_norm(x), shift, scale).astype(self.dtype)
-    return layers.Dense(self.patch_features, ("embed", "patch"),
-                        kernel_init=_ZEROS, dtype=self.dtype,
-                        param_dtype=self.param_dtype, name="proj")(x)
+    return layers.Dense(
+        self.patch_features,
+        ("embed", "patch"),
+        kernel_init=_ZEROS,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name="proj",
+    )(x)
 
 
 class MMDiT(nn.Module):
@@ -265,6 +288,7 @@ class MMDiT(nn.Module):
     remat: "none" or a key of REMAT_POLICIES; rematerialises each block.
     attention_impl: a key of layers.ATTENTION_IMPLS.
   """
+
   patch_size: int = 2
   in_channels: int = 16
   out_channels: int | None = None
@@ -290,13 +314,11 @@ class MMDiT(nn.Module):
 
   def check_config(self) -> None:
     """Raises ValueError naming the first inconsistent attribute."""
-    layers.check_divisible("hidden_size", self.hidden_size, "num_heads",
-                           self.num_heads)
+    layers.check_divisible("hidden_size", self.hidden_size, "num_heads", self.num_heads)
     layers.check_divisible("hidden_size", self.hidden_size, "4", 4)
     layers.check_in("qk_norm", self.qk_norm, QK_NORMS)
     layers.check_in("remat", self.remat, REMAT_CHOICES)
-    layers.check_in("attention_impl", self.attention_impl,
-                    tuple(layers.ATTENTION_IMPLS))
+    layers.check_in("attention_impl", self.attention_impl, tuple(layers.ATTENTION_IMPLS))
     if self.depth < 1:
       raise ValueError(f"depth={self.depth} must be >= 1")
     bad = [i for i in self.dual_attention_layers if not 0 <= i < self.depth]
@@ -308,21 +330,24 @@ class MMDiT(nn.Module):
       return JointBlock
     # Inside scan the loop boundary already prevents XLA from CSE-ing the
     # recomputation away, and prevent_cse would block useful fusions.
-    return nn.remat(JointBlock, policy=REMAT_POLICIES[self.remat],
-                    prevent_cse=not scanned)
+    return nn.remat(JointBlock, policy=REMAT_POLICIES[self.remat], prevent_cse=not scanned)
 
-  def _blocks(self, tokens: jax.Array, ctx: jax.Array,
-              c: jax.Array) -> jax.Array:
+  def _blocks(self, tokens: jax.Array, ctx: jax.Array, c: jax.Array) -> jax.Array:
     """Runs the joint blocks, scanning runs of identical blocks if asked."""
     for start, stop in mmdit_tree.block_groups(self):
       scanned = self.scan_blocks and stop - start > 1
       block = self._block_class(scanned)(
-          self.hidden_size, self.num_heads, self.mlp_ratio, self.qk_norm,
+          self.hidden_size,
+          self.num_heads,
+          self.mlp_ratio,
+          self.qk_norm,
           context_pre_only=start == self.depth - 1,
           dual_attention=start in self.dual_attention_layers,
-          attention_impl=self.attention_impl, dtype=self.dtype,
+          attention_impl=self.attention_impl,
+          dtype=self.dtype,
           param_dtype=self.param_dtype,
-          name=mmdit_tree.block_name(start, stop))
+          name=mmdit_tree.block_name(start, stop),
+      )
       if not scanned:  # A group of one block.
         tokens, ctx = block(tokens, ctx, c)
         continue
@@ -330,15 +355,16 @@ class MMDiT(nn.Module):
       # None: layers are not sharded).
       tokens, ctx = nn.scan(
           lambda mdl, carry, c: (mdl(*carry, c), None),
-          variable_axes={"params": 0}, split_rngs={"params": True},
-          in_axes=nn.broadcast, length=stop - start,
-          metadata_params={nn.PARTITION_NAME: None})(block, (tokens, ctx),
-                                                      c)[0]
+          variable_axes={"params": 0},
+          split_rngs={"params": True},
+          in_axes=nn.broadcast,
+          length=stop - start,
+          metadata_params={nn.PARTITION_NAME: None},
+      )(block, (tokens, ctx), c)[0]
     return tokens
 
   @nn.compact
-  def __call__(self, x: jax.Array, t: jax.Array, context: jax.Array,
-               pooled: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, t: jax.Array, context: jax.Array, pooled: jax.Array) -> jax.Array:
     """Predicts the velocity.
 
     Args:
@@ -357,8 +383,7 @@ class MMDiT(nn.Module):
     ctx = frontend.context_tokens(self, context)  # (B, L, H)
 
     tokens = self._blocks(tokens, ctx, c)  # (B, T, H)
-    out = FinalLayer(p * p * self.output_channels, dtype=self.dtype,
-                     param_dtype=self.param_dtype,
-                     name="final_layer")(tokens, c)  # (B, T, p*p*out)
+    out = FinalLayer(p * p * self.output_channels, dtype=self.dtype, param_dtype=self.param_dtype, name="final_layer")(
+        tokens, c
+    )  # (B, T, p*p*out)
     return frontend.unpatchify(self, out, h, w).astype(jnp.float32)  # (B, H, W, out)
-

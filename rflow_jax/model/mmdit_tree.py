@@ -15,6 +15,7 @@ import numpy as np
 
 class Layout(Protocol):
   """The MMDiT attributes that decide its block layout (an MMDiT is one)."""
+
   depth: int
   dual_attention_layers: tuple[int, ...]
   scan_blocks: bool
@@ -86,9 +87,7 @@ def stack_blocks(params: dict[str, Any], model: Layout) -> dict[str, Any]:
   out = {k: v for k, v in params.items() if not k.startswith("blocks_")}
   for start, stop in block_groups(model):
     blocks = [params[f"blocks_{i}"] for i in range(start, stop)]
-    out[block_name(start, stop)] = (
-        blocks[0] if len(blocks) == 1 else jax.tree.map(
-            lambda *xs: _stack(xs), *blocks))
+    out[block_name(start, stop)] = blocks[0] if len(blocks) == 1 else jax.tree.map(lambda *xs: _stack(xs), *blocks)
   return out
 
 

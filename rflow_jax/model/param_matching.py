@@ -23,15 +23,21 @@ def trainable_param_count(model: nn.Module) -> int:
   the smallest input is traced; jax.eval_shape allocates nothing.
   """
   p = model.patch_size
-  return variants.count_params(model, (1, p, p, model.in_channels),
-                               (1, 1, model.context_dim), (1, model.pooled_dim),
-                               include_pos_embed=False)
+  return variants.count_params(
+      model, (1, p, p, model.in_channels), (1, 1, model.context_dim), (1, model.pooled_dim), include_pos_embed=False
+  )
 
 
-def param_matched_width(arch: str, depth: int, target_params: int, *,
-                        head_dim: int | None = None,
-                        num_heads: int | None = None, tol: float = 0.05,
-                        **kwargs: Any) -> dict[str, int]:
+def param_matched_width(
+    arch: str,
+    depth: int,
+    target_params: int,
+    *,
+    head_dim: int | None = None,
+    num_heads: int | None = None,
+    tol: float = 0.05,
+    **kwargs: Any,
+) -> dict[str, int]:
   """The width at which `arch` of a given depth has ~target_params params.
 
   Trainable params (without pos_embed) are an exact quadratic in the width
@@ -58,8 +64,7 @@ def param_matched_width(arch: str, depth: int, target_params: int, *,
       message names the closest width and its count).
   """
   if (head_dim is None) == (num_heads is None):
-    raise ValueError(f"give exactly one of head_dim={head_dim} and "
-                     f"num_heads={num_heads}")
+    raise ValueError(f"give exactly one of head_dim={head_dim} and " f"num_heads={num_heads}")
   if target_params <= 0:
     raise ValueError(f"target_params={target_params} must be positive")
   fixed = head_dim if head_dim is not None else num_heads
@@ -81,8 +86,7 @@ def param_matched_width(arch: str, depth: int, target_params: int, *,
   b = p2 - p1 - 3 * a
   c = p1 - a - b
   if a > 0:
-    k = (-b + math.sqrt(max(b * b - 4 * a * (c - target_params), 0.0))) / (
-        2 * a)
+    k = (-b + math.sqrt(max(b * b - 4 * a * (c - target_params), 0.0))) / (2 * a)
   else:
     k = (target_params - c) / b
   candidates = sorted({max(1, math.floor(k)), max(1, math.ceil(k))})
@@ -93,13 +97,14 @@ def param_matched_width(arch: str, depth: int, target_params: int, *,
         f"{arch} at depth={depth}: closest width {best[1] * step} has {got} "
         f"params, {best[0]:.1%} from target_params={target_params} "
         f"(tol {tol:.0%}); use num_heads= for finer width steps or change "
-        f"the depth")
+        f"the depth"
+    )
   return kwargs_at(best[1])
 
 
-def param_table(reference: Mapping[str, Any], *,
-                head_dim: int | None = None, num_heads: int | None = None,
-                tol: float = 0.05) -> dict[str, dict[str, int]]:
+def param_table(
+    reference: Mapping[str, Any], *, head_dim: int | None = None, num_heads: int | None = None, tol: float = 0.05
+) -> dict[str, dict[str, int]]:
   """Parameter-matched variants of every architecture at MMDiT's depth.
 
   Args:
@@ -115,12 +120,13 @@ def param_table(reference: Mapping[str, Any], *,
   target = trainable_param_count(mmdit.MMDiT(**ref))
   shape = {k: ref.pop(k) for k in ("depth", "hidden_size", "num_heads")}
   # MMDiT-only attributes (dual attention, scan): the baselines have none.
-  ref = {k: v for k, v in ref.items() if k in baselines.COMMON_FIELDS
-         and k not in ("dual_attention_layers", "scan_blocks")}
+  ref = {
+      k: v for k, v in ref.items() if k in baselines.COMMON_FIELDS and k not in ("dual_attention_layers", "scan_blocks")
+  }
   table = {"mmdit": shape}
   for arch in registry.ARCHITECTURES:
     if arch != "mmdit":
-      table[arch] = param_matched_width(arch, shape["depth"], target,
-                                        head_dim=head_dim,
-                                        num_heads=num_heads, tol=tol, **ref)
+      table[arch] = param_matched_width(
+          arch, shape["depth"], target, head_dim=head_dim, num_heads=num_heads, tol=tol, **ref
+      )
   return table

@@ -22,6 +22,7 @@ class PatchDiscriminator(nn.Module):
     num_layers: stride-2 convs (the receptive field grows with each).
     groups: GroupNorm groups of the normalised layers.
   """
+
   channels: int = 64
   num_layers: int = 3
   groups: int = 32

@@ -40,9 +40,32 @@ PAD, BOS, EOS, UNK = 0, 1, 2, 3
 _SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
 # Every word the shapes task can say, in both caption styles; anything else becomes <unk>.
 _WORDS = (
-    ",", "a", "an", "the", "of", "to", "left", "right", "above", "below", "and", "one", "two", "three",
-    "red", "green", "blue", "yellow", "magenta", "cyan",
-    "circle", "square", "triangle", "circles", "squares", "triangles",
+    ",",
+    "a",
+    "an",
+    "the",
+    "of",
+    "to",
+    "left",
+    "right",
+    "above",
+    "below",
+    "and",
+    "one",
+    "two",
+    "three",
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "magenta",
+    "cyan",
+    "circle",
+    "square",
+    "triangle",
+    "circles",
+    "squares",
+    "triangles",
 )
 _TOKEN_RE = re.compile(r"[a-z]+|,")
 
@@ -80,9 +103,10 @@ class WordTokenizer:
     if unknown:
       out.append(f"words not in the vocabulary, read as <unk>: {', '.join(unknown)}")
     if len(words) > self.max_length - 2:
-      cut = words[self.max_length - 2:]
-      out.append(f"cut at text.max_length={self.max_length} ({self.max_length - 2} words): "
-                 f"'{' '.join(cut)}' is dropped")
+      cut = words[self.max_length - 2 :]
+      out.append(
+          f"cut at text.max_length={self.max_length} ({self.max_length - 2} words): " f"'{' '.join(cut)}' is dropped"
+      )
     return out
 
   def batch(self, texts: Sequence[str]) -> np.ndarray:
@@ -91,6 +115,7 @@ class WordTokenizer:
 
 class _Block(nn.Module):
   """Pre-LN transformer block (attention + GELU MLP)."""
+
   num_heads: int
   causal: bool
 
@@ -109,6 +134,7 @@ class _Block(nn.Module):
 
 class TinyEncoder(nn.Module):
   """Token embedding + learned positions + `depth` blocks; returns (all hidden states, final-normed states)."""
+
   vocab_size: int
   max_length: int
   width: int
@@ -135,6 +161,7 @@ class TextStack(nn.Module):
   Returns a list of (context, pooled) per encoder, pooled None for T5 — compose them with `compose`, after caption
   dropout, so that dropout acts per encoder as in the paper.
   """
+
   vocab_size: int
   max_length: int
   width: int
@@ -143,8 +170,13 @@ class TextStack(nn.Module):
 
   @nn.compact
   def __call__(self, tokens):  # (B, L)
-    kw = dict(vocab_size=self.vocab_size, max_length=self.max_length, width=self.width, depth=self.depth,
-              num_heads=self.num_heads)
+    kw = dict(
+        vocab_size=self.vocab_size,
+        max_length=self.max_length,
+        width=self.width,
+        depth=self.depth,
+        num_heads=self.num_heads,
+    )
     clip_hidden, clip_final = TinyEncoder(causal=True, name="clip", **kw)(tokens)
     eos_pos = jnp.argmax(tokens == EOS, axis=-1)  # (B,) first EOS, like CLIP's pooled output.
     pooled = jnp.take_along_axis(clip_final, eos_pos[:, None, None], axis=1)[:, 0]  # (B, D)
@@ -217,8 +249,13 @@ def build(text_config):
   if text_config.encoders == "sd3":
     return _build_sd3(text_config)
   tokenizer = WordTokenizer(text_config.max_length)
-  stack = TextStack(vocab_size=tokenizer.vocab_size, max_length=text_config.max_length, width=text_config.width,
-                    depth=text_config.depth, num_heads=text_config.num_heads)
+  stack = TextStack(
+      vocab_size=tokenizer.vocab_size,
+      max_length=text_config.max_length,
+      width=text_config.width,
+      depth=text_config.depth,
+      num_heads=text_config.num_heads,
+  )
   return tokenizer, stack
 
 
@@ -228,19 +265,40 @@ def _build_sd3(text_config):
   if text_config.sd3_path:
     # Reading a Hugging Face directory is the export package's job; imported here only when a path is given.
     from rflow_jax.export import text as export_text  # pylint: disable=g-import-not-at-top
+
     return export_text.sd3_stack(text_config.sd3_path, text_config.t5_length, text_config.use_t5, **overrides)
   tok_l = sd3_tokenizer.tiny_clip_tokenizer(_WORDS)  # CLIP-L pads with EOS, bigG with "!", as SD3's tokenizers.
   tok_g = sd3_tokenizer.tiny_clip_tokenizer(_WORDS, pad_token="!")
   tok_t5 = sd3_tokenizer.tiny_t5_tokenizer(_WORDS) if text_config.use_t5 else None
   tokenizer = sd3_tokenizer.SD3Tokenizer(tok_l, tok_g, tok_t5, text_config.t5_length)
   w, d, h = text_config.width, text_config.depth, text_config.num_heads
-  towers = [clip.CLIPText(clip.CLIPTextConfig(
-      vocab_size=len(tok_l), width=w, depth=d, num_heads=h, mlp_dim=4 * w, act=act,
-      eos_token_id=tok_l.eos_token_id, projection_dim=w), **overrides) for act in ("quick_gelu", "gelu")]
-  t5_encoder = t5.T5Encoder(t5.T5Config(vocab_size=len(tok_t5), width=2 * w, depth=d, num_heads=h,
-                                        head_dim=2 * w // h, mlp_dim=4 * w), **overrides) if tok_t5 else None
-  stack = sd3.SD3TextStack(*towers, t5_encoder, t5_length=text_config.t5_length, context_width=2 * w,
-                           empty_tokens=tokenizer.empty())
+  towers = [
+      clip.CLIPText(
+          clip.CLIPTextConfig(
+              vocab_size=len(tok_l),
+              width=w,
+              depth=d,
+              num_heads=h,
+              mlp_dim=4 * w,
+              act=act,
+              eos_token_id=tok_l.eos_token_id,
+              projection_dim=w,
+          ),
+          **overrides,
+      )
+      for act in ("quick_gelu", "gelu")
+  ]
+  t5_encoder = (
+      t5.T5Encoder(
+          t5.T5Config(vocab_size=len(tok_t5), width=2 * w, depth=d, num_heads=h, head_dim=2 * w // h, mlp_dim=4 * w),
+          **overrides,
+      )
+      if tok_t5
+      else None
+  )
+  stack = sd3.SD3TextStack(
+      *towers, t5_encoder, t5_length=text_config.t5_length, context_width=2 * w, empty_tokens=tokenizer.empty()
+  )
   return tokenizer, stack
 
 
@@ -266,11 +324,16 @@ def init_params(stack, text_config):
   tokens = jnp.zeros((1, length), jnp.int32)
   if text_config.encoders == "sd3" and text_config.sd3_path:
     from rflow_jax.export import text as export_text  # pylint: disable=g-import-not-at-top
+
     boxed = jax.eval_shape(stack.init, jax.random.key(0), tokens)["params"]
     loaded = export_text.sd3_params(text_config.sd3_path, stack)
     is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
-    return jax.tree.map(lambda box, value: box.replace_boxed(jnp.asarray(value)) if is_box(box) else value,
-                        boxed, loaded, is_leaf=is_box)
+    return jax.tree.map(
+        lambda box, value: box.replace_boxed(jnp.asarray(value)) if is_box(box) else value,
+        boxed,
+        loaded,
+        is_leaf=is_box,
+    )
   return stack.init(jax.random.key(text_config.init_seed), tokens)["params"]
 
 

@@ -45,26 +45,49 @@ def denormalize_latents(z: jax.Array, scaling_factor: float, shift_factor: float
   return z / scaling_factor + shift_factor
 
 
-def conv(features: int, kernel: int, axes: tuple[str | None, str | None], *, stride: int = 1, padding: Any = "SAME",
-          dtype, param_dtype, name: str) -> nn.Conv:
+def conv(
+    features: int,
+    kernel: int,
+    axes: tuple[str | None, str | None],
+    *,
+    stride: int = 1,
+    padding: Any = "SAME",
+    dtype,
+    param_dtype,
+    name: str,
+) -> nn.Conv:
   """A Conv whose kernel (kh, kw, in, out) carries the logical axes (None, None, *axes)."""
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding, dtype=dtype,
-                 param_dtype=param_dtype, name=name,
-                 kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), (None, None) + axes),
-                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)))
+  return nn.Conv(
+      features,
+      (kernel, kernel),
+      strides=(stride, stride),
+      padding=padding,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      name=name,
+      kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), (None, None) + axes),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)),
+  )
 
 
 def group_norm(groups: int, dtype, param_dtype, name: str) -> nn.GroupNorm:
   """GroupNorm(eps 1e-6) over NHWC channels with logically annotated scale and bias."""
   # Two-pass variance (use_fast_variance=False) as torch computes it: E[x²]-E[x]² loses digits when |mean| >> std.
-  return nn.GroupNorm(num_groups=groups, epsilon=NORM_EPS, dtype=dtype, param_dtype=param_dtype, name=name,
-                      use_fast_variance=False,
-                      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("vae_channels",)),
-                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("vae_channels",)))
+  return nn.GroupNorm(
+      num_groups=groups,
+      epsilon=NORM_EPS,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      name=name,
+      use_fast_variance=False,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("vae_channels",)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("vae_channels",)),
+  )
 
 
 class ResBlock(nn.Module):
   """GroupNorm, SiLU, conv3x3, GroupNorm, SiLU, conv3x3, plus the input (through a 1x1 conv if widths differ)."""
+
   features: int
   groups: int
   dtype: Any = jnp.float32
@@ -84,6 +107,7 @@ class ResBlock(nn.Module):
 
 class MidAttention(nn.Module):
   """Single-head self-attention over all H·W positions, GroupNorm first, residual added (the VAE mid block's)."""
+
   groups: int
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -92,12 +116,16 @@ class MidAttention(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:  # (B, H, W, C)
     b, hh, ww, c = x.shape
     dense = lambda name: nn.Dense(
-        c, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
+        c,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name=name,
         kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("vae_in", "vae_channels")),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("vae_channels",)))
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("vae_channels",)),
+    )
     h = group_norm(self.groups, self.dtype, self.param_dtype, "norm")(x).reshape(b, hh * ww, c)  # (B, T, C)
     q, k, v = dense("q")(h), dense("k")(h), dense("v")(h)
-    logits = jnp.einsum("btc,bsc->bts", q, k, preferred_element_type=jnp.float32) * (c ** -0.5)
+    logits = jnp.einsum("btc,bsc->bts", q, k, preferred_element_type=jnp.float32) * (c**-0.5)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)  # float32 softmax (diffusers upcasts it too).
     out = dense("proj")(jnp.einsum("bts,bsc->btc", probs, v))
     return x + out.reshape(b, hh, ww, c)
@@ -105,6 +133,7 @@ class MidAttention(nn.Module):
 
 class MidBlock(nn.Module):
   """res, (attention), res at the lowest resolution."""
+
   groups: int
   attention: bool
   res_block: Any
@@ -122,6 +151,7 @@ class MidBlock(nn.Module):
 
 class _Tower(nn.Module):
   """What encoder and decoder share: the level widths, res blocks per level and the mid block's settings."""
+
   block_out_channels: Sequence[int]
   layers_per_block: int
   groups: int
@@ -133,6 +163,7 @@ class _Tower(nn.Module):
 
 class Encoder(_Tower):
   """Image (B, H, W, C) -> 2·latent_channels moments at (H/f, W/f)."""
+
   latent_channels: int = 16
 
   @nn.compact
@@ -145,8 +176,7 @@ class Encoder(_Tower):
       if i < len(self.block_out_channels) - 1:
         # Pad one row/column at the bottom/right only, then a VALID stride-2 conv (the SD VAE's asymmetric padding).
         x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
-        x = conv(ch, 3, ("vae_in", "vae_channels"), stride=2, padding="VALID", name=f"down_{i}_downsample",
-                 **kw)(x)
+        x = conv(ch, 3, ("vae_in", "vae_channels"), stride=2, padding="VALID", name=f"down_{i}_downsample", **kw)(x)
     x = MidBlock(self.groups, self.attention, self.res_block, name="mid", **kw)(x)
     x = nn.silu(group_norm(self.groups, name="norm_out", **kw)(x))
     return conv(2 * self.latent_channels, 3, ("vae_in", "conv_out"), name="conv_out", **kw)(x)
@@ -154,6 +184,7 @@ class Encoder(_Tower):
 
 class Decoder(_Tower):
   """Latent (B, h, w, latent_channels) -> image (B, h·f, w·f, out_channels)."""
+
   out_channels: int = 3
 
   @nn.compact
@@ -187,6 +218,7 @@ class AutoencoderKL(nn.Module):
     remat: rematerialise each res block in the backward pass (for high resolutions).
     dtype / param_dtype: compute / storage dtypes.
   """
+
   block_out_channels: Sequence[int] = (128, 256, 512, 512)
   layers_per_block: int = 2
   norm_num_groups: int = 32
@@ -210,24 +242,35 @@ class AutoencoderKL(nn.Module):
     """Raises ValueError naming the first attribute that cannot build a model."""
     bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
     if bad:
-      raise ValueError(f"VAE block_out_channels={tuple(self.block_out_channels)}: width {bad[0]} is not divisible by "
-                       f"norm_num_groups={self.norm_num_groups}")
+      raise ValueError(
+          f"VAE block_out_channels={tuple(self.block_out_channels)}: width {bad[0]} is not divisible by "
+          f"norm_num_groups={self.norm_num_groups}"
+      )
     if self.latent_channels <= 0 or self.layers_per_block <= 0:
-      raise ValueError(f"VAE latent_channels={self.latent_channels} and layers_per_block={self.layers_per_block} "
-                       "must be positive")
+      raise ValueError(
+          f"VAE latent_channels={self.latent_channels} and layers_per_block={self.layers_per_block} " "must be positive"
+      )
 
   def check_image_size(self, height: int, width: int) -> None:
     """Raises ValueError unless both sides are divisible by the downsampling factor."""
     f = self.downsample_factor
     if height % f or width % f:
-      raise ValueError(f"image size {height}x{width} is not divisible by the VAE's downsampling factor {f} "
-                       f"(2^(len(block_out_channels)-1) for block_out_channels={tuple(self.block_out_channels)})")
+      raise ValueError(
+          f"image size {height}x{width} is not divisible by the VAE's downsampling factor {f} "
+          f"(2^(len(block_out_channels)-1) for block_out_channels={tuple(self.block_out_channels)})"
+      )
 
   def setup(self):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     res_block = nn.remat(ResBlock) if self.remat else ResBlock
-    common = dict(block_out_channels=tuple(self.block_out_channels), layers_per_block=self.layers_per_block,
-                  groups=self.norm_num_groups, attention=self.mid_block_attention, res_block=res_block, **kw)
+    common = dict(
+        block_out_channels=tuple(self.block_out_channels),
+        layers_per_block=self.layers_per_block,
+        groups=self.norm_num_groups,
+        attention=self.mid_block_attention,
+        res_block=res_block,
+        **kw,
+    )
     self.encoder = Encoder(latent_channels=self.latent_channels, **common)
     self.decoder = Decoder(out_channels=self.out_channels, **common)
     lc = self.latent_channels
@@ -273,5 +316,7 @@ def kl_divergence(mean: jax.Array, logvar: jax.Array) -> jax.Array:
 def check_latent_channels(latent_channels: int, in_channels: int) -> None:
   """Raises ValueError when an MM-DiT reading this VAE's latents has a different input width."""
   if latent_channels != in_channels:
-    raise ValueError(f"model.in_channels={in_channels} does not match the VAE's latent_channels={latent_channels}: "
-                     "an MM-DiT on VAE latents reads exactly the latent channels")
+    raise ValueError(
+        f"model.in_channels={in_channels} does not match the VAE's latent_channels={latent_channels}: "
+        "an MM-DiT on VAE latents reads exactly the latent channels"
+    )

@@ -23,13 +23,11 @@ def _depth_variant(d: int) -> dict[str, Any]:
 # head_dim 64); presets: the released SD3 / SD3.5 transformers (their diffusers configs).
 VARIANTS: dict[str, dict[str, Any]] = {
     **{f"d{d}": _depth_variant(d) for d in range(2, 39)},
-    "sd3-medium": dict(_depth_variant(24), pos_embed_max_size=192,
-                       qk_norm=None, dual_attention_layers=()),
-    "sd3.5-medium": dict(_depth_variant(24), pos_embed_max_size=384,
-                         qk_norm="rms_norm",
-                         dual_attention_layers=tuple(range(13))),
-    "sd3.5-large": dict(_depth_variant(38), pos_embed_max_size=192,
-                        qk_norm="rms_norm", dual_attention_layers=()),
+    "sd3-medium": dict(_depth_variant(24), pos_embed_max_size=192, qk_norm=None, dual_attention_layers=()),
+    "sd3.5-medium": dict(
+        _depth_variant(24), pos_embed_max_size=384, qk_norm="rms_norm", dual_attention_layers=tuple(range(13))
+    ),
+    "sd3.5-large": dict(_depth_variant(38), pos_embed_max_size=192, qk_norm="rms_norm", dual_attention_layers=()),
 }
 
 
@@ -43,14 +41,17 @@ def variant(name: str) -> dict[str, Any]:
     A fresh dict, e.g. `mmdit.MMDiT(**variants.variant("d24"), in_channels=4)`.
   """
   if name not in VARIANTS:
-    raise ValueError(f"unknown MMDiT variant {name!r}; known: "
-                     f"{sorted(VARIANTS)}")
+    raise ValueError(f"unknown MMDiT variant {name!r}; known: " f"{sorted(VARIANTS)}")
   return dict(VARIANTS[name])
 
 
-def count_params(model: nn.Module, x_shape: Sequence[int],
-                 context_shape: Sequence[int], pooled_shape: Sequence[int],
-                 include_pos_embed: bool = True) -> int:
+def count_params(
+    model: nn.Module,
+    x_shape: Sequence[int],
+    context_shape: Sequence[int],
+    pooled_shape: Sequence[int],
+    include_pos_embed: bool = True,
+) -> int:
   """Number of parameters, from abstract shapes (allocates nothing).
 
   Args:
@@ -65,8 +66,8 @@ def count_params(model: nn.Module, x_shape: Sequence[int],
   """
   f32 = lambda s: jax.ShapeDtypeStruct(tuple(s), jnp.float32)
   shapes = jax.eval_shape(
-      model.init, jax.random.key(0), f32(x_shape), f32(x_shape[:1]),
-      f32(context_shape), f32(pooled_shape))["params"]
+      model.init, jax.random.key(0), f32(x_shape), f32(x_shape[:1]), f32(context_shape), f32(pooled_shape)
+  )["params"]
   shapes = nn.unbox(shapes)
   if not include_pos_embed:
     shapes = {k: v for k, v in shapes.items() if k != "pos_embed"}

@@ -13,8 +13,9 @@ import jax.numpy as jnp
 ModelFn = Callable[[jax.Array, jax.Array, Any], jax.Array]
 
 
-def cfg_velocity(model_fn: ModelFn, cond: Any, uncond: Any, scale: float | jax.Array,
-                 interval: tuple[float, float] | None = None) -> Callable[[jax.Array, jax.Array], jax.Array]:
+def cfg_velocity(
+    model_fn: ModelFn, cond: Any, uncond: Any, scale: float | jax.Array, interval: tuple[float, float] | None = None
+) -> Callable[[jax.Array, jax.Array], jax.Array]:
   """Builds a guided velocity_fn(x, σ) for rflow_jax.sampling.solvers.sample.
 
   Args:
@@ -30,7 +31,8 @@ def cfg_velocity(model_fn: ModelFn, cond: Any, uncond: Any, scale: float | jax.A
     velocity_fn(x (B, ...), σ scalar or (B,)) -> guided velocity (B, ...).
   """
   both = jax.tree.map(
-      lambda c, u: jnp.concatenate([c, jnp.broadcast_to(u, c.shape).astype(c.dtype)], axis=0), cond, uncond)
+      lambda c, u: jnp.concatenate([c, jnp.broadcast_to(u, c.shape).astype(c.dtype)], axis=0), cond, uncond
+  )
 
   def velocity_fn(x, sigma):
     batch = x.shape[0]

@@ -27,7 +27,7 @@ def make_grid(images: np.ndarray, ncols: int = 8, pad: int = 2) -> np.ndarray:
   grid = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), 64, np.uint8)
   for i, img in enumerate(images):
     r, col = divmod(i, ncols)
-    grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = img
+    grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w] = img
   return grid
 
 
@@ -35,8 +35,22 @@ def save_png(image: np.ndarray, path: str) -> None:
   Image.fromarray(image).save(path)
 
 
-def _sample(params, text_params, tokens, keys, *, model, text_stack, formulation, image_shape, sigmas, solver,
-            cfg_scale, vae=None, empty_tokens=None):
+def _sample(
+    params,
+    text_params,
+    tokens,
+    keys,
+    *,
+    model,
+    text_stack,
+    formulation,
+    image_shape,
+    sigmas,
+    solver,
+    cfg_scale,
+    vae=None,
+    empty_tokens=None,
+):
   """Jitted body: tokens (B, L), keys (B,) -> images (B, H, W, C) in data space (decoded by `vae` if given)."""
   cond = text_encoders.drop_and_compose(text_stack.apply({"params": text_params}, tokens), None, 0.0)
   uncond = text_encoders.negative_condition(text_stack, text_params, cond, empty_tokens)
@@ -59,8 +73,9 @@ def _sample(params, text_params, tokens, keys, *, model, text_stack, formulation
 class Sampler:
   """A compiled sampler for one (model, text stack, formulation, sampling config, image shape)."""
 
-  def __init__(self, *, model, text_stack, tokenizer, formulation, sample_config, image_shape, vae=None,
-               empty_tokens=None):
+  def __init__(
+      self, *, model, text_stack, tokenizer, formulation, sample_config, image_shape, vae=None, empty_tokens=None
+  ):
     """`image_shape`: what the backbone generates; `vae`: (AutoencoderKL, params) decoding it when it is a latent;
     `empty_tokens`: the empty prompt's tokens when training dropped encoders to it (text.drop_to="empty")."""
     self.tokenizer = tokenizer
@@ -69,21 +84,37 @@ class Sampler:
     if vae is not None:
       f = vae[0].downsample_factor
       self.image_shape = (image_shape[0] * f, image_shape[1] * f, vae[0].out_channels)
-    sigmas = jnp.asarray(schedules.flow_sigmas(sample_config.num_steps, sample_config.shift,
-                                               sample_config.schedule), jnp.float32)
-    self._fn = jax.jit(functools.partial(
-        _sample, model=model, text_stack=text_stack, formulation=formulation, image_shape=tuple(image_shape),
-        sigmas=sigmas, solver=sample_config.solver, cfg_scale=sample_config.cfg_scale, vae=vae,
-        empty_tokens=empty_tokens))
+    sigmas = jnp.asarray(
+        schedules.flow_sigmas(sample_config.num_steps, sample_config.shift, sample_config.schedule), jnp.float32
+    )
+    self._fn = jax.jit(
+        functools.partial(
+            _sample,
+            model=model,
+            text_stack=text_stack,
+            formulation=formulation,
+            image_shape=tuple(image_shape),
+            sigmas=sigmas,
+            solver=sample_config.solver,
+            cfg_scale=sample_config.cfg_scale,
+            vae=vae,
+            empty_tokens=empty_tokens,
+        )
+    )
 
   @classmethod
   def from_config(cls, config, *, model, text_stack, tokenizer, vae=None):
     """The sampler of a run's config: its formulation, config.sample and image shape (latents decoded by `vae`)."""
-    return cls(model=model, text_stack=text_stack, tokenizer=tokenizer, vae=vae,
-               empty_tokens=text_encoders.drop_tokens(config.text, tokenizer),
-               formulation=formulations.get(config.flow.formulation, shift=config.flow.shift),
-               sample_config=config.sample,
-               image_shape=(config.data.image_size, config.data.image_size, config.model.in_channels))
+    return cls(
+        model=model,
+        text_stack=text_stack,
+        tokenizer=tokenizer,
+        vae=vae,
+        empty_tokens=text_encoders.drop_tokens(config.text, tokenizer),
+        formulation=formulations.get(config.flow.formulation, shift=config.flow.shift),
+        sample_config=config.sample,
+        image_shape=(config.data.image_size, config.data.image_size, config.model.in_channels),
+    )
 
   def generate(self, params, text_params, prompts, seed: int) -> np.ndarray:
     """uint8 images (N, H, W, C) for N prompts; batches are padded to one shape so the sampler compiles once."""
@@ -91,7 +122,7 @@ class Sampler:
     base = jax.random.key(seed)
     out = []
     for start in range(0, len(prompts), bs):
-      chunk = list(prompts[start:start + bs])
+      chunk = list(prompts[start : start + bs])
       n = len(chunk)
       chunk += [""] * (bs - n)  # Padding prompts; their images are dropped.
       tokens = jnp.asarray(self.tokenizer.batch(chunk))
@@ -105,8 +136,9 @@ class Sampler:
 
   def write_grid(self, state, step: int, workdir: str, writer) -> np.ndarray:
     """Samples the config's fixed grid prompts; writes TensorBoard images and WORKDIR/samples/grid_<step>.png."""
-    images = self.generate(self.params_of(state), state.text_params, list(self.config.grid_prompts),
-                           self.config.eval_seed)
+    images = self.generate(
+        self.params_of(state), state.text_params, list(self.config.grid_prompts), self.config.eval_seed
+    )
     grid = make_grid(images, ncols=4)
     os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
     save_png(grid, os.path.join(workdir, "samples", f"grid_{step:06d}.png"))

@@ -101,13 +101,19 @@ def _noise_fn(key, x: jax.Array) -> NoiseFn:
     return lambda i: jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
   if key.shape != x.shape[:1]:
     raise ValueError(f"key has shape {key.shape}: give one key, or one per example ({x.shape[0]},).")
-  per_example = jax.vmap(lambda k, i: jax.random.normal(jax.random.fold_in(k, i), x.shape[1:], x.dtype),
-                         in_axes=(0, None))
+  per_example = jax.vmap(
+      lambda k, i: jax.random.normal(jax.random.fold_in(k, i), x.shape[1:], x.dtype), in_axes=(0, None)
+  )
   return lambda i: per_example(key, i)
 
 
-def sample(velocity_fn: VelocityFn, x_init: jax.Array, sigmas: jax.Array, solver: str = "euler",
-           key: Union[jax.Array, NoiseFn, None] = None) -> jax.Array:
+def sample(
+    velocity_fn: VelocityFn,
+    x_init: jax.Array,
+    sigmas: jax.Array,
+    solver: str = "euler",
+    key: Union[jax.Array, NoiseFn, None] = None,
+) -> jax.Array:
   """Integrates dx/dσ = velocity_fn(x, σ) along `sigmas` and returns the final state (x0 when σ_n = 0).
 
   Jit with `solver` static, e.g. jax.jit(sample, static_argnames=("velocity_fn", "solver")) or inside a

@@ -76,14 +76,20 @@ def fit_power_law(flops, loss, *, delta: float = HUBER_DELTA, starts=None) -> di
   for e0, alpha0 in starts:
     e0 = min(max(e0, 0.0), e_max)
     log_a0 = float(np.mean(np.log(np.maximum(l - e0, 1e-12)) + alpha0 * log_c))
-    res = optimize.minimize(_objective, x0=[e0, log_a0, alpha0], args=(log_c, log_l, delta), jac=True,
-                            method="L-BFGS-B", bounds=[(0.0, e_max), (-50.0, 50.0), (0.0, 3.0)])
+    res = optimize.minimize(
+        _objective,
+        x0=[e0, log_a0, alpha0],
+        args=(log_c, log_l, delta),
+        jac=True,
+        method="L-BFGS-B",
+        bounds=[(0.0, e_max), (-50.0, 50.0), (0.0, 3.0)],
+    )
     if best is None or res.fun < best.fun:
       best = res
   e, log_a, alpha = (float(v) for v in best.x)
   pred = np.log(e + np.exp(log_a - alpha * log_c))
   r2 = 1.0 - float(np.sum((log_l - pred) ** 2) / max(np.sum((log_l - log_l.mean()) ** 2), 1e-300))
-  return {"E": e, "A": math.exp(log_a) * scale ** alpha, "alpha": alpha, "r2": r2, "n": int(len(c))}
+  return {"E": e, "A": math.exp(log_a) * scale**alpha, "alpha": alpha, "r2": r2, "n": int(len(c))}
 
 
 def predict(fit: dict, flops) -> np.ndarray:
@@ -152,6 +158,7 @@ def main(argv=None) -> int:
   p.add_argument("--prefix", default="scaling", help="File-name prefix of the PNGs.")
   a = p.parse_args(argv)
   from rflow_jax import cli  # pylint: disable=g-import-not-at-top
+
   with cli.clean_errors():
     rows = read_rows(a.csv, a.loss_column)
     front = frontier(rows, a.loss_column)
@@ -163,15 +170,33 @@ def main(argv=None) -> int:
     written = []
     if a.plots:
       from rflow_jax.scaling import plots  # pylint: disable=g-import-not-at-top  (matplotlib only for plots)
+
       written = plots.write_all(rows, front, fit, predict, a.plots, loss_column=a.loss_column, prefix=a.prefix)
-    print(f"L(C) = {fit['E']:.4g} + {fit['A']:.4g}·C^(-{fit['alpha']:.4f}) on {fit['n']} {a.fit_on} points; "
-          f"alpha 95% CI [{fit['alpha_ci'][0]:.4f}, {fit['alpha_ci'][1]:.4f}], R² {fit['r2']:.4f}")
+    print(
+        f"L(C) = {fit['E']:.4g} + {fit['A']:.4g}·C^(-{fit['alpha']:.4f}) on {fit['n']} {a.fit_on} points; "
+        f"alpha 95% CI [{fit['alpha_ci'][0]:.4f}, {fit['alpha_ci'][1]:.4f}], R² {fit['r2']:.4f}"
+    )
     for r in front:
-      print(f"  frontier: C={r['flops']:.3e}  L={r[a.loss_column]:.5f}  run={r.get('run', '')}  "
-            f"step={r.get('step', '')}")
-    summary = {**fit, "fit_on": a.fit_on, "loss_column": a.loss_column, "plots": written,
-               "frontier": [{"flops": r["flops"], "loss": r[a.loss_column], "run": r.get("run", ""),
-                             "params": r.get("params", ""), "step": r.get("step", "")} for r in front]}
+      print(
+          f"  frontier: C={r['flops']:.3e}  L={r[a.loss_column]:.5f}  run={r.get('run', '')}  "
+          f"step={r.get('step', '')}"
+      )
+    summary = {
+        **fit,
+        "fit_on": a.fit_on,
+        "loss_column": a.loss_column,
+        "plots": written,
+        "frontier": [
+            {
+                "flops": r["flops"],
+                "loss": r[a.loss_column],
+                "run": r.get("run", ""),
+                "params": r.get("params", ""),
+                "step": r.get("step", ""),
+            }
+            for r in front
+        ],
+    }
     print(json.dumps(summary))
   return 0
 

@@ -10,7 +10,6 @@ matplotlib.use("Agg")  # Files only, no display.
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-
 SHAPES_COLUMN = "shapes/overall"  # The "shapes" evaluator's score as the trainer logs it: "<evaluator>/<score>".
 
 
@@ -41,8 +40,9 @@ def loss_curves(rows, path: str, loss_column: str = "val_loss") -> str:
   fig, ax = plt.subplots(figsize=(6.4, 4.4))
   for name, rs in _by_run(rows, loss_column):
     ax.plot([r["flops"] for r in rs], [r[loss_column] for r in rs], "o-", ms=3, label=_label(name, rs))
-  ax.set(xscale="log", yscale="log", xlabel="training FLOPs", ylabel=loss_column,
-         title="Validation loss per model size")
+  ax.set(
+      xscale="log", yscale="log", xlabel="training FLOPs", ylabel=loss_column, title="Validation loss per model size"
+  )
   ax.grid(True, which="both", alpha=0.3)
   ax.legend(fontsize=8)
   return _save(fig, path)
@@ -55,8 +55,12 @@ def frontier_fit(rows, front, fit: dict, predict, path: str, loss_column: str = 
   ax.plot([r["flops"] for r in front], [r[loss_column] for r in front], "ko", ms=4, label="frontier")
   c = np.geomspace(min(r["flops"] for r in rows), max(r["flops"] for r in rows), 200)
   lo, hi = fit.get("alpha_ci", [fit["alpha"]] * 2)
-  ax.plot(c, predict(fit, c), "r-",
-          label=f"{fit['E']:.3g} + {fit['A']:.3g}·C^-{fit['alpha']:.3f} (α 95% CI {lo:.3f}–{hi:.3f})")
+  ax.plot(
+      c,
+      predict(fit, c),
+      "r-",
+      label=f"{fit['E']:.3g} + {fit['A']:.3g}·C^-{fit['alpha']:.3f} (α 95% CI {lo:.3f}–{hi:.3f})",
+  )
   ax.set(xscale="log", yscale="log", xlabel="training FLOPs", ylabel=loss_column, title="Compute-optimal frontier")
   ax.grid(True, which="both", alpha=0.3)
   ax.legend(fontsize=8)
@@ -78,12 +82,15 @@ def loss_vs_shapes(rows, path: str, loss_column: str = "val_loss") -> str | None
   return _save(fig, path)
 
 
-def write_all(rows, front, fit, predict, out_dir: str, *, loss_column: str = "val_loss",
-              prefix: str = "scaling") -> list[str]:
+def write_all(
+    rows, front, fit, predict, out_dir: str, *, loss_column: str = "val_loss", prefix: str = "scaling"
+) -> list[str]:
   """Writes the three PNGs into out_dir (the third only with ShapesEval scores); returns their paths. `predict`:
   fit.predict, passed in (the fit module imports this one for its CLI)."""
   os.makedirs(out_dir, exist_ok=True)
-  paths = [loss_curves(rows, os.path.join(out_dir, f"{prefix}_loss_vs_flops.png"), loss_column),
-           frontier_fit(rows, front, fit, predict, os.path.join(out_dir, f"{prefix}_frontier_fit.png"), loss_column),
-           loss_vs_shapes(rows, os.path.join(out_dir, f"{prefix}_val_loss_vs_shapes_eval.png"), loss_column)]
+  paths = [
+      loss_curves(rows, os.path.join(out_dir, f"{prefix}_loss_vs_flops.png"), loss_column),
+      frontier_fit(rows, front, fit, predict, os.path.join(out_dir, f"{prefix}_frontier_fit.png"), loss_column),
+      loss_vs_shapes(rows, os.path.join(out_dir, f"{prefix}_val_loss_vs_shapes_eval.png"), loss_column),
+  ]
   return [p for p in paths if p]

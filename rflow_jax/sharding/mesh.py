@@ -22,8 +22,9 @@ from jax.sharding import AxisType, Mesh
 from rflow_jax.sharding import rules
 
 
-def resolve_mesh_shape(mesh_shape, num_devices: int, name: str = "sharding.mesh_shape",
-                       unit: str = "devices") -> tuple[int, ...]:
+def resolve_mesh_shape(
+    mesh_shape, num_devices: int, name: str = "sharding.mesh_shape", unit: str = "devices"
+) -> tuple[int, ...]:
   """Fills one -1 entry so that the product equals `num_devices`; errors name the offending sizes.
 
   Args:
@@ -95,8 +96,9 @@ def make_mesh(mesh_shape, dcn_mesh_shape=(1, 1, 1), devices=None) -> Mesh:
       array = mesh_utils.create_device_mesh(ici, devices, allow_split_physical_axes=True)
   else:
     attr, _ = granules(devices)
-    array = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=attr == "process_index",
-                                                 allow_split_physical_axes=True)
+    array = mesh_utils.create_hybrid_device_mesh(
+        ici, dcn, devices, process_is_granule=attr == "process_index", allow_split_physical_axes=True
+    )
   return Mesh(array, rules.MESH_AXES, axis_types=(AxisType.Auto,) * len(rules.MESH_AXES))
 
 

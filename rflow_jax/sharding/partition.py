@@ -29,12 +29,15 @@ def check_batch(global_batch_size: int, mesh: Mesh, logical_rules) -> None:
   ways = math.prod(mesh.shape[a] for a in axes)
   if global_batch_size % ways:
     sizes = " × ".join(f"{a}={mesh.shape[a]}" for a in axes)
-    raise ValueError(f"train.global_batch_size={global_batch_size} is not divisible by {sizes} = {ways} "
-                     f"(the mesh axes the batch is sharded over)")
+    raise ValueError(
+        f"train.global_batch_size={global_batch_size} is not divisible by {sizes} = {ways} "
+        f"(the mesh axes the batch is sharded over)"
+    )
 
 
-def check_microbatches(global_batch_size: int, microbatches: int, mesh: Mesh, logical_rules,
-                       process_count: int | None = None) -> None:
+def check_microbatches(
+    global_batch_size: int, microbatches: int, mesh: Mesh, logical_rules, process_count: int | None = None
+) -> None:
   """Raises ValueError unless train.microbatches splits the batch of every process and every data shard evenly."""
   if microbatches < 1:
     raise ValueError(f"train.microbatches={microbatches} must be >= 1")
@@ -42,8 +45,10 @@ def check_microbatches(global_batch_size: int, microbatches: int, mesh: Mesh, lo
   ways = math.prod(mesh.shape[a] for a in batch_mesh_axes(logical_rules))
   for what, n in (("process", global_batch_size // process_count), ("data shard", global_batch_size // ways)):
     if n % microbatches:
-      raise ValueError(f"train.microbatches={microbatches} does not divide the {n} examples per {what} "
-                       f"(train.global_batch_size={global_batch_size})")
+      raise ValueError(
+          f"train.microbatches={microbatches} does not divide the {n} examples per {what} "
+          f"(train.global_batch_size={global_batch_size})"
+      )
 
 
 def _path(path) -> str:
@@ -71,7 +76,8 @@ def check_divisible(abstract_tree) -> None:
         raise ValueError(
             f"{_path(path)} has shape {tuple(leaf.shape)}; dimension {dim} ({leaf.shape[dim]}) cannot be split "
             f"{ways} ways over mesh axes {axes} (mesh {dict(sharding.mesh.shape)}). Change model.hidden_size, the "
-            f"mesh shape or sharding.rule_overrides")
+            f"mesh shape or sharding.rule_overrides"
+        )
 
 
 def bytes_per_device(tree) -> dict[jax.Device, int]:

@@ -28,25 +28,63 @@ mesh axes and a mesh axis used twice in one rule before anything is compiled.
 """
 
 MESH_AXES = ("data", "fsdp", "tensor")
-LOGICAL_AXES = ("batch", "length", "embed", "mlp", "heads", "kv", "modulation", "patch", "cond", "pos", "vocab",
-                "vae_channels", "vae_in", "conv_in", "conv_out")
+LOGICAL_AXES = (
+    "batch",
+    "length",
+    "embed",
+    "mlp",
+    "heads",
+    "kv",
+    "modulation",
+    "patch",
+    "cond",
+    "pos",
+    "vocab",
+    "vae_channels",
+    "vae_in",
+    "conv_in",
+    "conv_out",
+)
 
-_COMMON = (("batch", ("data", "fsdp")), ("length", None), ("kv", None), ("patch", None), ("cond", None),
-           ("pos", None), ("vae_in", None), ("conv_in", None), ("conv_out", None))
+_COMMON = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("kv", None),
+    ("patch", None),
+    ("cond", None),
+    ("pos", None),
+    ("vae_in", None),
+    ("conv_in", None),
+    ("conv_out", None),
+)
 
 PRESETS = {
     # Pure data parallelism: every parameter replicated.
-    "dp": _COMMON + (("embed", None), ("mlp", None), ("heads", None), ("modulation", None), ("vocab", None),
-                     ("vae_channels", None)),
+    "dp": _COMMON
+    + (("embed", None), ("mlp", None), ("heads", None), ("modulation", None), ("vocab", None), ("vae_channels", None)),
     # ZeRO-3 style: parameters (and with them optimizer and EMA state) sharded over fsdp along the width. Flax
     # takes the first rule whose mesh axis is still free, so a kernel with an "embed" axis is split along it, and
     # arrays without one (biases, the t/y embedders' first layer) along their own width instead of replicated.
-    "fsdp": _COMMON + (("embed", "fsdp"), ("mlp", "fsdp"), ("heads", "fsdp"), ("modulation", "fsdp"),
-                       ("vocab", None), ("vae_channels", "fsdp")),
+    "fsdp": _COMMON
+    + (
+        ("embed", "fsdp"),
+        ("mlp", "fsdp"),
+        ("heads", "fsdp"),
+        ("modulation", "fsdp"),
+        ("vocab", None),
+        ("vae_channels", "fsdp"),
+    ),
     # fsdp plus Megatron-style tensor parallelism of the MLP hidden and attention heads, and of token-embedding rows
     # (T5-XXL's 32128×4096 table split over fsdp alone would hold 8% of the encoder per device on fsdp 2 × tensor 4).
-    "fsdp_tp": _COMMON + (("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"), ("modulation", "tensor"),
-                          ("vocab", "tensor"), ("vae_channels", "fsdp")),
+    "fsdp_tp": _COMMON
+    + (
+        ("embed", "fsdp"),
+        ("mlp", "tensor"),
+        ("heads", "tensor"),
+        ("modulation", "tensor"),
+        ("vocab", "tensor"),
+        ("vae_channels", "fsdp"),
+    ),
 }
 
 
@@ -82,8 +120,9 @@ def validate_rules(logical_rules) -> None:
     named = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
     unknown = [a for a in named if a not in MESH_AXES]
     if unknown:
-      raise ValueError(f"sharding rule ({logical!r}, {axes!r}) names mesh axis {unknown[0]!r}, which is not one of "
-                       f"{MESH_AXES}")
+      raise ValueError(
+          f"sharding rule ({logical!r}, {axes!r}) names mesh axis {unknown[0]!r}, which is not one of " f"{MESH_AXES}"
+      )
     if len(set(named)) != len(named):
       raise ValueError(f"sharding rule ({logical!r}, {axes!r}) uses a mesh axis twice")
 

@@ -66,18 +66,24 @@ class _Manager(ocp.CheckpointManager):
     return False
 
 
-def make_manager(workdir: str, *, max_to_keep: int = 1, async_save: bool = False, read_only: bool = False,
-                 partial_state: bool = False) -> ocp.CheckpointManager:
+def make_manager(
+    workdir: str,
+    *,
+    max_to_keep: int = 1,
+    async_save: bool = False,
+    read_only: bool = False,
+    partial_state: bool = False,
+) -> ocp.CheckpointManager:
   """The workdir's manager. partial_state (read-only use): restore a subset of the state with PyTreeRestore."""
-  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
-                                         enable_async_checkpointing=async_save)
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep, create=not read_only, read_only=read_only, enable_async_checkpointing=async_save
+  )
   return _Manager(checkpoint_dir(workdir), item_handlers=_handlers(partial_state), options=options)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state, position: dict[str, int]) -> None:
   """Starts saving (asynchronously if so configured) the state and the global data position (resume.data_position)."""
-  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                             position=ocp.args.JsonSave(position)))
+  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), position=ocp.args.JsonSave(position)))
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state) -> tuple[Any, dict[str, int] | None]:
@@ -136,13 +142,20 @@ def restore_newest(manager: ocp.CheckpointManager, attempt: Callable[[int], Any]
     if damaged:  # One line: which step is damaged, why, what is used instead and where the damaged one is.
       moved = _move_aside(manager, [s for s, _ in damaged]) if move_damaged else []
       where = f"moved to {os.path.dirname(moved[0])}/ (kept, not deleted)" if moved else "left in place"
-      logging.warning("Damaged checkpoint %s in %s; using the previous complete checkpoint, step %d (the damaged one "
-                      "is %s)", "; ".join(f"step {s} ({r})" for s, r in damaged), manager.directory, step, where)
+      logging.warning(
+          "Damaged checkpoint %s in %s; using the previous complete checkpoint, step %d (the damaged one " "is %s)",
+          "; ".join(f"step {s} ({r})" for s, r in damaged),
+          manager.directory,
+          step,
+          where,
+      )
     return result, step
   if damaged:
     raise DamagedCheckpointError(
-        f"no checkpoint in {str(manager.directory)!r} can be read: " + "; ".join(f"step {s}: {r}" for s, r in damaged)
-        + ". Move the damaged step directories away to start over")
+        f"no checkpoint in {str(manager.directory)!r} can be read: "
+        + "; ".join(f"step {s}: {r}" for s, r in damaged)
+        + ". Move the damaged step directories away to start over"
+    )
   return None, None
 
 
@@ -181,7 +194,7 @@ def check_compatible(manager: ocp.CheckpointManager, step: int, abstract_state, 
 
 def _check_shapes(manager: ocp.CheckpointManager, step: int, metadata, groups: dict[str, Any]) -> None:
   """check_compatible against the saved state's `metadata` (read by the caller), for {group: tree}: a whole state's
-  weight groups, or a warm start's renamed subset. Names are "<group>/<path>", e.g. "params/blocks_0/...". """
+  weight groups, or a warm start's renamed subset. Names are "<group>/<path>", e.g. "params/blocks_0/..."."""
   where = f"checkpoint at step {step} in {manager.directory}"
   for group, tree in groups.items():
     saved = _param_shapes(metadata[group]) if group in metadata else {}
@@ -189,18 +202,24 @@ def _check_shapes(manager: ocp.CheckpointManager, step: int, metadata, groups: d
     for key in sorted(set(saved) | set(want)):
       name = f"{group}/{key}"
       if key not in saved:
-        raise IncompatibleCheckpointError(f"{where} has no parameter {name} (this config expects shape {want[key]}): "
-                                          "it was written by a different model")
+        raise IncompatibleCheckpointError(
+            f"{where} has no parameter {name} (this config expects shape {want[key]}): "
+            "it was written by a different model"
+        )
       if key not in want:
-        raise IncompatibleCheckpointError(f"{where} has parameter {name} (shape {saved[key]}) that this config does "
-                                          "not: it was written by a different model")
+        raise IncompatibleCheckpointError(
+            f"{where} has parameter {name} (shape {saved[key]}) that this config does "
+            "not: it was written by a different model"
+        )
       if saved[key] != want[key]:
         raise IncompatibleCheckpointError(
-            f"{where}: parameter {name} has shape {saved[key]}, but this config expects {want[key]}")
+            f"{where}: parameter {name} has shape {saved[key]}, but this config expects {want[key]}"
+        )
 
 
-def restore_weights(workdir: str, abstract_state, weight_groups, *,
-                    grow_depth: bool = False) -> tuple[dict[str, Any], int]:
+def restore_weights(
+    workdir: str, abstract_state, weight_groups, *, grow_depth: bool = False
+) -> tuple[dict[str, Any], int]:
   """({group: weights} for the task's weight groups, step) of `workdir`'s newest readable checkpoint, placed like
   `abstract_state`.
 
@@ -229,12 +248,19 @@ def restore_weights(workdir: str, abstract_state, weight_groups, *,
     if grow_depth:
       source_of.update(_grown_names(list(metadata["params"]), list(target["params"]), workdir))
       for group in ("params", "ema_params"):
-        target[group] = {source_of.get(k, k): v for k, v in target[group].items()
-                         if k in source_of or mmdit_tree.parse_block_name(k) is None}
+        target[group] = {
+            source_of.get(k, k): v
+            for k, v in target[group].items()
+            if k in source_of or mmdit_tree.parse_block_name(k) is None
+        }
     _check_shapes(manager, step, metadata, target)
     restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), target)
-    return manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=target, restore_args=restore_args, partial_restore=True)))["state"]
+    return manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
+        ),
+    )["state"]
 
   # Only the weights are read (partial_restore), each leaf straight into this run's sharding.
   with make_manager(workdir, read_only=True, partial_state=True) as manager:
@@ -251,8 +277,10 @@ def _grown_names(source_params: list[str], params: list[str], workdir: str) -> d
   blocks = lambda names: [n for n in names if spans[n] is not None]
   scanned = [n for n in blocks(source_params) + blocks(params) if spans[n][1] - spans[n][0] > 1]  # e.g. blocks_0_12
   if scanned:
-    raise IncompatibleCheckpointError(f"train.init_grow_depth reads and writes single blocks, but {scanned[0]!r} is "
-                                      "a scanned group: set model.scan_blocks=False in both runs")
+    raise IncompatibleCheckpointError(
+        f"train.init_grow_depth reads and writes single blocks, but {scanned[0]!r} is "
+        "a scanned group: set model.scan_blocks=False in both runs"
+    )
   src_depth, depth = len(blocks(source_params)), len(blocks(params))
   try:
     positions = mmdit_tree.grown_block_positions(src_depth, depth)
@@ -288,13 +316,19 @@ def restore_params(workdir: str, *, use_ema: bool, step: int | None = None) -> t
   def attempt(step):
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     metadata = manager.item_metadata(step)["state"]
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device),
-                          # A task without text encoders (the VAE) has no text_params.
-                          {group: metadata[group], **{k: metadata[k] for k in ("text_params",) if k in metadata}},
-                          is_leaf=lambda x: hasattr(x, "shape"))
+    target = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device),
+        # A task without text encoders (the VAE) has no text_params.
+        {group: metadata[group], **{k: metadata[k] for k in ("text_params",) if k in metadata}},
+        is_leaf=lambda x: hasattr(x, "shape"),
+    )
     restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), target)
-    return manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=target, restore_args=restore_args, partial_restore=True)))["state"]
+    return manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
+        ),
+    )["state"]
 
   with make_manager(workdir, read_only=True, partial_state=True) as manager:
     if step is None:

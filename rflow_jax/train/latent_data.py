@@ -29,16 +29,23 @@ def _flat(params) -> dict:
 
 def vae_identity(model, params) -> str:
   """sha256 of a VAE's architecture (its diffusers config without the latent factors) and of its weights."""
-  architecture = {k: v for k, v in export_vae.diffusers_config(model).items()
-                  if k not in ("scaling_factor", "shift_factor")}
+  architecture = {
+      k: v for k, v in export_vae.diffusers_config(model).items() if k not in ("scaling_factor", "shift_factor")
+  }
   return precomputed.json_sha256({"architecture": architecture, "weights": precomputed.tree_sha256(_flat(params))})
 
 
 def text_identity(text_config, tokenizer, text_params) -> str:
   """sha256 of what decides the stored embeddings: the encoders' kind, compute dtype, tokenizer and weights."""
   probes = np.asarray(tokenizer.batch(list(PROBE_PROMPTS))).tolist()
-  return precomputed.json_sha256({"encoders": text_config.encoders, "dtype": text_config.dtype, "probes": probes,
-                                  "weights": precomputed.tree_sha256(_flat(text_params))})
+  return precomputed.json_sha256(
+      {
+          "encoders": text_config.encoders,
+          "dtype": text_config.dtype,
+          "probes": probes,
+          "weights": precomputed.tree_sha256(_flat(text_params)),
+      }
+  )
 
 
 def text_treedef(text_stack, text_config):
@@ -52,8 +59,10 @@ def text_treedef(text_stack, text_config):
 def load_vae(path: str, dtype: str):
   """The VAE of `vae.path` (a diffusers AutoencoderKL directory, e.g. latent_stats' export) at a compute dtype."""
   if not path:
-    raise ValueError("vae.path is empty: name the diffusers AutoencoderKL directory whose latents to precompute "
-                     "(e.g. the --out of python -m rflow_jax.export.latent_stats)")
+    raise ValueError(
+        "vae.path is empty: name the diffusers AutoencoderKL directory whose latents to precompute "
+        "(e.g. the --out of python -m rflow_jax.export.latent_stats)"
+    )
   return export_vae.load_vae(path, dtype=model_registry.DTYPES[dtype])
 
 
@@ -87,31 +96,44 @@ class LatentData:
     self.manifest = m = precomputed.load_manifest(config.data.path)
     h, w, c = m["latent"]["shape"]
     if c != config.model.in_channels:
-      raise records.ManifestError(f"{where} holds latents of {c} channels, but model.in_channels="
-                                  f"{config.model.in_channels}")
+      raise records.ManifestError(
+          f"{where} holds latents of {c} channels, but model.in_channels=" f"{config.model.in_channels}"
+      )
     if h != config.data.image_size or w != config.data.image_size:
-      raise records.ManifestError(f"{where} holds {h}x{w} latents, but data.image_size={config.data.image_size} "
-                                  '(with data.name="precomputed" it is the latent side the MM-DiT reads)')
+      raise records.ManifestError(
+          f"{where} holds {h}x{w} latents, but data.image_size={config.data.image_size} "
+          '(with data.name="precomputed" it is the latent side the MM-DiT reads)'
+      )
     self.treedef, shapes = text_treedef(text_stack, config.text)
     _, n_context, d_context, d_pooled = text_encoders.dims(config.text)
-    theirs, ours = m["text"]["dims"], {"context_tokens": n_context, "context_width": d_context,
-                                       "pooled_width": d_pooled}
+    theirs, ours = m["text"]["dims"], {
+        "context_tokens": n_context,
+        "context_width": d_context,
+        "pooled_width": d_pooled,
+    }
     for name in ours:
       if theirs[name] != ours[name]:
-        raise records.ManifestError(f"{where} holds text embeddings of {name}={theirs[name]}, but config.text gives "
-                                    f"{name}={ours[name]}")
+        raise records.ManifestError(
+            f"{where} holds text embeddings of {name}={theirs[name]}, but config.text gives " f"{name}={ours[name]}"
+        )
     if [tuple(s) for s in m["text"]["shapes"]] != shapes:
-      raise records.ManifestError(f"{where} holds text embeddings of shapes {m['text']['shapes']}, but config.text's "
-                                  f"stack gives {[list(s) for s in shapes]}")
+      raise records.ManifestError(
+          f"{where} holds text embeddings of shapes {m['text']['shapes']}, but config.text's "
+          f"stack gives {[list(s) for s in shapes]}"
+      )
     self.vae_model, self.vae_params = run_vae(config)
     identity = vae_identity(self.vae_model, self.vae_params)
     if identity != m["vae"]["identity"]:
-      raise records.ManifestError(f"{where} was encoded by VAE {m['vae']['identity'][:12]} ({m['vae']['path']}), "
-                                  f"but vae.path={vae_path(config)!r} is VAE {identity[:12]}")
+      raise records.ManifestError(
+          f"{where} was encoded by VAE {m['vae']['identity'][:12]} ({m['vae']['path']}), "
+          f"but vae.path={vae_path(config)!r} is VAE {identity[:12]}"
+      )
     identity = text_identity(config.text, tokenizer, text_params)
     if identity != m["text"]["identity"]:
-      raise records.ManifestError(f"{where} was encoded by text encoders {m['text']['identity'][:12]}, but "
-                                  f"config.text gives text encoders {identity[:12]}")
+      raise records.ManifestError(
+          f"{where} was encoded by text encoders {m['text']['identity'][:12]}, but "
+          f"config.text gives text encoders {identity[:12]}"
+      )
 
   @property
   def text_keys(self) -> list[str]:
@@ -120,18 +142,27 @@ class LatentData:
   def batch_spec(self, global_batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
     """The stored moments and per-encoder outputs, at their storage dtypes (the step casts them to float32)."""
     m = self.manifest
-    latent = jax.ShapeDtypeStruct((global_batch_size, *m["latent"]["shape"]),
-                                  precomputed.STORAGE_DTYPES[m["latent"]["dtype"]])
+    latent = jax.ShapeDtypeStruct(
+        (global_batch_size, *m["latent"]["shape"]), precomputed.STORAGE_DTYPES[m["latent"]["dtype"]]
+    )
     text_dtype = precomputed.STORAGE_DTYPES[m["text"]["dtype"]]
-    return {**{k: latent for k in precomputed.LATENT_KEYS},
-            **{k: jax.ShapeDtypeStruct((global_batch_size, *shape), text_dtype)
-               for k, shape in zip(self.text_keys, m["text"]["shapes"])}}
+    return {
+        **{k: latent for k in precomputed.LATENT_KEYS},
+        **{
+            k: jax.ShapeDtypeStruct((global_batch_size, *shape), text_dtype)
+            for k, shape in zip(self.text_keys, m["text"]["shapes"])
+        },
+    }
 
   def stored_inputs(self):
     """The static half of the step's precomputed path (step.StoredInputs)."""
     empty = None
     if self.drop_to == "empty":
       empty = tuple(precomputed.load_empty_prompt(self.path, self.manifest))
-    return step_lib.StoredInputs(text_treedef=self.treedef, text_keys=tuple(self.text_keys),
-                                 scaling_factor=self.vae_model.scaling_factor,
-                                 shift_factor=self.vae_model.shift_factor, empty=empty)
+    return step_lib.StoredInputs(
+        text_treedef=self.treedef,
+        text_keys=tuple(self.text_keys),
+        scaling_factor=self.vae_model.scaling_factor,
+        shift_factor=self.vae_model.shift_factor,
+        empty=empty,
+    )

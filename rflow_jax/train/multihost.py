@@ -35,9 +35,12 @@ def use_host_barriers_for_orbax() -> None:
 
 def define_distributed_flags() -> None:
   """The flags of init_distributed, for entry points that may run as one process of many (main, precompute)."""
-  flags.DEFINE_enum("distributed", "off", ["off", "auto", "explicit"],
-                    "jax.distributed.initialize: off (one process), auto (TPU/SLURM detection), explicit (flags "
-                    "below).")
+  flags.DEFINE_enum(
+      "distributed",
+      "off",
+      ["off", "auto", "explicit"],
+      "jax.distributed.initialize: off (one process), auto (TPU/SLURM detection), explicit (flags " "below).",
+  )
   flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (with --distributed=explicit).")
   flags.DEFINE_integer("num_processes", None, "Number of processes (with --distributed=explicit).")
   flags.DEFINE_integer("process_id", None, "This process's index (with --distributed=explicit).")
@@ -49,6 +52,7 @@ def init_distributed() -> None:
   if f.distributed == "auto":
     jax.distributed.initialize()
   elif f.distributed == "explicit":
-    jax.distributed.initialize(coordinator_address=f.coordinator_address, num_processes=f.num_processes,
-                               process_id=f.process_id)
+    jax.distributed.initialize(
+        coordinator_address=f.coordinator_address, num_processes=f.num_processes, process_id=f.process_id
+    )
   use_host_barriers_for_orbax()

@@ -8,10 +8,12 @@ from rflow_jax.model import frontend
 
 def param_labels(params):
   """'frozen' for the model's fixed tables, 'no_decay' for vectors (biases, norm scales), 'decay' for matrices."""
+
   def label(path, leaf):
     if frontend.is_frozen(path):
       return "frozen"
     return "decay" if leaf.ndim >= 2 else "no_decay"
+
   return jax.tree_util.tree_map_with_path(label, params)
 
 
@@ -48,12 +50,11 @@ def make_optimizer(optim_config, num_steps: int) -> optax.GradientTransformation
   lr = learning_rate_schedule(optim_config, num_steps)
 
   def adamw(weight_decay):
-    return optax.adamw(lr, b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps,
-                       weight_decay=weight_decay)
+    return optax.adamw(lr, b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps, weight_decay=weight_decay)
 
   tx = optax.multi_transform(
-      {"decay": adamw(optim_config.weight_decay), "no_decay": adamw(0.0), "frozen": optax.set_to_zero()},
-      param_labels)
+      {"decay": adamw(optim_config.weight_decay), "no_decay": adamw(0.0), "frozen": optax.set_to_zero()}, param_labels
+  )
   if optim_config.grad_clip_norm > 0:
     tx = optax.chain(optax.clip_by_global_norm(optim_config.grad_clip_norm), tx)
   return tx

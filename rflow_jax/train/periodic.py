@@ -16,6 +16,7 @@ def is_time(step: int, every: int) -> bool:
 @dataclasses.dataclass(frozen=True)
 class Due:
   """What to do after a step."""
+
   log: bool
   checkpoint: bool
   preview: bool
@@ -27,7 +28,9 @@ def due(step: int, train_config, *, stopping: bool) -> Due:
   t = train_config
   last = step == t.num_steps
   mid_run = not last and not stopping
-  return Due(log=is_time(step, t.log_every) or last or stopping,
-             checkpoint=is_time(step, t.checkpoint_every) or last or stopping,
-             preview=mid_run and is_time(step, t.sample_every),
-             evaluate=mid_run and is_time(step, t.eval_every) and bool(t.evaluators))
+  return Due(
+      log=is_time(step, t.log_every) or last or stopping,
+      checkpoint=is_time(step, t.checkpoint_every) or last or stopping,
+      preview=mid_run and is_time(step, t.sample_every),
+      evaluate=mid_run and is_time(step, t.eval_every) and bool(t.evaluators),
+  )

@@ -74,8 +74,11 @@ class StopSignals:
     self._event.set()
     when = "at a step all processes agree on" if self._agreed else "after the current step"
     # os.write, not logging: a handler may run while the main thread holds the logging lock.
-    os.write(2, f"{name}: stopping {when} with a checkpoint"
-                f"{' (Ctrl-C again aborts at once)' if signum == signal.SIGINT else ''}\n".encode())
+    os.write(
+        2,
+        f"{name}: stopping {when} with a checkpoint"
+        f"{' (Ctrl-C again aborts at once)' if signum == signal.SIGINT else ''}\n".encode(),
+    )
     if self._agreed:
       os.kill(os.getpid(), signal.SIGTERM)  # JAX's handler: the notice every process hears.
 
@@ -85,8 +88,10 @@ class StopSignals:
       # Multi-process: SIGTERM stays with JAX's preemption notifier (a Python handler would replace it).
       for sig in (signal.SIGINT,) if self._agreed else SIGNALS:
         self._previous[sig] = signal.signal(sig, self._handle)
-      logging.info("Stop signals (SIGTERM, Ctrl-C) from here on: the run stops %s with a checkpoint",
-                   "at a step all processes agree on" if self._agreed else "after the current step")
+      logging.info(
+          "Stop signals (SIGTERM, Ctrl-C) from here on: the run stops %s with a checkpoint",
+          "at a step all processes agree on" if self._agreed else "after the current step",
+      )
     return self
 
   def __exit__(self, *exc):

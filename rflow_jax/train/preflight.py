@@ -11,7 +11,6 @@ dividing it by train.microbatches is a linear estimate, and remat "full" keeps o
 
 import math
 
-
 GB = 1e9  # Vendors' "80 GB" / "95 GB" (decimal), as --device_memory_gb reads it.
 GIB = 2**30
 _GRADIENT_BYTES_PER_STATE_BYTE = 0.25  # f32 gradient (4 B/param) next to the 16 B/param state.
@@ -24,12 +23,17 @@ class InsufficientMemoryError(ValueError):
 def step_bytes(memory) -> int:
   """Per-device live bytes of a compiled step from its memory_analysis(): arguments + outputs + temporaries, the
   donated (aliased) state counted once."""
-  return int(memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
-             - memory.alias_size_in_bytes)
+  return int(
+      memory.argument_size_in_bytes
+      + memory.output_size_in_bytes
+      + memory.temp_size_in_bytes
+      - memory.alias_size_in_bytes
+  )
 
 
-def advice(*, needed: int, limit: int, state: int, microbatches: int, examples_per_shard: int, remat: str,
-           fsdp: int) -> str:
+def advice(
+    *, needed: int, limit: int, state: int, microbatches: int, examples_per_shard: int, remat: str, fsdp: int
+) -> str:
   """What would fit, from the step's bytes split into state (exact) and the rest (linear in examples at once).
 
   Args:
@@ -51,16 +55,20 @@ def advice(*, needed: int, limit: int, state: int, microbatches: int, examples_p
     whole_batch = rest * microbatches  # The non-state bytes if the shard's whole batch went through at once.
     for k in range(microbatches + 1, examples_per_shard + 1):
       if examples_per_shard % k == 0 and fixed + whole_batch / k <= limit:
-        options.append(f"--config.train.microbatches={k} ({examples_per_shard // k} examples per device at once, "
-                       f"≈{(fixed + whole_batch / k) / GIB:.1f} GiB by linear scaling)")
+        options.append(
+            f"--config.train.microbatches={k} ({examples_per_shard // k} examples per device at once, "
+            f"≈{(fixed + whole_batch / k) / GIB:.1f} GiB by linear scaling)"
+        )
         break
     if remat != "full":
       options.append("--config.model.remat=full (saves only each block's input; ~1/3 more FLOPs)")
   grow = 2  # More devices on the fsdp axis, same global batch: state and examples per device both shrink.
   while needed / grow > limit:
     grow *= 2
-  options.append(f"a larger fsdp axis over more devices (fsdp={fsdp * grow}, {grow}× the devices: "
-                 f"≈{needed / grow / GIB:.1f} GiB)")
+  options.append(
+      f"a larger fsdp axis over more devices (fsdp={fsdp * grow}, {grow}× the devices: "
+      f"≈{needed / grow / GIB:.1f} GiB)"
+  )
   return "; ".join(options)
 
 
@@ -77,17 +85,23 @@ def check(*, needed: int, limit: int, source: str, **advice_kwargs) -> None:
     return
   raise InsufficientMemoryError(
       f"the train step needs {needed / GIB:.1f} GiB per device ({source}), more than the {limit / GIB:.1f} GiB "
-      f"({limit / GB:.1f} GB) available; would fit: {advice(needed=needed, limit=limit, **advice_kwargs)}")
+      f"({limit / GB:.1f} GB) available; would fit: {advice(needed=needed, limit=limit, **advice_kwargs)}"
+  )
 
 
 def advice_kwargs(setup) -> dict:
   """`advice`'s config-dependent arguments for a trainer.Setup."""
   from rflow_jax.sharding import partition  # pylint: disable=g-import-not-at-top
+
   config = setup.config
   ways = math.prod(setup.mesh.shape[a] for a in partition.batch_mesh_axes(setup.rules))
-  return {"state": partition.shard_bytes(setup.abstract_state), "microbatches": config.train.microbatches,
-          "examples_per_shard": config.train.global_batch_size // ways, "remat": config.model.remat,
-          "fsdp": setup.mesh.shape.get("fsdp", 1)}
+  return {
+      "state": partition.shard_bytes(setup.abstract_state),
+      "microbatches": config.train.microbatches,
+      "examples_per_shard": config.train.global_batch_size // ways,
+      "remat": config.model.remat,
+      "fsdp": setup.mesh.shape.get("fsdp", 1),
+  }
 
 
 def device_limit(device) -> int | None:

@@ -20,12 +20,33 @@ from rflow_jax.train import checkpoint
 
 # Fields (or whole sections, as "section.") a resume may change.
 RESUMABLE = (
-    "train.num_steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.sample_every",
-    "train.eval_every", "train.eval_at_end", "train.nonfinite", "train.poison_step", "train.signal_step", "train.signal_process", "train.peak_tflops_per_device",
-    "train.record_seen_indices", "train.init_from", "train.init_grow_depth", "train.evaluators", "train.profile_steps",
-    "train.microbatches", "eval.",
-    "sample.", "sharding.", "ckpt.", "runtime.", "data.worker_count",
-    "model.dtype", "model.attention_impl", "model.remat",
+    "train.num_steps",
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.sample_every",
+    "train.eval_every",
+    "train.eval_at_end",
+    "train.nonfinite",
+    "train.poison_step",
+    "train.signal_step",
+    "train.signal_process",
+    "train.peak_tflops_per_device",
+    "train.record_seen_indices",
+    "train.init_from",
+    "train.init_grow_depth",
+    "train.evaluators",
+    "train.profile_steps",
+    "train.microbatches",
+    "eval.",
+    "sample.",
+    "sharding.",
+    "ckpt.",
+    "runtime.",
+    "data.worker_count",
+    "model.dtype",
+    "model.attention_impl",
+    "model.remat",
 )
 
 
@@ -62,10 +83,13 @@ def check_config(config, workdir: str) -> None:
       raise ResumeError(
           f"{field}={new[field]!r}, but {workdir!r} was trained with {field}={saved[field]!r} (checkpoint step {step}): "
           "a resume may change only when and how long to train, sampling, sharding and compute settings "
-          "(rflow_jax/train/resume.py); start a new --workdir, with train.init_from to reuse its weights")
+          "(rflow_jax/train/resume.py); start a new --workdir, with train.init_from to reuse its weights"
+      )
   if config.train.num_steps < step:
-    raise ResumeError(f"train.num_steps={config.train.num_steps} is below the checkpoint step {step} of {workdir!r}: "
-                      f"nothing to train; pass --config.train.num_steps={step} or more")
+    raise ResumeError(
+        f"train.num_steps={config.train.num_steps} is below the checkpoint step {step} of {workdir!r}: "
+        f"nothing to train; pass --config.train.num_steps={step} or more"
+    )
 
 
 def data_position(step: int, global_batch_size: int) -> dict[str, int]:

@@ -18,6 +18,7 @@ class TrainState:
     text_params: the frozen text encoders' weights (never updated; stored so samplers need no side input).
     skipped_steps: count of updates dropped by the non-finite guard.
   """
+
   step: jax.Array
   params: Any
   opt_state: Any

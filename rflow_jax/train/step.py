@@ -38,6 +38,7 @@ class StoredInputs:
     scaling_factor, shift_factor: the VAE's latent normalisation (applied by vae.normalize_latents).
     empty: the stored empty prompt's outputs (batch 1, leaves order) for text.drop_to="empty"; None: zeros.
   """
+
   text_treedef: Any
   text_keys: tuple[str, ...]
   scaling_factor: float
@@ -62,8 +63,9 @@ def stored_inputs(batch, key, stored: StoredInputs, drop_prob: float):
   """
   k_drop, _ = jax.random.split(key)
   f32 = lambda x: jnp.asarray(x, jnp.float32)
-  x = vae_lib.sample_posterior(f32(batch["latent_mean"]), f32(batch["latent_logvar"]),
-                               jax.random.fold_in(key, LATENT_NOISE_STREAM))
+  x = vae_lib.sample_posterior(
+      f32(batch["latent_mean"]), f32(batch["latent_logvar"]), jax.random.fold_in(key, LATENT_NOISE_STREAM)
+  )
   x0 = vae_lib.normalize_latents(x, stored.scaling_factor, stored.shift_factor)
   outputs = jax.tree.unflatten(stored.text_treedef, [f32(batch[k]) for k in stored.text_keys])
   empty = None if stored.empty is None else jax.tree.unflatten(stored.text_treedef, [f32(x) for x in stored.empty])
@@ -73,8 +75,9 @@ def stored_inputs(batch, key, stored: StoredInputs, drop_prob: float):
 
 def _microbatch_loss(params, inputs, *, model, formulation, microbatches: int):
   """Loss of one microbatch scaled so that the k microbatches' losses (and gradients) sum to the batch mean."""
-  model_fn = lambda z_t, model_time: model.apply({"params": params}, z_t, model_time, inputs["context"],
-                                                 inputs["pooled"])
+  model_fn = lambda z_t, model_time: model.apply(
+      {"params": params}, z_t, model_time, inputs["context"], inputs["pooled"]
+  )
   per_example = losses.loss_at(formulation, model_fn, inputs["image"], inputs["t"], inputs["eps"])  # (b,)
   return per_example.mean() / microbatches, per_example
 
@@ -89,8 +92,20 @@ def _unsplit(x):
   return jnp.swapaxes(x, 0, 1).reshape((-1,) + x.shape[2:])
 
 
-def _grads_and_metrics(params, text_params, batch, key, *, model, text_stack, formulation, drop_prob: float,
-                       microbatches: int, stored: StoredInputs | None = None, empty_tokens=None):
+def _grads_and_metrics(
+    params,
+    text_params,
+    batch,
+    key,
+    *,
+    model,
+    text_stack,
+    formulation,
+    drop_prob: float,
+    microbatches: int,
+    stored: StoredInputs | None = None,
+    empty_tokens=None,
+):
   """Mean loss of the batch, its per-example losses and times (B,), and the float32 gradient of the mean loss.
 
   The randomness is drawn for the whole batch before any split, so any `microbatches` sees the same draws.
@@ -104,8 +119,8 @@ def _grads_and_metrics(params, text_params, batch, key, *, model, text_stack, fo
   t, eps = losses.draw_noise(formulation, k_loss, x0.shape)
   inputs = {"image": x0, "context": context, "pooled": pooled, "t": t, "eps": eps}
   grad_fn = jax.value_and_grad(
-      functools.partial(_microbatch_loss, model=model, formulation=formulation, microbatches=microbatches),
-      has_aux=True)
+      functools.partial(_microbatch_loss, model=model, formulation=formulation, microbatches=microbatches), has_aux=True
+  )
   if microbatches == 1:
     (loss, per_example), grads = grad_fn(params, inputs)
     return loss, per_example, t, grads
@@ -120,9 +135,21 @@ def _grads_and_metrics(params, text_params, batch, key, *, model, text_stack, fo
   return per_example.mean(), per_example, t, grads
 
 
-def train_step(state: TrainState, batch, *, model, text_stack, formulation, tx, seed: int, drop_prob: float,
-               ema_decay: float, microbatches: int = 1,
-               stored: StoredInputs | None = None, empty_tokens=None) -> tuple[TrainState, dict[str, Any]]:
+def train_step(
+    state: TrainState,
+    batch,
+    *,
+    model,
+    text_stack,
+    formulation,
+    tx,
+    seed: int,
+    drop_prob: float,
+    ema_decay: float,
+    microbatches: int = 1,
+    stored: StoredInputs | None = None,
+    empty_tokens=None,
+) -> tuple[TrainState, dict[str, Any]]:
   """One optimiser update with EMA and a non-finite guard.
 
   Args:
@@ -143,8 +170,18 @@ def train_step(state: TrainState, batch, *, model, text_stack, formulation, tx, 
   """
   key = jax.random.fold_in(jax.random.key(seed), state.step)
   loss, per_example, t, grads = _grads_and_metrics(
-      state.params, state.text_params, batch, key, model=model, text_stack=text_stack, formulation=formulation,
-      drop_prob=drop_prob, microbatches=microbatches, stored=stored, empty_tokens=empty_tokens)
+      state.params,
+      state.text_params,
+      batch,
+      key,
+      model=model,
+      text_stack=text_stack,
+      formulation=formulation,
+      drop_prob=drop_prob,
+      microbatches=microbatches,
+      stored=stored,
+      empty_tokens=empty_tokens,
+  )
   updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
   new_params = optax.apply_updates(state.params, updates)
   decay = optim_lib.ema_decay(state.step, ema_decay)
@@ -153,8 +190,13 @@ def train_step(state: TrainState, batch, *, model, text_stack, formulation, tx, 
   grad_norm = optax.tree.norm(grads)
   # A finite gradient can still give a non-finite update (a NaN learning rate, an overflowing Adam moment), so the
   # new parameters, optimizer state and EMA are checked too, not only the loss and gradient.
-  finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(new_params) & all_finite(new_opt_state)
-            & all_finite(new_ema))
+  finite = (
+      jnp.isfinite(loss)
+      & jnp.isfinite(grad_norm)
+      & all_finite(new_params)
+      & all_finite(new_opt_state)
+      & all_finite(new_ema)
+  )
   # A non-finite update is never applied: a checkpoint can then never hold NaNs. Whether the run goes on ("skip")
   # or stops ("halt") is the trainer's policy, decided when it fetches the metrics.
   pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
@@ -163,7 +205,8 @@ def train_step(state: TrainState, batch, *, model, text_stack, formulation, tx, 
       params=pick(new_params, state.params),
       opt_state=pick(new_opt_state, state.opt_state),
       ema_params=pick(new_ema, state.ema_params),
-      skipped_steps=state.skipped_steps + jnp.where(finite, 0, 1).astype(state.skipped_steps.dtype))
+      skipped_steps=state.skipped_steps + jnp.where(finite, 0, 1).astype(state.skipped_steps.dtype),
+  )
   sums, counts = losses.binned_sums(per_example, t, NUM_T_BINS)
   binned = sums / jnp.maximum(counts, 1.0)  # Empty bins: 0 here, weight 0 in writers.average_metrics (dropped).
   metrics = {
@@ -181,6 +224,7 @@ def train_step(state: TrainState, batch, *, model, text_stack, formulation, tx, 
 
 def all_finite(tree) -> jax.Array:
   """True when every floating-point leaf of `tree` is finite (a boolean scalar, on device)."""
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.asarray(x).dtype,
-                                                                                        jnp.inexact)]
+  leaves = [
+      jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)
+  ]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)

@@ -48,46 +48,68 @@ class FlowTask:
     # Precomputed latents and embeddings: the manifest is checked against this run here, before any compilation.
     self.latents = None
     if config.data.name == "precomputed":
-      self.latents = latent_data.LatentData(config, self.text_stack, self.tokenizer,
-                                            text_encoders.init_params(self.text_stack, config.text))
+      self.latents = latent_data.LatentData(
+          config, self.text_stack, self.tokenizer, text_encoders.init_params(self.text_stack, config.text)
+      )
     self.train_step = functools.partial(
-        step_lib.train_step, model=self.model, text_stack=self.text_stack, formulation=self.formulation, tx=self.tx,
-        seed=config.seed, drop_prob=config.text.drop_prob, ema_decay=config.optim.ema_decay,
-        microbatches=config.train.microbatches, stored=self.latents and self.latents.stored_inputs(),
-        empty_tokens=text_encoders.drop_tokens(config.text, self.tokenizer))
+        step_lib.train_step,
+        model=self.model,
+        text_stack=self.text_stack,
+        formulation=self.formulation,
+        tx=self.tx,
+        seed=config.seed,
+        drop_prob=config.text.drop_prob,
+        ema_decay=config.optim.ema_decay,
+        microbatches=config.train.microbatches,
+        stored=self.latents and self.latents.stored_inputs(),
+        empty_tokens=text_encoders.drop_tokens(config.text, self.tokenizer),
+    )
     self.flops_per_step = flops_lib.train_flops_per_step(config)
 
   def init(self, key) -> TrainState:
     """Fresh state; the backbone's params keep their logical-axis boxes (the trainer unboxes them)."""
     params = self.model.init(key, *model_registry.dummy_inputs(self.config))["params"]
     text_params = text_encoders.init_params(self.text_stack, self.config.text)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
-                      ema_params=jax.tree.map(lambda p: p, params), text_params=text_params,
-                      skipped_steps=jnp.zeros((), jnp.int32))
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=self.tx.init(params),
+        ema_params=jax.tree.map(lambda p: p, params),
+        text_params=text_params,
+        skipped_steps=jnp.zeros((), jnp.int32),
+    )
 
   def batch_spec(self, global_batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
     """Images in [-1, 1] (NHWC) and the caption tokens; or the precomputed records' arrays."""
     if self.latents:
       return self.latents.batch_spec(global_batch_size)
     s, c = self.config.data.image_size, self.config.model.in_channels
-    return {"image": jax.ShapeDtypeStruct((global_batch_size, s, s, c), jnp.float32),
-            "tokens": jax.ShapeDtypeStruct((global_batch_size, text_encoders.dims(self.config.text)[0]), jnp.int32)}
+    return {
+        "image": jax.ShapeDtypeStruct((global_batch_size, s, s, c), jnp.float32),
+        "tokens": jax.ShapeDtypeStruct((global_batch_size, text_encoders.dims(self.config.text)[0]), jnp.int32),
+    }
 
   def make_iterator(self, process_index: int, process_count: int, start: int = 0):
     """This process's slice of the shuffled, tokenized training stream of config.data, from global position `start`."""
     c = self.config
     return data_pipeline.make_train_iterator(
-        source=data_registry.make_source(c.data), tokenize=None if self.latents else self.tokenizer,
+        source=data_registry.make_source(c.data),
+        tokenize=None if self.latents else self.tokenizer,
         global_batch_size=c.train.global_batch_size,
-        seed=c.seed, process_index=process_index, process_count=process_count, worker_count=c.data.worker_count,
-        start=start)
+        seed=c.seed,
+        process_index=process_index,
+        process_count=process_count,
+        worker_count=c.data.worker_count,
+        start=start,
+    )
 
   @functools.cached_property
   def sampler(self) -> sampling.Sampler:
     """The sampler of this task's modules and config.sample (built, and compiled, on first use)."""
     vae = self.latents and (self.latents.vae_model, self.latents.vae_params)  # Latent samples are decoded.
-    return sampling.Sampler.from_config(self.config, model=self.model, text_stack=self.text_stack,
-                                        tokenizer=self.tokenizer, vae=vae)
+    return sampling.Sampler.from_config(
+        self.config, model=self.model, text_stack=self.text_stack, tokenizer=self.tokenizer, vae=vae
+    )
 
   def preview(self, state, step: int, workdir: str, writer) -> None:
     """The sample grid of config.sample.grid_prompts, to TensorBoard and WORKDIR/samples/grid_<step>.png."""

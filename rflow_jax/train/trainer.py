@@ -33,8 +33,9 @@ def state_shardings(init_fn, mesh, rules):
   abstract = jax.eval_shape(init_fn, jax.random.key(0))
   # optax.masked leaves boxes around empty MaskedNode placeholders; drop those boxes so specs match the arrays.
   is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
-  abstract = jax.tree.map(lambda x: x.unbox() if is_box(x) and not jax.tree.leaves(x.unbox()) else x, abstract,
-                          is_leaf=is_box)
+  abstract = jax.tree.map(
+      lambda x: x.unbox() if is_box(x) and not jax.tree.leaves(x.unbox()) else x, abstract, is_leaf=is_box
+  )
   specs = nn.get_partition_spec(abstract)
   shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
   abstract = nn.meta.unbox(abstract)
@@ -58,10 +59,16 @@ class Setup:
       self.abstract_state, self.state_sharding = state_shardings(self.task.init, self.mesh, self.rules)
     partition.check_divisible(self.abstract_state)  # Before compiling: uneven shards fail only at the first step.
     self.batch_sharding = partition.batch_sharding(self.mesh, self.rules)
-    self.batch_spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.batch_sharding)
-                       for k, v in self.task.batch_spec(config.train.global_batch_size).items()}
-    self.train_step = jax.jit(self.task.train_step, in_shardings=(self.state_sharding, self.batch_sharding),
-                              out_shardings=(self.state_sharding, None), donate_argnums=0)
+    self.batch_spec = {
+        k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.batch_sharding)
+        for k, v in self.task.batch_spec(config.train.global_batch_size).items()
+    }
+    self.train_step = jax.jit(
+        self.task.train_step,
+        in_shardings=(self.state_sharding, self.batch_sharding),
+        out_shardings=(self.state_sharding, None),
+        donate_argnums=0,
+    )
 
   def init_state(self):
     init = jax.jit(lambda k: nn.meta.unbox(self.task.init(k)), out_shardings=self.state_sharding)
@@ -100,8 +107,10 @@ class Setup:
 
   def global_batch(self, local_batch):
     """Per-process numpy batch -> global jax arrays (the task's batch_spec keys) sharded over (data, fsdp)."""
-    return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(local_batch[k]))
-            for k in self.batch_spec}
+    return {
+        k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(local_batch[k]))
+        for k in self.batch_spec
+    }
 
 
 def _write_config(config, workdir):
@@ -120,17 +129,20 @@ def _restore_or_init(setup, manager, workdir):
     if not init_from:
       return setup.init_state(), None, 0
     weights, from_step = checkpoint.restore_weights(  # Checked before compiling.
-        init_from, setup.abstract_state, setup.task.weight_groups, grow_depth=setup.config.train.init_grow_depth)
+        init_from, setup.abstract_state, setup.task.weight_groups, grow_depth=setup.config.train.init_grow_depth
+    )
     logging.info("Weights (%s) from step %d of %s", ", ".join(weights), from_step, init_from)
     state = setup.init_state()
     # Top-level merge: blocks a depth-growing warm start did not read keep their fresh (identity) init.
     return state.replace(**{group: {**getattr(state, group), **w} for group, w in weights.items()}), None, 0
   if init_from:
     logging.info("Resuming this run's own checkpoint; train.init_from=%s is not read", init_from)
+
   # Before any compilation: a workdir of another model is refused (check_compatible), and nothing in it is touched.
   def attempt(step):
     checkpoint.check_compatible(manager, step, setup.abstract_state, setup.task.weight_groups)
     return checkpoint.restore(manager, step, setup.abstract_state)
+
   (state, position), resume_step = checkpoint.restore_newest(manager, attempt, move_damaged=True)
   logging.info("Resumed from step %d in %s", resume_step, workdir)
   return state, resume_step, resume.start_position(position, resume_step, setup.config.train.global_batch_size)
@@ -146,7 +158,8 @@ def _fetch_metrics(pending, step, config, manager) -> dict:
     raise NonFiniteError(
         f"the update became non-finite (loss, gradient, update or new parameters) between steps {first} and {step} "
         f"({values}); it was not applied. "
-        f"{checkpoint.last_good_message(manager)}. Set --config.train.nonfinite=skip to drop such updates.")
+        f"{checkpoint.last_good_message(manager)}. Set --config.train.nonfinite=skip to drop such updates."
+    )
   return metrics
 
 
@@ -157,7 +170,8 @@ def _save(manager, step, state, last_ckpt, global_batch_size):
   except OSError as e:
     raise checkpoint.CheckpointWriteError(
         f"could not write the checkpoint of step {step} in {manager.directory} ({e.strerror or e}); "
-        f"the last complete checkpoint (step {last_ckpt}) is intact and a restart resumes from it") from e
+        f"the last complete checkpoint (step {last_ckpt}) is intact and a restart resumes from it"
+    ) from e
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -174,8 +188,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     workdir_lib.warn_incomplete_checkpoints(checkpoint.checkpoint_dir(workdir))
     resume.check_config(config, workdir)  # Before anything is built; config.json is rewritten only after it.
     setup = Setup(config)
-    manager = checkpoint.make_manager(workdir, max_to_keep=config.train.keep_checkpoints,
-                                      async_save=config.ckpt.async_save)
+    manager = checkpoint.make_manager(
+        workdir, max_to_keep=config.train.keep_checkpoints, async_save=config.ckpt.async_save
+    )
     state, last_ckpt, position = _restore_or_init(setup, manager, workdir)
     data_iter = setup.data_iterator(start=position)  # Built after the restore; a global position: any process count.
     step_fn = setup.compile_step(state)
@@ -184,8 +199,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     writer = writers_lib.make_writer(workdir, is_main_process=jax.process_index() == 0)
     multihost.barrier("rflow_jax_first_step")  # Process 0's extra start-up work (writer, config) is not a skew.
     try:
-      results = _train_loop(setup, workdir, manager, data_iter, state, last_ckpt, writer, sigterm, evaluators,
-                            step_fn)
+      results = _train_loop(setup, workdir, manager, data_iter, state, last_ckpt, writer, sigterm, evaluators, step_fn)
     finally:
       manager.wait_until_finished()  # An in-flight async save commits (or is cleanly abandoned) before we leave.
       writer.flush()

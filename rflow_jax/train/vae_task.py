@@ -57,6 +57,7 @@ class VAEState:
     params, opt_state, ema_params: the autoencoder, its optimiser state, its EMA (used for evaluation and export).
     disc_params, disc_opt_state: the discriminator and its optimiser state (empty dicts without one).
   """
+
   step: jax.Array
   params: Any
   opt_state: Any
@@ -76,11 +77,18 @@ def build_model(config) -> vae_lib.AutoencoderKL:
   """The AutoencoderKL of `config.vae`."""
   v = config.vae
   return vae_lib.AutoencoderKL(
-      block_out_channels=tuple(v.block_out_channels), layers_per_block=v.layers_per_block,
-      norm_num_groups=v.norm_num_groups, latent_channels=v.latent_channels, use_quant_conv=v.use_quant_conv,
-      use_post_quant_conv=v.use_post_quant_conv, mid_block_attention=v.mid_block_attention,
-      scaling_factor=v.scaling_factor, shift_factor=v.shift_factor, remat=v.remat,
-      dtype=model_registry.DTYPES[v.dtype])
+      block_out_channels=tuple(v.block_out_channels),
+      layers_per_block=v.layers_per_block,
+      norm_num_groups=v.norm_num_groups,
+      latent_channels=v.latent_channels,
+      use_quant_conv=v.use_quant_conv,
+      use_post_quant_conv=v.use_post_quant_conv,
+      mid_block_attention=v.mid_block_attention,
+      scaling_factor=v.scaling_factor,
+      shift_factor=v.shift_factor,
+      remat=v.remat,
+      dtype=model_registry.DTYPES[v.dtype],
+  )
 
 
 def validate(config) -> None:
@@ -100,18 +108,26 @@ def validate(config) -> None:
       vae_lib.check_latent_channels(v.latent_channels, config.model.in_channels)
   except ValueError as e:
     raise config_lib.ConfigError(f"vae: {e}") from None
-  require(v.kl_weight >= 0 and v.perceptual_weight >= 0 and v.disc_weight >= 0,
-          f"vae.kl_weight={v.kl_weight}, perceptual_weight={v.perceptual_weight} and disc_weight={v.disc_weight} "
-          "must be >= 0")
-  require(not v.perceptual_weight or v.perceptual in PERCEPTUAL_NETS,
-          f"vae.perceptual={v.perceptual!r} is not a registered perceptual network (registered: "
-          f"{sorted(PERCEPTUAL_NETS)}); set vae.perceptual_weight=0 to train without one")
-  require(v.disc_start >= 0 and v.disc_layers > 0 and v.disc_channels > 0,
-          f"vae.disc_start={v.disc_start}, disc_layers={v.disc_layers}, disc_channels={v.disc_channels}: "
-          "start must be >= 0, layers and channels positive")
+  require(
+      v.kl_weight >= 0 and v.perceptual_weight >= 0 and v.disc_weight >= 0,
+      f"vae.kl_weight={v.kl_weight}, perceptual_weight={v.perceptual_weight} and disc_weight={v.disc_weight} "
+      "must be >= 0",
+  )
+  require(
+      not v.perceptual_weight or v.perceptual in PERCEPTUAL_NETS,
+      f"vae.perceptual={v.perceptual!r} is not a registered perceptual network (registered: "
+      f"{sorted(PERCEPTUAL_NETS)}); set vae.perceptual_weight=0 to train without one",
+  )
+  require(
+      v.disc_start >= 0 and v.disc_layers > 0 and v.disc_channels > 0,
+      f"vae.disc_start={v.disc_start}, disc_layers={v.disc_layers}, disc_channels={v.disc_channels}: "
+      "start must be >= 0, layers and channels positive",
+  )
   require(v.adaptive_weight_max > 0, f"vae.adaptive_weight_max={v.adaptive_weight_max} must be positive")
-  require(v.eval_per_kind > 0 and v.preview_examples > 0,
-          f"vae.eval_per_kind={v.eval_per_kind} and vae.preview_examples={v.preview_examples} must be positive")
+  require(
+      v.eval_per_kind > 0 and v.preview_examples > 0,
+      f"vae.eval_per_kind={v.eval_per_kind} and vae.preview_examples={v.preview_examples} must be positive",
+  )
 
 
 class VAETask:
@@ -128,8 +144,12 @@ class VAETask:
     v = config.vae
     self.model = build_model(config)
     self.use_disc = v.disc_weight > 0
-    self.disc = patchgan.PatchDiscriminator(channels=v.disc_channels, num_layers=v.disc_layers,
-                                            groups=v.norm_num_groups, dtype=model_registry.DTYPES[v.dtype])
+    self.disc = patchgan.PatchDiscriminator(
+        channels=v.disc_channels,
+        num_layers=v.disc_layers,
+        groups=v.norm_num_groups,
+        dtype=model_registry.DTYPES[v.dtype],
+    )
     self.perceptual = PERCEPTUAL_NETS[v.perceptual](config) if v.perceptual_weight else None
     tx = optim_lib.make_optimizer(config.optim, config.train.num_steps)
     if v.decoder_only:
@@ -149,9 +169,15 @@ class VAETask:
     image = jnp.zeros((1, s, s, self.model.in_channels), jnp.float32)
     params = self.model.init(k_ae, image)["params"]
     disc_params = self.disc.init(k_disc, image)["params"] if self.use_disc else {}
-    return VAEState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
-                    ema_params=jax.tree.map(lambda p: p, params), disc_params=disc_params,
-                    disc_opt_state=self.disc_tx.init(disc_params), skipped_steps=jnp.zeros((), jnp.int32))
+    return VAEState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=self.tx.init(params),
+        ema_params=jax.tree.map(lambda p: p, params),
+        disc_params=disc_params,
+        disc_opt_state=self.disc_tx.init(disc_params),
+        skipped_steps=jnp.zeros((), jnp.int32),
+    )
 
   def batch_spec(self, global_batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
     s = self.config.data.image_size
@@ -162,9 +188,15 @@ class VAETask:
     are not read."""
     c = self.config
     return data_pipeline.make_train_iterator(
-        source=data_registry.make_source(c.data), tokenize=_tokenize_nothing,
-        global_batch_size=c.train.global_batch_size, seed=c.seed, process_index=process_index,
-        process_count=process_count, worker_count=c.data.worker_count, start=start)
+        source=data_registry.make_source(c.data),
+        tokenize=_tokenize_nothing,
+        global_batch_size=c.train.global_batch_size,
+        seed=c.seed,
+        process_index=process_index,
+        process_count=process_count,
+        worker_count=c.data.worker_count,
+        start=start,
+    )
 
   def train_step(self, state: VAEState, batch) -> tuple[VAEState, dict[str, jax.Array]]:
     """One update of the autoencoder and (when on) the discriminator; non-finite updates are dropped whole."""
@@ -174,46 +206,60 @@ class VAETask:
     disc_on = (state.step >= v.disc_start) & self.use_disc  # Traced: one program before and after the switch.
 
     (loss, (aux, recon)), grads = jax.value_and_grad(self._ae_loss, has_aux=True)(
-        state.params, state.disc_params, images, key, disc_on)
+        state.params, state.disc_params, images, key, disc_on
+    )
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     decay = optim_lib.ema_decay(state.step, self.config.optim.ema_decay)
     ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
 
     if self.use_disc:
-      d_loss, d_grads = jax.value_and_grad(self._disc_loss)(state.disc_params, images,
-                                                            jax.lax.stop_gradient(recon))
+      d_loss, d_grads = jax.value_and_grad(self._disc_loss)(state.disc_params, images, jax.lax.stop_gradient(recon))
       d_updates, d_opt_state = self.disc_tx.update(d_grads, state.disc_opt_state, state.disc_params)
       d_params = optax.apply_updates(state.disc_params, d_updates)
     else:
       d_loss, d_grads, d_params, d_opt_state = jnp.zeros(()), {}, state.disc_params, state.disc_opt_state
 
-    norms = {"grad_norm": optax.tree.norm(grads), "update_norm": optax.tree.norm(updates),
-             "param_norm": optax.tree.norm(params), "disc_grad_norm": optax.tree.norm(d_grads),
-             "disc_param_norm": optax.tree.norm(d_params)}
+    norms = {
+        "grad_norm": optax.tree.norm(grads),
+        "update_norm": optax.tree.norm(updates),
+        "param_norm": optax.tree.norm(params),
+        "disc_grad_norm": optax.tree.norm(d_grads),
+        "disc_param_norm": optax.tree.norm(d_params),
+    }
     finite = jnp.isfinite(loss) & jnp.isfinite(d_loss)
     for value in norms.values():  # A non-finite gradient, update or new parameter has a non-finite norm.
       finite &= jnp.isfinite(value)
     pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     pick_disc = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite & disc_on, a, b), new, old)
     new_state = state.replace(
-        step=state.step + 1, params=pick(params, state.params), opt_state=pick(opt_state, state.opt_state),
-        ema_params=pick(ema, state.ema_params), disc_params=pick_disc(d_params, state.disc_params),
+        step=state.step + 1,
+        params=pick(params, state.params),
+        opt_state=pick(opt_state, state.opt_state),
+        ema_params=pick(ema, state.ema_params),
+        disc_params=pick_disc(d_params, state.disc_params),
         disc_opt_state=pick_disc(d_opt_state, state.disc_opt_state),
-        skipped_steps=state.skipped_steps + jnp.where(finite, 0, 1).astype(state.skipped_steps.dtype))
-    metrics = {"loss": loss, "disc_loss": d_loss, **aux, **norms,
-               "nonfinite": 1.0 - finite.astype(jnp.float32), "skipped_steps": new_state.skipped_steps}
+        skipped_steps=state.skipped_steps + jnp.where(finite, 0, 1).astype(state.skipped_steps.dtype),
+    )
+    metrics = {
+        "loss": loss,
+        "disc_loss": d_loss,
+        **aux,
+        **norms,
+        "nonfinite": 1.0 - finite.astype(jnp.float32),
+        "skipped_steps": new_state.skipped_steps,
+    }
     return new_state, metrics
 
   def preview(self, state: VAEState, step: int, workdir: str, writer) -> None:
     """Originals (top row) over their EMA reconstructions (bottom row): TensorBoard and WORKDIR/samples/."""
     from rflow_jax.eval import vae_recon  # pylint: disable=g-import-not-at-top  (scipy only when evaluating)
+
     v = self.config.vae
     images, _ = vae_recon.heldout_set(v.eval_per_kind, v.eval_seed, self.config.data.image_size)
-    images = images[:: max(1, len(images) // v.preview_examples)][:v.preview_examples]
+    images = images[:: max(1, len(images) // v.preview_examples)][: v.preview_examples]
     recon = self.reconstruct(state, images)
-    grid = sampling.make_grid(np.concatenate([pixels.to_uint8(images), pixels.to_uint8(recon)]),
-                              ncols=len(images))
+    grid = sampling.make_grid(np.concatenate([pixels.to_uint8(images), pixels.to_uint8(recon)]), ncols=len(images))
     os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
     sampling.save_png(grid, os.path.join(workdir, "samples", f"recon_{step:06d}.png"))
     writer.write_images(step, {"reconstructions": grid[None]})
@@ -254,6 +300,7 @@ class VAETask:
 
   def _adaptive_weight(self, params, images, key, disc_params):
     """‖∇_w L_rec‖ / (‖∇_w L_gan‖ + ε) at the decoder's last conv kernel w, clipped, as a constant."""
+
     def with_last(kernel):
       decoder = {**params["decoder"], "conv_out": {**params["decoder"]["conv_out"], "kernel": kernel}}
       recon = self.model.apply({"params": {**params, "decoder": decoder}}, images, key)[0]

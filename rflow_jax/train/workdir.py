@@ -33,8 +33,9 @@ def exclusive(workdir: str):
     except BlockingIOError:
       f.seek(0)
       holder = f.read().strip() or "unknown"
-      raise WorkdirBusyError(f"workdir {workdir!r} is in use by another trainer (pid {holder}); "
-                             "stop it or choose another --workdir") from None
+      raise WorkdirBusyError(
+          f"workdir {workdir!r} is in use by another trainer (pid {holder}); " "stop it or choose another --workdir"
+      ) from None
     f.seek(0)
     f.truncate()
     f.write(str(os.getpid()))

@@ -38,6 +38,7 @@ from clu import periodic_actions
 
 if TENSORBOARD:
   import tensorflow as tf
+
   tf.config.set_visible_devices([], "GPU")  # TensorFlow (only writing events) must never take accelerator memory.
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -53,11 +54,12 @@ def average_metrics(fetched: list[Mapping[str, Any]]) -> dict[str, float]:
   as a loss of 0, which would read as a perfect score. `skipped_steps`, a count, is the latest value.
   """
   last = fetched[-1]
-  weighted = {LOSS_PREFIX + k[len(WEIGHT_PREFIX):] for k in last if k.startswith(WEIGHT_PREFIX)}
-  out = {k: float(np.mean([m[k] for m in fetched])) for k in last
-         if not k.startswith(WEIGHT_PREFIX) and k not in weighted}
+  weighted = {LOSS_PREFIX + k[len(WEIGHT_PREFIX) :] for k in last if k.startswith(WEIGHT_PREFIX)}
+  out = {
+      k: float(np.mean([m[k] for m in fetched])) for k in last if not k.startswith(WEIGHT_PREFIX) and k not in weighted
+  }
   for loss in sorted(weighted):
-    weight = WEIGHT_PREFIX + loss[len(LOSS_PREFIX):]
+    weight = WEIGHT_PREFIX + loss[len(LOSS_PREFIX) :]
     count = sum(float(m[weight]) for m in fetched)
     if count > 0:
       out[loss] = sum(float(m[loss]) * float(m[weight]) for m in fetched) / count

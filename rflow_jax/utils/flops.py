@@ -25,9 +25,19 @@ import time
 from rflow_jax.model import text_encoders
 
 
-def forward_flops_per_example(*, hidden_size: int, depth: int, mlp_ratio: float, image_tokens: int,
-                              context_tokens: int, patch_features_in: int, patch_features_out: int,
-                              context_dim: int, pooled_dim: int, dual_attention_layers=()) -> dict[str, float]:
+def forward_flops_per_example(
+    *,
+    hidden_size: int,
+    depth: int,
+    mlp_ratio: float,
+    image_tokens: int,
+    context_tokens: int,
+    patch_features_in: int,
+    patch_features_out: int,
+    context_dim: int,
+    pooled_dim: int,
+    dual_attention_layers=(),
+) -> dict[str, float]:
   """FLOPs of one MM-DiT forward pass on one example, split into matmul and attention terms.
 
   Args:
@@ -69,11 +79,18 @@ def _mmdit_dims(config) -> dict | None:
   if m.arch != "mmdit":
     return None
   _, n_context, d_context, d_pooled = text_encoders.dims(config.text)  # The text stack's token count and widths.
-  return dict(hidden_size=m.hidden_size, depth=m.depth, mlp_ratio=m.mlp_ratio,
-              image_tokens=(config.data.image_size // m.patch_size) ** 2, context_tokens=n_context,
-              patch_features_in=m.patch_size ** 2 * m.in_channels, patch_features_out=m.patch_size ** 2 * m.in_channels,
-              context_dim=d_context, pooled_dim=d_pooled,
-              dual_attention_layers=tuple(m.dual_attention_layers))
+  return dict(
+      hidden_size=m.hidden_size,
+      depth=m.depth,
+      mlp_ratio=m.mlp_ratio,
+      image_tokens=(config.data.image_size // m.patch_size) ** 2,
+      context_tokens=n_context,
+      patch_features_in=m.patch_size**2 * m.in_channels,
+      patch_features_out=m.patch_size**2 * m.in_channels,
+      context_dim=d_context,
+      pooled_dim=d_pooled,
+      dual_attention_layers=tuple(m.dual_attention_layers),
+  )
 
 
 def train_flops_per_example(config) -> float | None:
@@ -104,9 +121,21 @@ def compute_axis(config, step: int) -> dict[str, float]:
   return {"examples": examples} if per_example is None else {"examples": examples, "flops": examples * per_example}
 
 
-def mmdit_param_count(*, hidden_size: int, depth: int, num_heads: int, mlp_ratio: float, qk_norm: str | None,
-                      patch_features_in: int, patch_features_out: int, context_dim: int, pooled_dim: int,
-                      pos_embed_max_size: int, dual_attention_layers=(), **unused) -> dict[str, int]:
+def mmdit_param_count(
+    *,
+    hidden_size: int,
+    depth: int,
+    num_heads: int,
+    mlp_ratio: float,
+    qk_norm: str | None,
+    patch_features_in: int,
+    patch_features_out: int,
+    context_dim: int,
+    pooled_dim: int,
+    pos_embed_max_size: int,
+    dual_attention_layers=(),
+    **unused,
+) -> dict[str, int]:
   """Parameters of the MM-DiT, counted from its layer list (rflow_jax/model/mmdit.py; every Dense has a bias).
 
   Per block and stream: modulation H·mH + mH (m = 6; 9 with dual attention; 2 in the last block's pre-only context
@@ -129,9 +158,17 @@ def mmdit_param_count(*, hidden_size: int, depth: int, num_heads: int, mlp_ratio
     dual = i in dual_attention_layers
     blocks += full + dense(h, (9 if dual else 6) * h) + (attn + dense(h, h) if dual else 0)  # x stream
     blocks += attn + dense(h, 2 * h) if i == depth - 1 else full + dense(h, 6 * h)  # context stream
-  outer = (dense(patch_features_in, h) + dense(256, h) + dense(h, h) + dense(pooled_dim, h) + dense(h, h)
-           + dense(context_dim, h) + dense(h, 2 * h) + dense(h, patch_features_out))
-  table = pos_embed_max_size ** 2 * h
+  outer = (
+      dense(patch_features_in, h)
+      + dense(256, h)
+      + dense(h, h)
+      + dense(pooled_dim, h)
+      + dense(h, h)
+      + dense(context_dim, h)
+      + dense(h, 2 * h)
+      + dense(h, patch_features_out)
+  )
+  table = pos_embed_max_size**2 * h
   return {"total": blocks + outer + table, "trainable": blocks + outer, "blocks": blocks}
 
 

@@ -40,6 +40,7 @@ class CLIPTextConfig:
     eos_token_id: where `pooled` is read (see the module docstring for the legacy value 2).
     projection_dim: output width of text_projection; 0 = no projection (CLIPTextModel).
   """
+
   vocab_size: int
   width: int
   depth: int
@@ -54,13 +55,19 @@ class CLIPTextConfig:
 
 def _layer_norm(eps: float, param_dtype, name: str) -> nn.LayerNorm:
   """LayerNorm with affine params, computed and returned in float32."""
-  return nn.LayerNorm(epsilon=eps, dtype=jnp.float32, param_dtype=param_dtype, name=name,
-                      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
-                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)))
+  return nn.LayerNorm(
+      epsilon=eps,
+      dtype=jnp.float32,
+      param_dtype=param_dtype,
+      name=name,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
+  )
 
 
 class _Layer(nn.Module):
   """Pre-LN block: causal self-attention and an MLP, each with a residual."""
+
   cfg: CLIPTextConfig
   dtype: jnp.dtype
   param_dtype: jnp.dtype
@@ -98,6 +105,7 @@ class CLIPText(nn.Module):
     param_dtype: storage dtype of the params.
     scan_layers: nn.scan over the layers (compile time flat in depth; params stacked under "layers").
   """
+
   cfg: CLIPTextConfig
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
@@ -111,19 +119,35 @@ class CLIPText(nn.Module):
     length = ids.shape[1]
     if length > cfg.max_length:
       raise ValueError(f"CLIP ids have {length} tokens, more than max_position_embeddings={cfg.max_length}")
-    tok = self.param("token_embedding", nn.with_logical_partitioning(_INIT, ("vocab", "embed")),
-                     (cfg.vocab_size, cfg.width), self.param_dtype)
-    pos = self.param("position_embedding", nn.with_logical_partitioning(_INIT, ("pos", "embed")),
-                     (cfg.max_length, cfg.width), self.param_dtype)
+    tok = self.param(
+        "token_embedding",
+        nn.with_logical_partitioning(_INIT, ("vocab", "embed")),
+        (cfg.vocab_size, cfg.width),
+        self.param_dtype,
+    )
+    pos = self.param(
+        "position_embedding",
+        nn.with_logical_partitioning(_INIT, ("pos", "embed")),
+        (cfg.max_length, cfg.width),
+        self.param_dtype,
+    )
     x = (jnp.take(tok, ids, axis=0) + pos[:length]).astype(self.dtype)  # (B, L, D)
     causal = common.mask_bias(jnp.tril(jnp.ones((length, length), bool)))  # (L, L)
-    hidden = common.run_layers(_Layer, dict(cfg=cfg, dtype=self.dtype, param_dtype=self.param_dtype), cfg.depth,
-                               self.scan_layers, x, causal)
+    hidden = common.run_layers(
+        _Layer, dict(cfg=cfg, dtype=self.dtype, param_dtype=self.param_dtype), cfg.depth, self.scan_layers, x, causal
+    )
     last = _layer_norm(cfg.eps, self.param_dtype, "final_layer_norm")(hidden[-1])  # (B, L, D) float32
     pooled = jnp.take_along_axis(last, eos_positions(ids, cfg.eos_token_id)[:, None, None], axis=1)[:, 0]  # (B, D)
     if cfg.projection_dim:
-      pooled = layers.Dense(cfg.projection_dim, ("embed", "cond"), kernel_init=_INIT, use_bias=False,
-                            dtype=jnp.float32, param_dtype=self.param_dtype, name="text_projection")(pooled)
+      pooled = layers.Dense(
+          cfg.projection_dim,
+          ("embed", "cond"),
+          kernel_init=_INIT,
+          use_bias=False,
+          dtype=jnp.float32,
+          param_dtype=self.param_dtype,
+          name="text_projection",
+      )(pooled)
     return {"hidden_states": hidden, "last_hidden_state": last, "pooled": pooled}
 
 
@@ -135,7 +159,9 @@ def eos_positions(ids: jax.Array, eos_token_id: int) -> jax.Array:
 
 
 # SD3's text_encoder (OpenAI CLIP-L/14) and text_encoder_2 (OpenCLIP bigG/14), both with projections.
-CLIP_L = CLIPTextConfig(vocab_size=49408, width=768, depth=12, num_heads=12, mlp_dim=3072, act="quick_gelu",
-                        projection_dim=768)
-CLIP_G = CLIPTextConfig(vocab_size=49408, width=1280, depth=32, num_heads=20, mlp_dim=5120, act="gelu",
-                        projection_dim=1280)
+CLIP_L = CLIPTextConfig(
+    vocab_size=49408, width=768, depth=12, num_heads=12, mlp_dim=3072, act="quick_gelu", projection_dim=768
+)
+CLIP_G = CLIPTextConfig(
+    vocab_size=49408, width=1280, depth=32, num_heads=20, mlp_dim=5120, act="gelu", projection_dim=1280
+)

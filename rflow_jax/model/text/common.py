@@ -49,6 +49,7 @@ def mask_bias(keep: jax.Array) -> jax.Array:
 
 class _Scanned(nn.Module):
   """Adapter for nn.scan: one layer as (carry, broadcast) -> (carry, per-layer output)."""
+
   layer_cls: Any
   layer_kwargs: dict
 
@@ -58,8 +59,9 @@ class _Scanned(nn.Module):
     return x, x
 
 
-def run_layers(layer_cls, layer_kwargs: dict, depth: int, scan: bool, x: jax.Array,
-               bias: jax.Array | None) -> tuple[jax.Array, ...]:
+def run_layers(
+    layer_cls, layer_kwargs: dict, depth: int, scan: bool, x: jax.Array, bias: jax.Array | None
+) -> tuple[jax.Array, ...]:
   """Applies `depth` layers to x (B, T, D); returns (x, out_1, ..., out_depth).
 
   Call it from a compact `__call__`: the layers it creates become that module's children.
@@ -79,7 +81,13 @@ def run_layers(layer_cls, layer_kwargs: dict, depth: int, scan: bool, x: jax.Arr
     for i in range(depth):
       outs.append(layer_cls(**layer_kwargs, name=f"layers_{i}")(outs[-1], bias))
     return tuple(outs)
-  stack = nn.scan(_Scanned, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=(nn.broadcast,),
-                  length=depth, metadata_params={nn.PARTITION_NAME: None})
+  stack = nn.scan(
+      _Scanned,
+      variable_axes={"params": 0},
+      split_rngs={"params": True},
+      in_axes=(nn.broadcast,),
+      length=depth,
+      metadata_params={nn.PARTITION_NAME: None},
+  )
   _, ys = stack(layer_cls, layer_kwargs, name="layers")(x, bias)  # ys: (depth, B, T, D)
   return (x,) + tuple(ys[i] for i in range(depth))

@@ -39,6 +39,7 @@ class SD3TextStack(nn.Module):
     clip_length: tokens per CLIP tower (77).
     empty_tokens: the tokenized empty prompt (one row of the token layout), the CFG negative; () if unknown.
   """
+
   clip_l: clip.CLIPText
   clip_g: clip.CLIPText
   t5: t5.T5Encoder | None
@@ -54,13 +55,13 @@ class SD3TextStack(nn.Module):
     if tokens.shape[1] != 2 * n + self.t5_length:
       raise ValueError(f"SD3 tokens have {tokens.shape[1]} columns, expected {2 * n} CLIP + {self.t5_length} T5")
     out = {}
-    for name, tower, ids in (("clip_l", self.clip_l, tokens[:, :n]), ("clip_g", self.clip_g, tokens[:, n:2 * n])):
+    for name, tower, ids in (("clip_l", self.clip_l, tokens[:, :n]), ("clip_g", self.clip_g, tokens[:, n : 2 * n])):
       res = tower(ids)
       out[name] = (res["hidden_states"][-2].astype(jnp.float32), res["pooled"].astype(jnp.float32))
     if self.t5 is None:
       t5_ctx = jnp.zeros((tokens.shape[0], self.t5_length, self.context_width), jnp.float32)
     else:
-      t5_ctx = self.t5(tokens[:, 2 * n:])["last_hidden_state"].astype(jnp.float32)
+      t5_ctx = self.t5(tokens[:, 2 * n :])["last_hidden_state"].astype(jnp.float32)
     out["t5"] = (t5_ctx, None)
     return out
 
@@ -72,8 +73,9 @@ def drop(x: jax.Array, keep: jax.Array, empty: jax.Array | None = None) -> jax.A
   return x * keep if empty is None else jnp.where(keep > 0, x, empty.astype(x.dtype))
 
 
-def compose(outputs: dict, key: jax.Array | None = None, drop_prob: float = 0.0,
-            empty: dict | None = None) -> tuple[jax.Array, jax.Array]:
+def compose(
+    outputs: dict, key: jax.Array | None = None, drop_prob: float = 0.0, empty: dict | None = None
+) -> tuple[jax.Array, jax.Array]:
   """Per-encoder caption dropout, then SD3's composition.
 
   Args:
@@ -93,15 +95,17 @@ def compose(outputs: dict, key: jax.Array | None = None, drop_prob: float = 0.0,
       keep[name] = jax.random.bernoulli(jax.random.fold_in(key, i), 1.0 - drop_prob, (batch,)).astype(jnp.float32)
   e = {name: (None, None) for name in ENCODERS} if empty is None else empty
   (l_ctx, l_pool), (g_ctx, g_pool), (t5_ctx, _) = (outputs[name] for name in ENCODERS)
-  clip_ctx = jnp.concatenate([drop(l_ctx, keep["clip_l"], e["clip_l"][0]), drop(g_ctx, keep["clip_g"], e["clip_g"][0])],
-                             -1)
+  clip_ctx = jnp.concatenate(
+      [drop(l_ctx, keep["clip_l"], e["clip_l"][0]), drop(g_ctx, keep["clip_g"], e["clip_g"][0])], -1
+  )
   width = t5_ctx.shape[-1]
   if clip_ctx.shape[-1] > width:
     raise ValueError(f"CLIP-L + CLIP-G width {clip_ctx.shape[-1]} exceeds the T5 width {width}")
   clip_ctx = jnp.pad(clip_ctx, ((0, 0), (0, 0), (0, width - clip_ctx.shape[-1])))  # (B, 77, width)
   context = jnp.concatenate([clip_ctx, drop(t5_ctx, keep["t5"], e["t5"][0])], axis=1)
-  pooled = jnp.concatenate([drop(l_pool, keep["clip_l"], e["clip_l"][1]), drop(g_pool, keep["clip_g"], e["clip_g"][1])],
-                           axis=-1)
+  pooled = jnp.concatenate(
+      [drop(l_pool, keep["clip_l"], e["clip_l"][1]), drop(g_pool, keep["clip_g"], e["clip_g"][1])], axis=-1
+  )
   return context, pooled
 
 
@@ -111,8 +115,10 @@ def negative(stack: SD3TextStack, params, batch: int) -> tuple[jax.Array, jax.Ar
     raise ValueError("SD3TextStack.empty_tokens is empty: build the stack with its tokenizer's empty prompt")
   ids = jnp.asarray(stack.empty_tokens, jnp.int32)[None]  # (1, L)
   context, pooled = compose(stack.apply({"params": params}, ids))
-  return (jnp.broadcast_to(context, (batch,) + context.shape[1:]),
-          jnp.broadcast_to(pooled, (batch,) + pooled.shape[1:]))
+  return (
+      jnp.broadcast_to(context, (batch,) + context.shape[1:]),
+      jnp.broadcast_to(pooled, (batch,) + pooled.shape[1:]),
+  )
 
 
 def dims(stack: SD3TextStack) -> tuple[int, int, int]:

@@ -44,9 +44,14 @@ class SD3Tokenizer:
 
   def batch(self, texts: Sequence[str]) -> np.ndarray:
     """(B, max_length) int32 ids of B texts."""
-    return np.concatenate([self._ids(self.clip_l, texts, self.clip_length),
-                           self._ids(self.clip_g, texts, self.clip_length),
-                           self._ids(self.t5, texts, self.t5_length)], axis=1)
+    return np.concatenate(
+        [
+            self._ids(self.clip_l, texts, self.clip_length),
+            self._ids(self.clip_g, texts, self.clip_length),
+            self._ids(self.t5, texts, self.t5_length),
+        ],
+        axis=1,
+    )
 
   def __call__(self, text: str) -> np.ndarray:
     """(max_length,) int32 ids of one text."""
@@ -91,11 +96,11 @@ def tiny_clip_tokenizer(words: Sequence[str], pad_token: str = "<|endoftext|>", 
     The tokenizer (model_max_length 77).
   """
   import transformers  # pylint: disable=g-import-not-at-top
+
   with tempfile.TemporaryDirectory() as tmp:
     path = pathlib.Path(directory or tmp)
     _bpe_files(path, words)
-    return transformers.CLIPTokenizer.from_pretrained(str(path), pad_token=pad_token,
-                                                      model_max_length=sd3.CLIP_LENGTH)
+    return transformers.CLIPTokenizer.from_pretrained(str(path), pad_token=pad_token, model_max_length=sd3.CLIP_LENGTH)
 
 
 def tiny_t5_tokenizer(words: Sequence[str]):
@@ -105,11 +110,13 @@ def tiny_t5_tokenizer(words: Sequence[str]):
   """
   import tokenizers  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
+
   pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("▁" + w, -1.0) for w in dict.fromkeys(words)]
   pieces += [("▁", -3.0)] + [(c, -5.0) for c in _CHARS]
   model = tokenizers.Tokenizer(tokenizers.models.Unigram(pieces, unk_id=2, byte_fallback=False))
   model.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace()
   model.decoder = tokenizers.decoders.Metaspace()
   model.post_processor = tokenizers.processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-  return transformers.T5TokenizerFast(tokenizer_object=model, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
-                                      extra_ids=0)
+  return transformers.T5TokenizerFast(
+      tokenizer_object=model, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0
+  )

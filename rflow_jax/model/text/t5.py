@@ -43,6 +43,7 @@ class T5Config:
     max_distance: relative_attention_max_distance.
     eps: layer_norm_epsilon.
   """
+
   vocab_size: int
   width: int
   depth: int
@@ -70,7 +71,8 @@ def relative_buckets(length: int, num_buckets: int, max_distance: int) -> np.nda
   max_exact = half // 2
   # Distances below max_exact take the exact branch; clamping them to 1 only keeps log() finite there.
   large = np.log(np.maximum(n, 1).astype(np.float32) / np.float32(max_exact)) / np.float32(
-      math.log(max_distance / max_exact))
+      math.log(max_distance / max_exact)
+  )
   large = max_exact + (large * np.float32(half - max_exact)).astype(np.int64)
   large = np.minimum(large, half - 1)
   return (out + np.where(n < max_exact, n, large)).astype(np.int32)
@@ -78,13 +80,15 @@ def relative_buckets(length: int, num_buckets: int, max_distance: int) -> np.nda
 
 class _Layer(nn.Module):
   """Pre-RMSNorm block: self-attention with the shared bias, then the (gated) feed-forward; no biases anywhere."""
+
   cfg: T5Config
   dtype: jnp.dtype
   param_dtype: jnp.dtype
 
   def _dense(self, features, axes, name):
-    return layers.Dense(features, axes, kernel_init=_INIT, use_bias=False, dtype=self.dtype,
-                        param_dtype=self.param_dtype, name=name)
+    return layers.Dense(
+        features, axes, kernel_init=_INIT, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name=name
+    )
 
   def _norm(self, name):
     return layers.RMSNorm(eps=self.cfg.eps, axis_name="embed", param_dtype=self.param_dtype, name=name)
@@ -103,8 +107,9 @@ class _Layer(nn.Module):
     h = self._norm("ff_norm")(x).astype(self.dtype)
     act = common.ACTIVATIONS[cfg.act]
     if cfg.gated:
-      f = act(self._dense(cfg.mlp_dim, ("embed", "mlp"), "wi_0")(h)) * self._dense(cfg.mlp_dim, ("embed", "mlp"),
-                                                                                   "wi_1")(h)
+      f = act(self._dense(cfg.mlp_dim, ("embed", "mlp"), "wi_0")(h)) * self._dense(
+          cfg.mlp_dim, ("embed", "mlp"), "wi_1"
+      )(h)
     else:
       f = act(self._dense(cfg.mlp_dim, ("embed", "mlp"), "wi")(h))
     f = nn.with_logical_constraint(f, ("batch", "length", "mlp"))  # (B, L, F)
@@ -120,6 +125,7 @@ class T5Encoder(nn.Module):
     param_dtype: storage dtype of the params.
     scan_layers: nn.scan over the layers (compile time flat in depth; params stacked under "layers").
   """
+
   cfg: T5Config
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
@@ -131,19 +137,29 @@ class T5Encoder(nn.Module):
     Returns: hidden_states (depth+1 arrays (B, L, D), the last one normed) and last_hidden_state (B, L, D)."""
     cfg = self.cfg
     length = ids.shape[1]
-    embed = self.param("embed", nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")),
-                       (cfg.vocab_size, cfg.width), self.param_dtype)
-    table = self.param("relative_attention_bias", nn.with_logical_partitioning(_INIT, ("pos", None)),
-                       (cfg.num_buckets, cfg.num_heads), self.param_dtype)
+    embed = self.param(
+        "embed",
+        nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")),
+        (cfg.vocab_size, cfg.width),
+        self.param_dtype,
+    )
+    table = self.param(
+        "relative_attention_bias",
+        nn.with_logical_partitioning(_INIT, ("pos", None)),
+        (cfg.num_buckets, cfg.num_heads),
+        self.param_dtype,
+    )
     x = jnp.take(embed, ids, axis=0).astype(self.dtype)  # (B, L, D)
     buckets = relative_buckets(length, cfg.num_buckets, cfg.max_distance)  # (L, L) constant
     bias = jnp.take(table.astype(jnp.float32), jnp.asarray(buckets), axis=0).transpose(2, 0, 1)[None]  # (1, N, L, L)
     if attention_mask is not None:
       bias = bias + common.mask_bias(attention_mask[:, None, None, :].astype(bool))  # (B, N, L, L)
-    hidden = common.run_layers(_Layer, dict(cfg=cfg, dtype=self.dtype, param_dtype=self.param_dtype), cfg.depth,
-                               self.scan_layers, x, bias)
-    last = layers.RMSNorm(eps=cfg.eps, axis_name="embed", param_dtype=self.param_dtype,
-                          name="final_layer_norm")(hidden[-1])
+    hidden = common.run_layers(
+        _Layer, dict(cfg=cfg, dtype=self.dtype, param_dtype=self.param_dtype), cfg.depth, self.scan_layers, x, bias
+    )
+    last = layers.RMSNorm(eps=cfg.eps, axis_name="embed", param_dtype=self.param_dtype, name="final_layer_norm")(
+        hidden[-1]
+    )
     return {"hidden_states": hidden[:-1] + (last,), "last_hidden_state": last}
 
 
