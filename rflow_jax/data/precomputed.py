@@ -133,21 +133,14 @@ class ShardWriter:
 
 def load_manifest(directory: str) -> dict:
   """DIR/manifest.json of a precompute output; records.ManifestError in one line if it is missing or not ours."""
-  path = os.path.join(directory, records.MANIFEST)
-  if not os.path.isfile(path):
-    raise records.ManifestError(
-        f"{directory!r} has no {records.MANIFEST}: not a precompute output, or its "
-        "precompute did not finish (run python -m rflow_jax.precompute)"
-    )
-  with open(path) as f:
-    manifest = json.load(f)
-  if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-    raise records.ManifestError(
-        f"{path} has format {manifest.get('format')!r} version "
-        f"{manifest.get('format_version')!r}; data.name=\"precomputed\" reads {FORMAT!r} "
-        f"version {FORMAT_VERSION}"
-    )
-  return manifest
+  return records.load_manifest(
+      directory,
+      fmt=FORMAT,
+      version=FORMAT_VERSION,
+      what="a precompute output",
+      made_by="its precompute did not finish (run python -m rflow_jax.precompute)",
+      reader='data.name="precomputed" reads',
+  )
 
 
 def load_empty_prompt(directory: str, manifest: dict) -> list[np.ndarray]:

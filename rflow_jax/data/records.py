@@ -173,23 +173,31 @@ def write_json_atomic(path: str, obj) -> None:
   write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
-def load_manifest(directory: str) -> dict:
-  """Reads DIR/manifest.json and checks its format; raises ManifestError in one line if it is not ours."""
+def load_manifest(
+    directory: str,
+    *,
+    fmt: str = FORMAT,
+    version: int = FORMAT_VERSION,
+    what: str = "a converted dataset",
+    made_by: str = "its conversion did not finish (run python -m rflow_jax.data.convert)",
+    reader: str = "this reader needs",
+) -> dict:
+  """Reads DIR/manifest.json and checks its format; raises ManifestError in one line if it is not ours.
+
+  The defaults describe a converted dataset; data/precomputed.py passes its own format and wording.
+  """
   path = os.path.join(directory, MANIFEST)
   if not os.path.isfile(path):
-    raise ManifestError(
-        f"{directory!r} has no {MANIFEST}: not a converted dataset, or its conversion did not "
-        "finish (run python -m rflow_jax.data.convert)"
-    )
+    raise ManifestError(f"{directory!r} has no {MANIFEST}: not {what}, or {made_by}")
   with open(path) as f:
     try:
       manifest = json.load(f)
     except ValueError as e:
       raise ManifestError(f"{path} is not valid JSON: {e}") from None
-  if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+  if manifest.get("format") != fmt or manifest.get("format_version") != version:
     raise ManifestError(
         f"{path} has format {manifest.get('format')!r} version {manifest.get('format_version')!r}; "
-        f"this reader needs {FORMAT!r} version {FORMAT_VERSION}"
+        f"{reader} {fmt!r} version {version}"
     )
   return manifest
 

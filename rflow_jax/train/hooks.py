@@ -42,43 +42,43 @@ class SeenIndices(_Wrapper):
     return batch
 
 
-class PoisonAt(_Wrapper):
-  """Replaces the images (precomputed records: the latent means) of the batch of step `poison_step` (1-based) with
-  NaNs; `step` = the steps already taken."""
+class _AtStep(_Wrapper):
+  """Passes batches through, and acts on the one of step `at_step` (1-based); `step` = the steps already taken."""
 
-  def __init__(self, inner, poison_step: int, step: int):
+  def __init__(self, inner, at_step: int, step: int):
     super().__init__(inner)
-    self.poison_step = poison_step
+    self.at_step = at_step
     self.step = step
 
   def __next__(self):
     batch = next(self.inner)
     self.step += 1
-    if self.step == self.poison_step:
-      key = "image" if "image" in batch else "latent_mean"
-      batch = {**batch, key: np.full_like(batch[key], np.nan)}
-    return batch
+    return self.act(batch) if self.step == self.at_step else batch
+
+  def act(self, batch):
+    raise NotImplementedError
 
 
-class SignalAt(_Wrapper):
-  """SIGTERM to this process as it draws the batch of step `signal_step` (1-based), then a pause of `pause_s`.
+class PoisonAt(_AtStep):
+  """Replaces the images (precomputed records: the latent means) of the batch of step `at_step` with NaNs."""
+
+  def act(self, batch):
+    key = "image" if "image" in batch else "latent_mean"
+    return {**batch, key: np.full_like(batch[key], np.nan)}
+
+
+class SignalAt(_AtStep):
+  """SIGTERM to this process as it draws the batch of step `at_step`, then a pause of PAUSE_S.
 
   The pause stands for a slow step: JAX's preemption notifier polls for the signal once a second, and the debug
   config's steps take milliseconds, so without it a short test run could end before the notice is heard.
   """
 
-  def __init__(self, inner, signal_step: int, step: int, pause_s: float = 2.0):
-    super().__init__(inner)
-    self.signal_step = signal_step
-    self.step = step
-    self.pause_s = pause_s
+  PAUSE_S = 2.0
 
-  def __next__(self):
-    batch = next(self.inner)
-    self.step += 1
-    if self.step == self.signal_step:
-      os.kill(os.getpid(), signal.SIGTERM)
-      time.sleep(self.pause_s)
+  def act(self, batch):
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(self.PAUSE_S)
     return batch
 
 

@@ -39,7 +39,6 @@ class StopSignals:
   """
 
   def __init__(self):
-    self._event = threading.Event()
     self._previous = {}
     self._received = None
     self._agreed = False
@@ -52,16 +51,15 @@ class StopSignals:
       return f"{self._received or 'a stop signal'} (to this or another process; all processes stop at this step)"
     return self._received or "a stop signal"
 
-  def is_set(self) -> bool:
-    """Whether this process received a signal (the loop asks should_stop)."""
-    return self._event.is_set()
+  @property
+  def _when(self) -> str:
+    return "at a step all processes agree on" if self._agreed else "after the current step"
 
-  def should_stop(self, step: int) -> bool:
-    """Called by every process once after each dispatched `step`: whether to checkpoint and stop after it."""
-    del step  # The agreement counts this process's calls: a resumed run's first step is not 1 (see above).
+  def should_stop(self) -> bool:
+    """Called by every process once after each dispatched step: whether to checkpoint and stop after it."""
     if not self._agreed:
-      return self._event.is_set()
-    self._steps_run += 1
+      return self._received is not None
+    self._steps_run += 1  # This process's calls, not the global step: a resumed run's first step is not 1 (above).
     return multihost_utils.reached_preemption_sync_point(self._steps_run)
 
   def _handle(self, signum, frame):
@@ -71,12 +69,10 @@ class StopSignals:
       signal.signal(signal.SIGINT, signal.default_int_handler)
       raise KeyboardInterrupt
     self._received = self._received or name
-    self._event.set()
-    when = "at a step all processes agree on" if self._agreed else "after the current step"
     # os.write, not logging: a handler may run while the main thread holds the logging lock.
     os.write(
         2,
-        f"{name}: stopping {when} with a checkpoint"
+        f"{name}: stopping {self._when} with a checkpoint"
         f"{' (Ctrl-C again aborts at once)' if signum == signal.SIGINT else ''}\n".encode(),
     )
     if self._agreed:
@@ -88,10 +84,7 @@ class StopSignals:
       # Multi-process: SIGTERM stays with JAX's preemption notifier (a Python handler would replace it).
       for sig in (signal.SIGINT,) if self._agreed else SIGNALS:
         self._previous[sig] = signal.signal(sig, self._handle)
-      logging.info(
-          "Stop signals (SIGTERM, Ctrl-C) from here on: the run stops %s with a checkpoint",
-          "at a step all processes agree on" if self._agreed else "after the current step",
-      )
+      logging.info("Stop signals (SIGTERM, Ctrl-C) from here on: the run stops %s with a checkpoint", self._when)
     return self
 
   def __exit__(self, *exc):

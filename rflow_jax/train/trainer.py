@@ -225,7 +225,7 @@ def _train_loop(setup, workdir, manager, data_iter, state, last_ckpt, writer, si
     state, metrics = step_fn(state, setup.global_batch(local))
     step += 1
     pending.append(metrics)
-    stop = sigterm.should_stop(step)  # Every process asks after every step (many processes agree: preemption.py).
+    stop = sigterm.should_stop()  # Every process asks after every step (many processes agree: preemption.py).
     prof.after(step, (state, metrics), end=stop or step == num_steps)
     due = periodic.due(step, config.train, stopping=stop)
     if due.log:
