@@ -33,6 +33,11 @@ def get_config():
   # With name="arrayrecord": the output directory of `python -m rflow_jax.data.convert` (docs/data.md); its images
   # are resized and centre-cropped to image_size. num_records, caption_style and seed apply to shapes only.
   c.data.path = ""
+  # Aspect-ratio buckets (name="arrayrecord" only; docs/data.md): ((height, width), ...) pixel sizes of about equal
+  # pixel count, each divisible by model.patch_size. Each record trains at the bucket nearest its stored aspect ratio
+  # (resized to cover it, centre-cropped); each step draws one bucket, weighted by its records. () = off: squares of
+  # image_size (which still sets the sample grid's size).
+  c.data.buckets = ()
 
   # --- Precompute (`python -m rflow_jax.precompute`: a converted dataset -> VAE moments + text embeddings) ----------
   c.precompute = ml_collections.ConfigDict()
