@@ -102,6 +102,7 @@ def load_pipeline_sampler(
     guidance_interval=None,
     skip_layer_guidance=None,
     batch_size=PIPELINE_BATCH_SIZE,
+    single_file=None,
 ):
   """(sampler, params, text_params, components) that sample a StableDiffusion3Pipeline directory as diffusers does.
 
@@ -117,6 +118,7 @@ def load_pipeline_sampler(
     guidance_interval: (σ_lo, σ_hi) of classifier-free guidance, or None (always).
     skip_layer_guidance: a guidance.SkipLayerGuidance, or None (off).
     batch_size: prompts per jitted call.
+    single_file: a released all-in-one .safetensors whose MM-DiT and VAE replace the directory's.
 
   Raises:
     PipelineError / FileNotFoundError / ValueError: one line naming the file or the setting, before any compile.
@@ -133,7 +135,7 @@ def load_pipeline_sampler(
       )
   )
   config_lib.validate_sampling(sample)  # Before reading any weight.
-  c = export_pipeline.load_pipeline(path, t5_length=t5_length, use_t5=use_t5)
+  c = export_pipeline.load_pipeline(path, t5_length=t5_length, use_t5=use_t5, single_file=single_file)
   sample.shift = c.shift
   if skip_layer_guidance is not None:
     skip_layer_guidance.check(c.model.depth)

@@ -3,7 +3,7 @@
   python -m rflow_jax.sample --workdir=runs/quickstart --prompts=prompts.txt --out=OUT [--steps=25] [--cfg=3] \
       [--solver=euler_stochastic] [--seed=0]
   python -m rflow_jax.sample --pipeline=sd3_dir --prompts=prompts.txt --out=OUT [--steps --cfg --seed --solver] \
-      [--latents=noise.npy] [--negative_prompt=...] [--height --width --t5_length --t5]
+      [--latents=noise.npy] [--negative_prompt=...] [--height --width --t5_length --t5] [--single_file=sd3.5.safetensors]
 
 writes OUT/000000.png, OUT/000001.png, ... (in prompt order), OUT/grid.png and OUT/rflow_jax_samples.json (the
 prompts and settings). EMA weights unless --raw. OUT must be absent or empty, or an earlier sampling output with
@@ -50,6 +50,9 @@ flags.DEFINE_list("skip_layers", None, "Skip-layer guidance: joint blocks to ski
 flags.DEFINE_float("slg_scale", _SLG.scale, "Skip-layer guidance scale (skip_layer_guidance_scale).")
 flags.DEFINE_float("slg_start", _SLG.start, "Skip-layer guidance from this fraction of the steps (exclusive).")
 flags.DEFINE_float("slg_stop", _SLG.stop, "Skip-layer guidance up to this fraction of the steps (exclusive).")
+flags.DEFINE_string(
+    "single_file", None, "--pipeline: a released all-in-one .safetensors (MM-DiT + VAE) to use instead."
+)
 flags.DEFINE_integer("height", None, "--pipeline: image height in pixels (default: the pipeline's).")
 flags.DEFINE_integer("width", None, "--pipeline: image width in pixels (default: the pipeline's).")
 flags.DEFINE_integer("t5_length", export_pipeline.DEFAULT_T5_LENGTH, "--pipeline: T5 tokens (max_sequence_length).")
@@ -140,7 +143,7 @@ def main(argv):
       if bad:
         raise ValueError(f"{bad[0]} selects a workdir's weights; it has no meaning with --pipeline")
     else:
-      bad = [f"--{n}" for n in ("height", "width", "t5_length", "t5") if FLAGS[n].present]
+      bad = [f"--{n}" for n in ("height", "width", "t5_length", "t5", "single_file") if FLAGS[n].present]
       if bad:
         raise ValueError(f"{bad[0]} is a --pipeline setting; a workdir's sampling follows its config")
     prompts = read_prompts(FLAGS.prompts)  # Before loading or compiling anything.
@@ -165,6 +168,7 @@ def main(argv):
           use_t5=FLAGS.t5,
           guidance_interval=interval,
           skip_layer_guidance=slg,
+          single_file=FLAGS.single_file,
       )
       step, negative = None, export_pipeline.DEFAULT_NEGATIVE_PROMPT
     else:

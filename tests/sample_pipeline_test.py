@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -231,3 +232,35 @@ def test_skip_layers_scanned_equals_unscanned():
     assert np.abs(np.asarray(ours) - np.asarray(full)).max() > 1e-3
   with pytest.raises(ValueError, match=r"skip_layers \[4\] outside \[0, 4\)"):
     loop.clone(skip_layers=(4,)).apply({"params": params}, x, t, ctx, pooled)
+
+
+def test_released_single_file_loads(released, tmp_path):
+  """Stability's all-in-one layout (transformer under model.diffusion_model., the LDM VAE under first_stage_model.):
+  the same weights as the pipeline directory. The VAE names are checked against diffusers' own LDM conversion."""
+  import safetensors.numpy  # pylint: disable=g-import-not-at-top
+  from diffusers.loaders import single_file_utils  # pylint: disable=g-import-not-at-top
+
+  from rflow_jax.export import original  # pylint: disable=g-import-not-at-top
+
+  pipe, path = released
+  model, params = diffusers_io.load_transformer(path)
+  vae_state = {k: v.numpy() for k, v in pipe.vae.state_dict().items()}
+  ldm_vae = original.vae_to_original(vae_state, levels=2)
+  theirs = single_file_utils.convert_ldm_vae_checkpoint(ldm_vae, dict(pipe.vae.config))
+  assert set(theirs) == set(vae_state)
+  for name, value in theirs.items():
+    np.testing.assert_array_equal(np.asarray(value), vae_state[name], err_msg=name)
+  file = tmp_path / "sd3_tiny.safetensors"
+  safetensors.numpy.save_file({**original.params_to_original(params, model), **ldm_vae}, str(file))
+
+  loaded, loaded_params, vae, vae_params = original.load_single_file(file, norm_num_groups=4)
+  assert loaded.clone(pos_embed_base=model.pos_embed_base) == model
+  ref_vae, ref_vae_params = export_vae.load_vae(path)
+  assert vae == ref_vae
+  for ours, ref in ((loaded_params, params), (vae_params, ref_vae_params)):
+    flat, flat_ref = (jax.tree_util.tree_flatten_with_path(t)[0] for t in (ours, ref))
+    assert [k for k, _ in flat] == [k for k, _ in flat_ref]
+    for (k, a), (_, b) in zip(flat, flat_ref):
+      np.testing.assert_array_equal(a, b, err_msg=str(k))
+  with pytest.raises(ValueError, match=r"no VAE in the file: no tensor first_stage_model.encoder.conv_in.weight"):
+    original.vae_from_original(original.params_to_original(params, model))

@@ -20,9 +20,11 @@ from typing import Any
 
 from rflow_jax.export import diffusers as export_diffusers
 from rflow_jax.export import diffusers_io
+from rflow_jax.export import original
 from rflow_jax.export import text
 from rflow_jax.export import text_save
 from rflow_jax.export import vae as export_vae
+from rflow_jax.model.text import sd3
 from rflow_jax.sampling import schedules
 
 PIPELINE_CLASS = "StableDiffusion3Pipeline"
@@ -266,6 +268,7 @@ def load_pipeline(
     t5_length: int = DEFAULT_T5_LENGTH,
     use_t5: bool | None = None,
     dtype=None,
+    single_file: str | os.PathLike[str] | None = None,
 ) -> Components:
   """A StableDiffusion3Pipeline directory as our modules and host params, checked before anything is compiled.
 
@@ -274,6 +277,8 @@ def load_pipeline(
     t5_length: T5 tokens per prompt (diffusers' max_sequence_length).
     use_t5: None: T5 on when the pipeline has text_encoder_3; False: off (zeros, as diffusers without it).
     dtype: compute dtype of every module (None: float32).
+    single_file: a released all-in-one .safetensors (Stability's layout) whose MM-DiT and VAE replace the
+      directory's (the directory still gives the text encoders, tokenizers and scheduler).
 
   Returns:
     The Components.
@@ -289,9 +294,22 @@ def load_pipeline(
   _check_tokenizer(path, "tokenizer", tokenizer.clip_l, stack.clip_l.cfg)
   _check_tokenizer(path, "tokenizer_2", tokenizer.clip_g, stack.clip_g.cfg)
   shift = scheduler_shift(path)
-  model, params = diffusers_io.load_transformer(path / TRANSFORMER_DIR, **overrides)
-  vae, vae_params = export_vae.load_vae(path / export_vae.PIPELINE_SUBFOLDER, **overrides)
   sample_size = _json(path / TRANSFORMER_DIR / diffusers_io.CONFIG_NAME).get("sample_size", 128)
+  if single_file is None:
+    model, params = diffusers_io.load_transformer(path / TRANSFORMER_DIR, **overrides)
+    vae, vae_params = export_vae.load_vae(path / export_vae.PIPELINE_SUBFOLDER, **overrides)
+  else:
+    model, params, vae, vae_params = original.load_single_file(single_file, **overrides)
+    _, context_width, pooled_width = sd3.dims(stack)
+    for field, value, want in (
+        ("context width", model.context_dim, context_width),
+        ("pooled width", model.pooled_dim, pooled_width),
+        ("in_channels", model.in_channels, vae.latent_channels),
+    ):
+      if value != want:
+        raise PipelineError(
+            f"{single_file}: the MM-DiT's {field} is {value}, but {path}'s encoders and VAE give {want}"
+        )
   return Components(
       model=model,
       params=params,
