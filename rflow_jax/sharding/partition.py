@@ -113,6 +113,7 @@ def place(values, boxed_abstract, mesh: Mesh, logical_rules):
     for dim, axes in enumerate(sharding.spec):
       named = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
       spec.append(axes if value.shape[dim] % math.prod(mesh.shape[a] for a in named) == 0 else None)
-    return jax.device_put(value, NamedSharding(mesh, P(*spec)))
+    # From a callback: on several processes each places only its own shards.
+    return jax.make_array_from_callback(value.shape, NamedSharding(mesh, P(*spec)), lambda index: value[index])
 
   return jax.tree.map(put, values, specs)

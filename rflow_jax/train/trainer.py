@@ -133,8 +133,13 @@ def _restore_or_init(setup, manager, workdir):
     if finetune.pipeline_dir(init_from) is not None:
       params = finetune.initial_params(setup.config, setup.task.model)  # Read (and shape-checked) before compiling.
       logging.info("Fine-tuning the transformer of %s (params and EMA; fresh optimizer, step 0)", init_from)
-      # Two device copies: params and EMA are separate buffers of the donated state.
-      place = lambda: jax.device_put(params, setup.state_sharding.params)
+      # Two device copies: params and EMA are separate buffers of the donated state. From a callback, so that every
+      # process of a multi-process run places only its own shards.
+      place = lambda: jax.tree.map(
+          lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index: x[index]),
+          params,
+          setup.state_sharding.params,
+      )
       return setup.init_state().replace(params=place(), ema_params=place()), None, 0
     weights, from_step = checkpoint.restore_weights(  # Checked before compiling.
         init_from, setup.abstract_state, setup.task.weight_groups, grow_depth=setup.config.train.init_grow_depth
