@@ -15,6 +15,7 @@ from configs import debug
 from rflow_jax import precompute
 from rflow_jax.data import convert, shapes
 from rflow_jax.flow import losses
+from rflow_jax.model import mmdit_tree, registry
 from rflow_jax.train import finetune, step as step_lib, tasks, trainer
 
 LOSS_PARITY = 1e-4  # |step 0's loss - diffusers' loss on the same batch, t and noise|, fp32.
@@ -143,3 +144,21 @@ def _overrides(pipeline, records) -> dict:
   c, base = _config(pipeline, records), debug.get_config()
   flat = lambda d: {f"{s}.{k}": v for s in d for k, v in (d[s].items() if hasattr(d[s], "items") else ())}
   return {k: v for k, v in flat(c).items() if flat(base).get(k) != v and not isinstance(v, tuple)}
+
+
+def test_a_scanned_model_reads_the_same_weights_stacked(pipeline_and_records):
+  pipeline, records = pipeline_and_records
+  outputs = []
+  for scan in (False, True):
+    config = finetune.resolve(_config(pipeline, records, **{"model.scan_blocks": scan}))
+    model = registry.build_model(config)
+    x, t, context, pooled = registry.dummy_inputs(config, batch_size=2)
+    rng = np.random.RandomState(0)
+    x, context = rng.randn(*x.shape).astype(np.float32), rng.randn(*context.shape).astype(np.float32)
+    pooled, t = rng.randn(*pooled.shape).astype(np.float32), np.array([0.3, 0.8], np.float32)
+    params = finetune.initial_params(config, model)
+    # Scanned: blocks 0-1 stacked as one group (the last block, context-pre-only, is its own).
+    assert (mmdit_tree.block_name(0, 2) in params) == scan
+    outputs.append(model.apply({"params": params}, x, t, context, pooled))
+  np.testing.assert_allclose(outputs[1], outputs[0], rtol=0, atol=1e-5)
+  assert float(np.abs(outputs[0]).max()) > 0.1
