@@ -159,7 +159,9 @@ def get_config():
   c.train.keep_checkpoints = 2  # Keep the newest N checkpoints.
   # Warm start: a training workdir whose newest checkpoint gives this run's initial params, EMA params and text
   # encoders (same model shapes); step, optimizer state and data order start fresh. Used only when WORKDIR has no
-  # checkpoint of its own (a restarted warm-started run resumes itself). "" = random init.
+  # checkpoint of its own (a restarted warm-started run resumes itself). "" = random init. "pipeline:D" fine-tunes a
+  # StableDiffusion3Pipeline directory D: its transformer's weights (params and EMA), with text.sd3_path and vae.path
+  # set to D when empty; the model fields must be D's transformer's (rflow_jax/train/finetune.py, docs/export.md).
   c.train.init_from = ""
   # With init_from: the source may have fewer joint blocks. Its blocks are spread over this model's depth and the
   # added ones start as identity (adaLN-zero gates 0), so step 0 computes exactly the source's function (needs

@@ -8,6 +8,8 @@ import json
 import os
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 
 from rflow_jax import config_lib
@@ -19,6 +21,7 @@ from rflow_jax.model import mmdit
 from rflow_jax.model import registry
 from rflow_jax.model import text_encoders
 from rflow_jax.sampling import pipeline
+from rflow_jax.sharding import mesh as mesh_lib, partition, rules as rules_lib
 from rflow_jax.train import checkpoint, latent_data, vae_task
 
 CONFIG_NAME = "config.json"
@@ -161,6 +164,25 @@ def load_pipeline_sampler(
       skip_layer_guidance=skip_layer_guidance,
   )
   return sampler, c.params, c.text_params, c
+
+
+def shard_pipeline(components, params, text_params, devices=None):
+  """(params, text_params, mesh): a pipeline's MM-DiT and text encoders split over `devices` (default all).
+
+  One fsdp axis over every device with the training rules (rflow_jax/sharding/rules.py), so a model too large for
+  one device samples on several; XLA propagates the placement to the activations. A dimension the device count does
+  not divide is replicated. The VAE stays a constant of the jitted sampler (small beside the MM-DiT).
+  """
+  c = components
+  mesh = mesh_lib.make_mesh((1, -1, 1), devices=devices)
+  rules = rules_lib.get_rules("fsdp")
+  key, p, m = jax.random.key(0), c.model.patch_size, c.model
+  # Shapes only (eval_shape): the boxes carry each weight's logical axes.
+  inputs = (jnp.zeros((1, p, p, m.in_channels)), jnp.zeros((1,)), jnp.zeros((1, 1, m.context_dim)))
+  boxed = jax.eval_shape(c.model.init, key, *inputs, jnp.zeros((1, m.pooled_dim)))["params"]
+  tokens = jnp.zeros((1, len(c.tokenizer.batch([""])[0])), jnp.int32)
+  text_boxed = jax.eval_shape(c.text_stack.init, key, tokens)["params"]
+  return partition.place(params, boxed, mesh, rules), partition.place(text_params, text_boxed, mesh, rules), mesh
 
 
 def load_transformer_for(path: str | os.PathLike[str], config) -> tuple[mmdit.MMDiT, Any]:

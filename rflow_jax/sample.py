@@ -17,6 +17,8 @@ With --pipeline=DIR (a StableDiffusion3Pipeline directory: a release, or `python
 --format=pipeline`), every default is diffusers' StableDiffusion3Pipeline.__call__'s (28 steps, guidance 7.0, T5 length
 256, the empty negative prompt, the scheduler's grid and shift with Euler), so the same call gives the same images.
 --latents takes the initial noise as diffusers' `latents=` does: (N, C, h, w) float32, NCHW, one per prompt.
+The MM-DiT and text encoders are split over every device there is (one fsdp axis, rundir.shard_pipeline), so a
+pipeline too large for one device samples on several; the images are the one-device ones (to float rounding).
 Guidance options (either mode): --guidance_interval=LO,HI (σ range of classifier-free guidance) and skip-layer
 guidance --skip_layers=7,8,9 [--slg_scale --slg_start --slg_stop], diffusers' `skip_guidance_layers` and its defaults.
 """
@@ -158,7 +160,7 @@ def main(argv):
         if FLAGS.height is None or FLAGS.width is None:
           raise ValueError("give both --height and --width, or neither (the pipeline's default size)")
         size = (FLAGS.height, FLAGS.width)
-      sampler, params, text_params, _ = rundir.load_pipeline_sampler(
+      sampler, params, text_params, components = rundir.load_pipeline_sampler(
           FLAGS.pipeline,
           steps=FLAGS.steps,
           cfg=FLAGS.cfg,
@@ -170,6 +172,7 @@ def main(argv):
           skip_layer_guidance=slg,
           single_file=FLAGS.single_file,
       )
+      params, text_params, _ = rundir.shard_pipeline(components, params, text_params)  # Over every device.
       step, negative = None, export_pipeline.DEFAULT_NEGATIVE_PROMPT
     else:
       sampler, params, text_params, _, step = rundir.load_sampler(

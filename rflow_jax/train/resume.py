@@ -71,11 +71,20 @@ def _resumable(field: str) -> bool:
   return any(field == r or (r.endswith(".") and field.startswith(r)) for r in RESUMABLE)
 
 
+def _latest_step(workdir: str) -> int | None:
+  return checkpoint.latest_step(workdir) if os.path.isdir(checkpoint.checkpoint_dir(workdir)) else None
+
+
+def has_checkpoint(workdir: str) -> bool:
+  """Whether a start in `workdir` resumes it (a complete checkpoint exists) rather than starting a run."""
+  return _latest_step(workdir) is not None
+
+
 def check_config(config, workdir: str) -> None:
   """Refuses (ResumeError, one line) a restart of `workdir` whose config changes a non-resumable field, or whose
   train.num_steps is below the newest checkpoint's step. Reads config.json and the checkpoint list only."""
   path = os.path.join(workdir, "config.json")
-  step = checkpoint.latest_step(workdir) if os.path.isdir(checkpoint.checkpoint_dir(workdir)) else None
+  step = _latest_step(workdir)
   if step is None or not os.path.isfile(path):
     return  # A fresh run (or a warm start): nothing to resume.
   with open(path) as f:

@@ -18,7 +18,8 @@ from absl import logging
 from rflow_jax import config_lib
 from rflow_jax.eval import evaluators as evaluators_lib
 from rflow_jax.sharding import mesh as mesh_lib, partition, rules as rules_lib
-from rflow_jax.train import checkpoint, hooks, multihost, periodic, preemption, preflight, profiler, resume, tasks
+from rflow_jax.train import checkpoint, finetune, hooks, multihost, periodic, preemption, preflight, profiler, resume
+from rflow_jax.train import tasks
 from rflow_jax.train import workdir as workdir_lib
 from rflow_jax.train import writers as writers_lib  # Before anything else imports CLU's writers (no-TF stand-in).
 from rflow_jax.utils import flops as flops_lib
@@ -130,13 +131,25 @@ def _write_config(config, workdir):
 
 def _restore_or_init(setup, manager, workdir):
   """(state, its step or None, global data position): the newest readable checkpoint in the workdir (a damaged newer
-  one is named and moved aside), else a fresh sharded init whose weights come from train.init_from's newest checkpoint
-  when that is set (a warm start: step 0, fresh optimizer and data order)."""
+  one is named and moved aside), else a fresh sharded init whose weights come from train.init_from when that is set:
+  a workdir's newest checkpoint, or a pipeline's transformer ("pipeline:D", a fine-tune). Either way a warm start:
+  step 0, fresh optimizer and data order."""
   resume_step = manager.latest_step()
   init_from = setup.config.train.init_from
   if resume_step is None:
     if not init_from:
       return setup.init_state(), None, 0
+    if finetune.pipeline_dir(init_from) is not None:
+      params = finetune.initial_params(setup.config, setup.task.model)  # Read (and shape-checked) before compiling.
+      logging.info("Fine-tuning the transformer of %s (params and EMA; fresh optimizer, step 0)", init_from)
+      # Two device copies: params and EMA are separate buffers of the donated state. From a callback, so that every
+      # process of a multi-process run places only its own shards.
+      place = lambda: jax.tree.map(
+          lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index: x[index]),
+          params,
+          setup.state_sharding.params,
+      )
+      return setup.init_state().replace(params=place(), ema_params=place()), None, 0
     weights, from_step = checkpoint.restore_weights(  # Checked before compiling.
         init_from, setup.abstract_state, setup.task.weight_groups, grow_depth=setup.config.train.init_grow_depth
     )
@@ -192,6 +205,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   """
   config_lib.validate(config)
   tasks.validate(config)
+  # A fine-tune's paths and model fields, before anything is written; a resumed run is checked by its config.json.
+  config = finetune.resolve(config, check_model=not resume.has_checkpoint(workdir))
   evaluators = evaluators_lib.get(config.train.evaluators)
   workdir_lib.prepare(workdir)
   with workdir_lib.exclusive(workdir), preemption.StopSignals() as sigterm:
