@@ -21,9 +21,9 @@ def train_debug_run(tmp_path_factory, name: str, num_steps: int = 2) -> str:
 
 
 # Subprocesses of the CLI tests write no TensorBoard events (no test reads them there) and so skip TensorFlow's
-# import, seconds of each start; they compile without XLA's optimisation passes (~2x faster to compile; these tests
-# check behaviour, and their numeric comparisons have tolerances).
-ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "RFLOW_JAX_TENSORBOARD": "0", "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
+# import, seconds of each start. Like every process of the suite, they compile without XLA's optimisation passes
+# (conftest.py).
+ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "RFLOW_JAX_TENSORBOARD": "0"}
 
 
 def run_module(module, *args):

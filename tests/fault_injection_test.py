@@ -44,15 +44,15 @@ def test_four_sigkills_resume_bitwise(tmp_path):
   assert not glob.glob(os.path.join(killed, "events.out.tfevents.*"))  # RFLOW_JAX_TENSORBOARD=0 was obeyed.
 
 
-def test_two_process_run_agrees_on_a_one_host_sigterm_and_survives_kills_bitwise(tmp_path):
+def test_two_process_run_agrees_on_a_one_host_sigterm_and_resumes_bitwise(tmp_path):
   """The multi-host path: 2 processes × 2 fake devices (data=2 over processes, fsdp=2 within).
 
-  First a SIGTERM reaches worker 1 only (train.signal_step: a preemption notice for one host): both processes agree
-  on the step, save it and exit 0. Then worker 1 is SIGKILLed (one host dies). The restarts resume from the
-  multi-process checkpoints (each process's data iterator included) and end bitwise equal to an uninterrupted
-  2-process run."""
+  A SIGTERM reaches worker 1 only (train.signal_step: a preemption notice for one host): both processes agree on
+  the step, save it and exit 0. The restart resumes from that multi-process checkpoint (each process's data iterator
+  included) and ends bitwise equal to an uninterrupted 2-process run. (SIGKILLs of one worker or of the whole job:
+  `python launch/fault_injection.py --processes=2`, a soak too long for the suite.)"""
   reference, killed = str(tmp_path / "reference"), str(tmp_path / "killed")
-  steps, signal_step = 8, 3
+  steps, signal_step = 6, 3
   subprocess.run(
       fault_injection._argv(reference, steps, (), processes=2),
       cwd=fault_injection.ROOT,
@@ -84,10 +84,9 @@ def test_two_process_run_agrees_on_a_one_host_sigterm_and_survives_kills_bitwise
   assert set(stopped) == {"0", "1"} and stopped["0"] == stopped["1"], signalled.stdout[-5000:]
   stop_step = int(stopped["0"])
   assert signal_step <= stop_step < steps and fault_injection._latest_step(killed) == stop_step  # pylint: disable=protected-access
-  stats = fault_injection.run_with_kills(killed, steps=steps, kills=1, seed=1, processes=2, env=ENV)
+  stats = fault_injection.run_with_kills(killed, steps=steps, kills=0, seed=1, processes=2, env=ENV)
   result = fault_injection.compare(killed, reference)
   print(stop_step, stats, result)
-  assert stats["kills"] == 1 and stats["single_worker_kills"] == 1, stats
-  assert stats["resumed_from"][0] == stop_step and stats["resumed_from"][-1] > stop_step, stats
+  assert stats["resumed_from"] == [stop_step], stats
   assert result == {"params_bitwise_equal": True, "ema_params_bitwise_equal": True, "losses_equal": True}
   assert sorted(fault_injection.final_losses(killed)) == list(range(1, steps + 1))

@@ -157,16 +157,7 @@ def test_report_ranks_and_judges_the_paper_claims_from_the_numbers():
   assert "not testable" not in md
 
 
-@pytest.fixture
-def fast_compile():
-  """XLA without most optimisations: halves the compile time that dominates a 2-step smoke run."""
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", False)
-
-
 @pytest.mark.slow
-@pytest.mark.usefixtures("fast_compile")
 def test_smoke_study_trains_evaluates_ranks_and_resumes(tmp_path):
   names = ["rf/lognorm(0.00,1.00)", "eps/linear"]
   study_dir, out = str(tmp_path / "study"), str(tmp_path / "formulations.md")

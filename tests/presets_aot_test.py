@@ -1,8 +1,11 @@
-"""The pod presets' defaults fit their documented budget: configs/sd3.py's d24 on 64 fake devices, AOT-compiled.
+"""The pod presets' defaults fit their documented budget: configs/sd3.py's d24 (64 devices of 80 GB), AOT-compiled.
 
-Compiling all 24 blocks takes minutes on a CPU, so this compiles the preset at depth 3 and 4 (its width, heads,
-remat, microbatches, global batch and mesh unchanged) and extrapolates linearly to depth 24: with scanned blocks
-one more block adds exactly one more layer of saved activations, parameters, Adam moments and EMA per device.
+Compiling all 24 blocks for 64 fake devices takes minutes on a CPU, so this compiles the preset at depth 3 and 4
+(its width, heads, remat and microbatches unchanged) on 8 fake devices with the same 64 examples per device
+(global batch 512 instead of 4096), and extrapolates linearly to depth 24: with scanned blocks one more block adds
+exactly one more layer of saved activations, parameters, Adam moments and EMA per device. The activations and the
+gathered weights of a block do not depend on the fsdp degree; the sharded state on 8 devices is 8x its share on 64,
+so the 8-device figure bounds the 64-device one from above.
 """
 
 import json
@@ -25,7 +28,8 @@ out = []
 for depth in (3, 4):
   c = sd3.get_config("d24")
   c.model.depth = depth
-  c.sharding.mesh_shape = (1, 64, 1)
+  c.sharding.mesh_shape = (1, 8, 1)
+  c.train.global_batch_size = 512  # 64 examples per device, as 4096 on the preset's 64 devices.
   t = time.time()
   out.append(aot_compile.compile_report(c)["per_device_memory_bytes"])
   print(depth, time.time() - t, out[-1] / 2**30, file=sys.stderr)
@@ -36,12 +40,16 @@ print(json.dumps(out))
 @pytest.mark.slow
 def test_d24_preset_defaults_fit_64_devices_of_80gb():
   config = sd3.get_config("d24")
+  assert config.train.global_batch_size == 4096  # 64 per device on the 64 devices of the budget.
   assert config.model.scan_blocks and (config.model.remat, config.train.microbatches) == ("dots_no_batch", 1)
   env = {
       **os.environ,
       "PYTHONPATH": ROOT,
       "JAX_PLATFORMS": "cpu",
-      "XLA_FLAGS": "--xla_force_host_platform_device_count=64",
+      "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+      # The budget is about the memory XLA's optimising compiler plans, as launch/aot_compile.py reports it for
+      # users; the suite's default (conftest.py) compiles without those passes.
+      "JAX_DISABLE_MOST_OPTIMIZATIONS": "0",
   }
   proc = subprocess.run(
       [sys.executable, "-c", _SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False
@@ -49,7 +57,8 @@ def test_d24_preset_defaults_fit_64_devices_of_80gb():
   assert proc.returncode == 0, proc.stderr[-4000:]
   m3, m4 = json.loads(proc.stdout.strip().splitlines()[-1])
   per_block = m4 - m3
-  # A block of 64 examples × 410 tokens × width 1536 keeps ~GiB of matmul outputs: the scan's stack grows.
+  # A block of 64 examples × 410 tokens × width 1536 keeps ~GiB of matmul outputs (the scan's stack grows), plus
+  # the block's state on 8 devices (~0.16 GiB).
   assert 0.5 * 2**30 < per_block < 4 * 2**30, per_block
-  predicted = m3 + (24 - 3) * per_block
+  predicted = m3 + (24 - 3) * per_block  # An upper bound of the 64-device figure (module docstring).
   assert predicted <= BUDGET_BYTES, predicted / 2**30

@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _aot(*args):
-  env = {**os.environ, "PYTHONPATH": ROOT, "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
+  env = {**os.environ, "PYTHONPATH": ROOT}
   env.pop("XLA_FLAGS", None)
   return subprocess.run(
       [sys.executable, os.path.join(ROOT, "launch", "aot_compile.py"), *args],
