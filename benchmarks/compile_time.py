@@ -5,7 +5,8 @@
 For each depth, builds the trainer's Setup on one device with model.depth overridden (width and everything else
 from the config), then lowers and compiles the step on abstract state and batch (nothing is allocated). Prints one
 JSON line per (depth, scan) and a final summary line {"depths": [...], "unrolled_s": [...], "scan_s": [...], ...}
-(lower + compile wall seconds; *_cpu_s: the compile's CPU seconds, steadier on a shared machine).
+(lower + compile wall seconds; *_cpu_s: the compile's CPU seconds, steadier on a shared machine; fusions: the
+compiled program's fused kernels, which XLA:CPU generates code for one by one).
 Compile time is what grows with depth; the width barely matters, so the default is a narrow model.
 """
 
@@ -33,14 +34,17 @@ def time_compile(config) -> dict:
   with setup.step_context():
     lowered = setup.train_step.lower(setup.abstract_state, setup.batch_spec)
   t2, c2 = time.perf_counter(), time.process_time()
-  lowered.compile()
+  compiled = lowered.compile()
   t3, c3 = time.perf_counter(), time.process_time()
+  # Fusions are the kernels XLA generates code for; on XLA:CPU compile time grows with their number.
+  fusions = compiled.as_text().count(" fusion(")
   # CPU seconds too: on a shared machine wall time mostly measures the neighbours.
   return {
       "setup_s": round(t1 - t0, 2),
       "lower_s": round(t2 - t1, 2),
       "compile_s": round(t3 - t2, 2),
       "compile_cpu_s": round(c3 - c2, 2),
+      "fusions": fusions,
   }
 
 

@@ -33,6 +33,11 @@ def get_config():
   # With name="arrayrecord": the output directory of `python -m rflow_jax.data.convert` (docs/data.md); its images
   # are resized and centre-cropped to image_size. num_records, caption_style and seed apply to shapes only.
   c.data.path = ""
+  # Aspect-ratio buckets (name="arrayrecord" only; docs/data.md): ((height, width), ...) pixel sizes of about equal
+  # pixel count, each divisible by model.patch_size. Each record trains at the bucket nearest its stored aspect ratio
+  # (resized to cover it, centre-cropped); each step draws one bucket, weighted by its records. () = off: squares of
+  # image_size (which still sets the sample grid's size).
+  c.data.buckets = ()
 
   # --- Precompute (`python -m rflow_jax.precompute`: a converted dataset -> VAE moments + text embeddings) ----------
   c.precompute = ml_collections.ConfigDict()
@@ -154,7 +159,9 @@ def get_config():
   c.train.keep_checkpoints = 2  # Keep the newest N checkpoints.
   # Warm start: a training workdir whose newest checkpoint gives this run's initial params, EMA params and text
   # encoders (same model shapes); step, optimizer state and data order start fresh. Used only when WORKDIR has no
-  # checkpoint of its own (a restarted warm-started run resumes itself). "" = random init.
+  # checkpoint of its own (a restarted warm-started run resumes itself). "" = random init. "pipeline:D" fine-tunes a
+  # StableDiffusion3Pipeline directory D: its transformer's weights (params and EMA), with text.sd3_path and vae.path
+  # set to D when empty; the model fields must be D's transformer's (rflow_jax/train/finetune.py, docs/export.md).
   c.train.init_from = ""
   # With init_from: the source may have fewer joint blocks. Its blocks are spread over this model's depth and the
   # added ones start as identity (adaLN-zero gates 0), so step 0 computes exactly the source's function (needs

@@ -30,6 +30,8 @@ and mesh):
   d30                        dots_no_batch  2             33.9
   d38, sd3.5-large           dots_no_batch  2             53.4
 
+Fine-tuning a released SD3.5 Medium with the "sd3.5-medium" preset (train.init_from=pipeline:D): docs/finetune.md.
+
 Training with this config needs a pre-encoded latent source (VAE latents + text embeddings) in
 rflow_jax/data/registry.py, which rflow_jax does not have yet; until then the config serves AOT compilation and
 capacity planning (launch/aot_compile.py needs no data). The text stack is the tiny stand-in (config.text.width

@@ -10,7 +10,7 @@ import os
 
 import jax
 
-from rflow_jax.data import registry as data_registry
+from rflow_jax.data import buckets, registry as data_registry
 from rflow_jax.flow import formulations
 from rflow_jax.model import registry as model_registry
 from rflow_jax.model import text_encoders
@@ -36,6 +36,7 @@ def validate(config) -> None:
   _require(
       d.name in data_registry.SOURCES, f"data.name={d.name!r} is not a dataset; valid: {sorted(data_registry.SOURCES)}"
   )
+  _validate_buckets(config)
   if config.task == "flow":  # The backbone, text stack and formulation (another task checks its own).
     _require(
         m.patch_size > 0 and d.image_size % m.patch_size == 0,
@@ -106,6 +107,23 @@ def validate(config) -> None:
   validate_sharding(config)
 
 
+def _validate_buckets(config) -> None:
+  """data.buckets: pairs the backbone can train on, read by a source that knows each record's size."""
+  d, m = config.data, config.model
+  if not d.buckets:
+    return
+  _require(config.task == "flow", f"data.buckets={tuple(d.buckets)!r}: buckets train task='flow'; got {config.task!r}")
+  try:
+    buckets.check(d.buckets, patch_size=m.patch_size, pos_embed_max_size=m.pos_embed_max_size)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  _require(
+      d.name in data_registry.BUCKETED,
+      f"data.buckets={tuple(d.buckets)!r} needs a dataset that stores each record's size: "
+      f"data.name in {data_registry.BUCKETED}; got data.name={d.name!r}",
+  )
+
+
 def _validate_eval(config) -> None:
   """The validation-loss protocol's sizes (evaluator names are checked against eval/evaluators.py's registry by the
   trainer, before anything is built)."""
@@ -137,7 +155,9 @@ def validate_sharding(config, devices=None) -> None:
 
 def validate_sampling(sample) -> None:
   """Checks `config.sample` (also used by the sampling CLI for its flag overrides)."""
-  validate_ranges({"sample": sample}, [r for r in RANGES if r[0].startswith("sample.")])  # Non-finite: black PNGs.
+  # Non-finite: black PNGs. A pipeline's sampling settings have no ShapesEval fields: the fields it has are checked.
+  fields = [r for r in RANGES if r[0].startswith("sample.") and r[0].removeprefix("sample.") in sample]
+  validate_ranges({"sample": sample}, fields)
   _require(sample.solver in solvers.SOLVERS, f"sample.solver={sample.solver!r}; valid: {sorted(solvers.SOLVERS)}")
   _require(
       sample.schedule in schedules.STYLES, f"sample.schedule={sample.schedule!r}; valid: {sorted(schedules.STYLES)}"

@@ -60,6 +60,11 @@ def _check_config(config, out: str) -> None:
         f"data.name={config.data.name!r}, data.path={config.data.path!r}: precompute reads a converted "
         'dataset (data.name="arrayrecord", data.path=the --out of python -m rflow_jax.data.convert)'
     )
+  if config.data.buckets:  # The stored latents have one shape, the manifest's; bucketed latents are not supported.
+    raise ValueError(
+        f"data.buckets={tuple(config.data.buckets)!r}: precompute encodes squares of data.image_size only; "
+        "set --config.data.buckets='()' (buckets train in pixel space, data.name=\"arrayrecord\")"
+    )
   precomputed.storage_dtype(config.precompute.latent_dtype, "precompute.latent_dtype")
   precomputed.storage_dtype(config.precompute.text_dtype, "precompute.text_dtype")
   if config.precompute.batch_size < 1:

@@ -25,6 +25,10 @@ trainer resumes, also with another number of processes than the run that
 saved it (rflow_jax/train/resume.py). The returned `grain.DataLoaderIterator`
 is also checkpointable the grain way (`get_state` / `set_state`, per process).
 
+Aspect-ratio buckets (`plan`, rflow_jax/data/buckets.py) replace the one shuffled stream by buckets.BucketSampler,
+a stream whose global batch k is G positions of the bucket step k draws: the offset and the per-process slicing
+above apply to it unchanged, so every process's step-k batch comes from the same bucket.
+
 Worker processes (`worker_count > 0`) pickle the source and `tokenize`, so both
 must be picklable (module-level functions or plain objects, no lambdas), and
 grain reads its configuration from absl flags, so the program must have parsed
@@ -39,7 +43,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from rflow_jax.data import pixels
+from rflow_jax.data import buckets, pixels
 
 Tokenize = Callable[[str], np.ndarray]
 
@@ -153,6 +157,7 @@ def make_train_iterator(
     num_threads: int = 1,
     prefetch_buffer_size: int | None = None,
     start: int = 0,
+    plan: buckets.Plan | None = None,
 ) -> grain.DataLoaderIterator:
   """Builds this process's shuffled, sharded, batched training iterator.
 
@@ -174,24 +179,36 @@ def make_train_iterator(
       batches.
     start: global stream position to begin at (examples all processes
       consumed before); a multiple of global_batch_size.
+    plan: aspect-ratio buckets (the source serves record i at its bucket's size); None: one shuffled stream.
 
   Returns:
     A checkpointable iterator of dicts with image float32 (B, S, S, 3) in
-    [-1, 1], tokens int32 (B, L) and, if the source provides it, index int64
-    (B,), where B = global_batch_size // process_count.
+    [-1, 1] (with a plan: (B, h, w, 3), h x w the size of the step's bucket),
+    tokens int32 (B, L) and, if the source provides it, index int64 (B,),
+    where B = global_batch_size // process_count.
   """
   batch_size = local_batch_size(global_batch_size, process_count)
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index must be in [0, {process_count}); got " f"{process_index!r}")
   if start < 0 or start % global_batch_size:
     raise ValueError(f"start={start!r} must be a non-negative multiple of global_batch_size={global_batch_size}")
-  sampler = grain.samplers.IndexSampler(
-      num_records=len(source),
-      shard_options=grain.sharding.NoSharding(),  # The DataLoader shards.
-      shuffle=True,
-      num_epochs=num_epochs,
-      seed=int(seed),  # grain insists on a Python int (not np.int64).
-  )
+  if plan is not None:
+    if plan.global_batch_size != global_batch_size or plan.seed != seed or len(plan.assignment) != len(source):
+      raise ValueError(
+          f"the bucket plan (global batch {plan.global_batch_size}, seed {plan.seed}, {len(plan.assignment)} "
+          f"records) is not this stream's (global batch {global_batch_size}, seed {seed}, {len(source)} records)"
+      )
+    if num_epochs is not None:
+      raise ValueError("aspect-ratio buckets repeat each bucket's records for as long as it is drawn: num_epochs=None")
+    sampler = buckets.BucketSampler(plan)
+  else:
+    sampler = grain.samplers.IndexSampler(
+        num_records=len(source),
+        shard_options=grain.sharding.NoSharding(),  # The DataLoader shards.
+        shuffle=True,
+        num_epochs=num_epochs,
+        seed=int(seed),  # grain insists on a Python int (not np.int64).
+    )
   if start:  # Before the process split: the offset is global, so any process count resumes the same stream.
     sampler = OffsetSampler(sampler, start)
   if process_count > 1:  # One process keeps the plain sampler (and its checkpointed repr).

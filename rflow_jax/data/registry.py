@@ -1,6 +1,6 @@
 """Dataset registry: `config.data.name` -> a function building the random-access source from `config.data`."""
 
-from rflow_jax.data import arrayrecord, precomputed, shapes
+from rflow_jax.data import arrayrecord, buckets, precomputed, shapes
 
 
 def _shapes(data_config):
@@ -18,13 +18,17 @@ def _arrayrecord(data_config):
         'data.name="arrayrecord" reads a converted dataset: set data.path to the output directory of '
         "python -m rflow_jax.data.convert"
     )
-  return arrayrecord.ArrayRecordImageSource(data_config.path, data_config.image_size)
+  return arrayrecord.ArrayRecordImageSource(
+      data_config.path, data_config.image_size, buckets.sizes(data_config.buckets)
+  )
 
 
 def _precomputed(data_config):
   return precomputed.PrecomputedSource(data_config.path)
 
 
+# The sources that serve aspect-ratio buckets (data.buckets): they read each record's stored size.
+BUCKETED = ("arrayrecord",)
 SOURCES = {"shapes": _shapes, "arrayrecord": _arrayrecord, "precomputed": _precomputed}
 
 

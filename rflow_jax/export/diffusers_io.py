@@ -82,21 +82,35 @@ def weight_files(
   raise FileNotFoundError(f"{path} has neither {weights_name} nor {index_name}")
 
 
+PIPELINE_INDEX = "model_index.json"  # What marks a diffusers pipeline directory.
+
+
+def component_dir(path: str | os.PathLike[str], subfolder: str) -> pathlib.Path:
+  """`path`, or its `subfolder` when `path` is a pipeline directory (model_index.json, no config.json of its own)."""
+  path = pathlib.Path(path)
+  refuse_pickle(path)
+  if (path / PIPELINE_INDEX).is_file() and not (path / CONFIG_NAME).exists():
+    return path / subfolder
+  return path
+
+
 def load_transformer(path: str | os.PathLike[str], **overrides: Any) -> tuple[mmdit.MMDiT, Params]:
   """Loads a diffusers SD3 transformer directory as (MMDiT, params).
 
   Args:
     path: directory with config.json and diffusion_pytorch_model.safetensors
-      (or its sharded index), e.g. `<pipeline>/transformer`.
+      (or its sharded index), e.g. `<pipeline>/transformer`, or the pipeline
+      directory itself.
     **overrides: non-architectural MMDiT attributes (dtype, remat, ...).
 
   Returns:
     The model and its params (host numpy arrays, param_dtype).
   """
-  path = pathlib.Path(path)
-  refuse_pickle(path)
+  path = component_dir(path, "transformer")
   if not path.is_dir():
     raise ValueError(f"{path} is not a diffusers transformer directory")
+  if not (path / CONFIG_NAME).is_file():
+    raise FileNotFoundError(f"{path / CONFIG_NAME} does not exist: not a diffusers transformer directory")
   cfg = json.loads((path / CONFIG_NAME).read_text())
   if cfg.get("_class_name", names.CLASS_NAME) != names.CLASS_NAME:
     raise ValueError(f"{path / CONFIG_NAME} describes {cfg['_class_name']}, " f"not {names.CLASS_NAME}")
@@ -163,11 +177,14 @@ def write_model_dir(
     *,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     overwrite: bool = False,
+    weights_name: str = WEIGHTS_NAME,
+    index_name: str = INDEX_NAME,
 ) -> pathlib.Path:
   """Writes a diffusers model directory (config.json + safetensors, sharded past `max_shard_bytes`) atomically.
 
   Everything is written to a temporary sibling directory that is renamed into place, so readers never see a partial
-  checkpoint; an existing `out_dir` is refused unless `overwrite`. Used by the transformer and VAE exporters.
+  checkpoint; an existing `out_dir` is refused unless `overwrite`. Used by the transformer and VAE exporters, and with
+  transformers' file names (model.safetensors) by the text encoders'.
   """
   out_dir = pathlib.Path(out_dir)
   if out_dir.exists() and not overwrite:
@@ -179,15 +196,15 @@ def write_model_dir(
   try:
     (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     if len(shards) == 1:
-      files = [WEIGHTS_NAME]
+      files = [weights_name]
     else:
-      stem = WEIGHTS_NAME.removesuffix(".safetensors")
+      stem = weights_name.removesuffix(".safetensors")
       files = [f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
       index = {
           "metadata": {"total_size": sum(a.nbytes for a in state_dict.values())},
           "weight_map": {k: n for n, s in zip(files, shards) for k in s},
       }
-      (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+      (tmp / index_name).write_text(json.dumps(index, indent=2) + "\n")
     for name, shard in zip(files, shards):
       safetensors.numpy.save_file(shard, str(tmp / name), metadata={"format": "pt"})
     paths.replace_dir(tmp, out_dir)

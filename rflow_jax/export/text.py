@@ -224,17 +224,21 @@ def _load_params(
   return _stack_layers(params, depth) if model.scan_layers else params
 
 
-def load_clip(path: str | os.PathLike[str], **overrides: Any) -> tuple[clip.CLIPText, dict[str, Any]]:
+def load_clip(
+    path: str | os.PathLike[str], subfolder: str = "text_encoder", **overrides: Any
+) -> tuple[clip.CLIPText, dict[str, Any]]:
   """Loads a transformers CLIPTextModel / CLIPTextModelWithProjection directory.
 
   Args:
-    path: directory with config.json and model.safetensors (or its sharded index), e.g. `<sd3>/text_encoder_2`.
+    path: directory with config.json and model.safetensors (or its sharded index), e.g. `<sd3>/text_encoder_2`; or a
+      pipeline directory, whose `subfolder` is read.
+    subfolder: of a pipeline directory: "text_encoder" (CLIP-L) or "text_encoder_2" (CLIP-G).
     **overrides: CLIPText attributes that do not change the weights: dtype, param_dtype, scan_layers.
 
   Returns:
     The module and its params (host numpy arrays in param_dtype).
   """
-  path = pathlib.Path(path)
+  path = diffusers_io.component_dir(path, subfolder)
   cfg, _ = clip_config(path)
   model = clip.CLIPText(cfg, **overrides)
   return model, _load_params(path, model, clip_entries(cfg), cfg.depth, _clip_name)
@@ -244,31 +248,34 @@ def load_t5(path: str | os.PathLike[str], **overrides: Any) -> tuple[t5.T5Encode
   """Loads a transformers T5EncoderModel directory (e.g. `<sd3>/text_encoder_3`, T5 v1.1 XXL).
 
   Args:
-    path: directory with config.json and model.safetensors (or its sharded index).
+    path: directory with config.json and model.safetensors (or its sharded index), or a pipeline directory (its
+      text_encoder_3/ is read).
     **overrides: T5Encoder attributes that do not change the weights: dtype, param_dtype, scan_layers.
 
   Returns:
     The module and its params (host numpy arrays in param_dtype).
   """
-  path = pathlib.Path(path)
+  path = diffusers_io.component_dir(path, SD3_FOLDERS[2][0])
   cfg, _ = t5_config(path)
   model = t5.T5Encoder(cfg, **overrides)
   return model, _load_params(path, model, t5_entries(cfg), cfg.depth, _t5_name)
 
 
-def load_tokenizer(path: str | os.PathLike[str], vocab_size: int | None = None):
+def load_tokenizer(path: str | os.PathLike[str], vocab_size: int | None = None, subfolder: str = "tokenizer"):
   """A transformers tokenizer from local files, checked against the model's embedding table.
 
   Args:
-    path: a tokenizer directory (e.g. `<sd3>/tokenizer`, `tokenizer_2`, `tokenizer_3`).
+    path: a tokenizer directory (e.g. `<sd3>/tokenizer`, `tokenizer_2`, `tokenizer_3`), or a pipeline directory whose
+      `subfolder` is read.
     vocab_size: rows of the model's token embedding; None skips the check.
+    subfolder: of a pipeline directory.
 
   Returns:
     The tokenizer (AutoTokenizer.from_pretrained with local_files_only).
   """
   import transformers  # pylint: disable=g-import-not-at-top  (heavy; only loaders of real encoders need it)
 
-  path = pathlib.Path(path)
+  path = diffusers_io.component_dir(path, subfolder)
   if not path.is_dir():
     raise FileNotFoundError(f"{path} is not a tokenizer directory")
   try:

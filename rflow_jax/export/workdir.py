@@ -1,7 +1,7 @@
-"""Export of a training run's backbone: diffusers directory or flat safetensors.
+"""Export of a training run: its backbone as a diffusers directory or flat safetensors, or the whole pipeline.
 
 The library behind `python -m rflow_jax.export` (a test or a notebook calls
-`export_workdir` the same way). Two formats:
+`export_workdir` the same way). Three formats:
 
   diffusers    OUT/transformer/ (config.json and
                diffusion_pytorch_model.safetensors, loaded by
@@ -10,19 +10,23 @@ The library behind `python -m rflow_jax.export` (a test or a notebook calls
                Scheduler, num_train_timesteps 1000, the run's `sample.shift`).
                Only for rf (velocity-output) formulations: that scheduler
                integrates a velocity field with timestep = 1000·sigma.
+  pipeline     OUT is a StableDiffusion3Pipeline directory (model_index.json,
+               transformer/, vae/ with the run's scaling/shift, the three
+               text encoders and tokenizers, scheduler/): rflow_jax/export/
+               pipeline.py. Only for latent-space runs with text.encoders="sd3";
+               any other run is refused with the part it lacks.
   safetensors  OUT/params.safetensors: the param tree as is, names joined
                with '/' (e.g. "blocks_0/x/attn/qkv/kernel"), for any run.
 
-Both write OUT/rflow_jax_export.json: the backbone's arch and constructor
+All write OUT/rflow_jax_export.json: the backbone's arch and constructor
 arguments, the checkpoint step, which params (ema/raw), the formulation and
 the sampling settings; `load_flat` rebuilds (model, params) from a
 safetensors export with it. Runs of the RQ2 baselines (config.model.arch, see
 rflow_jax.model.baselines) export as safetensors only.
 
 OUT is written to a temporary sibling directory and renamed into place, so an
-interrupted export leaves no partial OUT. The text encoders are not exported
-(our tiny encoders have no diffusers equivalent), so OUT is not a complete
-StableDiffusion3Pipeline; `python -m rflow_jax.sample --workdir=W
+interrupted export leaves no partial OUT. The diffusers format has no text
+encoders; `python -m rflow_jax.sample --workdir=W
 --transformer=OUT/transformer` samples with it and the run's text stack.
 """
 
@@ -40,38 +44,23 @@ import safetensors.numpy
 from rflow_jax import paths
 from rflow_jax import rundir
 from rflow_jax.export import diffusers_io
+from rflow_jax.export import pipeline as export_pipeline
 from rflow_jax.flow import formulations
 from rflow_jax.model import registry
-from rflow_jax.sampling import schedules
-from rflow_jax.train import checkpoint
+from rflow_jax.model import text_encoders
+from rflow_jax.train import checkpoint, latent_data
 
-FORMATS = ("diffusers", "safetensors")
+FORMATS = ("diffusers", "pipeline", "safetensors")
 PARAM_CHOICES = ("ema", "raw")
 TRANSFORMER_DIR = "transformer"
-SCHEDULER_DIR = "scheduler"
-SCHEDULER_CONFIG_NAME = "scheduler_config.json"
+SCHEDULER_DIR = export_pipeline.SCHEDULER_DIR
+SCHEDULER_CONFIG_NAME = export_pipeline.SCHEDULER_CONFIG_NAME
 FLAT_WEIGHTS_NAME = "params.safetensors"
 INFO_NAME = "rflow_jax_export.json"
 
 
-def scheduler_config(shift: float) -> dict[str, Any]:
-  """scheduler_config.json of FlowMatchEulerDiscreteScheduler (as SD3 ships it).
-
-  Args:
-    shift: the timestep shift alpha > 0 (config.sample.shift).
-
-  Returns:
-    The JSON dict; diffusers fills the other fields with their defaults
-    (no dynamic shifting).
-  """
-  if not shift > 0:
-    raise ValueError(f"sample.shift={shift} must be positive")
-  return {
-      "_class_name": "FlowMatchEulerDiscreteScheduler",
-      "_diffusers_version": "0.42.1",
-      "num_train_timesteps": schedules.DIFFUSERS_NUM_TRAIN_TIMESTEPS,
-      "shift": float(shift),
-  }
+# Where it is defined: the pipeline export writes the same scheduler (kept here for callers of the diffusers format).
+scheduler_config = export_pipeline.scheduler_config
 
 
 def model_config(config) -> tuple[str, dict[str, Any]]:
@@ -114,6 +103,37 @@ def load_flat(out_dir: str | os.PathLike[str]) -> tuple[nn.Module, Any, dict[str
   return (model_from_config(info["arch"], info["model"]), flax.traverse_util.unflatten_dict(params, sep="/"), info)
 
 
+def check_pipeline_run(config) -> None:
+  """Raises ValueError naming the part a run lacks to be a StableDiffusion3Pipeline (before any weight is read)."""
+  if config.text.encoders != "sd3":
+    raise ValueError(
+        f"text.encoders={config.text.encoders!r}: the run's stand-in text encoders have no text_encoder/ (CLIP-L), "
+        "text_encoder_2/ (CLIP-G) or text_encoder_3/ (T5) to export, so it cannot be a pipeline; use --format=diffusers"
+    )
+  if config.data.name != "precomputed":
+    raise ValueError(
+        f"data.name={config.data.name!r} trains in pixel space: the run has no VAE (vae/) to export, so it cannot be "
+        "a pipeline; use --format=diffusers"
+    )
+
+
+def pipeline_components(config, model, weights, text_params) -> export_pipeline.Components:
+  """A latent-space "sd3"-text run's checkpoint weights as a pipeline's components (its VAE with the run's factors)."""
+  vae, vae_params = latent_data.run_vae(config)
+  tokenizer, stack = text_encoders.build(config.text)
+  return export_pipeline.Components(
+      model=model,
+      params=weights,
+      vae=vae,
+      vae_params=vae_params,
+      tokenizer=tokenizer,
+      text_stack=stack,
+      text_params=text_params,
+      shift=config.sample.shift,
+      sample_size=config.data.image_size,
+  )
+
+
 def export_workdir(
     workdir: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -148,21 +168,23 @@ def export_workdir(
   config = rundir.load_config(str(workdir))
   out = pathlib.Path(paths.check_output_dir(out, marker=INFO_NAME, overwrite=overwrite))  # Before any restore.
   formulation = formulations.get(config.flow.formulation, shift=config.flow.shift)
-  if fmt == "diffusers" and formulation.output != formulations.VELOCITY:
+  if fmt != "safetensors" and formulation.output != formulations.VELOCITY:
     raise ValueError(
         f"flow.formulation={config.flow.formulation!r} predicts "
         f"{formulation.output!r}, not the rf velocity that diffusers' "
         f"FlowMatchEulerDiscreteScheduler integrates; use --format=safetensors"
     )
   arch, kwargs = model_config(config)
-  if fmt == "diffusers" and arch != "mmdit":
+  if fmt != "safetensors" and arch != "mmdit":
     raise ValueError(
         f"model.arch={arch!r}: only the MM-DiT has a diffusers "
         f"equivalent (SD3Transformer2DModel); use "
         f"--format=safetensors"
     )
+  if fmt == "pipeline":
+    check_pipeline_run(config)
   model = model_from_config(arch, kwargs)
-  weights, _, step = checkpoint.restore_params(str(workdir), use_ema=params == "ema")
+  weights, text_params, step = checkpoint.restore_params(str(workdir), use_ema=params == "ema")
   info = {
       "format": fmt,
       "workdir": str(workdir.resolve()),
@@ -171,6 +193,7 @@ def export_workdir(
       "arch": arch,
       "model": kwargs,
       "flow": {"formulation": formulation.name, "shift": config.flow.shift},
+      "text": {"encoders": config.text.encoders, "t5_length": config.text.t5_length, "use_t5": config.text.use_t5},
       "sample": {
           "shift": config.sample.shift,
           "num_steps": config.sample.num_steps,
@@ -181,10 +204,9 @@ def export_workdir(
     tmp = pathlib.Path(staged)
     if fmt == "diffusers":
       diffusers_io.save_transformer(weights, model, tmp / TRANSFORMER_DIR, sample_size=config.data.image_size)
-      (tmp / SCHEDULER_DIR).mkdir()
-      (tmp / SCHEDULER_DIR / SCHEDULER_CONFIG_NAME).write_text(
-          json.dumps(scheduler_config(config.sample.shift), indent=2) + "\n"
-      )
+      export_pipeline.write_scheduler(tmp, config.sample.shift)
+    elif fmt == "pipeline":
+      export_pipeline.write_pipeline(tmp, pipeline_components(config, model, weights, text_params))
     else:
       save_flat(weights, tmp / FLAT_WEIGHTS_NAME)
     (tmp / INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")

@@ -287,6 +287,8 @@ class MMDiT(nn.Module):
       (mmdit_tree.stack_blocks converts).
     remat: "none" or a key of REMAT_POLICIES; rematerialises each block.
     attention_impl: a key of layers.ATTENTION_IMPLS.
+    skip_layers: blocks that pass both streams through unchanged (diffusers' `skip_layers`): the second model of
+      skip-layer guidance, applied with the same params; () for the model itself.
   """
 
   patch_size: int = 2
@@ -307,6 +309,7 @@ class MMDiT(nn.Module):
   remat: str = "none"
   attention_impl: str = "einsum"
   pos_embed_base: int = 64
+  skip_layers: tuple[int, ...] = ()
 
   @property
   def output_channels(self) -> int:
@@ -321,9 +324,10 @@ class MMDiT(nn.Module):
     layers.check_in("attention_impl", self.attention_impl, tuple(layers.ATTENTION_IMPLS))
     if self.depth < 1:
       raise ValueError(f"depth={self.depth} must be >= 1")
-    bad = [i for i in self.dual_attention_layers if not 0 <= i < self.depth]
-    if bad:
-      raise ValueError(f"dual_attention_layers {bad} outside [0, {self.depth})")
+    for name in ("dual_attention_layers", "skip_layers"):
+      bad = [i for i in getattr(self, name) if not 0 <= i < self.depth]
+      if bad:
+        raise ValueError(f"{name} {bad} outside [0, {self.depth})")
 
   def _block_class(self, scanned: bool):
     if self.remat == "none":
@@ -349,18 +353,30 @@ class MMDiT(nn.Module):
           name=mmdit_tree.block_name(start, stop),
       )
       if not scanned:  # A group of one block.
-        tokens, ctx = block(tokens, ctx, c)
+        if start not in self.skip_layers:
+          tokens, ctx = block(tokens, ctx, c)
         continue
       # Params of the run are stacked on a new leading axis (logical name
       # None: layers are not sharded).
-      tokens, ctx = nn.scan(
-          lambda mdl, carry, c: (mdl(*carry, c), None),
+      scan = functools.partial(
+          nn.scan,
           variable_axes={"params": 0},
           split_rngs={"params": True},
-          in_axes=nn.broadcast,
           length=stop - start,
           metadata_params={nn.PARTITION_NAME: None},
-      )(block, (tokens, ctx), c)[0]
+      )
+      skip = [i in self.skip_layers for i in range(start, stop)]
+      if not any(skip):
+        tokens, ctx = scan(lambda mdl, carry, c: (mdl(*carry, c), None), in_axes=nn.broadcast)(block, (tokens, ctx), c)[
+            0
+        ]
+        continue
+      # A skipped block inside a scanned run still runs (the scan body is one program); its output is dropped.
+      body = lambda mdl, carry, c, s: (
+          jax.tree.map(lambda old, new: jnp.where(s, old, new), carry, mdl(*carry, c)),
+          None,
+      )
+      tokens, ctx = scan(body, in_axes=(nn.broadcast, 0))(block, (tokens, ctx), c, jnp.asarray(skip))[0]
     return tokens
 
   @nn.compact

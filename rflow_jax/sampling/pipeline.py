@@ -40,6 +40,8 @@ def _sample(
     text_params,
     tokens,
     keys,
+    noise=None,
+    negative_tokens=None,
     *,
     model,
     text_stack,
@@ -50,17 +52,35 @@ def _sample(
     cfg_scale,
     vae=None,
     empty_tokens=None,
+    interval=None,
+    skip=None,
 ):
-  """Jitted body: tokens (B, L), keys (B,) -> images (B, H, W, C) in data space (decoded by `vae` if given)."""
+  """Jitted body: tokens (B, L), keys (B,) -> images (B, H, W, C) in data space (decoded by `vae` if given).
+
+  `noise` (B, H, W, C) replaces the keys' initial noise; `negative_tokens` (B, L) replace the stack's default negative.
+  """
   cond = text_encoders.drop_and_compose(text_stack.apply({"params": text_params}, tokens), None, 0.0)
-  uncond = text_encoders.negative_condition(text_stack, text_params, cond, empty_tokens)
-  x_init = jax.vmap(lambda k: jax.random.normal(k, image_shape, jnp.float32))(keys)  # (B, H, W, C) pure noise
+  if negative_tokens is None:
+    uncond = text_encoders.negative_condition(text_stack, text_params, cond, empty_tokens)
+  else:
+    uncond = text_encoders.drop_and_compose(text_stack.apply({"params": text_params}, negative_tokens), None, 0.0)
+  if noise is None:
+    x_init = jax.vmap(lambda k: jax.random.normal(k, image_shape, jnp.float32))(keys)  # (B, H, W, C) pure noise
+  else:
+    x_init = noise.astype(jnp.float32)
 
-  def rf_velocity(x, sigma, c):  # Any formulation's network, seen as an rf velocity field at noise level sigma.
-    net = lambda z, t: model.apply({"params": params}, z, t, *c)
-    return formulation.as_velocity_fn(net)(x, sigma)
+  def velocity_of(net_model):
+    def rf_velocity(x, sigma, c):  # Any formulation's network, seen as an rf velocity field at noise level sigma.
+      net = lambda z, t: net_model.apply({"params": params}, z, t, *c)
+      return formulation.as_velocity_fn(net)(x, sigma)
 
-  velocity_fn = guidance.cfg_velocity(rf_velocity, cond, uncond, cfg_scale)
+    return rf_velocity
+
+  skip_args = None
+  if skip is not None:  # (SkipLayerGuidance, (σ_lo, σ_hi)): the same params in the model that skips its layers.
+    slg, lo_hi = skip
+    skip_args = (velocity_of(model.clone(skip_layers=tuple(slg.layers))), slg.scale, lo_hi)
+  velocity_fn = guidance.cfg_velocity(velocity_of(model), cond, uncond, cfg_scale, interval, skip_args)
   step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, 1)  # A stream apart from x_init's.
   x = solvers.sample(velocity_fn, x_init, sigmas, solver, key=step_keys)
   if vae is None:
@@ -74,19 +94,36 @@ class Sampler:
   """A compiled sampler for one (model, text stack, formulation, sampling config, image shape)."""
 
   def __init__(
-      self, *, model, text_stack, tokenizer, formulation, sample_config, image_shape, vae=None, empty_tokens=None
+      self,
+      *,
+      model,
+      text_stack,
+      tokenizer,
+      formulation,
+      sample_config,
+      image_shape,
+      vae=None,
+      empty_tokens=None,
+      guidance_interval=None,
+      skip_layer_guidance=None,
   ):
     """`image_shape`: what the backbone generates; `vae`: (AutoencoderKL, params) decoding it when it is a latent;
-    `empty_tokens`: the empty prompt's tokens when training dropped encoders to it (text.drop_to="empty")."""
+    `empty_tokens`: the empty prompt's tokens when training dropped encoders to it (text.drop_to="empty");
+    `guidance_interval`: (σ_lo, σ_hi) where classifier-free guidance applies (None: everywhere);
+    `skip_layer_guidance`: a guidance.SkipLayerGuidance (None or no layers: off)."""
     self.tokenizer = tokenizer
     self.config = sample_config
-    self.image_shape = tuple(image_shape)
+    self.latent_shape = self.image_shape = tuple(image_shape)
     if vae is not None:
       f = vae[0].downsample_factor
       self.image_shape = (image_shape[0] * f, image_shape[1] * f, vae[0].out_channels)
-    sigmas = jnp.asarray(
-        schedules.flow_sigmas(sample_config.num_steps, sample_config.shift, sample_config.schedule), jnp.float32
-    )
+    sigmas = schedules.flow_sigmas(sample_config.num_steps, sample_config.shift, sample_config.schedule)
+    skip = None
+    if skip_layer_guidance is not None:
+      skip_layer_guidance.check(model.depth)
+      lo_hi = skip_layer_guidance.step_sigmas(sigmas)
+      # As diffusers: only with classifier-free guidance on (g > 1) and at the steps of its rule.
+      skip = (skip_layer_guidance, lo_hi) if lo_hi is not None and sample_config.cfg_scale > 1 else None
     self._fn = jax.jit(
         functools.partial(
             _sample,
@@ -94,18 +131,24 @@ class Sampler:
             text_stack=text_stack,
             formulation=formulation,
             image_shape=tuple(image_shape),
-            sigmas=sigmas,
+            sigmas=jnp.asarray(sigmas, jnp.float32),
             solver=sample_config.solver,
             cfg_scale=sample_config.cfg_scale,
             vae=vae,
             empty_tokens=empty_tokens,
+            interval=None if guidance_interval is None else tuple(float(s) for s in guidance_interval),
+            skip=skip,
         )
     )
 
   @classmethod
-  def from_config(cls, config, *, model, text_stack, tokenizer, vae=None):
+  def from_config(
+      cls, config, *, model, text_stack, tokenizer, vae=None, guidance_interval=None, skip_layer_guidance=None
+  ):
     """The sampler of a run's config: its formulation, config.sample and image shape (latents decoded by `vae`)."""
     return cls(
+        guidance_interval=guidance_interval,
+        skip_layer_guidance=skip_layer_guidance,
         model=model,
         text_stack=text_stack,
         tokenizer=tokenizer,
@@ -116,19 +159,41 @@ class Sampler:
         image_shape=(config.data.image_size, config.data.image_size, config.model.in_channels),
     )
 
-  def generate(self, params, text_params, prompts, seed: int) -> np.ndarray:
-    """uint8 images (N, H, W, C) for N prompts; batches are padded to one shape so the sampler compiles once."""
+  def generate(
+      self, params, text_params, prompts, seed: int, *, noise=None, negative_prompts=None, as_float: bool = False
+  ) -> np.ndarray:
+    """Images (N, H, W, C) for N prompts; batches are padded to one shape so the sampler compiles once.
+
+    Args:
+      params, text_params: the backbone's and the text stack's weights.
+      prompts: N texts.
+      seed: the initial (and stochastic solvers') noise of prompt i comes from fold_in(key(seed), i).
+      noise: optional (N, *latent_shape) float32 initial noise (NHWC) instead of the seed's.
+      negative_prompts: optional N texts for the classifier-free-guidance negative (None: the stack's default).
+      as_float: float32 images in data space ([-1, 1]) instead of uint8.
+    """
     bs = self.config.batch_size
     base = jax.random.key(seed)
+    if noise is not None and tuple(noise.shape) != (len(prompts),) + self.latent_shape:
+      raise ValueError(f"initial noise of shape {tuple(noise.shape)}, expected {(len(prompts),) + self.latent_shape}")
+    if negative_prompts is not None and len(negative_prompts) != len(prompts):
+      raise ValueError(f"{len(negative_prompts)} negative prompts for {len(prompts)} prompts")
     out = []
     for start in range(0, len(prompts), bs):
-      chunk = list(prompts[start : start + bs])
-      n = len(chunk)
-      chunk += [""] * (bs - n)  # Padding prompts; their images are dropped.
-      tokens = jnp.asarray(self.tokenizer.batch(chunk))
+      n = len(prompts[start : start + bs])
+      pad = lambda texts: list(texts[start : start + bs]) + [""] * (bs - n)  # Padding prompts; images dropped.
+      tokens = jnp.asarray(self.tokenizer.batch(pad(prompts)))
       keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(start, start + bs))
-      out.append(pixels.to_uint8(self._fn(params, text_params, tokens, keys))[:n])
-    return np.concatenate(out) if out else np.zeros((0,) + self.image_shape, np.uint8)
+      x0 = None
+      if noise is not None:
+        x0 = np.zeros((bs,) + self.latent_shape, np.float32)
+        x0[:n] = noise[start : start + n]
+      negative = None if negative_prompts is None else jnp.asarray(self.tokenizer.batch(pad(negative_prompts)))
+      images = self._fn(params, text_params, tokens, keys, x0, negative)
+      out.append(np.asarray(images)[:n] if as_float else pixels.to_uint8(images)[:n])
+    if not out:
+      return np.zeros((0,) + self.image_shape, np.float32 if as_float else np.uint8)
+    return np.concatenate(out)
 
   def params_of(self, state):
     """The weights this sampler uses from a TrainState (EMA unless sample.use_ema is False)."""

@@ -7,6 +7,7 @@ indivisible sharding otherwise surfaces as an XLA or `device_put` error deep ins
 import collections
 import math
 
+import flax.linen as nn
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -97,3 +98,22 @@ def total_bytes(tree) -> int:
 def shard_bytes(abstract_tree) -> int:
   """Bytes one device holds of `abstract_tree`, from the shardings its ShapeDtypeStructs carry."""
   return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(abstract_tree))
+
+
+def place(values, boxed_abstract, mesh: Mesh, logical_rules):
+  """Host `values` put on `mesh` by the logical axes of `boxed_abstract` (the same tree with nn.Partitioned boxes).
+
+  For inference on whatever devices there are, where a mesh axis that does not divide a dimension cannot be
+  refused: that dimension is replicated instead (check_divisible is the training-time refusal).
+  """
+  specs = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed_abstract), mesh, logical_rules)
+
+  def put(value, sharding):
+    spec = []
+    for dim, axes in enumerate(sharding.spec):
+      named = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+      spec.append(axes if value.shape[dim] % math.prod(mesh.shape[a] for a in named) == 0 else None)
+    # From a callback: on several processes each places only its own shards.
+    return jax.make_array_from_callback(value.shape, NamedSharding(mesh, P(*spec)), lambda index: value[index])
+
+  return jax.tree.map(put, values, specs)

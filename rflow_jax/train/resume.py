@@ -9,7 +9,10 @@ trained: a change is refused in one line naming the field, before anything is bu
 was. To train something else from a run's weights, start a new workdir with train.init_from.
 
 The data position saved with each checkpoint is {"examples": examples of the one global shuffled stream consumed,
-"global_batch_size": ...}: a global quantity, so P' processes resume exactly the stream P processes left.
+"global_batch_size": ...}: a global quantity, so P' processes resume exactly the stream P processes left. With
+aspect-ratio buckets it also holds each bucket stream's position ("bucket_examples", with the bucket "sizes"); they
+follow from the step (rflow_jax/data/buckets.py), and a resume refuses a checkpoint whose positions the data no longer
+gives (a dataset changed under the run).
 """
 
 import json
@@ -68,11 +71,20 @@ def _resumable(field: str) -> bool:
   return any(field == r or (r.endswith(".") and field.startswith(r)) for r in RESUMABLE)
 
 
+def _latest_step(workdir: str) -> int | None:
+  return checkpoint.latest_step(workdir) if os.path.isdir(checkpoint.checkpoint_dir(workdir)) else None
+
+
+def has_checkpoint(workdir: str) -> bool:
+  """Whether a start in `workdir` resumes it (a complete checkpoint exists) rather than starting a run."""
+  return _latest_step(workdir) is not None
+
+
 def check_config(config, workdir: str) -> None:
   """Refuses (ResumeError, one line) a restart of `workdir` whose config changes a non-resumable field, or whose
   train.num_steps is below the newest checkpoint's step. Reads config.json and the checkpoint list only."""
   path = os.path.join(workdir, "config.json")
-  step = checkpoint.latest_step(workdir) if os.path.isdir(checkpoint.checkpoint_dir(workdir)) else None
+  step = _latest_step(workdir)
   if step is None or not os.path.isfile(path):
     return  # A fresh run (or a warm start): nothing to resume.
   with open(path) as f:
@@ -92,13 +104,30 @@ def check_config(config, workdir: str) -> None:
     )
 
 
-def data_position(step: int, global_batch_size: int) -> dict[str, int]:
-  """The global data position after `step` steps (each step consumes one global batch of the one stream)."""
-  return {"examples": int(step) * int(global_batch_size), "global_batch_size": int(global_batch_size)}
+def data_position(step: int, global_batch_size: int, plan=None) -> dict:
+  """The global data position after `step` steps (each step consumes one global batch of the one stream); with a
+  bucket plan (data/buckets.py), also the position of each bucket's stream."""
+  position = {"examples": int(step) * int(global_batch_size), "global_batch_size": int(global_batch_size)}
+  if plan is not None:
+    position["sizes"] = [list(s) for s in plan.sizes]
+    position["bucket_examples"] = plan.examples_before(step).tolist()
+  return position
 
 
-def start_position(saved: dict[str, int] | None, step: int, global_batch_size: int) -> int:
-  """Where the stream resumes: the saved position, or step × batch for a checkpoint saved without one."""
+def start_position(saved: dict | None, step: int, global_batch_size: int, plan=None) -> int:
+  """Where the stream resumes: the saved position, or step × batch for a checkpoint saved without one.
+
+  Raises:
+    ResumeError: the checkpoint's bucket positions are not the ones this run's data gives after `step` steps.
+  """
   if step is None:
     return 0
+  if plan is not None and saved and "bucket_examples" in saved:
+    want = data_position(step, global_batch_size, plan)
+    if [saved["sizes"], saved["bucket_examples"]] != [want["sizes"], want["bucket_examples"]]:
+      raise ResumeError(
+          f"the checkpoint of step {step} left the buckets {saved['sizes']} at examples {saved['bucket_examples']}, "
+          f"but this run's data gives {want['bucket_examples']} for buckets {want['sizes']}: the dataset's records "
+          "or sizes changed under the run; start a new --workdir"
+      )
   return int(saved["examples"]) if saved else data_position(step, global_batch_size)["examples"]

@@ -8,6 +8,9 @@ A task builds its modules and optimizer(s) from the config (compiling nothing) a
   train_step(state, batch)    pure and jittable -> (state, metrics); metrics are device scalars and include "loss"
                               and "nonfinite" (1.0 when the update was dropped).
   batch_spec(global_batch)    {key: jax.ShapeDtypeStruct} of the global arrays the step reads.
+  buckets                     the data.buckets plan (data/buckets.py: sizes, records per bucket, per-step draw), or
+                              None: every batch has batch_spec's shapes. With a plan, batch_spec(global_batch,
+                              (height, width)) gives each bucket's shapes and the trainer compiles one step for each.
   make_iterator(pi, pc, start)  an iterator of process-local numpy batches (keys ⊇ batch_spec), beginning at global
                               stream position `start` (examples all processes together consumed before; the
                               trainer checkpoints that number, so a run resumes with any process count).
@@ -23,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from rflow_jax import config_lib
-from rflow_jax.data import pipeline as data_pipeline, registry as data_registry
+from rflow_jax.data import buckets as buckets_lib, pipeline as data_pipeline, registry as data_registry
 from rflow_jax.flow import formulations
 from rflow_jax.model import registry as model_registry
 from rflow_jax.model import text_encoders
@@ -79,13 +82,33 @@ class FlowTask:
         skipped_steps=jnp.zeros((), jnp.int32),
     )
 
-  def batch_spec(self, global_batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
-    """Images in [-1, 1] (NHWC) and the caption tokens; or the precomputed records' arrays."""
+  @functools.cached_property
+  def source(self):
+    """The random-access source of config.data (built once: an arrayrecord source hashes every shard)."""
+    return data_registry.make_source(self.config.data)
+
+  @functools.cached_property
+  def buckets(self) -> buckets_lib.Plan | None:
+    """The data.buckets plan (None when off); reads every record's stored size on first use."""
+    c = self.config
+    if not c.data.buckets:
+      return None
+    return buckets_lib.Plan(
+        sizes=buckets_lib.sizes(c.data.buckets),
+        assignment=self.source.assignment,
+        seed=c.seed,
+        global_batch_size=c.train.global_batch_size,
+    )
+
+  def batch_spec(self, global_batch_size: int, size: tuple[int, int] | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+    """Images in [-1, 1] (NHWC; (height, width) = `size`, default data.image_size square) and the caption tokens; or
+    the precomputed records' arrays."""
     if self.latents:
       return self.latents.batch_spec(global_batch_size)
-    s, c = self.config.data.image_size, self.config.model.in_channels
+    h, w = size or (self.config.data.image_size,) * 2
+    c = self.config.model.in_channels
     return {
-        "image": jax.ShapeDtypeStruct((global_batch_size, s, s, c), jnp.float32),
+        "image": jax.ShapeDtypeStruct((global_batch_size, h, w, c), jnp.float32),
         "tokens": jax.ShapeDtypeStruct((global_batch_size, text_encoders.dims(self.config.text)[0]), jnp.int32),
     }
 
@@ -93,7 +116,7 @@ class FlowTask:
     """This process's slice of the shuffled, tokenized training stream of config.data, from global position `start`."""
     c = self.config
     return data_pipeline.make_train_iterator(
-        source=data_registry.make_source(c.data),
+        source=self.source,
         tokenize=None if self.latents else self.tokenizer,
         global_batch_size=c.train.global_batch_size,
         seed=c.seed,
@@ -101,6 +124,7 @@ class FlowTask:
         process_count=process_count,
         worker_count=c.data.worker_count,
         start=start,
+        plan=self.buckets,
     )
 
   @functools.cached_property

@@ -18,7 +18,8 @@ from absl import logging
 from rflow_jax import config_lib
 from rflow_jax.eval import evaluators as evaluators_lib
 from rflow_jax.sharding import mesh as mesh_lib, partition, rules as rules_lib
-from rflow_jax.train import checkpoint, hooks, multihost, periodic, preemption, preflight, profiler, resume, tasks
+from rflow_jax.train import checkpoint, finetune, hooks, multihost, periodic, preemption, preflight, profiler, resume
+from rflow_jax.train import tasks
 from rflow_jax.train import workdir as workdir_lib
 from rflow_jax.train import writers as writers_lib  # Before anything else imports CLU's writers (no-TF stand-in).
 from rflow_jax.utils import flops as flops_lib
@@ -59,16 +60,24 @@ class Setup:
       self.abstract_state, self.state_sharding = state_shardings(self.task.init, self.mesh, self.rules)
     partition.check_divisible(self.abstract_state)  # Before compiling: uneven shards fail only at the first step.
     self.batch_sharding = partition.batch_sharding(self.mesh, self.rules)
-    self.batch_spec = {
-        k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.batch_sharding)
-        for k, v in self.task.batch_spec(config.train.global_batch_size).items()
-    }
+    self.batch_spec = self.bucket_spec(None)
     self.train_step = jax.jit(
         self.task.train_step,
         in_shardings=(self.state_sharding, self.batch_sharding),
         out_shardings=(self.state_sharding, None),
         donate_argnums=0,
     )
+
+  def bucket_spec(self, size: tuple[int, int] | None):
+    """The sharded global batch of images of `size` = (height, width), a data.buckets entry; None: the task's
+    default shapes (self.batch_spec)."""
+    g = self.config.train.global_batch_size
+    spec = self.task.batch_spec(g) if size is None else self.task.batch_spec(g, size)
+    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.batch_sharding) for k, v in spec.items()}
+
+  def step_key(self, batch) -> tuple:
+    """What tells compiled steps apart: the per-example shape of each batch array (a spec's, or a local batch's)."""
+    return tuple(tuple(batch[k].shape[1:]) for k in sorted(self.batch_spec))
 
   def init_state(self):
     init = jax.jit(lambda k: nn.meta.unbox(self.task.init(k)), out_shardings=self.state_sharding)
@@ -90,15 +99,16 @@ class Setup:
     with self.step_context():
       return self.train_step(state, batch)
 
-  def compile_step(self, state):
-    """The step compiled ahead of time for `state` and batch_spec: an executable called as fn(state, batch).
+  def compile_step(self, state, batch_spec=None):
+    """The step compiled ahead of time for `state` and `batch_spec` (default self.batch_spec): an executable called
+    as fn(state, batch).
 
     The trainer compiles once, here, and calls the executable: the memory preflight reads the same compilation (a
     later jitted call would compile again), and every process of a multi-process run can wait at a host barrier
     after compiling, before the first collective (multihost.barrier says why).
     """
     with self.step_context():
-      return self.train_step.lower(state, self.batch_spec).compile()
+      return self.train_step.lower(state, batch_spec or self.batch_spec).compile()
 
   def data_iterator(self, start: int = 0):
     """This process's iterator of local batches, from global stream position `start` (examples already consumed by
@@ -121,13 +131,25 @@ def _write_config(config, workdir):
 
 def _restore_or_init(setup, manager, workdir):
   """(state, its step or None, global data position): the newest readable checkpoint in the workdir (a damaged newer
-  one is named and moved aside), else a fresh sharded init whose weights come from train.init_from's newest checkpoint
-  when that is set (a warm start: step 0, fresh optimizer and data order)."""
+  one is named and moved aside), else a fresh sharded init whose weights come from train.init_from when that is set:
+  a workdir's newest checkpoint, or a pipeline's transformer ("pipeline:D", a fine-tune). Either way a warm start:
+  step 0, fresh optimizer and data order."""
   resume_step = manager.latest_step()
   init_from = setup.config.train.init_from
   if resume_step is None:
     if not init_from:
       return setup.init_state(), None, 0
+    if finetune.pipeline_dir(init_from) is not None:
+      params = finetune.initial_params(setup.config, setup.task.model)  # Read (and shape-checked) before compiling.
+      logging.info("Fine-tuning the transformer of %s (params and EMA; fresh optimizer, step 0)", init_from)
+      # Two device copies: params and EMA are separate buffers of the donated state. From a callback, so that every
+      # process of a multi-process run places only its own shards.
+      place = lambda: jax.tree.map(
+          lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index: x[index]),
+          params,
+          setup.state_sharding.params,
+      )
+      return setup.init_state().replace(params=place(), ema_params=place()), None, 0
     weights, from_step = checkpoint.restore_weights(  # Checked before compiling.
         init_from, setup.abstract_state, setup.task.weight_groups, grow_depth=setup.config.train.init_grow_depth
     )
@@ -145,7 +167,8 @@ def _restore_or_init(setup, manager, workdir):
 
   (state, position), resume_step = checkpoint.restore_newest(manager, attempt, move_damaged=True)
   logging.info("Resumed from step %d in %s", resume_step, workdir)
-  return state, resume_step, resume.start_position(position, resume_step, setup.config.train.global_batch_size)
+  start = resume.start_position(position, resume_step, setup.config.train.global_batch_size, setup.task.buckets)
+  return state, resume_step, start
 
 
 def _fetch_metrics(pending, step, config, manager) -> dict:
@@ -163,10 +186,10 @@ def _fetch_metrics(pending, step, config, manager) -> dict:
   return metrics
 
 
-def _save(manager, step, state, last_ckpt, global_batch_size):
+def _save(manager, step, state, last_ckpt, global_batch_size, plan):
   """Starts a checkpoint save; a write failure (disk full, permissions) becomes one clear error naming what is safe."""
   try:
-    checkpoint.save(manager, step, state, resume.data_position(step, global_batch_size))
+    checkpoint.save(manager, step, state, resume.data_position(step, global_batch_size, plan))
   except OSError as e:
     raise checkpoint.CheckpointWriteError(
         f"could not write the checkpoint of step {step} in {manager.directory} ({e.strerror or e}); "
@@ -182,24 +205,27 @@ def train_and_evaluate(config, workdir: str) -> dict:
   """
   config_lib.validate(config)
   tasks.validate(config)
+  # A fine-tune's paths and model fields, before anything is written; a resumed run is checked by its config.json.
+  config = finetune.resolve(config, check_model=not resume.has_checkpoint(workdir))
   evaluators = evaluators_lib.get(config.train.evaluators)
   workdir_lib.prepare(workdir)
   with workdir_lib.exclusive(workdir), preemption.StopSignals() as sigterm:
     workdir_lib.warn_incomplete_checkpoints(checkpoint.checkpoint_dir(workdir))
     resume.check_config(config, workdir)  # Before anything is built; config.json is rewritten only after it.
     setup = Setup(config)
+    if setup.task.buckets:  # Reads every record's size: before anything is compiled.
+      _report_buckets(setup.task.buckets, workdir)
     manager = checkpoint.make_manager(
         workdir, max_to_keep=config.train.keep_checkpoints, async_save=config.ckpt.async_save
     )
     state, last_ckpt, position = _restore_or_init(setup, manager, workdir)
     data_iter = setup.data_iterator(start=position)  # Built after the restore; a global position: any process count.
-    step_fn = setup.compile_step(state)
-    preflight.check_train_step(setup, step_fn)  # TPU/GPU: a step that cannot fit is refused before it runs.
+    step_fns = _compile_steps(setup, state)
     _write_config(config, workdir)
     writer = writers_lib.make_writer(workdir, is_main_process=jax.process_index() == 0)
     multihost.barrier("rflow_jax_first_step")  # Process 0's extra start-up work (writer, config) is not a skew.
     try:
-      results = _train_loop(setup, workdir, manager, data_iter, state, last_ckpt, writer, sigterm, evaluators, step_fn)
+      results = _train_loop(setup, workdir, manager, data_iter, state, last_ckpt, writer, sigterm, evaluators, step_fns)
     finally:
       manager.wait_until_finished()  # An in-flight async save commits (or is cleanly abandoned) before we leave.
       writer.flush()
@@ -207,9 +233,48 @@ def train_and_evaluate(config, workdir: str) -> dict:
   return results
 
 
-def _train_loop(setup, workdir, manager, data_iter, state, last_ckpt, writer, sigterm, evaluators, step_fn) -> dict:
-  """Steps (step_fn: Setup.compile_step) until train.num_steps (or SIGTERM), with the periodic work of periodic.due;
-  then the final preview and evaluation."""
+def _compile_steps(setup, state) -> dict:
+  """{Setup.step_key: executable}: the step compiled for each batch shape the data gives (data.buckets: each bucket
+  holding records; else the one batch_spec), each checked by the memory preflight before anything runs."""
+  plan = setup.task.buckets
+  if plan is None:
+    specs = {"": setup.batch_spec}
+  else:
+    specs = {name: setup.bucket_spec(size) for name, size, n in zip(plan.names(), plan.sizes, plan.counts) if n}
+  step_fns = {}
+  for name, spec in specs.items():
+    t0 = time.time()
+    step_fns[setup.step_key(spec)] = fn = setup.compile_step(state, spec)
+    preflight.check_train_step(setup, fn)  # TPU/GPU: a step that cannot fit is refused before it runs.
+    if plan is not None:
+      logging.info("Compiled the step of bucket %s in %.1fs", name, time.time() - t0)
+  return step_fns
+
+
+def _report_buckets(plan, workdir) -> None:
+  """Logs the records per bucket (warning of a bucket that is never drawn or repeats records within a batch) and,
+  from process 0, writes them to WORKDIR/buckets.json."""
+  report = plan.report()
+  for name, bucket in zip(plan.names(), report["buckets"]):
+    n = bucket["records"]
+    logging.info("Bucket %s: %d records, drawn for %.2f%% of steps", name, n, 100 * bucket["step_probability"])
+    if n == 0:
+      logging.warning("Bucket %s holds no record: it is never drawn and its step is not compiled", name)
+    elif n < plan.global_batch_size:
+      logging.warning(
+          "Bucket %s holds %d records, fewer than train.global_batch_size=%d: its batches repeat records",
+          name,
+          n,
+          plan.global_batch_size,
+      )
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "buckets.json"), "w") as f:
+      json.dump(report, f, indent=2)
+
+
+def _train_loop(setup, workdir, manager, data_iter, state, last_ckpt, writer, sigterm, evaluators, step_fns) -> dict:
+  """Steps (step_fns: _compile_steps; each batch runs the one of its shapes) until train.num_steps (or SIGTERM),
+  with the periodic work of periodic.due; then the final preview and evaluation."""
   config, task = setup.config, setup.task
   num_steps = config.train.num_steps
   report = writers_lib.progress_reporter(num_steps, writer)
@@ -222,7 +287,7 @@ def _train_loop(setup, workdir, manager, data_iter, state, last_ckpt, writer, si
   while step < num_steps:
     local = next(batches)
     prof.before(step + 1, state)
-    state, metrics = step_fn(state, setup.global_batch(local))
+    state, metrics = step_fns[setup.step_key(local)](state, setup.global_batch(local))
     step += 1
     pending.append(metrics)
     stop = sigterm.should_stop()  # Every process asks after every step (many processes agree: preemption.py).
@@ -235,12 +300,14 @@ def _train_loop(setup, workdir, manager, data_iter, state, last_ckpt, writer, si
       report(step)
       results.update(meter.measure(len(pending)))  # TFLOP/s per device and MFU (from the 2nd window on).
       results.update(flops_lib.compute_axis(config, step))  # Cumulative examples and FLOPs: the compute axis.
+      if task.buckets:
+        results.update(task.buckets.metrics(step))  # Examples drawn from each bucket so far.
       pending = []
       writer.write_scalars(step, results)
     if due.checkpoint:
       if pending and config.train.nonfinite == "halt":  # A step the guard dropped is never checkpointed as good.
         _fetch_metrics(pending, step, config, manager)
-      _save(manager, step, state, last_ckpt, config.train.global_batch_size)
+      _save(manager, step, state, last_ckpt, config.train.global_batch_size, task.buckets)
       last_ckpt = step
     if stop:
       manager.wait_until_finished()

@@ -133,6 +133,7 @@ def validate(config) -> None:
 class VAETask:
   """What the trainer trains when config.task == "vae" (see the module docstring for the loss)."""
 
+  buckets = None  # One image size (data.buckets trains the flow task only).
   flops_per_step = None  # No FLOP formula for the autoencoder: the trainer logs no TFLOP/s or MFU for it.
 
   weight_groups = ("params", "ema_params", "disc_params")

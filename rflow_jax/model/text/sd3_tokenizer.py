@@ -57,6 +57,16 @@ class SD3Tokenizer:
     """(max_length,) int32 ids of one text."""
     return self.batch([text])[0]
 
+  def problems(self, text: str) -> list[str]:
+    """What of `text` an encoder will not see: the tokens cut at each tokenizer's length (diffusers warns likewise)."""
+    out = []
+    for name, tokenizer, length in (("CLIP", self.clip_l, self.clip_length), ("T5", self.t5, self.t5_length)):
+      if tokenizer is not None:
+        n = len(tokenizer(text).input_ids)
+        if n > length:
+          out.append(f"{n} {name} tokens, cut at {length}: the end of the prompt is dropped")
+    return out
+
   def empty(self) -> tuple[int, ...]:
     """The empty prompt's ids (the classifier-free guidance negative)."""
     return tuple(int(i) for i in self(""))
