@@ -9,11 +9,16 @@ record (decode, resize, centre crop to image_size), one thread.
 
 import json
 import os
+import pathlib
+import sys
 import tempfile
 import time
 
 from absl import app, flags
 import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # `launch` importable from any cwd.
+from launch import shapes_folder  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 flags.DEFINE_string("path", "", "Converted dataset directory ('' = make a 256-image shapes folder and convert it).")
 flags.DEFINE_integer("image_size", 32, "Side of the served images.")
@@ -22,17 +27,9 @@ FLAGS = flags.FLAGS
 
 
 def _shapes_dataset(directory: str) -> str:
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  from rflow_jax.data import convert, shapes  # pylint: disable=g-import-not-at-top
+  from rflow_jax.data import convert  # pylint: disable=g-import-not-at-top
 
-  source = shapes.ShapesSource(size=64, seed=0, num_records=256, caption_style="sentence")
-  folder = os.path.join(directory, "images")
-  os.makedirs(folder)
-  with open(os.path.join(folder, "metadata.jsonl"), "w") as f:
-    for i in range(len(source)):
-      record = source[i]
-      Image.fromarray(record["image"]).save(os.path.join(folder, f"{i:05d}.png"))
-      f.write(json.dumps({"file_name": f"{i:05d}.png", "text": record["caption"]}) + "\n")
+  folder = shapes_folder.write(os.path.join(directory, "images"), 256, size=64, caption_style="sentence")
   out = os.path.join(directory, "converted")
   convert.convert(convert.Options("imagefolder", folder, out, records_per_shard=64))
   return out

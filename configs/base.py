@@ -33,10 +33,10 @@ def get_config():
   # With name="arrayrecord": the output directory of `python -m rflow_jax.data.convert` (docs/data.md); its images
   # are resized and centre-cropped to image_size. num_records, caption_style and seed apply to shapes only.
   c.data.path = ""
-  # Aspect-ratio buckets (name="arrayrecord" only; docs/data.md): ((height, width), ...) pixel sizes of about equal
-  # pixel count, each divisible by model.patch_size. Each record trains at the bucket nearest its stored aspect ratio
-  # (resized to cover it, centre-cropped); each step draws one bucket, weighted by its records. () = off: squares of
-  # image_size (which still sets the sample grid's size).
+  # Aspect-ratio buckets (docs/data.md): ((height, width), ...) pixel sizes of about equal pixel count, each divisible
+  # by model.patch_size. Each record trains at the bucket nearest its stored aspect ratio (resized to cover it,
+  # centre-cropped); each step draws one bucket, weighted by its records. () = off: squares of image_size (which still
+  # sets the sample grid's size). name="precomputed": the precompute config's buckets (its latents are h/f x w/f).
   c.data.buckets = ()
 
   # --- Precompute (`python -m rflow_jax.precompute`: a converted dataset -> VAE moments + text embeddings) ----------

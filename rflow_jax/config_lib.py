@@ -114,7 +114,10 @@ def _validate_buckets(config) -> None:
     return
   _require(config.task == "flow", f"data.buckets={tuple(d.buckets)!r}: buckets train task='flow'; got {config.task!r}")
   try:
-    buckets.check(d.buckets, patch_size=m.patch_size, pos_embed_max_size=m.pos_embed_max_size)
+    if d.name == "precomputed":  # Pixel sizes; their latent grids are checked against the manifest (latent_data).
+      buckets.check(d.buckets)
+    else:
+      buckets.check(d.buckets, patch_size=m.patch_size, pos_embed_max_size=m.pos_embed_max_size)
   except ValueError as e:
     raise ConfigError(str(e)) from None
   _require(

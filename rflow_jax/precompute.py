@@ -6,14 +6,17 @@
 
 The config names the converted dataset (data.name="arrayrecord", data.path, data.image_size: the pixel side the
 images are resized and centre-cropped to), the VAE (vae.path, a diffusers AutoencoderKL directory; vae.dtype) and the
-text encoders (config.text, as in training); config.precompute gives the storage dtypes and the encoder batch.
+text encoders (config.text, as in training); config.precompute gives the storage dtypes and the encoder batch. With
+data.buckets (pixel sizes) each image is fitted to its aspect-ratio bucket instead, by the pixel-space source's own
+code (rflow_jax/data/arrayrecord.py), and encoded at that size; training then passes the same data.buckets.
 
 Input shard K becomes OUT/latents-K-of-N.arrayrecord and OUT/text-K-of-N.arrayrecord (rflow_jax/data/precomputed.py:
 format), each written under a hidden temporary name and renamed, then a note OUT/shard-K-of-N.json (their sha256 and
 the fingerprint of everything that decides their bytes). Process p of P encodes shards K = p, p + P, ... with its own
-devices; every encoder call has the same shape (precompute.batch_size per device, the last one padded), so a
-record's bytes do not depend on the process count. When all shards are done, process 0 writes the empty prompt's
-embedding and manifest.json, last. A killed job, restarted, keeps every shard whose note matches and whose files
+devices; every encoder call has the same shape (precompute.batch_size per device, the last one padded; with buckets,
+one shape per bucket: a shard is encoded bucket by bucket, precomputed.stored_order), so a record's bytes do not
+depend on the process count. When all shards are done, process 0 writes the empty prompt's embedding (and the
+bucket assignment) and manifest.json, last. A killed job, restarted, keeps every shard whose note matches and whose files
 still have the noted sha256, and redoes the rest: the result is byte for byte the uninterrupted run's.
 """
 
@@ -29,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rflow_jax import cli
-from rflow_jax.data import arrayrecord, pixels, precomputed, records
+from rflow_jax.data import arrayrecord, buckets as bucket_lib, pixels, precomputed, records
 from rflow_jax.model import text_encoders
 from rflow_jax.train import latent_data, multihost
 
@@ -60,11 +63,7 @@ def _check_config(config, out: str) -> None:
         f"data.name={config.data.name!r}, data.path={config.data.path!r}: precompute reads a converted "
         'dataset (data.name="arrayrecord", data.path=the --out of python -m rflow_jax.data.convert)'
     )
-  if config.data.buckets:  # The stored latents have one shape, the manifest's; bucketed latents are not supported.
-    raise ValueError(
-        f"data.buckets={tuple(config.data.buckets)!r}: precompute encodes squares of data.image_size only; "
-        "set --config.data.buckets='()' (buckets train in pixel space, data.name=\"arrayrecord\")"
-    )
+  bucket_lib.check(config.data.buckets)  # Sizes and pixel counts; training checks the patch grids.
   precomputed.storage_dtype(config.precompute.latent_dtype, "precompute.latent_dtype")
   precomputed.storage_dtype(config.precompute.text_dtype, "precompute.text_dtype")
   if config.precompute.batch_size < 1:
@@ -76,9 +75,12 @@ def build(config, out: str) -> Job:
   """Checks the config, verifies the converted dataset and loads the VAE and text encoders (nothing is encoded)."""
   _check_config(config, out)
   vae_model, vae_params = latent_data.load_vae(config.vae.path, config.vae.dtype)
-  vae_model.check_image_size(config.data.image_size, config.data.image_size)
+  sizes = bucket_lib.sizes(config.data.buckets)
+  for h, w in sizes or [(config.data.image_size,) * 2]:
+    vae_model.check_image_size(h, w)
   in_manifest = records.load_manifest(config.data.path)
-  source = arrayrecord.ArrayRecordImageSource(config.data.path, config.data.image_size)  # Hashes every input shard.
+  # Hashes every input shard; with buckets, also reads every record's size and assigns its bucket.
+  source = arrayrecord.ArrayRecordImageSource(config.data.path, config.data.image_size, sizes)
   tokenizer, text_stack = text_encoders.build(config.text)
   text_params = nn.meta.unbox(text_encoders.init_params(text_stack, config.text))
   f, s = vae_model.downsample_factor, config.data.image_size
@@ -109,7 +111,15 @@ def build(config, out: str) -> Job:
           "dims": {"context_tokens": n_context, "context_width": d_context, "pooled_width": d_pooled},
       },
   }
-  fingerprint = {k: head[k] for k in ("format_version", "image_size", "latent", "text")}
+  if sizes:  # The bucket sizes decide every record's shape: they replace the square's, in the fingerprint too.
+    del head["image_size"]
+    head["format_version"] = precomputed.BUCKETED_FORMAT_VERSION
+    head["latent"] = {
+        "shapes": [[h // f, w // f, vae_model.latent_channels] for h, w in sizes],
+        "dtype": config.precompute.latent_dtype,
+    }
+    head["buckets"] = {"sizes": [list(x) for x in sizes], "factor": f}
+  fingerprint = {k: head[k] for k in ("format_version", "image_size", "latent", "text", "buckets") if k in head}
   fingerprint.update(vae=head["vae"]["identity"], vae_dtype=config.vae.dtype, batch_size=config.precompute.batch_size)
   return Job(
       config=config,
@@ -187,15 +197,21 @@ def encode_shard(job: Job, k: int, encode, rows: int) -> dict:
       kind: precomputed.ShardWriter(os.path.join(job.out, precomputed.shard_file(kind, k, len(job.shards))))
       for kind in precomputed.KINDS
   }
+  assignment = job.source.assignment  # None without buckets: one run of index order.
+  order = precomputed.stored_order(assignment, first, n)
+  # Calls never mix buckets (one image shape each): each run of one bucket in `order` is cut into calls of `rows`.
+  cuts = [] if assignment is None else np.flatnonzero(np.diff(assignment[order])) + 1
+  calls = [run[i : i + rows] for run in np.split(order, cuts) for i in range(0, len(run), rows)]
   try:
-    for start in range(first, first + n, rows):
-      items = [job.source[i] for i in range(start, min(start + rows, first + n))]
-      pad = rows - len(items)  # Every call has one shape: the same rows give the same bytes in any run.
+    for call in calls:
+      items = [job.source[int(i)] for i in call]
+      pad = rows - len(items)  # Every call of a bucket has one shape: the same rows give the same bytes in any run.
       images = pixels.to_float(np.stack([x["image"] for x in items] + [np.zeros_like(items[0]["image"])] * pad))
       tokens = job.tokenizer.batch([x["caption"] for x in items] + [""] * pad)
       mean, logvar, leaves = encode(images, tokens)
+      bucket = None if assignment is None else assignment[call[0]]
       for r in range(len(items)):
-        writers["latents"].write(precomputed.encode_arrays({"mean": mean[r], "logvar": logvar[r]}))
+        writers["latents"].write(precomputed.encode_arrays({"mean": mean[r], "logvar": logvar[r]}, bucket))
         writers["text"].write(precomputed.encode_arrays({precomputed.text_key(i): x[r] for i, x in enumerate(leaves)}))
   except BaseException:
     for writer in writers.values():
@@ -255,6 +271,13 @@ def finalize(job: Job) -> dict:
   empty = jax.tree.leaves(job.text_stack.apply({"params": job.text_params}, jnp.asarray(job.tokenizer.batch([""]))))
   empty_sha = precomputed.save_empty_prompt(os.path.join(job.out, precomputed.EMPTY_PROMPT), empty)
   manifest = {**job.manifest_head, "shards": shards, "empty_prompt_sha256": empty_sha}
+  if "buckets" in manifest:  # The assignment the shards were encoded with (a function of their inputs and sizes).
+    assignment = job.source.assignment
+    manifest["buckets"] = {
+        **manifest["buckets"],
+        "counts": np.bincount(assignment, minlength=len(manifest["buckets"]["sizes"])).tolist(),
+        "assignment_sha256": precomputed.save_assignment(job.out, assignment),
+    }
   records.write_json_atomic(os.path.join(job.out, records.MANIFEST), manifest)
   return manifest
 

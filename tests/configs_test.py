@@ -13,7 +13,7 @@ from rflow_jax.model import variants
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Families whose get_config takes no argument; they are built here.
-SIMPLE = ["quickstart", "shapes", "debug"]
+SIMPLE = ["quickstart", "shapes", "debug", "shapes_latent"]
 # The other files under configs/ and the tests that build them.
 COVERED_ELSEWHERE = {
     "__init__": "(package marker)",
@@ -54,6 +54,24 @@ def test_shapes_variants_validate_and_unknown_variants_fail():
   assert grow.text == cpu.text and grow.data == cpu.data
   with pytest.raises(ValueError, match="configs/shapes.py:tpu: valid variants are 'cpu', 'grow' and 'gpu'"):
     shapes.get_config("tpu")
+
+
+def test_shapes_latent_variants():
+  from configs import shapes_latent  # pylint: disable=g-import-not-at-top
+
+  train, job, tiny = (shapes_latent.get_config(a) for a in ("cpu", "precompute", "tiny"))
+  config_lib.validate(tiny)
+  # The precompute job encodes with the text stack and at the latent size the training run checks its records for.
+  assert job.text == train.text and job.data.name == "arrayrecord" and train.data.name == "precomputed"
+  assert job.data.image_size == train.data.image_size * 2 ** (len(train.vae.block_out_channels) - 1)
+  assert train.model.in_channels == train.vae.latent_channels and tiny.model.in_channels == tiny.vae.latent_channels
+  # The MM-DiT and its recipe are the pixel quickstart's: only the representation and the text encoders differ.
+  quick = importlib.import_module("configs.quickstart").get_config()
+  for section in ("optim", "flow", "sample"):
+    assert train[section] == quick[section], section
+  assert (train.model.hidden_size, train.model.depth) == (quick.model.hidden_size, quick.model.depth)
+  with pytest.raises(ValueError, match="configs/shapes_latent.py:gpu: valid variants are 'cpu', 'precompute'"):
+    shapes_latent.get_config("gpu")
 
 
 def test_every_config_file_is_listed():

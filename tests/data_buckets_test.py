@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from configs import debug
-from rflow_jax import config_lib, precompute
+from rflow_jax import config_lib
 from rflow_jax.data import arrayrecord, buckets, convert, pipeline
 from rflow_jax.model import registry as model_registry
 from rflow_jax.train import checkpoint, resume, tasks
@@ -219,9 +219,3 @@ def test_bad_buckets_are_refused_in_one_line_before_anything_is_built(config, me
   with pytest.raises(config_lib.ConfigError) as e:
     config_lib.validate(config)
   assert message in str(e.value) and "\n" not in str(e.value)
-
-
-def test_precompute_refuses_buckets(tmp_path):
-  config = _bad(buckets=((32, 32),))
-  with pytest.raises(ValueError, match=r"data.buckets=\(\(32, 32\),\): precompute encodes squares"):
-    precompute.build(config, str(tmp_path))

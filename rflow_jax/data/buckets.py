@@ -5,7 +5,9 @@ MAX_PIXEL_RATIO of each other), so every step costs about the same and sees abou
 
 Assignment. Record i goes to the bucket whose aspect ratio is nearest its stored width / height in log space
 (|log(w/h) - log(bw/bh)|: 2:1 is as far from 1:1 as from 4:1); a tie goes to the bucket listed first. The source
-then resizes the image to cover the bucket and crops its centre (rflow_jax/data/arrayrecord.py).
+then resizes the image to cover the bucket and crops its centre (rflow_jax/data/arrayrecord.py). Precompute
+(rflow_jax/precompute.py) fits and encodes each record the same way and stores the assignment, so training on
+precomputed latents (h/f, w/f per bucket) draws the same plan without reading the images.
 
 The stream. Step s trains on one bucket b(s), drawn with probability proportional to the buckets' record counts from
 a hash of (seed, s) alone: every host computes the same b(s) without talking to the others, and a resumed run draws
@@ -52,16 +54,28 @@ def sizes(value) -> tuple[tuple[int, int], ...]:
   return tuple(out)
 
 
-def check(value, *, patch_size: int, pos_embed_max_size: int) -> tuple[tuple[int, int], ...]:
-  """The parsed buckets, or ValueError (one line, naming the value) for one the backbone cannot train on."""
+def check(
+    value, *, patch_size: int | None = None, pos_embed_max_size: int = 0, factor: int = 1
+) -> tuple[tuple[int, int], ...]:
+  """The parsed buckets, or ValueError (one line, naming the value) for one the backbone cannot train on.
+
+  factor: pixels per latent cell (the VAE's downsampling; 1 in pixel space): the backbone's patch grid of a bucket is
+  (h / factor / patch_size) x (w / ...). patch_size None checks the sizes and pixel counts only: precomputed latents'
+  grids are checked when their manifest (which knows the factor) is read.
+  """
   buckets = sizes(value)
-  for i, (h, w) in enumerate(buckets):
+  cell = factor * (patch_size or 1)
+  unit = (
+      f"model.patch_size={patch_size}" if factor == 1 else f"the VAE's factor {factor} × model.patch_size={patch_size}"
+  )
+  for i, (h, w) in enumerate(buckets if patch_size else ()):
     for side in (h, w):
-      if side % patch_size:
-        raise ValueError(f"data.buckets[{i}]=({h}, {w}): {side} is not divisible by model.patch_size={patch_size}")
-    if max(h, w) // patch_size > pos_embed_max_size:
+      if side % cell:
+        raise ValueError(f"data.buckets[{i}]=({h}, {w}): {side} is not divisible by {unit}")
+    if max(h, w) // cell > pos_embed_max_size:
+      latents = "" if factor == 1 else f" (its {h // factor}x{w // factor} latents)"
       raise ValueError(
-          f"data.buckets[{i}]=({h}, {w}) gives a {h // patch_size}×{w // patch_size} patch grid, larger than "
+          f"data.buckets[{i}]=({h}, {w}) gives a {h // cell}×{w // cell} patch grid{latents}, larger than "
           f"model.pos_embed_max_size={pos_embed_max_size}"
       )
   if buckets:

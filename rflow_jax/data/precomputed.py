@@ -20,6 +20,15 @@ Why raw bytes of a fixed shape (named once in the manifest): a record decodes wi
 and weights, scaling/shift factors at encoding time), `text` (config fields, identity = sha256 of the tokenizations
 of probe prompts and the weights), `latent` and `text` array specs, and per output kind the shards (file, num_records,
 first_index, sha256) as rflow_jax/data/records.py lists them, so records.verify_shards checks them.
+
+Version 2: aspect-ratio buckets (data.buckets at precompute). Record i's image was fitted to its bucket's (h, w)
+pixels (rflow_jax/data/buckets.py assigns it) before encoding, so its moments are (h/f, w/f, latent_channels); its
+latent record also holds "bucket" (int), the index of its shape. The manifest's `latent` lists one shape per bucket
+("shapes" instead of "shape"), and `buckets` holds their pixel "sizes", the VAE "factor" f, the records per bucket
+("counts") and the sha256 of `bucket_assignment.npy` ((N,) int32, record i's bucket), which training reads instead
+of scanning every record. Within each shard the two files hold the records ordered by (bucket, index)
+(`stored_order`): the encoder then runs one shape per bucket, every call full but each bucket's last. Unbucketed
+outputs are still written as version 1, byte for byte.
 """
 
 from __future__ import annotations
@@ -39,6 +48,8 @@ from rflow_jax.data import records
 
 FORMAT = "rflow_jax.precomputed_records"
 FORMAT_VERSION = 1
+BUCKETED_FORMAT_VERSION = 2  # Written with data.buckets only; the reader reads both.
+ASSIGNMENT = "bucket_assignment.npy"
 KINDS = ("latents", "text")  # The two record files of each shard, in this order.
 EMPTY_PROMPT = "empty_prompt.safetensors"
 STORAGE_DTYPES = {
@@ -80,20 +91,41 @@ def storage_dtype(name: str, key: str) -> np.dtype:
   return STORAGE_DTYPES[name]
 
 
-def encode_arrays(arrays: dict[str, np.ndarray]) -> bytes:
-  """One record: named arrays as raw bytes (their shape and dtype live in the manifest)."""
-  return msgpack.packb({k: np.ascontiguousarray(v).tobytes() for k, v in arrays.items()}, use_bin_type=True)
+def encode_arrays(arrays: dict[str, np.ndarray], bucket: int | None = None) -> bytes:
+  """One record: named arrays as raw bytes (their shape and dtype live in the manifest), and its bucket if any."""
+  record = {k: np.ascontiguousarray(v).tobytes() for k, v in arrays.items()}
+  if bucket is not None:
+    record["bucket"] = int(bucket)
+  return msgpack.packb(record, use_bin_type=True)
 
 
-def decode_arrays(data: bytes, specs: dict[str, dict]) -> dict[str, np.ndarray]:
-  """Inverse of encode_arrays for the record keys of `specs` ({key: {"shape", "dtype"}})."""
-  raw = msgpack.unpackb(data, raw=False)
+def decode_arrays(data: bytes | dict, specs: dict[str, dict]) -> dict[str, np.ndarray]:
+  """Inverse of encode_arrays (of its bytes, or of their msgpack dict) for the keys of `specs` ({key: {"shape",
+  "dtype"}})."""
+  raw = msgpack.unpackb(data, raw=False) if isinstance(data, bytes) else data
   return {k: np.frombuffer(raw[k], STORAGE_DTYPES[s["dtype"]]).reshape(s["shape"]) for k, s in specs.items()}
 
 
-def latent_specs(manifest: dict) -> dict[str, dict]:
-  spec = {"shape": manifest["latent"]["shape"], "dtype": manifest["latent"]["dtype"]}
+def bucket_sizes(manifest: dict) -> tuple[tuple[int, int], ...]:
+  """The (height, width) pixel sizes the records were fitted to; () for squares of one size (version 1)."""
+  return tuple(tuple(x) for x in manifest["buckets"]["sizes"]) if "buckets" in manifest else ()
+
+
+def latent_shapes(manifest: dict) -> list[list[int]]:
+  """(h, w, channels) of the stored moments: one per bucket, or the one shape of an unbucketed output."""
+  return manifest["latent"]["shapes"] if "buckets" in manifest else [manifest["latent"]["shape"]]
+
+
+def latent_specs(manifest: dict, bucket: int = 0) -> dict[str, dict]:
+  spec = {"shape": latent_shapes(manifest)[bucket], "dtype": manifest["latent"]["dtype"]}
   return {"mean": spec, "logvar": spec}
+
+
+def stored_order(assignment: np.ndarray | None, first: int, count: int) -> np.ndarray:
+  """The record indices of the shard [first, first + count) in the order its files hold them: by bucket, then index."""
+  if assignment is None:
+    return np.arange(first, first + count)
+  return first + np.argsort(assignment[first : first + count], kind="stable")
 
 
 def text_specs(manifest: dict) -> dict[str, dict]:
@@ -136,7 +168,7 @@ def load_manifest(directory: str) -> dict:
   return records.load_manifest(
       directory,
       fmt=FORMAT,
-      version=FORMAT_VERSION,
+      version=(FORMAT_VERSION, BUCKETED_FORMAT_VERSION),
       what="a precompute output",
       made_by="its precompute did not finish (run python -m rflow_jax.precompute)",
       reader='data.name="precomputed" reads',
@@ -154,11 +186,39 @@ def load_empty_prompt(directory: str, manifest: dict) -> list[np.ndarray]:
   return [arrays[text_key(i)] for i in range(len(manifest["text"]["shapes"]))]
 
 
+def save_assignment(directory: str, assignment: np.ndarray) -> str:
+  """Writes DIR/bucket_assignment.npy atomically; returns its sha256."""
+  out = io.BytesIO()
+  np.save(out, np.asarray(assignment, np.int32), allow_pickle=False)
+  tmp = os.path.join(directory, f".{ASSIGNMENT}.tmp-{os.getpid()}")
+  with open(tmp, "wb") as f:
+    f.write(out.getvalue())
+  path = os.path.join(directory, ASSIGNMENT)
+  os.replace(tmp, path)
+  return records.sha256_file(path)
+
+
+def load_assignment(directory: str, manifest: dict) -> np.ndarray:
+  """(N,) int32 bucket of each record, checked against the manifest's sha256 and counts."""
+  path, b = os.path.join(directory, ASSIGNMENT), manifest["buckets"]
+  if not os.path.isfile(path) or records.sha256_file(path) != b["assignment_sha256"]:
+    raise records.ManifestError(f"{path} is missing or fails its hash (changed since precompute; run precompute again)")
+  assignment = np.load(path, allow_pickle=False)
+  counts = np.bincount(assignment, minlength=len(b["sizes"])).tolist()
+  if assignment.shape != (manifest["num_records"],) or counts != b["counts"]:
+    raise records.ManifestError(f"{path} gives bucket counts {counts}, but {records.MANIFEST} says {b['counts']}")
+  return assignment
+
+
 class PrecomputedSource(grain.sources.RandomAccessDataSource):
-  """Record i of a precompute output: {latent_mean, latent_logvar, text_0, ..., index} (picklable for workers)."""
+  """Record i of a precompute output: {latent_mean, latent_logvar, text_0, ..., index} (picklable for workers).
+
+  Attributes:
+    assignment: (N,) bucket of each record (a bucketed output), or None.
+  """
 
   def __init__(self, path: str):
-    """Verifies the manifest and the sha256 of every shard file, then opens them.
+    """Verifies the manifest and the sha256 of every shard file (and of the bucket assignment), then opens them.
 
     Raises:
       records.ManifestError: no manifest, another format, a missing shard file or one that fails its hash.
@@ -170,7 +230,15 @@ class PrecomputedSource(grain.sources.RandomAccessDataSource):
       )
     self.manifest = load_manifest(path)
     self._path, self._num_records = path, self.manifest["num_records"]
-    self._specs = {"latents": latent_specs(self.manifest), "text": text_specs(self.manifest)}
+    self._latent_specs = [latent_specs(self.manifest, b) for b in range(len(latent_shapes(self.manifest)))]
+    self._text_specs = text_specs(self.manifest)
+    self.assignment, self._position = None, None  # Position: where record i sits in the files (stored_order).
+    if bucket_sizes(self.manifest):
+      self.assignment = load_assignment(path, self.manifest)
+      self._position = np.zeros(self._num_records, np.int64)
+      for shard in self.manifest["shards"]["latents"]:
+        first, n = shard["first_index"], shard["num_records"]
+        self._position[stored_order(self.assignment, first, n)] = np.arange(first, first + n)
     self._sources = {}
     for kind in KINDS:
       shards = self.manifest["shards"][kind]
@@ -186,11 +254,13 @@ class PrecomputedSource(grain.sources.RandomAccessDataSource):
     index = operator.index(index)
     if not 0 <= index < self._num_records:
       raise IndexError(f"record index {index} out of range [0, {self._num_records})")
-    latents = decode_arrays(self._sources["latents"][index], self._specs["latents"])
+    at = index if self._position is None else int(self._position[index])
+    raw = msgpack.unpackb(self._sources["latents"][at], raw=False)
+    latents = decode_arrays(raw, self._latent_specs[raw.get("bucket", 0)])
     example = {
         "latent_mean": latents["mean"],
         "latent_logvar": latents["logvar"],
-        **decode_arrays(self._sources["text"][index], self._specs["text"]),
+        **decode_arrays(self._sources["text"][at], self._text_specs),
     }
     example["index"] = np.int64(index)
     return example

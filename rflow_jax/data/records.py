@@ -177,15 +177,16 @@ def load_manifest(
     directory: str,
     *,
     fmt: str = FORMAT,
-    version: int = FORMAT_VERSION,
+    version: int | tuple[int, ...] = FORMAT_VERSION,
     what: str = "a converted dataset",
     made_by: str = "its conversion did not finish (run python -m rflow_jax.data.convert)",
     reader: str = "this reader needs",
 ) -> dict:
   """Reads DIR/manifest.json and checks its format; raises ManifestError in one line if it is not ours.
 
-  The defaults describe a converted dataset; data/precomputed.py passes its own format and wording.
+  The defaults describe a converted dataset; data/precomputed.py passes its own format, versions and wording.
   """
+  versions = version if isinstance(version, tuple) else (version,)
   path = os.path.join(directory, MANIFEST)
   if not os.path.isfile(path):
     raise ManifestError(f"{directory!r} has no {MANIFEST}: not {what}, or {made_by}")
@@ -194,10 +195,10 @@ def load_manifest(
       manifest = json.load(f)
     except ValueError as e:
       raise ManifestError(f"{path} is not valid JSON: {e}") from None
-  if manifest.get("format") != fmt or manifest.get("format_version") != version:
+  if manifest.get("format") != fmt or manifest.get("format_version") not in versions:
     raise ManifestError(
         f"{path} has format {manifest.get('format')!r} version {manifest.get('format_version')!r}; "
-        f"{reader} {fmt!r} version {version}"
+        f"{reader} {fmt!r} version {' or '.join(map(str, versions))}"
     )
   return manifest
 

@@ -27,8 +27,8 @@ def _precomputed(data_config):
   return precomputed.PrecomputedSource(data_config.path)
 
 
-# The sources that serve aspect-ratio buckets (data.buckets): they read each record's stored size.
-BUCKETED = ("arrayrecord",)
+# The sources that serve aspect-ratio buckets (data.buckets): they know each record's stored size (or its bucket).
+BUCKETED = ("arrayrecord", "precomputed")
 SOURCES = {"shapes": _shapes, "arrayrecord": _arrayrecord, "precomputed": _precomputed}
 
 

@@ -6,7 +6,10 @@ not depend on them, so `python -m rflow_jax.export.latent_stats` may set them af
 weights, compute dtype and tokenization of probe prompts. Before anything is compiled, `LatentData` checks the
 manifest against the run's model and config and refuses a mismatch in one line naming the value: latent channels vs
 model.in_channels, latent side vs data.image_size (which, for precomputed latents, is the side of the latent the
-MM-DiT reads), the text embeddings' shapes vs config.text, and both identities.
+MM-DiT reads), the text embeddings' shapes vs config.text, and both identities. A bucketed output (data.buckets at
+precompute) trains only with the same data.buckets (pixel sizes; each step reads its bucket's (h/f, w/f) latents),
+whose patch grids must fit model.pos_embed_max_size; data.image_size is then the side of the square latent the
+previews sample.
 """
 
 import flax
@@ -15,7 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rflow_jax.data import precomputed, records
+from rflow_jax import config_lib
+from rflow_jax.data import buckets as buckets_lib, precomputed, records
 from rflow_jax.export import vae as export_vae
 from rflow_jax.model import registry as model_registry, text_encoders
 from rflow_jax.train import step as step_lib
@@ -90,16 +94,35 @@ class LatentData:
 
     Raises:
       records.ManifestError: one line naming the first value of the data that does not match the run.
+      config_lib.ConfigError: a bucket's latent patch grid is larger than model.pos_embed_max_size (one line).
     """
     where = f"data.path={config.data.path!r}"
-    self.path, self.drop_to = config.data.path, config.text.drop_to
+    self.path, self.drop_to, self.image_size = config.data.path, config.text.drop_to, config.data.image_size
     self.manifest = m = precomputed.load_manifest(config.data.path)
-    h, w, c = m["latent"]["shape"]
+    self.sizes = precomputed.bucket_sizes(m)
+    h, w, c = precomputed.latent_shapes(m)[0]
     if c != config.model.in_channels:
       raise records.ManifestError(
           f"{where} holds latents of {c} channels, but model.in_channels=" f"{config.model.in_channels}"
       )
-    if h != config.data.image_size or w != config.data.image_size:
+    wanted = buckets_lib.sizes(config.data.buckets)
+    if wanted != self.sizes:  # Each record has the shape of its bucket at precompute: no other buckets can read it.
+      raise records.ManifestError(
+          f"{where} holds latents of data.buckets={self.sizes!r}, but data.buckets={wanted!r}"
+          if self.sizes
+          else f"{where} holds {h}x{w} latents without buckets, but data.buckets={wanted!r} (precompute with them)"
+      )
+    if self.sizes:
+      try:
+        buckets_lib.check(
+            self.sizes,
+            patch_size=config.model.patch_size,
+            pos_embed_max_size=config.model.pos_embed_max_size,
+            factor=m["buckets"]["factor"],
+        )
+      except ValueError as e:
+        raise config_lib.ConfigError(str(e)) from None
+    elif h != config.data.image_size or w != config.data.image_size:
       raise records.ManifestError(
           f"{where} holds {h}x{w} latents, but data.image_size={config.data.image_size} "
           '(with data.name="precomputed" it is the latent side the MM-DiT reads)'
@@ -139,12 +162,20 @@ class LatentData:
   def text_keys(self) -> list[str]:
     return [precomputed.text_key(i) for i in range(len(self.manifest["text"]["shapes"]))]
 
-  def batch_spec(self, global_batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
-    """The stored moments and per-encoder outputs, at their storage dtypes (the step casts them to float32)."""
+  def batch_spec(self, global_batch_size: int, size: tuple[int, int] | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+    """The stored moments and per-encoder outputs, at their storage dtypes (the step casts them to float32).
+
+    size: a bucket's (height, width) pixels (its latents' shape); None: the one stored shape, or (bucketed) the
+    square latent of data.image_size.
+    """
     m = self.manifest
-    latent = jax.ShapeDtypeStruct(
-        (global_batch_size, *m["latent"]["shape"]), precomputed.STORAGE_DTYPES[m["latent"]["dtype"]]
-    )
+    if size is not None:
+      shape = precomputed.latent_shapes(m)[self.sizes.index(tuple(size))]
+    elif self.sizes:
+      shape = [self.image_size, self.image_size, precomputed.latent_shapes(m)[0][2]]
+    else:
+      shape = m["latent"]["shape"]
+    latent = jax.ShapeDtypeStruct((global_batch_size, *shape), precomputed.STORAGE_DTYPES[m["latent"]["dtype"]])
     text_dtype = precomputed.STORAGE_DTYPES[m["text"]["dtype"]]
     return {
         **{k: latent for k in precomputed.LATENT_KEYS},

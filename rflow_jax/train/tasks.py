@@ -102,9 +102,9 @@ class FlowTask:
 
   def batch_spec(self, global_batch_size: int, size: tuple[int, int] | None = None) -> dict[str, jax.ShapeDtypeStruct]:
     """Images in [-1, 1] (NHWC; (height, width) = `size`, default data.image_size square) and the caption tokens; or
-    the precomputed records' arrays."""
+    the precomputed records' arrays (latents of that bucket)."""
     if self.latents:
-      return self.latents.batch_spec(global_batch_size)
+      return self.latents.batch_spec(global_batch_size, size)
     h, w = size or (self.config.data.image_size,) * 2
     c = self.config.model.in_channels
     return {
