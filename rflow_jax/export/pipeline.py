@@ -180,7 +180,7 @@ def check_pipeline(path: str | os.PathLike[str]) -> dict[str, Any]:
     raise PipelineError(f"{index_file} describes {index.get('_class_name')!r}, not {PIPELINE_CLASS}")
   for name, (library, classes) in COMPONENTS.items():
     entry = index.get(name)
-    if entry in (None, [None, None]) and name in OPTIONAL:
+    if not _given(index, name) and name in OPTIONAL:
       continue
     if not (isinstance(entry, list) and len(entry) == 2 and entry[0] is not None):
       raise PipelineError(f"{index_file} has no {name} (expected {library} {classes[0]})")
@@ -188,8 +188,8 @@ def check_pipeline(path: str | os.PathLike[str]) -> dict[str, Any]:
       raise PipelineError(f"{index_file}: {name} is a {entry[1]}, not a {' or '.join(classes)}")
     if not (path / name).is_dir():
       raise FileNotFoundError(f"{path / name} is missing ({index_file} names a {entry[1]})")
-  has_t5 = index.get("text_encoder_3") not in (None, [None, None])
-  if has_t5 != (index.get("tokenizer_3") not in (None, [None, None])):
+  has_t5 = _given(index, "text_encoder_3")
+  if has_t5 != _given(index, "tokenizer_3"):
     raise PipelineError(f"{index_file}: text_encoder_3 and tokenizer_3 must both be given or both be null")
   for name in ("transformer", "vae"):
     cfg_file = path / name / diffusers_io.CONFIG_NAME
@@ -200,6 +200,7 @@ def check_pipeline(path: str | os.PathLike[str]) -> dict[str, Any]:
       raise PipelineError(f"{cfg_file} describes {found}, not {COMPONENTS[name][1][0]}")
   scheduler_shift(path)
   transformer, vae = _json(path / "transformer" / diffusers_io.CONFIG_NAME), export_vae.read_config(path / "vae")
+  joint_width = transformer.get("joint_attention_dim", 4096)  # diffusers' default for the field.
   l_cfg, _ = text.clip_config(path / "text_encoder")
   g_cfg, _ = text.clip_config(path / "text_encoder_2")
   checks = [
@@ -215,7 +216,7 @@ def check_pipeline(path: str | os.PathLike[str]) -> dict[str, Any]:
     checks.append(
         (
             "joint_attention_dim",
-            transformer.get("joint_attention_dim", 4096),
+            joint_width,
             "text_encoder_3/config.json d_model",
             text.t5_config(path / "text_encoder_3")[0].width,
         )
@@ -224,12 +225,17 @@ def check_pipeline(path: str | os.PathLike[str]) -> dict[str, Any]:
     if value != want:
       raise PipelineError(f"{path / 'transformer' / diffusers_io.CONFIG_NAME}: {field}={value}, but {what} is {want}")
   clip_width = l_cfg.width + g_cfg.width
-  if clip_width > transformer.get("joint_attention_dim", 4096):
+  if clip_width > joint_width:
     raise PipelineError(
         f"{path / 'transformer' / diffusers_io.CONFIG_NAME}: joint_attention_dim="
-        f"{transformer.get('joint_attention_dim', 4096)} is narrower than the two CLIP towers ({clip_width})"
+        f"{joint_width} is narrower than the two CLIP towers ({clip_width})"
     )
   return index
+
+
+def _given(index: dict, name: str) -> bool:
+  """Whether model_index.json names component `name` (diffusers writes an absent one as [null, null] or omits it)."""
+  return index.get(name) not in (None, [None, None])
 
 
 def scheduler_shift(path: str | os.PathLike[str]) -> float:
@@ -285,7 +291,7 @@ def load_pipeline(
   """
   path = pathlib.Path(path)
   index = check_pipeline(path)
-  has_t5 = index.get("text_encoder_3") not in (None, [None, None])
+  has_t5 = _given(index, "text_encoder_3")
   if use_t5 and not has_t5:
     raise PipelineError(f"{path / MODEL_INDEX} has no text_encoder_3: T5 cannot be on")
   use_t5 = has_t5 if use_t5 is None else use_t5
