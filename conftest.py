@@ -13,3 +13,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # test starts inherits the setting, so in-process and subprocess results come from the same kind of program. Tests
 # that read XLA's memory analysis of a pod preset ask for the optimising compiler themselves.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+# XLA:CPU's LLVM IR fusion emitters generate a program's kernels in about half the CPU time of its newer MLIR fusion
+# emitters (configs/debug.py's train step: ~13 -> ~6.5 CPU s), and code generation is most of a compile here.
+# Subprocesses with fake devices add their device count to these flags (tests/cli_util.py::xla_flags).
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_use_fusion_emitters=false".strip()

@@ -26,6 +26,11 @@ def train_debug_run(tmp_path_factory, name: str, num_steps: int = 2) -> str:
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "RFLOW_JAX_TENSORBOARD": "0"}
 
 
+def xla_flags(devices: int) -> str:
+  """XLA_FLAGS of a subprocess with `devices` fake CPU devices, keeping the suite's compiler flags (conftest.py)."""
+  return f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+
+
 def run_module(module, *args):
   """`python -m module args…` from the repo root; returns (exit code, stdout, stderr)."""
   proc = subprocess.run(

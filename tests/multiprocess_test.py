@@ -163,7 +163,7 @@ def _worker(workdir, out_path):
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("mp") / "run")
-  all_devices = f"--xla_force_host_platform_device_count={NUM_PROCESSES * DEVICES_PER_PROCESS}"
+  all_devices = cli_util.xla_flags(NUM_PROCESSES * DEVICES_PER_PROCESS)
   args = ["--config=configs/debug.py", f"--workdir={workdir}", *_flags(OVERRIDES)]
   start = subprocess.run(  # Start 1: one process, 4 devices, steps 1-2.
       [

@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+import cli_util  # tests/cli_util.py (on sys.path under pytest, and as a script's directory)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESH_PARITY = 1e-5  # max |4 devices - 1 device| on [0, 1] pixels, fp32 (reduction order only).
 
@@ -37,7 +39,7 @@ print(json.dumps({
 def test_pipeline_sampled_over_4_devices_equals_one_device(tmp_path):
   env = {
       **os.environ,
-      "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+      "XLA_FLAGS": cli_util.xla_flags(4),
       "JAX_PLATFORMS": "cpu",
       "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]),
   }

@@ -17,6 +17,8 @@ import jax
 import numpy as np
 import pytest
 
+import cli_util  # tests/cli_util.py (on sys.path under pytest, and as a script's directory)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_DEVICES = 8
 NUM_STEPS = 3
@@ -136,7 +138,7 @@ def report(tmp_path_factory):
   out = tmp_path_factory.mktemp("equivalence") / "report.json"
   env = {
       **os.environ,
-      "XLA_FLAGS": f"--xla_force_host_platform_device_count={NUM_DEVICES}",
+      "XLA_FLAGS": cli_util.xla_flags(NUM_DEVICES),
       "JAX_PLATFORMS": "cpu",
       "PYTHONPATH": ROOT,
   }

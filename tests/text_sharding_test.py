@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+import cli_util  # tests/cli_util.py (on sys.path under pytest, and as a script's directory)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Run in a subprocess: the fake device count must be set before jax starts.
 _SCRIPT = """
@@ -31,7 +33,7 @@ print(json.dumps(out))
 def test_t5_xxl_params_shard_over_8_devices():
   env = {
       **os.environ,
-      "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+      "XLA_FLAGS": cli_util.xla_flags(8),
       "JAX_PLATFORMS": "cpu",
       "PYTHONPATH": ROOT,
   }
