@@ -17,3 +17,13 @@ os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 # emitters (configs/debug.py's train step: ~13 -> ~6.5 CPU s), and code generation is most of a compile here.
 # Subprocesses with fake devices add their device count to these flags (tests/cli_util.py::xla_flags).
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_use_fusion_emitters=false".strip()
+
+
+def pytest_collection_modifyitems(config, items):  # pylint: disable=unused-argument
+  """Runs the modules that hold slow tests first, each module's tests together and in their order.
+
+  pytest-xdist hands tests to its workers in this order; a long test handed out last would keep one worker busy
+  while the other idles. Whole modules move, so a module-scoped fixture is still set up once per worker.
+  """
+  slow_modules = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
+  items.sort(key=lambda item: item.module.__name__ not in slow_modules)

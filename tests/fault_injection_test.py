@@ -21,7 +21,7 @@ ENV = cli_util.ENV
 
 def test_four_sigkills_resume_bitwise(tmp_path):
   reference, killed = str(tmp_path / "reference"), str(tmp_path / "killed")
-  steps = 30
+  steps = 20
   subprocess.run(
       fault_injection._argv(reference, steps, ()),
       cwd=fault_injection.ROOT,
