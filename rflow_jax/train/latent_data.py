@@ -174,7 +174,7 @@ class LatentData:
     elif self.sizes:
       shape = [self.image_size, self.image_size, precomputed.latent_shapes(m)[0][2]]
     else:
-      shape = m["latent"]["shape"]
+      shape = precomputed.latent_shapes(m)[0]  # The one stored shape.
     latent = jax.ShapeDtypeStruct((global_batch_size, *shape), precomputed.STORAGE_DTYPES[m["latent"]["dtype"]])
     text_dtype = precomputed.STORAGE_DTYPES[m["text"]["dtype"]]
     return {
