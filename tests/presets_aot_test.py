@@ -1,11 +1,10 @@
 """The pod presets' defaults fit their documented budget: configs/sd3.py's d24 (64 devices of 80 GB), AOT-compiled.
 
-Compiling all 24 blocks for 64 fake devices takes minutes on a CPU, so this compiles the preset at depth 3 and 4
-(its width, heads, remat and microbatches unchanged) on 8 fake devices with the same 64 examples per device
-(global batch 512 instead of 4096), and extrapolates linearly to depth 24: with scanned blocks one more block adds
-exactly one more layer of saved activations, parameters, Adam moments and EMA per device. The activations and the
-gathered weights of a block do not depend on the fsdp degree; the sharded state on 8 devices is 8x its share on 64,
-so the 8-device figure bounds the 64-device one from above.
+Compiling for 64 fake devices takes minutes on a CPU, so this compiles the full preset (all 24 scanned blocks, its
+width, heads, remat and microbatches unchanged) on 8 fake devices with the same 64 examples per device (global
+batch 512 instead of 4096). The activations and the gathered weights of a block do not depend on the fsdp degree;
+the sharded state on 8 devices is 8x its share on 64, so the 8-device figure bounds the 64-device one from above.
+With scanned blocks the compile costs about what one block's would (one loop body), not 24 times it.
 """
 
 import json
@@ -21,19 +20,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUDGET_BYTES = 80e9  # The docstring's budget: 64 devices of 80 GB (H100); TPU v5p has 95 GB.
 
 _SCRIPT = """
-import json, sys, time
+import json
 from configs import sd3
 from launch import aot_compile
-out = []
-for depth in (3, 4):
-  c = sd3.get_config("d24")
-  c.model.depth = depth
-  c.sharding.mesh_shape = (1, 8, 1)
-  c.train.global_batch_size = 512  # 64 examples per device, as 4096 on the preset's 64 devices.
-  t = time.time()
-  out.append(aot_compile.compile_report(c)["per_device_memory_bytes"])
-  print(depth, time.time() - t, out[-1] / 2**30, file=sys.stderr)
-print(json.dumps(out))
+c = sd3.get_config("d24")
+c.sharding.mesh_shape = (1, 8, 1)
+c.train.global_batch_size = 512  # 64 examples per device, as 4096 on the preset's 64 devices.
+report = aot_compile.compile_report(c)
+print(json.dumps({"depth": c.model.depth, "bytes": report["per_device_memory_bytes"]}))
 """
 
 
@@ -55,10 +49,8 @@ def test_d24_preset_defaults_fit_64_devices_of_80gb():
       [sys.executable, "-c", _SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False
   )
   assert proc.returncode == 0, proc.stderr[-4000:]
-  m3, m4 = json.loads(proc.stdout.strip().splitlines()[-1])
-  per_block = m4 - m3
-  # A block of 64 examples × 410 tokens × width 1536 keeps ~GiB of matmul outputs (the scan's stack grows), plus
-  # the block's state on 8 devices (~0.16 GiB).
-  assert 0.5 * 2**30 < per_block < 4 * 2**30, per_block
-  predicted = m3 + (24 - 3) * per_block  # An upper bound of the 64-device figure (module docstring).
-  assert predicted <= BUDGET_BYTES, predicted / 2**30
+  report = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert report["depth"] == 24
+  # At least each device's eighth of the float32 state (params, two Adam moments, EMA: ~2B parameters x 16 bytes
+  # / 8 = 4e9 bytes): a smaller figure would mean the compile measured some other program.
+  assert 4e9 < report["bytes"] <= BUDGET_BYTES, report["bytes"] / 2**30
