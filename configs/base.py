@@ -168,6 +168,8 @@ def get_config():
   # model.scan_blocks=False in both runs; mmdit_tree.grown_block_positions says which block goes where).
   c.train.init_grow_depth = False
   c.train.sample_every = 0  # Write a sample grid (TensorBoard + PNG) every N steps; 0 = only at the end.
+  # The grid after the last step; False skips it and its sampler compile (many short runs that need no grid).
+  c.train.preview_at_end = True
   c.train.nonfinite = "halt"  # Loss/grad norm not finite: "halt" stops the run, "skip" drops the update and goes on.
   # Evaluators (keys of rflow_jax/eval/evaluators.py's EVALUATORS) run at eval_every and at the end; their scores go
   # to TensorBoard and metrics.jsonl as "<name>/<score>". "shapes" = ShapesEval of fresh prompts (the shapes data);

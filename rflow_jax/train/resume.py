@@ -30,6 +30,7 @@ RESUMABLE = (
     "train.sample_every",
     "train.eval_every",
     "train.eval_at_end",
+    "train.preview_at_end",
     "train.nonfinite",
     "train.poison_step",
     "train.signal_step",

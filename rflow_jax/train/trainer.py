@@ -319,7 +319,8 @@ def _train_loop(setup, workdir, manager, data_iter, state, last_ckpt, writer, si
       _evaluate(evaluators, task, state, step, os.path.join(workdir, f"eval_step{step}"), writer)
   manager.wait_until_finished()
   logging.info("Training loop done in %.1fs", time.time() - t0)
-  task.preview(state, step, workdir, writer)
+  if config.train.preview_at_end:
+    task.preview(state, step, workdir, writer)
   if config.train.eval_at_end:
     results.update(_evaluate(evaluators, task, state, step, os.path.join(workdir, "eval"), writer))
   return {**results, "preempted": False, "step": step}
