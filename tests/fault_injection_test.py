@@ -1,4 +1,4 @@
-"""SIGKILL at random moments (some during a checkpoint commit), restart each time: the run ends bitwise equal to an
+"""SIGKILL after a checkpoint commit and during one, restart each time: the run ends bitwise equal to an
 uninterrupted one, with the same logged losses. The long soak is `python launch/fault_injection.py`."""
 
 import glob
@@ -19,9 +19,13 @@ pytestmark = pytest.mark.slow
 ENV = cli_util.ENV
 
 
-def test_four_sigkills_resume_bitwise(tmp_path):
+def test_sigkills_after_and_during_commits_resume_bitwise(tmp_path):
+  """Two kills, one of each placement: the 1st a random 0-2 steps (plus 0-0.3 s) after its attempt committed a new
+  checkpoint, the 2nd, in an attempt that has already resumed once, while the next checkpoint commits (an Orbax
+  temporary directory exists). Each restart is a fresh process that resumes from the latest checkpoint; the third
+  attempt finishes. (With async saves and checkpoint_every=2 the 1st kill usually lands during a commit too.)"""
   reference, killed = str(tmp_path / "reference"), str(tmp_path / "killed")
-  steps = 20
+  steps = 12
   subprocess.run(
       fault_injection._argv(reference, steps, ()),
       cwd=fault_injection.ROOT,
@@ -30,13 +34,14 @@ def test_four_sigkills_resume_bitwise(tmp_path):
       stderr=subprocess.STDOUT,
       env=ENV,
   )
-  # Four kills: every second lands while a checkpoint commits (the 2nd and 4th), the others 0-2 steps after a commit.
-  stats = fault_injection.run_with_kills(killed, steps=steps, kills=4, seed=0, env=ENV, commit_every=2)
+  stats = fault_injection.run_with_kills(killed, steps=steps, kills=2, seed=0, env=ENV, commit_every=2)
   result = fault_injection.compare(killed, reference)
   print(stats, result)
-  assert stats["kills"] == 4 and stats["kills_during_commit"] >= 2
-  # Restarts really resumed from checkpoints, and got further over time.
-  assert len(set(stats["resumed_from"])) >= 4 and max(stats["resumed_from"]) >= 6, stats
+  assert stats["kills"] == 2 and stats["kills_during_commit"] >= 1, stats
+  # Restarts really resumed from checkpoints, each from a later one (every attempt commits a new checkpoint before
+  # its kill, checkpoint_every=2): the 2nd restart resumes from step 4 or later.
+  assert stats["resumed_from"][0] == 0 and stats["resumed_from"] == sorted(set(stats["resumed_from"])), stats
+  assert len(stats["resumed_from"]) == 3 and stats["resumed_from"][2] >= 4, stats
   # At most the steps since the last committed checkpoint: one interval (2) plus those run while a save commits.
   assert max(stats["steps_lost"]) <= 6, stats
   assert result == {"params_bitwise_equal": True, "ema_params_bitwise_equal": True, "losses_equal": True}
@@ -52,7 +57,7 @@ def test_two_process_run_agrees_on_a_one_host_sigterm_and_resumes_bitwise(tmp_pa
   included) and ends bitwise equal to an uninterrupted 2-process run. (SIGKILLs of one worker or of the whole job:
   `python launch/fault_injection.py --processes=2`, a soak too long for the suite.)"""
   reference, killed = str(tmp_path / "reference"), str(tmp_path / "killed")
-  steps, signal_step = 6, 3
+  steps, signal_step = 4, 1
   subprocess.run(
       fault_injection._argv(reference, steps, (), processes=2),
       cwd=fault_injection.ROOT,

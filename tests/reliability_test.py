@@ -1,6 +1,7 @@
 """Preemption (SIGTERM), workdir locking, the non-finite guard's 'skip' policy and incomplete-checkpoint handling."""
 
 import os
+import shutil
 import signal
 
 import jax
@@ -20,6 +21,12 @@ def _debug(**overrides):
     section, leaf = key.split(".")
     c[section][leaf] = value
   return c
+
+
+@pytest.fixture(scope="module")
+def two_steps(tmp_path_factory):
+  """A 2-step debug run (checkpoint of step 2), trained once; tests that continue it work on a copy."""
+  return cli_util.train_debug_run(tmp_path_factory, "two_steps", num_steps=2)
 
 
 def test_poisoned_batch_is_skipped_and_counted(tmp_path):
@@ -46,9 +53,9 @@ def test_second_trainer_on_a_busy_workdir_is_refused(tmp_path):
   assert checkpoint.latest_step(workdir) is None
 
 
-def test_incomplete_checkpoint_dir_is_ignored_with_a_warning(tmp_path):
+def test_incomplete_checkpoint_dir_is_ignored_with_a_warning(two_steps, tmp_path):
   workdir = str(tmp_path / "partial")
-  trainer.train_and_evaluate(_debug(**{"train.num_steps": 2}), workdir)
+  shutil.copytree(two_steps, workdir)
   # What a crash during the save of step 4 leaves behind.
   junk = os.path.join(checkpoint.checkpoint_dir(workdir), "4.orbax-checkpoint-tmp-1234")
   os.makedirs(os.path.join(junk, "state"))
@@ -70,9 +77,9 @@ def test_sigterm_checkpoints_and_exits_zero_then_resumes(tmp_path):
   assert results["step"] == step + 2
 
 
-def test_full_disk_during_save_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+def test_full_disk_during_save_keeps_the_last_checkpoint(two_steps, tmp_path, monkeypatch):
   workdir = str(tmp_path / "full")
-  trainer.train_and_evaluate(_debug(**{"train.num_steps": 2}), workdir)
+  shutil.copytree(two_steps, workdir)
 
   def no_space(*args, **kwargs):
     raise OSError(28, "No space left on device")
