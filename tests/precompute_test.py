@@ -64,9 +64,17 @@ def _one_process(config, out):
   return cli_util.dir_bytes(out)
 
 
-def test_two_processes_and_a_killed_restart_are_bitwise_one_run(inputs, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def default_latents(inputs, tmp_path_factory):
+  """(directory, its bytes): one process's precompute of `inputs` with the default config (float16 storage); the
+  tests below only read it."""
+  out = str(tmp_path_factory.mktemp("default") / "one")
+  return out, _one_process(_config(inputs), out)
+
+
+def test_two_processes_and_a_killed_restart_are_bitwise_one_run(inputs, default_latents, tmp_path, monkeypatch):
   config = _config(inputs)
-  reference = _one_process(config, str(tmp_path / "one"))
+  reference = default_latents[1]
   assert not [n for n in reference if n.startswith(".")]  # No temporaries left.
   # Two processes, each with its own slice of the shards (simulated: the per-process function, one after the other).
   two = str(tmp_path / "two")
@@ -202,9 +210,8 @@ def test_sd3_stack_embeddings_and_empty_prompt_dropout(inputs, tmp_path):
   np.testing.assert_allclose(pooled, expected[1], rtol=0, atol=1e-5)
 
 
-def test_half_precision_storage_stays_close(inputs, tmp_path):
-  out = str(tmp_path / "f16")
-  precompute.run(_config(inputs), out)  # Defaults: float16 moments and embeddings.
+def test_half_precision_storage_stays_close(inputs, default_latents):
+  out = default_latents[0]  # Defaults: float16 moments and embeddings.
   stored = precomputed.PrecomputedSource(out)
   source = arrayrecord.ArrayRecordImageSource(inputs[0], IMAGE_SIZE)
   vae_model, vae_params = export_vae.load_vae(inputs[1])
@@ -214,9 +221,8 @@ def test_half_precision_storage_stays_close(inputs, tmp_path):
   np.testing.assert_allclose(stored[7]["latent_logvar"].astype(np.float32), logvar[0], rtol=1e-3, atol=1e-3)
 
 
-def test_mismatches_are_refused_in_one_line(inputs, tmp_path):
-  out = str(tmp_path / "latents")
-  precompute.run(_config(inputs), out)
+def test_mismatches_are_refused_in_one_line(inputs, default_latents, tmp_path):
+  out = default_latents[0]
   vae_id = precomputed.load_manifest(out)["vae"]["identity"][:12]
   with pytest.raises(records.ManifestError) as e:
     tasks.get_task(_train_config(inputs, out, **{"model.in_channels": 8}))

@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 
 from configs import debug
 from rflow_jax import config_lib
-from rflow_jax.train import checkpoint, trainer
+from rflow_jax.train import checkpoint, tasks, trainer
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +37,19 @@ def _snapshot(workdir):
   return {f: (os.path.getsize(f), os.path.getmtime(f)) for f in files if os.path.isfile(f)}
 
 
-def test_train_writes_outputs_and_resume_equals_uninterrupted(tmp_path):
+@pytest.fixture(scope="module")
+def two_step_run(tmp_path_factory):
+  """A finished 2-step run of the debug config (checkpoint of step 2), without its end-of-run preview: the workdir
+  that both an interrupted run (resumed below) and a run refused for another model's config start from."""
+  workdir = str(tmp_path_factory.mktemp("two_step") / "run")
+  with pytest.MonkeyPatch.context() as m:  # The sampler is the straight run's to check; here it is only a compile.
+    m.setattr(tasks.FlowTask, "preview", lambda *args: None)
+    trainer.train_and_evaluate(_config(**{"train.num_steps": 2}), workdir)
+  assert checkpoint.latest_step(workdir) == 2
+  return workdir
+
+
+def test_train_writes_outputs_and_resume_equals_uninterrupted(two_step_run, tmp_path, monkeypatch):
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
   # The straight run also evaluates mid-run; the resumed one does not, so equality below also shows that a
   # periodic ShapesEval leaves the training trajectory alone.
@@ -59,9 +72,11 @@ def test_train_writes_outputs_and_resume_equals_uninterrupted(tmp_path):
   assert os.path.isfile(os.path.join(straight, "samples", "grid_000004.png"))
   assert checkpoint.latest_step(straight) == 4
 
-  # Interrupted after step 2 (a finished shorter run), then re-run with the full length: resumes from step 2.
-  trainer.train_and_evaluate(_config(**{"train.num_steps": 2}), resumed)
-  assert checkpoint.latest_step(resumed) == 2
+  # Interrupted after step 2 (a finished shorter run, a copy of two_step_run), then re-run with the full length:
+  # resumes from step 2. Without previews (and with the straight run's mid-run sampling and evaluation), equality
+  # also shows that sampling leaves the training trajectory alone.
+  monkeypatch.setattr(tasks.FlowTask, "preview", lambda *args: None)
+  shutil.copytree(two_step_run, resumed)
   trainer.train_and_evaluate(_config(), resumed)
   assert checkpoint.latest_step(resumed) == 4
   for use_ema in (False, True):
@@ -74,9 +89,9 @@ def test_train_writes_outputs_and_resume_equals_uninterrupted(tmp_path):
   assert not _tree_equal(p_two, p_straight)
 
 
-def test_workdir_of_another_model_is_refused_untouched(tmp_path):
+def test_workdir_of_another_model_is_refused_untouched(two_step_run, tmp_path):
   workdir = str(tmp_path / "run")
-  trainer.train_and_evaluate(_config(**{"train.num_steps": 2}), workdir)
+  shutil.copytree(two_step_run, workdir)
   before = _snapshot(workdir)
   # Refused from config.json before anything is built (train/resume.py), naming the field; a workdir without its
   # config.json still meets check_compatible's shape check (tests/warm_start_test.py exercises that message).

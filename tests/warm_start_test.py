@@ -12,13 +12,22 @@ from configs import debug
 from rflow_jax import config_lib
 from rflow_jax.model import mmdit_tree
 from rflow_jax.model import registry
-from rflow_jax.train import checkpoint, trainer
+from rflow_jax.train import checkpoint, tasks, trainer
 
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(scope="module", autouse=True)
+def no_previews():
+  """Sampling is tested elsewhere (train_test.py); here each run's end-of-run preview would only add a sampler
+  compile (the depth-4 model's) or trace."""
+  with pytest.MonkeyPatch.context() as m:
+    m.setattr(tasks.FlowTask, "preview", lambda *args: None)
+    yield
+
+
 @pytest.fixture(scope="module")
-def source_run(tmp_path_factory):
+def source_run(tmp_path_factory, no_previews):  # pylint: disable=unused-argument,redefined-outer-name
   return cli_util.train_debug_run(tmp_path_factory, "source")
 
 
