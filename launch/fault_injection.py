@@ -36,6 +36,7 @@ def _argv(workdir, steps, extra, processes=1):
       "--config.train.log_every=1",
       "--config.train.checkpoint_every=2",
       "--config.train.keep_checkpoints=2",
+      "--config.train.preview_at_end=False",  # Params and losses are compared; a grid would only add a compile.
       *extra,
   ]
   if processes == 1:

@@ -47,6 +47,9 @@ def test_sigkills_after_and_during_commits_resume_bitwise(tmp_path):
   assert result == {"params_bitwise_equal": True, "ema_params_bitwise_equal": True, "losses_equal": True}
   assert sorted(fault_injection.final_losses(killed)) == list(range(1, steps + 1))
   assert not glob.glob(os.path.join(killed, "events.out.tfevents.*"))  # RFLOW_JAX_TENSORBOARD=0 was obeyed.
+  # train.preview_at_end=False (fault_injection._argv) was obeyed: finished runs, and no grid (the debug config has
+  # no mid-run previews; train_test checks the grid a default run writes).
+  assert not os.path.exists(os.path.join(reference, "samples")) and not os.path.exists(os.path.join(killed, "samples"))
 
 
 def test_two_process_run_agrees_on_a_one_host_sigterm_and_resumes_bitwise(tmp_path):
