@@ -314,9 +314,14 @@ def _assert_same_attention(ours_impl, ref_impl, qkv, g, dtype, tol):
   """Outputs and the three input gradients (cotangent g) of two attention_impls agree within tol."""
   from rflow_jax.model import layers  # pylint: disable=g-import-not-at-top
 
-  def vjp(impl):
+  @functools.partial(
+      jax.jit, static_argnums=2
+  )  # One program per kernel: op by op, each op of the forward and backward would compile alone.
+  def vjp_jit(qkv, g, impl):
     out, pullback = jax.vjp(lambda *a: layers.dot_product_attention(*a, impl), *qkv)
     return (out,) + pullback(g)
+
+  vjp = lambda impl: vjp_jit(qkv, g, impl)
 
   for ours, ref in zip(vjp(ours_impl), vjp(ref_impl)):
     assert ours.dtype == ref.dtype == dtype
