@@ -4,6 +4,8 @@ The diffusers export is checked against diffusers itself: SD3Transformer2DModel.
 and our MMDiT with the checkpoint's EMA params get the same random inputs (NCHW, timestep 1000·t).
 """
 
+import contextlib
+import io
 import json
 import os
 
@@ -18,6 +20,8 @@ from PIL import Image
 
 import cli_util  # tests/cli_util.py (pytest puts tests/ on sys.path)
 from configs import debug
+from rflow_jax import cli
+from rflow_jax import rundir
 from rflow_jax.export import workdir as export_workdir
 from rflow_jax.model import mmdit
 from rflow_jax.model import registry
@@ -27,6 +31,19 @@ pytestmark = pytest.mark.slow
 # max |ours - diffusers| / max |diffusers| in float32.
 PARITY_RTOL = 1e-5
 _run, _assert_one_line_error = cli_util.run_module, cli_util.assert_one_line_error
+
+
+def _main_error(call):
+  """(exit code, stderr) of `call` inside cli.clean_errors(), as the export and sample CLIs' main() run their work.
+
+  The CLIs' main() only parses flags and passes them on: a user error raised by the library function behind it
+  becomes the same one-line exit 2 here as in a launched CLI, without a subprocess's seconds of imports. Each entry
+  point still gets real launches for its flag parsing and its own checks (the tests below say which)."""
+  stderr = io.StringIO()
+  with contextlib.redirect_stderr(stderr), pytest.raises(SystemExit) as exit_info:
+    with cli.clean_errors():
+      call()
+  return exit_info.value.code, stderr.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -99,12 +116,18 @@ def test_scheduler_config_and_export_info(run):
 
 @pytest.mark.parametrize("which", ["raw", "ema"])
 def test_safetensors_export_roundtrips_bitwise(run, tmp_path, which):
+  """raw through the CLI (its --format and --params flags reach the export); ema, the CLI's default params (launched
+  by the `run` fixture), through the function behind it."""
   workdir, config, _ = run
   out = tmp_path / "flat"
-  rc, _, stderr = _run(
-      "rflow_jax.export", f"--workdir={workdir}", f"--out={out}", "--format=safetensors", f"--params={which}"
-  )
-  assert rc == 0, stderr[-3000:]
+  if which == "raw":
+    rc, _, stderr = _run(
+        "rflow_jax.export", f"--workdir={workdir}", f"--out={out}", "--format=safetensors", f"--params={which}"
+    )
+    assert rc == 0, stderr[-3000:]
+  else:
+    info = export_workdir.export_workdir(workdir, out, fmt="safetensors", params=which)
+    assert info["params"] == which and info["format"] == "safetensors"
   assert sorted(os.listdir(out)) == ["params.safetensors", "rflow_jax_export.json"]
   saved = safetensors.numpy.load_file(str(out / "params.safetensors"))
   expected = _flat(checkpoint.restore_params(str(workdir), use_ema=which == "ema")[0])
@@ -119,17 +142,20 @@ def test_safetensors_export_roundtrips_bitwise(run, tmp_path, which):
 
 
 def test_export_errors_are_one_line(run, tmp_path):
+  """Launched: a bad flag value (absl's parse) and an error of the export itself given --overwrite. The other user
+  errors come from the same export_workdir call, here in this process through main's error handling."""
   workdir, _, out = run
-  rc, _, stderr = _run("rflow_jax.export", f"--workdir={tmp_path / 'nowhere'}", f"--out={tmp_path / 'o1'}")
+  export = export_workdir.export_workdir
+  rc, stderr = _main_error(lambda: export(tmp_path / "nowhere", tmp_path / "o1"))
   _assert_one_line_error(rc, stderr, "nowhere", "is not a directory")
   empty = tmp_path / "empty"
   empty.mkdir()
   (empty / "config.json").write_text((workdir / "config.json").read_text())
-  rc, _, stderr = _run("rflow_jax.export", f"--workdir={empty}", f"--out={tmp_path / 'o2'}")
+  rc, stderr = _main_error(lambda: export(empty, tmp_path / "o2"))
   _assert_one_line_error(rc, stderr, "no checkpoint in")
   assert not (tmp_path / "o2").exists()
   before = sorted(os.listdir(out / "transformer"))
-  rc, _, stderr = _run("rflow_jax.export", f"--workdir={workdir}", f"--out={out}")
+  rc, stderr = _main_error(lambda: export(workdir, out))
   _assert_one_line_error(rc, stderr, "exists and is not empty", "--overwrite")
   assert sorted(os.listdir(out / "transformer")) == before
   rc, _, stderr = _run("rflow_jax.export", f"--workdir={workdir}", f"--out={workdir.parent}", "--overwrite")
@@ -140,17 +166,18 @@ def test_export_errors_are_one_line(run, tmp_path):
 
 
 def test_overwrite_replaces_the_whole_out_dir(run, tmp_path):
+  """What --overwrite does, through the export function behind the CLI (test_export_errors_are_one_line launches the
+  CLI with --overwrite)."""
   workdir, _, _ = run
   out = tmp_path / "o"
   out.mkdir()
   (out / "stale.txt").write_text("not an export")
-  args = ("rflow_jax.export", f"--workdir={workdir}", f"--out={out}", "--format=safetensors", "--overwrite")
-  rc, _, stderr = _run(*args)  # Only an earlier export (its rflow_jax_export.json) is ever replaced.
+  export = lambda: export_workdir.export_workdir(workdir, out, fmt="safetensors", overwrite=True)
+  rc, stderr = _main_error(export)  # Only an earlier export (its rflow_jax_export.json) is ever replaced.
   _assert_one_line_error(rc, stderr, "holds no rflow_jax_export.json")
   assert os.listdir(out) == ["stale.txt"]
   (out / "rflow_jax_export.json").write_text("{}")
-  rc, _, stderr = _run(*args)
-  assert rc == 0, stderr[-3000:]
+  export()
   assert sorted(os.listdir(out)) == ["params.safetensors", "rflow_jax_export.json"]
   assert not [p for p in os.listdir(tmp_path) if p.startswith(".o.")]  # No temporary directory left behind.
 
@@ -162,7 +189,7 @@ def test_non_rf_run_refuses_diffusers_format(run, tmp_path):
   config = json.loads((workdir / "config.json").read_text())
   config["flow"]["formulation"] = "eps/linear"
   (other / "config.json").write_text(json.dumps(config))
-  rc, _, stderr = _run("rflow_jax.export", f"--workdir={other}", f"--out={tmp_path / 'o'}")
+  rc, stderr = _main_error(lambda: export_workdir.export_workdir(other, tmp_path / "o"))  # The CLI's default format.
   _assert_one_line_error(rc, stderr, "eps/linear", "--format=safetensors")
 
 
@@ -191,16 +218,12 @@ def test_sample_with_transformer_matches_sampling_the_workdir(run, tmp_path):
 
 
 def test_sample_transformer_errors(run, tmp_path):
+  """Launched: --raw with --transformer (a check of the sample CLI's own). A missing or mismatched transformer is
+  refused by rundir.load_sampler, which the CLI calls with its flags: here in this process."""
   workdir, _, out = run
   prompts = tmp_path / "p.txt"
   prompts.write_text("a red circle\n")
-  rc, _, stderr = _run(
-      "rflow_jax.sample",
-      f"--workdir={workdir}",
-      f"--prompts={prompts}",
-      f"--out={tmp_path / 'o'}",
-      f"--transformer={tmp_path / 'missing'}",
-  )
+  rc, stderr = _main_error(lambda: rundir.load_sampler(str(workdir), transformer=str(tmp_path / "missing")))
   _assert_one_line_error(rc, stderr, "missing")
   rc, _, stderr = _run(
       "rflow_jax.sample",
@@ -211,6 +234,7 @@ def test_sample_transformer_errors(run, tmp_path):
       "--raw",
   )
   _assert_one_line_error(rc, stderr, "--raw")
+  assert not (tmp_path / "o").exists()
   # A transformer whose context width is not the run's text width.
   wrong = tmp_path / "wrong"
   wrong.mkdir()
@@ -220,15 +244,8 @@ def test_sample_transformer_errors(run, tmp_path):
   (wrong / "diffusion_pytorch_model.safetensors").write_bytes(
       (out / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes()
   )
-  rc, _, stderr = _run(
-      "rflow_jax.sample",
-      f"--workdir={workdir}",
-      f"--prompts={prompts}",
-      f"--out={tmp_path / 'o'}",
-      f"--transformer={wrong}",
-  )
+  rc, stderr = _main_error(lambda: rundir.load_sampler(str(workdir), transformer=str(wrong)))
   _assert_one_line_error(rc, stderr, "joint_attention_dim=24", "text.width=16")
-  assert not (tmp_path / "o").exists()
 
 
 def test_baseline_runs_export_as_safetensors_only(run, tmp_path):

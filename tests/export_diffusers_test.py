@@ -138,7 +138,7 @@ def test_parity_with_diffusers_and_bitwise_roundtrip(name):
   params = export_diffusers.params_from_diffusers(sd, model)
   inputs = _inputs(cfg, hw)
 
-  ours = model.apply({"params": params}, *inputs)
+  ours = jax.jit(model.apply)({"params": params}, *inputs)  # Jitted: op by op, each op would compile alone.
   expected = _diffusers_forward(ref, *inputs)
   assert ours.shape == expected.shape == (BATCH, *hw, cfg["out_channels"])
   err = _rel_err(ours, expected)
@@ -152,18 +152,17 @@ def test_parity_with_diffusers_and_bitwise_roundtrip(name):
     np.testing.assert_array_equal(back[key], value, err_msg=key)
 
   # bf16 compute stays close to the fp32 reference.
-  ours16 = model.clone(dtype=jnp.bfloat16).apply({"params": params}, *inputs)
+  ours16 = jax.jit(model.clone(dtype=jnp.bfloat16).apply)({"params": params}, *inputs)
   err16 = _rel_err(ours16, expected)
   print(f"{name}: bf16 max|diff|/max|ref| = {err16:.2e}")
   assert err16 < 5e-2
 
 
 def _perturbed_init(model, inputs, seed=1):
-  params = nn.unbox(model.init(jax.random.key(seed), *inputs)["params"])
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-  leaves = [np.asarray(p + 0.05 * jax.random.normal(k, p.shape)) for p, k in zip(leaves, keys)]
-  return jax.tree.unflatten(tree, leaves)
+  """Init params plus noise (jitted init, numpy noise: no op-by-op JAX)."""
+  params = nn.unbox(jax.jit(model.init)(jax.random.key(seed), *inputs)["params"])
+  rng = np.random.RandomState(seed + 1)
+  return jax.tree.map(lambda p: np.asarray(p) + np.float32(0.05) * rng.randn(*p.shape).astype(np.float32), params)
 
 
 def test_save_transformer_loads_in_diffusers(tmp_path):
@@ -171,7 +170,7 @@ def test_save_transformer_loads_in_diffusers(tmp_path):
   model = export_diffusers.model_from_diffusers_config(cfg)
   inputs = _inputs(cfg, hw)
   params = _perturbed_init(model, inputs)
-  ours = model.apply({"params": params}, *inputs)
+  ours = jax.jit(model.apply)({"params": params}, *inputs)
 
   single = diffusers_io.save_transformer(params, model, tmp_path / "one")
   assert (single / diffusers_io.WEIGHTS_NAME).exists()

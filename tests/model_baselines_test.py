@@ -1,5 +1,7 @@
 """Tests of the RQ2 baseline backbones (DiT, CrossDiT, UViT) and the parameter-matched variants."""
 
+import functools
+
 import flax
 import flax.linen as nn
 import jax
@@ -31,14 +33,24 @@ TINY = dict(
 ADALN_ZERO = ("mmdit", "dit", "crossdit")
 
 
+# Inputs and weight noise come from numpy, and every forward pass is jitted: op-by-op (eager) JAX compiles each op of
+# the model on its own, several CPU seconds per model, where one jitted forward is about one.
+
+
 def _inputs(b=2, h=8, w=12, c=3, length=5, context_dim=16, pooled_dim=12, seed=1):
-  keys = jax.random.split(jax.random.key(seed), 4)
+  rng = np.random.RandomState(seed)
   return (
-      jax.random.normal(keys[0], (b, h, w, c)),
-      jax.random.uniform(keys[1], (b,)),
-      jax.random.normal(keys[2], (b, length, context_dim)),
-      jax.random.normal(keys[3], (b, pooled_dim)),
+      rng.randn(b, h, w, c).astype(np.float32),
+      rng.uniform(size=(b,)).astype(np.float32),
+      rng.randn(b, length, context_dim).astype(np.float32),
+      rng.randn(b, pooled_dim).astype(np.float32),
   )
+
+
+def _perturbed(params, seed=5, scale=0.05):
+  """Unboxed params plus noise: nonzero weights everywhere, the zero-initialised gates too."""
+  rng = np.random.RandomState(seed)
+  return jax.tree.map(lambda p: np.asarray(p) + np.float32(scale) * rng.randn(*p.shape).astype(np.float32), params)
 
 
 @pytest.fixture(scope="module", params=sorted(registry.ARCHITECTURES))
@@ -65,7 +77,7 @@ def test_output_shape_and_dtype(tiny):
 
 def test_init_output_is_zero_exactly_where_adaln_zero_applies(tiny):
   arch, model, variables, inputs = tiny
-  out = np.asarray(model.apply(variables, *inputs))
+  out = np.asarray(jax.jit(model.apply)(variables, *inputs))
   if arch in ADALN_ZERO:
     np.testing.assert_array_equal(out, 0.0)
   else:  # UViT has no adaLN-zero: its init is an ordinary random function.
@@ -78,10 +90,11 @@ def test_adaln_zero_blocks_are_identity_at_init(tiny):
   arch, model, variables, inputs = tiny
   params = flax.core.unfreeze(nn.unbox(variables["params"]))
   head = params["final_layer"]["proj"] if arch in ADALN_ZERO else params["decoder_pred"]
-  head["kernel"] = jax.random.normal(jax.random.key(3), head["kernel"].shape)
+  head["kernel"] = np.random.RandomState(3).randn(*head["kernel"].shape).astype(np.float32)
   x, t, ctx, pooled = inputs
-  out = model.apply({"params": params}, x, t, ctx, pooled)
-  out_other_text = model.apply({"params": params}, x, t, ctx + 1.0, pooled)
+  apply = jax.jit(model.apply)
+  out = apply({"params": params}, x, t, ctx, pooled)
+  out_other_text = apply({"params": params}, x, t, ctx + 1.0, pooled)
   assert np.abs(np.asarray(out)).max() > 1e-3
   diff = float(np.abs(np.asarray(out - out_other_text)).max())
   if arch in ADALN_ZERO:
@@ -103,11 +116,8 @@ def test_every_param_has_logical_axes_from_the_vocabulary(tiny):
 
 def test_jit_grad_is_finite_and_reaches_the_blocks(tiny):
   arch, model, variables, inputs = tiny
-  params = nn.unbox(variables["params"])
   # Nonzero weights everywhere, so that gradients flow through the zero-initialised gates too.
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(5), len(leaves))
-  params = jax.tree.unflatten(tree, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+  params = _perturbed(nn.unbox(variables["params"]))
 
   def loss(p):
     return jnp.mean(jnp.square(model.apply({"params": p}, *inputs) - inputs[0]))
@@ -168,46 +178,46 @@ def test_uvit_long_skips_pair_mirrored_blocks():
   """depth 5: out_blocks_0 takes in_blocks_1's output as its skip, out_blocks_1 takes in_blocks_0's (LIFO)."""
   model = registry.build("uvit", **{**TINY, "depth": 5})
   inputs = _inputs()
-  variables = model.init(jax.random.key(0), *inputs)
-  _, state = model.apply(variables, *inputs, capture_intermediates=lambda mdl, _: isinstance(mdl, baselines.UViTBlock))
+  variables = jax.jit(model.init)(jax.random.key(0), *inputs)
+  capture = lambda mdl, _: isinstance(mdl, baselines.UViTBlock)
+  _, state = jax.jit(functools.partial(model.apply, capture_intermediates=capture))(variables, *inputs)
   out = {name: v["__call__"][0] for name, v in state["intermediates"].items()}
   params = nn.unbox(variables["params"])
   block = baselines.UViTBlock(32, 2, 4.0, "rms_norm", "xla", skip=True, dtype=jnp.float32, param_dtype=jnp.float32)
+  block_apply = jax.jit(block.apply)
   for i, (prev, mirror, other) in enumerate(
       [("mid_block", "in_blocks_1", "in_blocks_0"), ("out_blocks_0", "in_blocks_0", "in_blocks_1")]
   ):
     p = {"params": params[f"out_blocks_{i}"]}
-    np.testing.assert_allclose(block.apply(p, out[prev], out[mirror]), out[f"out_blocks_{i}"], rtol=1e-5, atol=1e-5)
-    assert float(jnp.abs(block.apply(p, out[prev], out[other]) - out[f"out_blocks_{i}"]).max()) > 1e-3
+    np.testing.assert_allclose(block_apply(p, out[prev], out[mirror]), out[f"out_blocks_{i}"], rtol=1e-5, atol=1e-5)
+    assert float(jnp.abs(block_apply(p, out[prev], out[other]) - out[f"out_blocks_{i}"]).max()) > 1e-3
 
 
 def test_bad_arch_and_config_values_are_named():
   with pytest.raises(ValueError, match="'vit'"):
     registry.build("vit", **TINY)
   inputs = _inputs()
+  init = lambda arch, **kw: jax.eval_shape(registry.build(arch, **{**TINY, **kw}).init, jax.random.key(0), *inputs)
   for arch in ("dit", "crossdit", "uvit"):
     with pytest.raises(ValueError, match="hidden_size=30"):
-      registry.build(arch, **{**TINY, "hidden_size": 30}).init(jax.random.key(0), *inputs)
+      init(arch, hidden_size=30)
     with pytest.raises(ValueError, match="qk_norm='layer'"):
-      registry.build(arch, **{**TINY, "qk_norm": "layer"}).init(jax.random.key(0), *inputs)
+      init(arch, qk_norm="layer")
     with pytest.raises(ValueError, match=r"dual_attention_layers=\(0,\).*MMDiT only"):
-      registry.build(arch, **{**TINY, "dual_attention_layers": (0,)}).init(jax.random.key(0), *inputs)
+      init(arch, dual_attention_layers=(0,))
     with pytest.raises(ValueError, match="scan_blocks=True"):
-      registry.build(arch, **{**TINY, "scan_blocks": True}).init(jax.random.key(0), *inputs)
+      init(arch, scan_blocks=True)
 
 
 @pytest.mark.parametrize("arch", ["dit", "crossdit", "uvit"])
 def test_remat_and_bf16_match_plain(arch):
   inputs = _inputs()
   model = registry.build(arch, **TINY)
-  params = nn.unbox(model.init(jax.random.key(0), *inputs)["params"])
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(5), len(leaves))
-  params = jax.tree.unflatten(tree, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
-  ref = model.apply({"params": params}, *inputs)
-  remat = model.clone(remat="full").apply({"params": params}, *inputs)
+  params = _perturbed(nn.unbox(jax.jit(model.init)(jax.random.key(0), *inputs)["params"]))
+  ref = jax.jit(model.apply)({"params": params}, *inputs)
+  remat = jax.jit(model.clone(remat="full").apply)({"params": params}, *inputs)
   np.testing.assert_allclose(remat, ref, rtol=1e-5, atol=1e-5)
-  bf16 = model.clone(dtype=jnp.bfloat16).apply({"params": params}, *inputs)
+  bf16 = jax.jit(model.clone(dtype=jnp.bfloat16).apply)({"params": params}, *inputs)
   assert bf16.dtype == jnp.float32
   assert float(jnp.abs(bf16 - ref).max() / jnp.abs(ref).max()) < 5e-2
 

@@ -35,20 +35,31 @@ TINY = dict(
 
 
 def _inputs(b=2, h=8, w=12, c=3, length=5, context_dim=32, pooled_dim=24):
-  keys = jax.random.split(jax.random.key(1), 4)
+  rng = np.random.RandomState(1)  # numpy: no JAX op compiled for the inputs.
   return (
-      jax.random.normal(keys[0], (b, h, w, c)),
-      jax.random.uniform(keys[1], (b,)),
-      jax.random.normal(keys[2], (b, length, context_dim)),
-      jax.random.normal(keys[3], (b, pooled_dim)),
+      rng.randn(b, h, w, c).astype(np.float32),
+      rng.uniform(size=(b,)).astype(np.float32),
+      rng.randn(b, length, context_dim).astype(np.float32),
+      rng.randn(b, pooled_dim).astype(np.float32),
   )
 
 
 def _perturbed(params, scale=0.05):
-  """Unboxed params plus noise, so no layer is zero."""
-  leaves, tree = jax.tree.flatten(nn.unbox(params))
-  keys = jax.random.split(jax.random.key(7), len(leaves))
-  return jax.tree.unflatten(tree, [p + scale * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+  """Unboxed params plus noise, so no layer is zero (numpy noise: no JAX op to compile per leaf)."""
+  rng = np.random.RandomState(7)
+  return jax.tree.map(
+      lambda p: np.asarray(p) + np.float32(scale) * rng.randn(*p.shape).astype(np.float32), nn.unbox(params)
+  )
+
+
+def _random_params(model, inputs, scale=0.05):
+  """Params of `model` drawn at random around zero (norm scales around one), from the init's shapes alone: no layer is
+  zero, and the init program is neither run nor compiled."""
+  shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), *inputs)["params"])
+  centers = jax.tree_util.tree_map_with_path(
+      lambda path, a: np.full(a.shape, float("scale" in jax.tree_util.keystr(path)), a.dtype), shapes
+  )
+  return _perturbed(centers, scale)
 
 
 def _flat(params):
@@ -75,7 +86,7 @@ def tiny():
 
 def test_init_outputs_exactly_zero(tiny):
   model, variables, inputs = tiny
-  out = model.apply(variables, *inputs)
+  out = jax.jit(model.apply)(variables, *inputs)  # Jitted: op by op, each of the model's ops would compile alone.
   assert out.shape == (2, 8, 12, 3)
   assert out.dtype == jnp.float32
   np.testing.assert_array_equal(np.asarray(out), 0.0)
@@ -168,9 +179,9 @@ def test_bad_config_values_are_named():
       (dict(dual_attention_layers=(5,)), r"\[5\]"),
   ]:
     with pytest.raises(ValueError, match=match):
-      mmdit.MMDiT(**{**TINY, **kwargs}).init(jax.random.key(0), *inputs)
+      jax.eval_shape(mmdit.MMDiT(**{**TINY, **kwargs}).init, jax.random.key(0), *inputs)  # Raised while tracing.
   with pytest.raises(ValueError, match="pos_embed_max_size=16"):
-    mmdit.MMDiT(**TINY).init(jax.random.key(0), *_inputs(h=40))
+    jax.eval_shape(mmdit.MMDiT(**TINY).init, jax.random.key(0), *_inputs(h=40))
 
 
 def test_remat_matches_plain(tiny):
@@ -187,8 +198,8 @@ def test_remat_matches_plain(tiny):
 def test_bf16_forward_close_to_fp32(tiny):
   model, variables, inputs = tiny
   params = _perturbed(variables["params"])
-  out32 = model.apply({"params": params}, *inputs)
-  out16 = model.clone(dtype=jnp.bfloat16).apply({"params": params}, *inputs)
+  out32 = jax.jit(model.apply)({"params": params}, *inputs)
+  out16 = jax.jit(model.clone(dtype=jnp.bfloat16).apply)({"params": params}, *inputs)
   assert out16.dtype == jnp.float32
   rel = float(jnp.linalg.norm(out16 - out32) / jnp.linalg.norm(out32))
   assert rel < 2e-2, rel
@@ -243,7 +254,7 @@ def test_scan_blocks_matches_unscanned(dual, remat):
   plain = mmdit.MMDiT(**kwargs)
   scanned = mmdit.MMDiT(**kwargs, scan_blocks=True, remat=remat)
   inputs = _inputs()
-  params = _perturbed(jax.jit(plain.init)(jax.random.key(0), *inputs)["params"])
+  params = _random_params(plain, inputs)
   stacked = mmdit_tree.stack_blocks(params, scanned)
   # Same tree and shapes as the scanned model's own init.
   init = nn.unbox(jax.eval_shape(scanned.init, jax.random.key(0), *inputs)["params"])
@@ -263,7 +274,7 @@ def test_scan_blocks_matches_unscanned(dual, remat):
 
 def test_scanned_params_have_a_leading_unnamed_axis():
   model = mmdit.MMDiT(**TINY, scan_blocks=True)
-  boxed = model.init(jax.random.key(0), *_inputs())["params"]
+  boxed = jax.eval_shape(model.init, jax.random.key(0), *_inputs())["params"]  # Names and shapes, not values.
   kernel = boxed["blocks_0_1"]["x"]["attn"]["qkv"]["kernel"]
   assert kernel.names == (None, "embed", None, "heads")
   assert kernel.value.shape == (2, 64, 3, 64)
@@ -303,9 +314,14 @@ def _assert_same_attention(ours_impl, ref_impl, qkv, g, dtype, tol):
   """Outputs and the three input gradients (cotangent g) of two attention_impls agree within tol."""
   from rflow_jax.model import layers  # pylint: disable=g-import-not-at-top
 
-  def vjp(impl):
+  @functools.partial(
+      jax.jit, static_argnums=2
+  )  # One program per kernel: op by op, each op of the forward and backward would compile alone.
+  def vjp_jit(qkv, g, impl):
     out, pullback = jax.vjp(lambda *a: layers.dot_product_attention(*a, impl), *qkv)
     return (out,) + pullback(g)
+
+  vjp = lambda impl: vjp_jit(qkv, g, impl)
 
   for ours, ref in zip(vjp(ours_impl), vjp(ref_impl)):
     assert ours.dtype == ref.dtype == dtype
