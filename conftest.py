@@ -15,8 +15,14 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 # XLA:CPU's LLVM IR fusion emitters generate a program's kernels in about half the CPU time of its newer MLIR fusion
 # emitters (configs/debug.py's train step: ~13 -> ~6.5 CPU s), and code generation is most of a compile here.
+# Only together with JAX_DISABLE_MOST_OPTIMIZATIONS=1: with XLA's optimisation passes on, the same flag makes compiles
+# far slower (that step's optimiser update alone: 9.8 -> 127 CPU s), so a test that asks for the optimising compiler
+# sets its own XLA_FLAGS.
+# Code generation in one piece rather than split over threads: ~8% less CPU for that compile (6.1-6.5 vs 6.7-7.4 s,
+# alternating), and in the suite both cores are busy with xdist workers anyway.
 # Subprocesses with fake devices add their device count to these flags (tests/cli_util.py::xla_flags).
-os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_use_fusion_emitters=false".strip()
+_SUITE_XLA_FLAGS = "--xla_cpu_use_fusion_emitters=false --xla_cpu_parallel_codegen_split_count=1"
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_SUITE_XLA_FLAGS}".strip()
 
 
 def pytest_collection_modifyitems(config, items):  # pylint: disable=unused-argument
