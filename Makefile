@@ -25,7 +25,7 @@ train: $(STAMP)
 	$(BIN)/python -m rflow_jax.main --config=$(CONFIG) --workdir=$(WORKDIR)
 
 # Full suite, slow end-to-end tests included (that is what CI runs). Two xdist workers: much of the suite is
-# single-threaded compilation and subprocess start-up, so two workers keep both cores busy (~16 min on 2 cores;
+# single-threaded compilation and subprocess start-up, so two workers keep both cores busy (~15 min on 2 cores;
 # docs/results/performance.md §5).
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 $(PYTEST_ARGS)

@@ -164,17 +164,21 @@ def _metrics(workdir):
 
 
 @pytest.mark.slow
-def test_training_on_buckets_resumes_bitwise(dataset, tmp_path, monkeypatch):
+def test_training_on_buckets_resumes_bitwise(dataset, tmp_path):
   from rflow_jax.train import trainer  # pylint: disable=g-import-not-at-top
 
-  # The end-of-run preview samples at the default size, not a bucket's (train_test.py checks it): here it would only
-  # add a sampler trace per run.
-  monkeypatch.setattr(tasks.FlowTask, "preview", lambda *args: None)
+  def run(num_steps, workdir):
+    config = _train_config(dataset, num_steps)
+    # The end-of-run preview samples at the default size, not a bucket's (train_test.py checks it): here it would
+    # only add a sampler trace per run.
+    config.train.preview_at_end = False
+    trainer.train_and_evaluate(config, workdir)
+
   straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
-  trainer.train_and_evaluate(_train_config(dataset, 6), straight)
-  trainer.train_and_evaluate(_train_config(dataset, 3), stopped)
+  run(6, straight)
+  run(3, stopped)
   first = _seen(stopped)
-  trainer.train_and_evaluate(_train_config(dataset, 6), stopped)
+  run(6, stopped)
   assert _seen(straight) == first + _seen(stopped)  # The same examples, in the same order, at every step.
   for a, b in zip(*(jax.tree.leaves(checkpoint.restore_params(w, use_ema=False)[0]) for w in (straight, stopped))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

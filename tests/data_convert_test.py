@@ -347,14 +347,14 @@ def test_arrayrecord_source_serves_the_images_and_refuses_a_changed_shard(shapes
 
 
 @pytest.mark.slow
-def test_two_training_steps_on_a_converted_folder(shapes_dataset, tmp_path, monkeypatch):
-  from rflow_jax.train import tasks, trainer  # pylint: disable=g-import-not-at-top
+def test_two_training_steps_on_a_converted_folder(shapes_dataset, tmp_path):
+  from rflow_jax.train import trainer  # pylint: disable=g-import-not-at-top
 
-  # The point is the converted records reaching the step; sampling is train_test.py's (no preview compile here).
-  monkeypatch.setattr(tasks.FlowTask, "preview", lambda *args: None)
   out, _ = shapes_dataset
   config = debug.get_config()
   config.data.name, config.data.path = "arrayrecord", out
+  # The point is the converted records reaching the step; sampling is train_test.py's (no preview compile here).
+  config.train.preview_at_end = False
   config.train.num_steps, config.train.log_every, config.train.record_seen_indices = 2, 1, True
   trainer.train_and_evaluate(config, str(tmp_path))
   with open(tmp_path / "metrics.jsonl") as f:

@@ -110,16 +110,16 @@ def test_mismatched_buckets_and_oversized_grids_are_refused_in_one_line(inputs, 
 
 
 @pytest.mark.slow
-def test_training_on_bucketed_latents_resumes_bitwise(inputs, latents, tmp_path, monkeypatch):
+def test_training_on_bucketed_latents_resumes_bitwise(inputs, latents, tmp_path):
   from rflow_jax.train import trainer  # pylint: disable=g-import-not-at-top
 
   # Decoded previews of a precomputed run are precompute_test's; here they would only add a sampler compile per run.
-  monkeypatch.setattr(tasks.FlowTask, "preview", lambda *args: None)
+  no_preview = {"train.preview_at_end": False}
   straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
-  trainer.train_and_evaluate(_bucketed_config(inputs, latents, 6), straight)
-  trainer.train_and_evaluate(_bucketed_config(inputs, latents, 3), stopped)
+  trainer.train_and_evaluate(_bucketed_config(inputs, latents, 6, **no_preview), straight)
+  trainer.train_and_evaluate(_bucketed_config(inputs, latents, 3, **no_preview), stopped)
   first = _seen(stopped)
-  trainer.train_and_evaluate(_bucketed_config(inputs, latents, 6), stopped)
+  trainer.train_and_evaluate(_bucketed_config(inputs, latents, 6, **no_preview), stopped)
   assert _seen(straight) == first + _seen(stopped)  # The same examples, in the same order, at every step.
   for a, b in zip(*(jax.tree.leaves(checkpoint.restore_params(w, use_ema=False)[0]) for w in (straight, stopped))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

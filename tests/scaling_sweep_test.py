@@ -109,12 +109,12 @@ def test_wsd_branches_are_planned_from_stable_checkpoints(tmp_path):
 def test_second_run_skips_finished_runs_and_collect_gives_one_row_per_evaluation(
     config_file, tmp_path, monkeypatch, capsys
 ):
-  from rflow_jax.train import tasks, trainer  # pylint: disable=g-import-not-at-top
+  from rflow_jax.train import trainer  # pylint: disable=g-import-not-at-top
 
-  # The sweep reads checkpoints and val_loss, not samples: the end-of-run previews would only add sampler traces.
-  monkeypatch.setattr(tasks.FlowTask, "preview", lambda *args: None)
   runs = sweep.plan(config_file, str(tmp_path))
   for run in runs:  # What the first `python launch/sweep.py` does, in this process (one compile for both).
+    # The sweep reads checkpoints and val_loss, not samples: the end-of-run preview would only add a sampler trace.
+    run.config.train.preview_at_end = False
     trainer.train_and_evaluate(run.config, run.workdir)
   assert [sweep.status(r) for r in runs] == ["done", "done"]
 

@@ -9,7 +9,7 @@ import pytest
 
 from configs import debug
 from rflow_jax import config_lib
-from rflow_jax.train import checkpoint, tasks, trainer
+from rflow_jax.train import checkpoint, trainer
 
 # Float32 throughout (the debug config); the accumulated step differs from the big one only in summation order
 # (gradients summed over microbatches, matmuls blocked by batch size).
@@ -66,12 +66,12 @@ def test_microbatches_must_divide_the_data_shard():
 
 
 @pytest.mark.slow
-def test_resume_with_microbatches_is_bitwise_and_the_profiler_traces_steps_2_to_3(tmp_path, monkeypatch):
+def test_resume_with_microbatches_is_bitwise_and_the_profiler_traces_steps_2_to_3(tmp_path):
   # 4 microbatches: the accumulated step of the test above, so one compile serves both. Sampling is tested elsewhere
   # (train_test.py); here the end-of-run previews would only add a sampler trace per run.
-  monkeypatch.setattr(tasks.FlowTask, "preview", lambda *args: None)
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
   c = _config(4)
+  c.train.preview_at_end = False
   c.train.profile_steps = (2, 3)  # Tracing must not change the trajectory either.
   trainer.train_and_evaluate(c, straight)
   assert len(glob.glob(os.path.join(straight, "profile", "plugins", "profile", "*", "*.xplane.pb"))) == 1

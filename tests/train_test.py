@@ -11,7 +11,7 @@ import pytest
 
 from configs import debug
 from rflow_jax import config_lib
-from rflow_jax.train import checkpoint, tasks, trainer
+from rflow_jax.train import checkpoint, trainer
 
 pytestmark = pytest.mark.slow
 
@@ -42,14 +42,13 @@ def two_step_run(tmp_path_factory):
   """A finished 2-step run of the debug config (checkpoint of step 2), without its end-of-run preview: the workdir
   that both an interrupted run (resumed below) and a run refused for another model's config start from."""
   workdir = str(tmp_path_factory.mktemp("two_step") / "run")
-  with pytest.MonkeyPatch.context() as m:  # The sampler is the straight run's to check; here it is only a compile.
-    m.setattr(tasks.FlowTask, "preview", lambda *args: None)
-    trainer.train_and_evaluate(_config(**{"train.num_steps": 2}), workdir)
+  # The sampler is the straight run's to check; here it is only a compile.
+  trainer.train_and_evaluate(_config(**{"train.num_steps": 2, "train.preview_at_end": False}), workdir)
   assert checkpoint.latest_step(workdir) == 2
   return workdir
 
 
-def test_train_writes_outputs_and_resume_equals_uninterrupted(two_step_run, tmp_path, monkeypatch):
+def test_train_writes_outputs_and_resume_equals_uninterrupted(two_step_run, tmp_path):
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
   # The straight run also evaluates mid-run; the resumed one does not, so equality below also shows that a
   # periodic ShapesEval leaves the training trajectory alone.
@@ -75,9 +74,8 @@ def test_train_writes_outputs_and_resume_equals_uninterrupted(two_step_run, tmp_
   # Interrupted after step 2 (a finished shorter run, a copy of two_step_run), then re-run with the full length:
   # resumes from step 2. Without previews (and with the straight run's mid-run sampling and evaluation), equality
   # also shows that sampling leaves the training trajectory alone.
-  monkeypatch.setattr(tasks.FlowTask, "preview", lambda *args: None)
   shutil.copytree(two_step_run, resumed)
-  trainer.train_and_evaluate(_config(), resumed)
+  trainer.train_and_evaluate(_config(**{"train.preview_at_end": False}), resumed)
   assert checkpoint.latest_step(resumed) == 4
   for use_ema in (False, True):
     p_straight, t_straight, _ = checkpoint.restore_params(straight, use_ema=use_ema)
