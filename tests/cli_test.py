@@ -1,7 +1,5 @@
 """The command-line entry points as a user runs them: one-line errors (exit 2, no traceback) and the sample CLI."""
 
-import contextlib
-import io
 import os
 
 import pytest
@@ -9,13 +7,12 @@ from PIL import Image
 
 import cli_util  # tests/cli_util.py (pytest puts tests/ on sys.path)
 from configs import debug
-from rflow_jax import cli
 from rflow_jax import config_lib
 from rflow_jax import rundir
 from rflow_jax.train import trainer
 
 pytestmark = pytest.mark.slow
-_run, _assert_one_line_error = cli_util.run_module, cli_util.assert_one_line_error
+_run, _assert_one_line_error, _main_error = cli_util.run_module, cli_util.assert_one_line_error, cli_util.main_error
 
 
 @pytest.mark.parametrize(
@@ -97,15 +94,6 @@ def test_sample_cli_bad_prompts(trained_workdir, tmp_path, content, needles):
   )
   _assert_one_line_error(rc, stderr, *needles)
   assert not (tmp_path / "out").exists()
-
-
-def _main_error(call):
-  """(exit code, stderr) of `call` inside cli.clean_errors(), as the sample CLI's main() runs rundir.load_sampler."""
-  stderr = io.StringIO()
-  with contextlib.redirect_stderr(stderr), pytest.raises(SystemExit) as exit_info:
-    with cli.clean_errors():
-      call()
-  return exit_info.value.code, stderr.getvalue()
 
 
 def test_sample_cli_bad_workdir_cfg_and_solver(trained_workdir, tmp_path):

@@ -1,6 +1,8 @@
 """Helpers of the CLI tests: run an entry point as a user does, check its one-line error contract, and make a
 tiny trained workdir to run them on."""
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -37,6 +39,20 @@ def run_module(module, *args):
       [sys.executable, "-m", module, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=600, env=ENV
   )
   return proc.returncode, proc.stdout, proc.stderr
+
+
+def main_error(call) -> tuple[int, str]:
+  """(exit code, stderr) of `call` inside cli.clean_errors(), as a CLI's main() runs the library function it passes
+  its flags to: a user error raised there becomes the same one-line exit 2 as in a launched CLI, without a
+  subprocess's seconds of imports. Each entry point still needs real launches for its flag parsing and own checks."""
+  import pytest  # pylint: disable=g-import-not-at-top
+  from rflow_jax import cli  # pylint: disable=g-import-not-at-top
+
+  stderr = io.StringIO()
+  with contextlib.redirect_stderr(stderr), pytest.raises(SystemExit) as exit_info:
+    with cli.clean_errors():
+      call()
+  return exit_info.value.code, stderr.getvalue()
 
 
 def dir_bytes(directory) -> dict[str, bytes]:

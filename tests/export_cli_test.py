@@ -4,8 +4,6 @@ The diffusers export is checked against diffusers itself: SD3Transformer2DModel.
 and our MMDiT with the checkpoint's EMA params get the same random inputs (NCHW, timestep 1000·t).
 """
 
-import contextlib
-import io
 import json
 import os
 
@@ -20,7 +18,6 @@ from PIL import Image
 
 import cli_util  # tests/cli_util.py (pytest puts tests/ on sys.path)
 from configs import debug
-from rflow_jax import cli
 from rflow_jax import rundir
 from rflow_jax.export import workdir as export_workdir
 from rflow_jax.model import mmdit
@@ -30,20 +27,7 @@ from rflow_jax.train import checkpoint, trainer
 pytestmark = pytest.mark.slow
 # max |ours - diffusers| / max |diffusers| in float32.
 PARITY_RTOL = 1e-5
-_run, _assert_one_line_error = cli_util.run_module, cli_util.assert_one_line_error
-
-
-def _main_error(call):
-  """(exit code, stderr) of `call` inside cli.clean_errors(), as the export and sample CLIs' main() run their work.
-
-  The CLIs' main() only parses flags and passes them on: a user error raised by the library function behind it
-  becomes the same one-line exit 2 here as in a launched CLI, without a subprocess's seconds of imports. Each entry
-  point still gets real launches for its flag parsing and its own checks (the tests below say which)."""
-  stderr = io.StringIO()
-  with contextlib.redirect_stderr(stderr), pytest.raises(SystemExit) as exit_info:
-    with cli.clean_errors():
-      call()
-  return exit_info.value.code, stderr.getvalue()
+_run, _assert_one_line_error, _main_error = cli_util.run_module, cli_util.assert_one_line_error, cli_util.main_error
 
 
 @pytest.fixture(scope="module")
