@@ -17,6 +17,7 @@ import torch
 from diffusers import SD3Transformer2DModel
 from diffusers.loaders import single_file_utils
 
+import pipeline_util  # tests/pipeline_util.py (pytest puts tests/ on sys.path)
 from rflow_jax.export import diffusers as export_diffusers
 from rflow_jax.export import diffusers_io
 from rflow_jax.export import original as export_original
@@ -161,8 +162,7 @@ def test_parity_with_diffusers_and_bitwise_roundtrip(name):
 def _perturbed_init(model, inputs, seed=1):
   """Init params plus noise (jitted init, numpy noise: no op-by-op JAX)."""
   params = nn.unbox(jax.jit(model.init)(jax.random.key(seed), *inputs)["params"])
-  rng = np.random.RandomState(seed + 1)
-  return jax.tree.map(lambda p: np.asarray(p) + np.float32(0.05) * rng.randn(*p.shape).astype(np.float32), params)
+  return pipeline_util.perturb(params, seed + 1, 0.05)
 
 
 def test_save_transformer_loads_in_diffusers(tmp_path):

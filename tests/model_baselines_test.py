@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import pipeline_util  # tests/pipeline_util.py (pytest puts tests/ on sys.path)
 from configs import quickstart
 from configs import rq2_baselines
 from rflow_jax.model import baselines
@@ -45,12 +46,6 @@ def _inputs(b=2, h=8, w=12, c=3, length=5, context_dim=16, pooled_dim=12, seed=1
       rng.randn(b, length, context_dim).astype(np.float32),
       rng.randn(b, pooled_dim).astype(np.float32),
   )
-
-
-def _perturbed(params, seed=5, scale=0.05):
-  """Unboxed params plus noise: nonzero weights everywhere, the zero-initialised gates too."""
-  rng = np.random.RandomState(seed)
-  return jax.tree.map(lambda p: np.asarray(p) + np.float32(scale) * rng.randn(*p.shape).astype(np.float32), params)
 
 
 @pytest.fixture(scope="module", params=sorted(registry.ARCHITECTURES))
@@ -117,7 +112,7 @@ def test_every_param_has_logical_axes_from_the_vocabulary(tiny):
 def test_jit_grad_is_finite_and_reaches_the_blocks(tiny):
   arch, model, variables, inputs = tiny
   # Nonzero weights everywhere, so that gradients flow through the zero-initialised gates too.
-  params = _perturbed(nn.unbox(variables["params"]))
+  params = pipeline_util.perturb(nn.unbox(variables["params"]), 5, 0.05)
 
   def loss(p):
     return jnp.mean(jnp.square(model.apply({"params": p}, *inputs) - inputs[0]))
@@ -213,7 +208,7 @@ def test_bad_arch_and_config_values_are_named():
 def test_remat_and_bf16_match_plain(arch):
   inputs = _inputs()
   model = registry.build(arch, **TINY)
-  params = _perturbed(nn.unbox(jax.jit(model.init)(jax.random.key(0), *inputs)["params"]))
+  params = pipeline_util.perturb(nn.unbox(jax.jit(model.init)(jax.random.key(0), *inputs)["params"]), 5, 0.05)
   ref = jax.jit(model.apply)({"params": params}, *inputs)
   remat = jax.jit(model.clone(remat="full").apply)({"params": params}, *inputs)
   np.testing.assert_allclose(remat, ref, rtol=1e-5, atol=1e-5)

@@ -14,6 +14,7 @@ import pytest
 import torch
 from diffusers.models import embeddings as d_embeddings
 
+import pipeline_util  # tests/pipeline_util.py (pytest puts tests/ on sys.path)
 from rflow_jax.model import embeddings
 from rflow_jax.model import mmdit
 from rflow_jax.model import mmdit_tree
@@ -44,14 +45,6 @@ def _inputs(b=2, h=8, w=12, c=3, length=5, context_dim=32, pooled_dim=24):
   )
 
 
-def _perturbed(params, scale=0.05):
-  """Unboxed params plus noise, so no layer is zero (numpy noise: no JAX op to compile per leaf)."""
-  rng = np.random.RandomState(7)
-  return jax.tree.map(
-      lambda p: np.asarray(p) + np.float32(scale) * rng.randn(*p.shape).astype(np.float32), nn.unbox(params)
-  )
-
-
 def _random_params(model, inputs, scale=0.05):
   """Params of `model` drawn at random around zero (norm scales around one), from the init's shapes alone: no layer is
   zero, and the init program is neither run nor compiled."""
@@ -59,7 +52,7 @@ def _random_params(model, inputs, scale=0.05):
   centers = jax.tree_util.tree_map_with_path(
       lambda path, a: np.full(a.shape, float("scale" in jax.tree_util.keystr(path)), a.dtype), shapes
   )
-  return _perturbed(centers, scale)
+  return pipeline_util.perturb(centers, 7, scale)
 
 
 def _flat(params):
@@ -106,7 +99,7 @@ def test_zero_init_policy_and_other_inits(tiny):
 
 def test_nonzero_params_change_output_and_depend_on_all_inputs(tiny):
   model, variables, inputs = tiny
-  params = _perturbed(variables["params"], scale=0.02)
+  params = pipeline_util.perturb(nn.unbox(variables["params"]), 7, 0.02)
   apply = jax.jit(model.apply)
   out = apply({"params": params}, *inputs)
   assert np.all(np.isfinite(np.asarray(out)))
@@ -186,7 +179,7 @@ def test_bad_config_values_are_named():
 
 def test_remat_matches_plain(tiny):
   model, variables, inputs = tiny
-  params = _perturbed(variables["params"])
+  params = pipeline_util.perturb(nn.unbox(variables["params"]), 7, 0.05)
 
   @functools.partial(jax.jit, static_argnums=0)
   def grad(m, p):
@@ -197,7 +190,7 @@ def test_remat_matches_plain(tiny):
 
 def test_bf16_forward_close_to_fp32(tiny):
   model, variables, inputs = tiny
-  params = _perturbed(variables["params"])
+  params = pipeline_util.perturb(nn.unbox(variables["params"]), 7, 0.05)
   out32 = jax.jit(model.apply)({"params": params}, *inputs)
   out16 = jax.jit(model.clone(dtype=jnp.bfloat16).apply)({"params": params}, *inputs)
   assert out16.dtype == jnp.float32

@@ -4,6 +4,7 @@ import jax
 import numpy as np
 import pytest
 
+import pipeline_util  # tests/pipeline_util.py (pytest puts tests/ on sys.path)
 from configs import debug
 from rflow_jax.sampling import pipeline
 from rflow_jax.train import trainer
@@ -17,8 +18,7 @@ def setup_and_params():
   state = setup.init_state()
   # adaLN-zero makes a fresh model's velocity exactly 0; perturb every weight so the samplers have work to do (numpy
   # noise: op-by-op JAX would compile one program per weight shape).
-  rng = np.random.RandomState(5)
-  params = jax.tree.map(lambda x: (np.asarray(x) + 0.05 * rng.randn(*x.shape)).astype(x.dtype), state.params)
+  params = pipeline_util.perturb(state.params, 5, 0.05)
   return setup, params, state.text_params, {}
 
 
