@@ -7,7 +7,7 @@ batch 8, fp32, 73M parameters), the same weights on both sides (random, moved wi
 same batch, the same thread count (torch.set_num_threads and XLA's CPU pool via NPROC, set before JAX starts):
 
   train step   rflow_jax's jitted `Setup.train_step` (donated state; loss incl. the frozen text stack, clipping,
-               AdamW, EMA, the non-finite select, three norms) vs SD3Transformer2DModel forward + MSE + backward +
+               AdamW, EMA, the non-finite guard, three norms) vs SD3Transformer2DModel forward + MSE + backward +
                clip_grad_norm_ + torch.optim.AdamW (foreach) + a foreach EMA, eager and under torch.compile. Both
                sides compute the loss on the same (z_t, t, target, context, pooled): the step-0 draw of rflow_jax's
                step, replayed for torch; the JSON reports both losses.
@@ -17,7 +17,8 @@ same batch, the same thread count (torch.set_num_threads and XLA's CPU pool via 
 
 Timings are interleaved (rflow_jax, eager, compiled, rflow_jax, ...) so machine noise hits every side, medians after
 warm-up; compile/trace time is reported apart. The last line printed is one JSON object with the keys
-train_step / sampling / matmul_gflops / config / threads (plus loss, compile_s).
+train_step / sampling / goals / matmul_gflops / config / threads (plus loss, compile_s); `goals` says which of
+issue 23's targets this run meets and what fraction of XLA's matmul rate each would need.
 --quick: a tiny model (depth 2, width 64, 64 image tokens, batch 2), 2-step sampling, few repetitions, no torch.compile (its ~minute of inductor compile); for CI.
 """
 
@@ -197,6 +198,33 @@ class Peer:
     return x
 
 
+def goals(train: dict, sample: dict, flops: float, sample_flops: float, xla_gflops: float, gflops: float) -> dict:
+  """Issue 23's goals against this run, each with the peak fraction meeting it would take.
+
+  `needs_peak_fraction` is the GFLOP/s the goal's time implies over XLA's own 2048² matmul rate. Near or above 1 a
+  goal is out of reach on this CPU whatever the code does (the step's matmuls alone run at about that rate), and
+  then the train step's peak_fraction >= 0.7 is the goal that rules.
+  """
+  need = lambda work, seconds: round(work / seconds / 1e9 / xla_gflops, 3)
+  out = {
+      "train_1.25x_eager": {
+          "met": train["diffusers_eager"] / train["rflow_jax"] >= 1.25,
+          "needs_peak_fraction": need(flops, train["diffusers_eager"] / 1.25),
+      },
+      "train_peak_fraction_0.7": {"met": gflops / xla_gflops >= 0.7, "needs_peak_fraction": 0.7},
+      "sampling_1.5x_eager": {
+          "met": sample["diffusers_eager"] / sample["rflow_jax"] >= 1.5,
+          "needs_peak_fraction": need(sample_flops, sample["diffusers_eager"] / 1.5),
+      },
+  }
+  if "diffusers_compile" in train:
+    out["train_vs_compile"] = {
+        "met": train["rflow_jax"] <= train["diffusers_compile"],
+        "needs_peak_fraction": need(flops, train["diffusers_compile"]),
+    }
+  return out
+
+
 def main(argv=None):
   args = parse_args(argv)
   # XLA's CPU client sizes its intra-op pool from NPROC when set; both must be fixed before jax/torch start.
@@ -210,6 +238,7 @@ def main(argv=None):
   from rflow_jax.model import text_encoders  # pylint: disable=g-import-not-at-top
   from rflow_jax.sampling import guidance, schedules, solvers  # pylint: disable=g-import-not-at-top
   from rflow_jax.train import optimizer as optim_lib, step as step_lib, trainer  # pylint: disable=g-import-not-at-top
+  from rflow_jax.utils import flops as flops_lib  # pylint: disable=g-import-not-at-top
 
   config = make_config(args)
   setup = trainer.Setup(config)
@@ -320,6 +349,10 @@ def main(argv=None):
 
   mm = matmul_rates(reps=5 if args.quick else 10)
   gflops = flops / train["rflow_jax"] / 1e9
+  # The sampler's XLA cost analysis counts its loop body once, so its rate uses the model's FLOPs instead: a forward
+  # pass per image and step, two per image with CFG (train FLOPs per example are three forwards).
+  sample_flops = flops_lib.train_flops_per_example(config) / 3 * 2 * sb * args.sample_steps
+  sample_gflops = sample_flops / sample["rflow_jax"] / 1e9
   result = {
       "train_step": {
           "rflow_jax_s": round(train["rflow_jax"], 4),
@@ -336,7 +369,10 @@ def main(argv=None):
           "diffusers_compile_s": round(sample["diffusers_compile"], 3) if compile_ else None,
           "speedup_vs_eager": round(sample["diffusers_eager"] / sample["rflow_jax"], 3),
           "speedup_vs_compile": round(sample["diffusers_compile"] / sample["rflow_jax"], 3) if compile_ else None,
+          "rflow_jax_gflops": round(sample_gflops, 1),
+          "peak_fraction": round(sample_gflops / mm["xla"], 3),
       },
+      "goals": goals(train, sample, flops, sample_flops, mm["xla"], gflops),
       "matmul_gflops": mm,
       "config": {
           "depth": args.depth,

@@ -42,7 +42,16 @@ def test_quick_run_reports_every_key_and_the_same_loss(capsys):
       "diffusers_compile_s",
       "speedup_vs_eager",
       "speedup_vs_compile",
+      "rflow_jax_gflops",
+      "peak_fraction",
   }
+  # --quick skips torch.compile, so the "no slower than torch.compile" goal is absent.
+  assert set(result["goals"]) == {"train_1.25x_eager", "train_peak_fraction_0.7", "sampling_1.5x_eager"}
+  peak = result["matmul_gflops"]["xla"]
+  eager = result["train_step"]["diffusers_eager_s"]
+  assert result["goals"]["train_1.25x_eager"]["met"] == (eager / result["train_step"]["rflow_jax_s"] >= 1.25)
+  needed = result["flops_per_step"] / (eager / 1.25) / 1e9 / peak
+  assert result["goals"]["train_1.25x_eager"]["needs_peak_fraction"] == pytest.approx(needed, abs=2e-3)
   assert set(result["matmul_gflops"]) == {"xla", "torch"}
   assert result["threads"] == 1 and result["config"]["quick"]
   for section in ("train_step", "sampling"):

@@ -60,6 +60,7 @@ class FlowTask:
         text_stack=self.text_stack,
         formulation=self.formulation,
         tx=self.tx,
+        learning_rate=optim_lib.learning_rate_schedule(config.optim, config.train.num_steps),
         seed=config.seed,
         drop_prob=config.text.drop_prob,
         ema_decay=config.optim.ema_decay,

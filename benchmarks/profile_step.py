@@ -1,0 +1,110 @@
+"""Where the jitted train step's time goes on this machine: XLA's executed kernels, attributed to source ops.
+
+  python benchmarks/profile_step.py [--config=configs/shapes.py] [--steps=2] [--top=25] [--config.model.depth=8 ...]
+
+Compiles `Setup.train_step`, runs it under the JAX profiler and sums each executed kernel's time (the Perfetto
+trace's events) per source op: the op_name metadata XLA keeps on every fusion, with block indices folded so that the
+8 blocks' copies of one op add up. Prints one JSON line: kernel milliseconds per step by kind (matmul kernels, other
+fusions, copies/transposes), and the `--top` source ops. XLA:CPU runs some kernels concurrently, so the kernel sum
+can exceed the step's wall time; compare shares, and compare two trees or settings side by side in one session.
+"""
+
+import collections
+import glob
+import gzip
+import json
+import re
+import tempfile
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+import jax
+
+from rflow_jax import cli
+from rflow_jax.train import trainer
+
+config_flags.DEFINE_config_file("config", "configs/shapes.py", "Config file.", lock_config=True)
+flags.DEFINE_integer("steps", 2, "Profiled steps (after two warm-up steps).")
+flags.DEFINE_integer("top", 25, "Source ops to list.")
+FLAGS = flags.FLAGS
+
+_META = re.compile(r"\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{op_name=\"([^\"]+)\"")
+
+
+def op_names(hlo_text: str) -> dict[str, str]:
+  """{instruction name: op_name} of the compiled module; kernels in the trace are named after their instruction."""
+  return {m.group(1): m.group(2) for m in map(_META.match, hlo_text.splitlines()) if m}
+
+
+def source_op(op_name: str) -> str:
+  """Folds the block index and the jit prefix, so the blocks' copies of one op share a key."""
+  op_name = re.sub(r"^jit\([^)]*\)/", "", op_name)
+  return re.sub(r"blocks_\d+", "blocks_N", op_name)
+
+
+def kind(kernel: str) -> str:
+  """Matmul kernels (XNNPACK/oneDNN/Eigen dots), copies and transposes, or any other fusion."""
+  if kernel.startswith(("ynn", "xnn", "onednn")) or "dot" in kernel or "convolution" in kernel:
+    return "matmul"
+  if kernel.startswith(("copy", "transpose")):
+    return "copy_transpose"
+  return "other_fusion"
+
+
+def kernel_times(trace_dir: str, steps: int) -> collections.Counter:
+  """Milliseconds per step of each executed kernel, from the profiler's Perfetto trace."""
+  (path,) = glob.glob(f"{trace_dir}/**/perfetto_trace.json.gz", recursive=True)
+  with gzip.open(path) as f:
+    trace = json.load(f)
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  out = collections.Counter()
+  for e in events:
+    name = e.get("name", "")
+    # Complete events only; Python frames ("$file:line") and the runtime's own spans are not kernels.
+    if e.get("ph") != "X" or name.startswith("$") or "::" in name or name.startswith(("PjitFunction", "Execute")):
+      continue
+    out[name] += e.get("dur", 0) / 1e3 / steps
+  return out
+
+
+def main(argv):
+  del argv
+  setup = trainer.Setup(FLAGS.config)
+  state = setup.init_state()
+  batch = setup.global_batch(next(setup.data_iterator()))
+  with setup.step_context():
+    compiled = setup.train_step.lower(state, batch).compile()
+  names = op_names(compiled.as_text())
+  for _ in range(2):  # Warm-up.
+    state, m = compiled(state, batch)
+    jax.block_until_ready(m)
+  with tempfile.TemporaryDirectory() as d:
+    t0 = time.perf_counter()
+    with jax.profiler.trace(d, create_perfetto_trace=True):
+      for _ in range(FLAGS.steps):
+        state, m = compiled(state, batch)
+        jax.block_until_ready(m)
+    wall = (time.perf_counter() - t0) / FLAGS.steps
+    kernels = kernel_times(d, FLAGS.steps)
+  by_kind, by_op = collections.Counter(), collections.Counter()
+  for kernel, ms in kernels.items():
+    by_kind[kind(kernel)] += ms
+    by_op[source_op(names.get(kernel, "(no metadata)"))] += ms
+  print(
+      json.dumps(
+          {
+              "model": {k: FLAGS.config.model[k] for k in ("hidden_size", "depth", "num_heads", "attention_impl")},
+              "global_batch": FLAGS.config.train.global_batch_size,
+              "step_wall_ms_under_profiler": round(wall * 1e3, 1),
+              "kernel_ms_per_step": round(sum(kernels.values()), 1),
+              "by_kind_ms": {k: round(v, 1) for k, v in by_kind.most_common()},
+              "top_ops_ms": [[op, round(ms, 1)] for op, ms in by_op.most_common(FLAGS.top)],
+              "backend": jax.default_backend(),
+          }
+      )
+  )
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=cli.parse_flags)
