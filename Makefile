@@ -24,7 +24,7 @@ $(STAMP): setup.cfg constraints.txt
 NATIVE_LIB := rflow_jax/model/native/attention_cpu.so
 install: $(STAMP) $(NATIVE_LIB)
 
-$(NATIVE_LIB): rflow_jax/model/native/attention_cpu.cc | $(STAMP)
+$(NATIVE_LIB): rflow_jax/model/native/attention_cpu.cc rflow_jax/model/native/kernels.h | $(STAMP)
 	$(BIN)/python -m rflow_jax.model.native_attention || true
 
 # Trains the quickstart config into $(WORKDIR); re-running resumes from the last checkpoint there.

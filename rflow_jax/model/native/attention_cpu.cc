@@ -16,184 +16,23 @@
 #include <condition_variable>
 #include <cstdint>
 #include <cstdlib>
-#include <cstring>
 #include <functional>
-#include <limits>
 #include <memory>
 #include <mutex>
 
-#ifdef __AVX2__
-#include <immintrin.h>
-#endif
-
+#include "kernels.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
+namespace rflow_attention {
 namespace {
 
 // Query rows per block: a multiple of the micro-kernel's 6 rows; its kBr x S probabilities and their gradient stay
 // in L2 (2 x 48 x 1056 floats = 400 KiB at S = 1056).
 constexpr int64_t kBr = 48;
-constexpr int64_t kMr = 6;  // Micro-kernel rows: 6 x 16 accumulators = 12 of AVX2's 16 vector registers.
 
 int64_t RoundUp(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-
-// ---------------------------------------------------------------------------------------------------------------
-// GEMM: C (m x n, row stride ldc) = or += A (m x k, element (i, p) at a[i * ars + p * acs]) * B (k x n, row stride
-// ldb). n is a multiple of 8 (callers pad). A's general strides let the same kernel multiply by a transposed
-// block (P^T dO, dS^T Q): A is only ever broadcast one element at a time, so its layout costs nothing.
-// ---------------------------------------------------------------------------------------------------------------
-
-#ifdef __AVX2__
-
-// The accumulators must live in registers: gcc keeps a 2-D __m256 array in registers only when every loop over it
-// is unrolled before scalar replacement, hence the pragmas (without them it stores all 12 to the stack per step).
-template <int M, int NV>
-inline void MicroKernel(int64_t k, const float* a, int64_t ars, int64_t acs, const float* b, int64_t ldb, float* c,
-                        int64_t ldc, bool accumulate) {
-  __m256 acc[M][NV];
-#pragma GCC unroll 8
-  for (int i = 0; i < M; ++i) {
-#pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) acc[i][j] = _mm256_setzero_ps();
-  }
-  for (int64_t p = 0; p < k; ++p) {
-    __m256 bv[NV];
-#pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) bv[j] = _mm256_loadu_ps(b + p * ldb + 8 * j);
-#pragma GCC unroll 8
-    for (int i = 0; i < M; ++i) {
-      const __m256 av = _mm256_broadcast_ss(a + i * ars + p * acs);
-#pragma GCC unroll 4
-      for (int j = 0; j < NV; ++j) acc[i][j] = _mm256_fmadd_ps(av, bv[j], acc[i][j]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int i = 0; i < M; ++i) {
-#pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) {
-      float* ci = c + i * ldc + 8 * j;
-      _mm256_storeu_ps(ci, accumulate ? _mm256_add_ps(_mm256_loadu_ps(ci), acc[i][j]) : acc[i][j]);
-    }
-  }
-}
-
-template <int NV>
-inline void RowTile(int64_t mr, int64_t k, const float* a, int64_t ars, int64_t acs, const float* b, int64_t ldb,
-                    float* c, int64_t ldc, bool accumulate) {
-  switch (mr) {
-    case 6: return MicroKernel<6, NV>(k, a, ars, acs, b, ldb, c, ldc, accumulate);
-    case 5: return MicroKernel<5, NV>(k, a, ars, acs, b, ldb, c, ldc, accumulate);
-    case 4: return MicroKernel<4, NV>(k, a, ars, acs, b, ldb, c, ldc, accumulate);
-    case 3: return MicroKernel<3, NV>(k, a, ars, acs, b, ldb, c, ldc, accumulate);
-    case 2: return MicroKernel<2, NV>(k, a, ars, acs, b, ldb, c, ldc, accumulate);
-    default: return MicroKernel<1, NV>(k, a, ars, acs, b, ldb, c, ldc, accumulate);
-  }
-}
-
-void Gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t ars, int64_t acs, const float* b, int64_t ldb,
-          float* c, int64_t ldc, bool accumulate) {
-  // Column panels outermost: one k x 16 panel of B (18 KiB at k = 288) stays in L1 while all rows of A pass it.
-  for (int64_t j0 = 0; j0 < n; j0 += 16) {
-    const bool two = n - j0 >= 16;
-    for (int64_t i0 = 0; i0 < m; i0 += kMr) {
-      const int64_t mr = std::min(kMr, m - i0);
-      const float* ai = a + i0 * ars;
-      float* ci = c + i0 * ldc + j0;
-      if (two) {
-        RowTile<2>(mr, k, ai, ars, acs, b + j0, ldb, ci, ldc, accumulate);
-      } else {
-        RowTile<1>(mr, k, ai, ars, acs, b + j0, ldb, ci, ldc, accumulate);
-      }
-    }
-  }
-}
-
-// exp(x) for x in float32 range, Cephes' expf: x = n ln2 + r with |r| <= ln2 / 2, a degree-6 polynomial for e^r
-// (about 1 ulp), times 2^n built in the exponent bits. Inputs are clamped to [-87.3, 88.3] (results stay normal:
-// exp of anything below is returned as ~1e-38 rather than 0, far below a softmax row sum >= 1); NaN propagates.
-inline __m256 Exp(__m256 x) {
-  x = _mm256_min_ps(_mm256_set1_ps(88.3762626647949f), x);  // The second operand is returned when either is NaN.
-  x = _mm256_max_ps(_mm256_set1_ps(-87.3365447504019f), x);
-  __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-}
-
-// p[j] = exp(x[j] - shift) for j < s (in place); returns their sum.
-float ExpShiftedSum(float* x, int64_t s, float shift) {
-  const __m256 sh = _mm256_set1_ps(shift);
-  __m256 acc = _mm256_setzero_ps();
-  int64_t j = 0;
-  for (; j + 8 <= s; j += 8) {
-    const __m256 p = Exp(_mm256_sub_ps(_mm256_loadu_ps(x + j), sh));
-    _mm256_storeu_ps(x + j, p);
-    acc = _mm256_add_ps(acc, p);
-  }
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, acc);
-  float sum = 0.f;
-  for (float lane : lanes) sum += lane;
-  for (; j < s; ++j) {
-    x[j] = std::exp(x[j] - shift);
-    sum += x[j];
-  }
-  return sum;
-}
-
-float RowMax(const float* x, int64_t s) {
-  __m256 acc = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-  int64_t j = 0;
-  for (; j + 8 <= s; j += 8) acc = _mm256_max_ps(acc, _mm256_loadu_ps(x + j));
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, acc);
-  float m = lanes[0];
-  for (float lane : lanes) m = std::max(m, lane);
-  for (; j < s; ++j) m = std::max(m, x[j]);
-  return m;
-}
-
-#else  // Portable fallback: plain loops (gcc vectorises the inner j loops at -O3).
-
-void Gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t ars, int64_t acs, const float* b, int64_t ldb,
-          float* c, int64_t ldc, bool accumulate) {
-  for (int64_t i = 0; i < m; ++i) {
-    float* ci = c + i * ldc;
-    if (!accumulate) std::fill(ci, ci + n, 0.f);
-    for (int64_t p = 0; p < k; ++p) {
-      const float aip = a[i * ars + p * acs];
-      const float* bp = b + p * ldb;
-      for (int64_t j = 0; j < n; ++j) ci[j] += aip * bp[j];
-    }
-  }
-}
-
-float ExpShiftedSum(float* x, int64_t s, float shift) {
-  float sum = 0.f;
-  for (int64_t j = 0; j < s; ++j) {
-    x[j] = std::exp(x[j] - shift);
-    sum += x[j];
-  }
-  return sum;
-}
-
-float RowMax(const float* x, int64_t s) {
-  float m = -std::numeric_limits<float>::infinity();
-  for (int64_t j = 0; j < s; ++j) m = std::max(m, x[j]);
-  return m;
-}
-
-#endif  // __AVX2__
 
 // ---------------------------------------------------------------------------------------------------------------
 // Parallel loop over work items on XLA's intra-op pool. The calling thread claims items too, and waits only for
@@ -247,37 +86,47 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t total, size_t scratch_floats,
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Packing between the strided (B, L, N, D) inputs and contiguous per-head scratch.
+// Operands. A GEMM reads its B operand and writes C in 8- or 16-float column panels, so a (rows x D) operand with D
+// a multiple of 8 is used in place, rows strided by N * D in the (B, L, N, D) buffer; otherwise it is copied to (or,
+// for outputs, from) zero-padded scratch with row stride Dp = RoundUp(D, 8). A operands (broadcast per element) are
+// always read in place. The scale 1/sqrt(D) is applied to the logits inside the exp and folded into dS, so q is
+// never copied to be scaled.
 // ---------------------------------------------------------------------------------------------------------------
 
 struct Dims {
-  int64_t b, t, s, n, d, dp, sp;  // dp, sp: D and S rounded up to 8 (row strides of the scratch).
+  int64_t b, t, s, n, d, dp, sp, nd;  // dp, sp: D and S rounded up to 8; nd = N * D, the row stride of the buffers.
+  bool direct() const { return dp == d; }
 };
 
-// rows x dp <- x[.., row0 .. row0 + rows, h, :] * mul, zero in the padding columns.
-void PackRows(const float* x, int64_t rows, int64_t row_stride, int64_t d, int64_t dp, float mul, float* out) {
+struct View {
+  float* p;
+  int64_t ld;
+};
+
+// rows x dp scratch <- rows of x (stride ld), zero in the padding columns.
+void CopyIn(const float* x, int64_t rows, int64_t ld, const Dims& m, float* out) {
   for (int64_t i = 0; i < rows; ++i) {
-    const float* src = x + i * row_stride;
-    float* dst = out + i * dp;
-    for (int64_t j = 0; j < d; ++j) dst[j] = src[j] * mul;
-    for (int64_t j = d; j < dp; ++j) dst[j] = 0.f;
+    std::copy(x + i * ld, x + i * ld + m.d, out + i * m.dp);
+    std::fill(out + i * m.dp + m.d, out + (i + 1) * m.dp, 0.f);
   }
 }
 
-// d x sp <- transpose of x[.., 0 .. s, h, :], zero in the padding columns.
-void PackTransposed(const float* x, int64_t s, int64_t row_stride, int64_t d, int64_t sp, float* out) {
-  for (int64_t j = 0; j < d; ++j) std::fill(out + j * sp + s, out + (j + 1) * sp, 0.f);
-  for (int64_t i = 0; i < s; ++i) {
-    const float* src = x + i * row_stride;
-    for (int64_t j = 0; j < d; ++j) out[j * sp + i] = src[j];
-  }
+// A B operand: always a padded contiguous copy. In place, a GEMM's k x 16 panel of B would be k cache lines
+// N * D * 4 bytes apart (2 KiB at N * D = 512): they share a handful of L1 and L2 sets and evict each other (packing
+// made P V and P^T dO ~1.5x faster at T = S = 288).
+View In(const float* x, int64_t rows, const Dims& m, float* scratch) {
+  CopyIn(x, rows, m.nd, m, scratch);
+  return {scratch, m.dp};
 }
 
-void UnpackRows(const float* in, int64_t rows, int64_t dp, int64_t d, float mul, float* x, int64_t row_stride) {
+// A C operand for rows of x: x itself when D is a multiple of 8, else `scratch` (see CopyOut).
+View Out(float* x, const Dims& m, float* scratch) { return m.direct() ? View{x, m.nd} : View{scratch, m.dp}; }
+
+// x rows <- c rows * mul[i] (or 1): in place when c is x itself.
+void CopyOut(View c, int64_t rows, const float* mul, const Dims& m, float* x) {
   for (int64_t i = 0; i < rows; ++i) {
-    const float* src = in + i * dp;
-    float* dst = x + i * row_stride;
-    for (int64_t j = 0; j < d; ++j) dst[j] = src[j] * mul;
+    const float f = mul ? mul[i] : 1.f;
+    for (int64_t j = 0; j < m.d; ++j) x[i * m.nd + j] = c.p[i * c.ld + j] * f;
   }
 }
 
@@ -288,143 +137,146 @@ bool ReadDims(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k, ffi::Buffer<ff
     if (kd[i] != vd[i]) return false;
   }
   if (qd[0] != kd[0] || qd[2] != kd[2] || qd[3] != kd[3]) return false;
-  *dims = Dims{qd[0], qd[1], kd[1], qd[2], qd[3], RoundUp(qd[3], 8), RoundUp(kd[1], 8)};
+  *dims = Dims{qd[0], qd[1], kd[1], qd[2], qd[3], RoundUp(qd[3], 8), RoundUp(kd[1], 8), qd[2] * qd[3]};
   return true;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Forward: per (batch, head), Kt (D x Sp) and V (S x Dp) packed once; per query block, logits = (q scale) K^T,
-// P = exp(logits - rowmax), O = P V / rowsum, lse = rowmax + log(rowsum).
+// Forward, per (batch, head): K^T (D x Sp) packed once; per block of query rows, L = q K^T, P = exp(scale L - m)
+// with m the row max of scale L, O = P V / rowsum(P), lse = m + log(rowsum(P)).
 // ---------------------------------------------------------------------------------------------------------------
+
+struct FwdArgs {
+  Dims m;
+  const float *q, *k, *v;
+  float *out, *lse;
+};
+
+size_t FwdScratch(const Dims& m) { return m.d * m.sp + m.s * m.dp + kBr * (m.dp + m.sp); }
+
+void FwdItem(const FwdArgs& a, int64_t item, float* buf) {
+  const Dims& m = a.m;
+  const float scale = 1.f / std::sqrt(static_cast<float>(m.d));
+  const int64_t b = item / m.n, h = item % m.n;
+  float *kt = buf, *vs = kt + m.d * m.sp, *ob = vs + m.s * m.dp, *pb = ob + kBr * m.dp;
+  const int64_t kv_off = b * m.s * m.nd + h * m.d;
+  Transpose(a.k + kv_off, m.s, m.nd, m.d, kt, m.sp);
+  for (int64_t j = 0; j < m.d; ++j) std::fill(kt + j * m.sp + m.s, kt + (j + 1) * m.sp, 0.f);
+  const View vv = In(a.v + kv_off, m.s, m, vs);
+  for (int64_t t0 = 0; t0 < m.t; t0 += kBr) {
+    const int64_t rows = std::min(kBr, m.t - t0);
+    const int64_t q_off = (b * m.t + t0) * m.nd + h * m.d;
+    Gemm(rows, m.sp, m.d, a.q + q_off, m.nd, 1, kt, m.sp, pb, m.sp, false);
+    float inv[kBr];
+    for (int64_t i = 0; i < rows; ++i) {
+      float* row = pb + i * m.sp;
+      const float mx = scale * RowMax(row, m.s);
+      const float l = ExpShiftedSum(row, m.s, scale, mx);
+      std::fill(row + m.s, row + m.sp, 0.f);
+      inv[i] = 1.f / l;
+      a.lse[(b * m.n + h) * m.t + t0 + i] = mx + std::log(l);
+    }
+    const View o = Out(a.out + q_off, m, ob);
+    Gemm(rows, m.dp, m.s, pb, m.sp, 1, vv.p, vv.ld, o.p, o.ld, false);
+    CopyOut(o, rows, inv, m, a.out + q_off);
+  }
+}
 
 ffi::Error AttentionFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                             ffi::Buffer<ffi::F32> v, ffi::ResultBuffer<ffi::F32> out,
                             ffi::ResultBuffer<ffi::F32> lse) {
-  Dims m;
-  if (!ReadDims(q, k, v, &m)) return ffi::Error::InvalidArgument("attention: expected q (B,T,N,D), k = v (B,S,N,D)");
-  const float scale = 1.f / std::sqrt(static_cast<float>(m.d));
-  const float* qp = q.typed_data();
-  const float* kp = k.typed_data();
-  const float* vp = v.typed_data();
-  float* op = out->typed_data();
-  float* lp = lse->typed_data();
-  const int64_t nd = m.n * m.d;
-  const size_t kt_size = m.d * m.sp, v_size = m.s * m.dp, qb_size = kBr * m.dp, pb_size = kBr * m.sp;
-  const size_t scratch = kt_size + v_size + 2 * qb_size + pb_size;
-  ParallelFor(pool, m.b * m.n, scratch, [=](int64_t item, float* buf) {
-    const int64_t b = item / m.n, h = item % m.n;
-    float* kt = buf;
-    float* vv = kt + kt_size;
-    float* qb = vv + v_size;
-    float* ob = qb + qb_size;
-    float* pb = ob + qb_size;
-    const int64_t kv_off = b * m.s * nd + h * m.d;
-    PackTransposed(kp + kv_off, m.s, nd, m.d, m.sp, kt);
-    PackRows(vp + kv_off, m.s, nd, m.d, m.dp, 1.f, vv);
-    for (int64_t t0 = 0; t0 < m.t; t0 += kBr) {
-      const int64_t rows = std::min(kBr, m.t - t0);
-      const int64_t q_off = (b * m.t + t0) * nd + h * m.d;
-      PackRows(qp + q_off, rows, nd, m.d, m.dp, scale, qb);
-      Gemm(rows, m.sp, m.d, qb, m.dp, 1, kt, m.sp, pb, m.sp, false);
-      float inv[kBr];
-      for (int64_t i = 0; i < rows; ++i) {
-        float* row = pb + i * m.sp;
-        const float mx = RowMax(row, m.s);
-        const float l = ExpShiftedSum(row, m.s, mx);
-        std::fill(row + m.s, row + m.sp, 0.f);
-        inv[i] = 1.f / l;
-        lp[(b * m.n + h) * m.t + t0 + i] = mx + std::log(l);
-      }
-      Gemm(rows, m.dp, m.s, pb, m.sp, 1, vv, m.dp, ob, m.dp, false);
-      for (int64_t i = 0; i < rows; ++i) UnpackRows(ob + i * m.dp, 1, m.dp, m.d, inv[i], op + q_off + i * nd, nd);
-    }
-  });
+  FwdArgs a;
+  if (!ReadDims(q, k, v, &a.m)) return ffi::Error::InvalidArgument("attention: expected q (B,T,N,D), k = v (B,S,N,D)");
+  a.q = q.typed_data(), a.k = k.typed_data(), a.v = v.typed_data(), a.out = out->typed_data();
+  a.lse = lse->typed_data();
+  ParallelFor(pool, a.m.b * a.m.n, FwdScratch(a.m), [a](int64_t item, float* buf) { FwdItem(a, item, buf); });
   return ffi::Error::Success();
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Backward: per (batch, head), Kt, Vt (D x Sp), K (S x Dp) packed and dK, dV (S x Dp) accumulated over query
-// blocks. Per block: P = exp((q scale) K^T - lse); dV += P^T dO; dP = dO V^T; dS = P (dP - rowsum(dO O));
-// dQ = scale dS K; dK += dS^T (q scale).
+// Backward, per (batch, head): K^T, V^T (D x Sp) packed once, dK and dV accumulated over the query blocks (in place
+// in the outputs when D is a multiple of 8). Per block: P = exp(scale q K^T - lse); dV += P^T dO; dP = dO V^T;
+// dS = scale P (dP - rowsum(dO O)); dQ = dS K; dK += dS^T q.
 // ---------------------------------------------------------------------------------------------------------------
+
+struct BwdArgs {
+  Dims m;
+  const float *q, *k, *v, *out, *lse, *dout;
+  float *dq, *dk, *dv;
+};
+
+size_t BwdScratch(const Dims& m) {
+  return 2 * m.d * m.sp + 3 * (m.s + kBr) * m.dp + 2 * kBr * m.sp;
+}
+
+void BwdItem(const BwdArgs& a, int64_t item, float* buf) {
+  const Dims& m = a.m;
+  const float scale = 1.f / std::sqrt(static_cast<float>(m.d));
+  const int64_t b = item / m.n, h = item % m.n;
+  const size_t t_size = m.d * m.sp, r_size = m.s * m.dp, b_size = kBr * m.dp;
+  float *kt = buf, *vt = kt + t_size, *ks = vt + t_size, *dks = ks + r_size, *dvs = dks + r_size;
+  float *qs = dvs + r_size, *dos = qs + b_size, *dqs = dos + b_size, *pb = dqs + b_size, *dsb = pb + kBr * m.sp;
+  const int64_t kv_off = b * m.s * m.nd + h * m.d;
+  Transpose(a.k + kv_off, m.s, m.nd, m.d, kt, m.sp);
+  Transpose(a.v + kv_off, m.s, m.nd, m.d, vt, m.sp);
+  for (int64_t j = 0; j < m.d; ++j) {
+    std::fill(kt + j * m.sp + m.s, kt + (j + 1) * m.sp, 0.f);
+    std::fill(vt + j * m.sp + m.s, vt + (j + 1) * m.sp, 0.f);
+  }
+  const View kk = In(a.k + kv_off, m.s, m, ks);
+  const View dkv{dks, m.dp}, dvv{dvs, m.dp};  // In scratch: in place they would thrash as B operands would (In).
+  for (int64_t i = 0; i < m.s; ++i) {
+    std::fill(dkv.p + i * dkv.ld, dkv.p + i * dkv.ld + m.dp, 0.f);
+    std::fill(dvv.p + i * dvv.ld, dvv.p + i * dvv.ld + m.dp, 0.f);
+  }
+  for (int64_t t0 = 0; t0 < m.t; t0 += kBr) {
+    const int64_t rows = std::min(kBr, m.t - t0);
+    const int64_t q_off = (b * m.t + t0) * m.nd + h * m.d;
+    const float* lse_row = a.lse + (b * m.n + h) * m.t + t0;
+    float delta[kBr];  // rowsum(dO * O) = rowsum(P * dP).
+    for (int64_t i = 0; i < rows; ++i) delta[i] = Dot(a.dout + q_off + i * m.nd, a.out + q_off + i * m.nd, m.d);
+    Gemm(rows, m.sp, m.d, a.q + q_off, m.nd, 1, kt, m.sp, pb, m.sp, false);
+    for (int64_t i = 0; i < rows; ++i) {
+      float* row = pb + i * m.sp;
+      ExpShiftedSum(row, m.s, scale, lse_row[i]);
+      std::fill(row + m.s, row + m.sp, 0.f);
+    }
+    const View dob = In(a.dout + q_off, rows, m, dos);
+    Gemm(m.s, m.dp, rows, pb, 1, m.sp, dob.p, dob.ld, dvv.p, dvv.ld, true);    // dV += P^T dO
+    Gemm(rows, m.sp, m.d, a.dout + q_off, m.nd, 1, vt, m.sp, dsb, m.sp, false);  // dP = dO V^T
+    for (int64_t i = 0; i < rows; ++i) {  // dS = scale P (dP - delta): 0 in the padding columns, as P.
+      const float* p = pb + i * m.sp;
+      float* ds = dsb + i * m.sp;
+      const float di = delta[i];
+      for (int64_t j = 0; j < m.sp; ++j) ds[j] = scale * p[j] * (ds[j] - di);
+    }
+    const View dqv = Out(a.dq + q_off, m, dqs);
+    Gemm(rows, m.dp, m.s, dsb, m.sp, 1, kk.p, kk.ld, dqv.p, dqv.ld, false);  // dQ = dS K
+    if (!m.direct()) CopyOut(dqv, rows, nullptr, m, a.dq + q_off);
+    const View qb = In(a.q + q_off, rows, m, qs);
+    Gemm(m.s, m.dp, rows, dsb, 1, m.sp, qb.p, qb.ld, dkv.p, dkv.ld, true);  // dK += dS^T q
+  }
+  CopyOut(dkv, m.s, nullptr, m, a.dk + kv_off);
+  CopyOut(dvv, m.s, nullptr, m, a.dv + kv_off);
+}
 
 ffi::Error AttentionBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                             ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> o, ffi::Buffer<ffi::F32> lse,
                             ffi::Buffer<ffi::F32> dout, ffi::ResultBuffer<ffi::F32> dq,
                             ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv) {
-  Dims m;
-  if (!ReadDims(q, k, v, &m)) return ffi::Error::InvalidArgument("attention: expected q (B,T,N,D), k = v (B,S,N,D)");
-  const float scale = 1.f / std::sqrt(static_cast<float>(m.d));
-  const float* qp = q.typed_data();
-  const float* kp = k.typed_data();
-  const float* vp = v.typed_data();
-  const float* opp = o.typed_data();
-  const float* lp = lse.typed_data();
-  const float* dop = dout.typed_data();
-  float* dqp = dq->typed_data();
-  float* dkp = dk->typed_data();
-  float* dvp = dv->typed_data();
-  const int64_t nd = m.n * m.d;
-  const size_t t_size = m.d * m.sp, r_size = m.s * m.dp, qb_size = kBr * m.dp, pb_size = kBr * m.sp;
-  const size_t scratch = 2 * t_size + 3 * r_size + 3 * qb_size + 2 * pb_size;
-  ParallelFor(pool, m.b * m.n, scratch, [=](int64_t item, float* buf) {
-    const int64_t b = item / m.n, h = item % m.n;
-    float* kt = buf;
-    float* vt = kt + t_size;
-    float* kk = vt + t_size;
-    float* dkb = kk + r_size;
-    float* dvb = dkb + r_size;
-    float* qb = dvb + r_size;
-    float* dob = qb + qb_size;
-    float* dqb = dob + qb_size;
-    float* pb = dqb + qb_size;
-    float* dsb = pb + pb_size;
-    const int64_t kv_off = b * m.s * nd + h * m.d;
-    PackTransposed(kp + kv_off, m.s, nd, m.d, m.sp, kt);
-    PackTransposed(vp + kv_off, m.s, nd, m.d, m.sp, vt);
-    PackRows(kp + kv_off, m.s, nd, m.d, m.dp, 1.f, kk);
-    std::fill(dkb, dkb + 2 * r_size, 0.f);  // dK and dV.
-    for (int64_t t0 = 0; t0 < m.t; t0 += kBr) {
-      const int64_t rows = std::min(kBr, m.t - t0);
-      const int64_t q_off = (b * m.t + t0) * nd + h * m.d;
-      const float* lse_row = lp + (b * m.n + h) * m.t + t0;
-      PackRows(qp + q_off, rows, nd, m.d, m.dp, scale, qb);
-      PackRows(dop + q_off, rows, nd, m.d, m.dp, 1.f, dob);
-      float delta[kBr];  // rowsum(dO * O) = rowsum(P * dP).
-      for (int64_t i = 0; i < rows; ++i) {
-        const float* oi = opp + q_off + i * nd;
-        const float* doi = dob + i * m.dp;
-        float acc = 0.f;
-        for (int64_t j = 0; j < m.d; ++j) acc += doi[j] * oi[j];
-        delta[i] = acc;
-      }
-      Gemm(rows, m.sp, m.d, qb, m.dp, 1, kt, m.sp, pb, m.sp, false);
-      for (int64_t i = 0; i < rows; ++i) {
-        float* row = pb + i * m.sp;
-        ExpShiftedSum(row, m.s, lse_row[i]);
-        std::fill(row + m.s, row + m.sp, 0.f);
-      }
-      Gemm(m.s, m.dp, rows, pb, 1, m.sp, dob, m.dp, dvb, m.dp, true);     // dV += P^T dO
-      Gemm(rows, m.sp, m.d, dob, m.dp, 1, vt, m.sp, dsb, m.sp, false);    // dP = dO V^T
-      for (int64_t i = 0; i < rows; ++i) {                                // dS = P (dP - delta); 0 in padding.
-        const float* p = pb + i * m.sp;
-        float* ds = dsb + i * m.sp;
-        const float di = delta[i];
-        for (int64_t j = 0; j < m.sp; ++j) ds[j] = p[j] * (ds[j] - di);
-      }
-      Gemm(rows, m.dp, m.s, dsb, m.sp, 1, kk, m.dp, dqb, m.dp, false);    // dQ / scale = dS K
-      UnpackRows(dqb, rows, m.dp, m.d, scale, dqp + q_off, nd);
-      Gemm(m.s, m.dp, rows, dsb, 1, m.sp, qb, m.dp, dkb, m.dp, true);     // dK += dS^T (q scale)
-    }
-    UnpackRows(dkb, m.s, m.dp, m.d, 1.f, dkp + kv_off, nd);
-    UnpackRows(dvb, m.s, m.dp, m.d, 1.f, dvp + kv_off, nd);
-  });
+  BwdArgs a;
+  if (!ReadDims(q, k, v, &a.m)) return ffi::Error::InvalidArgument("attention: expected q (B,T,N,D), k = v (B,S,N,D)");
+  a.q = q.typed_data(), a.k = k.typed_data(), a.v = v.typed_data(), a.out = o.typed_data();
+  a.lse = lse.typed_data(), a.dout = dout.typed_data();
+  a.dq = dq->typed_data(), a.dk = dk->typed_data(), a.dv = dv->typed_data();
+  ParallelFor(pool, a.m.b * a.m.n, BwdScratch(a.m), [a](int64_t item, float* buf) { BwdItem(a, item, buf); });
   return ffi::Error::Success();
 }
 
 }  // namespace
+}  // namespace rflow_attention
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(RflowAttentionFwd, AttentionFwdImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RflowAttentionFwd, rflow_attention::AttentionFwdImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -433,7 +285,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RflowAttentionFwd, AttentionFwdImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(RflowAttentionBwd, AttentionBwdImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RflowAttentionBwd, rflow_attention::AttentionBwdImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
