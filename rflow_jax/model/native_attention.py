@@ -32,6 +32,7 @@ from rflow_jax.model import blocked_attention
 
 _DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native")
 SOURCE = os.path.join(_DIR, "attention_cpu.cc")
+SOURCES = (SOURCE, os.path.join(_DIR, "kernels.h"))  # What the library is built from (SOURCE includes the rest).
 # Where `build()` writes by default and `load()` reads; tests point it elsewhere.
 LIBRARY_PATH = os.path.join(_DIR, "attention_cpu.so")
 CXX = os.environ.get("CXX", "g++")
@@ -47,7 +48,7 @@ _warned: set[str] = set()
 
 
 def build(out_path: str = LIBRARY_PATH) -> str:
-  """Compiles native/attention_cpu.cc into the shared library `out_path` (written atomically); returns the path.
+  """Compiles native/attention_cpu.cc (with kernels.h) into the shared library `out_path` (written atomically); returns the path.
 
   Raises:
     RuntimeError: one line naming the compiler, its flags and its first error line.

@@ -7,8 +7,8 @@
 // probabilities from the saved log-sum-exp and uses rowsum(dO * O) instead of rowsum(P * dP) (Algorithm 4 there).
 //
 // Work items are (batch, head) pairs: a pair's dK and dV accumulate over its query blocks inside one item, so the
-// items share nothing and run on XLA's intra-op thread pool without locks. Each item first packs its head's rows
-// (strided by N * D in the inputs) into contiguous, 8-float-padded scratch so the small GEMMs read unit strides.
+// items share nothing and run on XLA's intra-op thread pool without locks. Each item packs what its GEMMs stream
+// (K^T, V^T, K, V, dO and q blocks; see "Operands") into contiguous, 8-float-padded per-thread scratch.
 
 #include <algorithm>
 #include <atomic>
@@ -86,11 +86,11 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t total, size_t scratch_floats,
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Operands. A GEMM reads its B operand and writes C in 8- or 16-float column panels, so a (rows x D) operand with D
-// a multiple of 8 is used in place, rows strided by N * D in the (B, L, N, D) buffer; otherwise it is copied to (or,
-// for outputs, from) zero-padded scratch with row stride Dp = RoundUp(D, 8). A operands (broadcast per element) are
-// always read in place. The scale 1/sqrt(D) is applied to the logits inside the exp and folded into dS, so q is
-// never copied to be scaled.
+// Operands. A operands (broadcast one element at a time: q, dO) are read in place, rows strided by N * D in the
+// (B, L, N, D) buffers. B operands (read in 8- or 16-float column panels) are copied to contiguous scratch with row
+// stride Dp = RoundUp(D, 8), zero-padded; so are the dK and dV accumulators. The per-block outputs O and dQ are
+// written in place when D is a multiple of 8 (a C tile touches only 6 rows), else via scratch. The scale 1/sqrt(D)
+// is applied to the logits inside the exp and folded into dS, so q is never copied to be scaled.
 // ---------------------------------------------------------------------------------------------------------------
 
 struct Dims {
@@ -194,8 +194,8 @@ ffi::Error AttentionFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Backward, per (batch, head): K^T, V^T (D x Sp) packed once, dK and dV accumulated over the query blocks (in place
-// in the outputs when D is a multiple of 8). Per block: P = exp(scale q K^T - lse); dV += P^T dO; dP = dO V^T;
+// Backward, per (batch, head): K^T, V^T (D x Sp) and K packed once, dK and dV accumulated in scratch over the query
+// blocks. Per block: P = exp(scale q K^T - lse); dV += P^T dO; dP = dO V^T;
 // dS = scale P (dP - rowsum(dO O)); dQ = dS K; dK += dS^T q.
 // ---------------------------------------------------------------------------------------------------------------
 
