@@ -86,11 +86,12 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t total, size_t scratch_floats,
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Operands. A operands (broadcast one element at a time: q, dO) are read in place, rows strided by N * D in the
-// (B, L, N, D) buffers. B operands (read in 8- or 16-float column panels) are copied to contiguous scratch with row
-// stride Dp = RoundUp(D, 8), zero-padded; so are the dK and dV accumulators. The per-block outputs O and dQ are
+// Operands. Every operand a GEMM streams is a contiguous copy with row stride Dp = RoundUp(D, 8), zero-padded:
+// K^T and V^T (D x Sp) and K, V once per (batch, head), the q and dO blocks once per query block, and the dK, dV
+// accumulators. In place, rows N * D * 4 bytes apart (2 KiB at N * D = 512) map to a handful of L1 and L2 sets and
+// evict each other (packing made P V and P^T dO ~1.5x faster at T = S = 288). The per-block outputs O and dQ are
 // written in place when D is a multiple of 8 (a C tile touches only 6 rows), else via scratch. The scale 1/sqrt(D)
-// is applied to the logits inside the exp and folded into dS, so q is never copied to be scaled.
+// is applied to the logits inside the exp and folded into dS, so q is never scaled.
 // ---------------------------------------------------------------------------------------------------------------
 
 struct Dims {
@@ -111,9 +112,7 @@ void CopyIn(const float* x, int64_t rows, int64_t ld, const Dims& m, float* out)
   }
 }
 
-// A B operand: always a padded contiguous copy. In place, a GEMM's k x 16 panel of B would be k cache lines
-// N * D * 4 bytes apart (2 KiB at N * D = 512): they share a handful of L1 and L2 sets and evict each other (packing
-// made P V and P^T dO ~1.5x faster at T = S = 288).
+// A padded contiguous copy of `rows` rows of x, as a GEMM operand (see "Operands").
 View In(const float* x, int64_t rows, const Dims& m, float* scratch) {
   CopyIn(x, rows, m.nd, m, scratch);
   return {scratch, m.dp};
@@ -152,13 +151,13 @@ struct FwdArgs {
   float *out, *lse;
 };
 
-size_t FwdScratch(const Dims& m) { return m.d * m.sp + m.s * m.dp + kBr * (m.dp + m.sp); }
+size_t FwdScratch(const Dims& m) { return m.d * m.sp + m.s * m.dp + kBr * (2 * m.dp + m.sp); }
 
 void FwdItem(const FwdArgs& a, int64_t item, float* buf) {
   const Dims& m = a.m;
   const float scale = 1.f / std::sqrt(static_cast<float>(m.d));
   const int64_t b = item / m.n, h = item % m.n;
-  float *kt = buf, *vs = kt + m.d * m.sp, *ob = vs + m.s * m.dp, *pb = ob + kBr * m.dp;
+  float *kt = buf, *vs = kt + m.d * m.sp, *ob = vs + m.s * m.dp, *qs = ob + kBr * m.dp, *pb = qs + kBr * m.dp;
   const int64_t kv_off = b * m.s * m.nd + h * m.d;
   Transpose(a.k + kv_off, m.s, m.nd, m.d, kt, m.sp);
   for (int64_t j = 0; j < m.d; ++j) std::fill(kt + j * m.sp + m.s, kt + (j + 1) * m.sp, 0.f);
@@ -166,7 +165,8 @@ void FwdItem(const FwdArgs& a, int64_t item, float* buf) {
   for (int64_t t0 = 0; t0 < m.t; t0 += kBr) {
     const int64_t rows = std::min(kBr, m.t - t0);
     const int64_t q_off = (b * m.t + t0) * m.nd + h * m.d;
-    Gemm(rows, m.sp, m.d, a.q + q_off, m.nd, 1, kt, m.sp, pb, m.sp, false);
+    const View qb = In(a.q + q_off, rows, m, qs);
+    Gemm(rows, m.sp, m.d, qb.p, qb.ld, 1, kt, m.sp, pb, m.sp, false);
     float inv[kBr];
     for (int64_t i = 0; i < rows; ++i) {
       float* row = pb + i * m.sp;
@@ -233,17 +233,17 @@ void BwdItem(const BwdArgs& a, int64_t item, float* buf) {
     const int64_t rows = std::min(kBr, m.t - t0);
     const int64_t q_off = (b * m.t + t0) * m.nd + h * m.d;
     const float* lse_row = a.lse + (b * m.n + h) * m.t + t0;
+    const View qb = In(a.q + q_off, rows, m, qs), dob = In(a.dout + q_off, rows, m, dos);
     float delta[kBr];  // rowsum(dO * O) = rowsum(P * dP).
-    for (int64_t i = 0; i < rows; ++i) delta[i] = Dot(a.dout + q_off + i * m.nd, a.out + q_off + i * m.nd, m.d);
-    Gemm(rows, m.sp, m.d, a.q + q_off, m.nd, 1, kt, m.sp, pb, m.sp, false);
+    for (int64_t i = 0; i < rows; ++i) delta[i] = Dot(dob.p + i * dob.ld, a.out + q_off + i * m.nd, m.d);
+    Gemm(rows, m.sp, m.d, qb.p, qb.ld, 1, kt, m.sp, pb, m.sp, false);
     for (int64_t i = 0; i < rows; ++i) {
       float* row = pb + i * m.sp;
       ExpShiftedSum(row, m.s, scale, lse_row[i]);
       std::fill(row + m.s, row + m.sp, 0.f);
     }
-    const View dob = In(a.dout + q_off, rows, m, dos);
     Gemm(m.s, m.dp, rows, pb, 1, m.sp, dob.p, dob.ld, dvv.p, dvv.ld, true);    // dV += P^T dO
-    Gemm(rows, m.sp, m.d, a.dout + q_off, m.nd, 1, vt, m.sp, dsb, m.sp, false);  // dP = dO V^T
+    Gemm(rows, m.sp, m.d, dob.p, dob.ld, 1, vt, m.sp, dsb, m.sp, false);  // dP = dO V^T
     for (int64_t i = 0; i < rows; ++i) {  // dS = scale P (dP - delta): 0 in the padding columns, as P.
       const float* p = pb + i * m.sp;
       float* ds = dsb + i * m.sp;
@@ -253,7 +253,6 @@ void BwdItem(const BwdArgs& a, int64_t item, float* buf) {
     const View dqv = Out(a.dq + q_off, m, dqs);
     Gemm(rows, m.dp, m.s, dsb, m.sp, 1, kk.p, kk.ld, dqv.p, dqv.ld, false);  // dQ = dS K
     if (!m.direct()) CopyOut(dqv, rows, nullptr, m, a.dq + q_off);
-    const View qb = In(a.q + q_off, rows, m, qs);
     Gemm(m.s, m.dp, rows, dsb, 1, m.sp, qb.p, qb.ld, dkv.p, dkv.ld, true);  // dK += dS^T q
   }
   CopyOut(dkv, m.s, nullptr, m, a.dk + kv_off);
