@@ -1,14 +1,16 @@
 """Train-step time against image tokens and depth on this machine, with attention's share, one JSON line per size.
 
   python benchmarks/scaling_step.py [--tokens=64,256,1024] [--depths=2,4,8] [--width=512] [--heads=8] [--batch=8]
-                                    [--impls=blocked] [--reps=5] [--quick]
+                                    [--impls=blocked] [--reps=5] [--quick] [--attention_only [--torch]]
 
 The shapes config (pixel space, 2x2 patches, 32 text tokens) at width --width; image tokens T = (side/2)² with side
 16, 32, 64 for T = 64, 256, 1024. The token sweep runs at depth max(--depths), the depth sweep at T = 256. For each
 size and each attention implementation it times the jitted `Setup.train_step` (interleaved across --impls, median of
 --reps after one warm-up), and a forward+backward of that implementation alone on the step's (B, T+32, N, D) q, k, v,
 times the number of joint attentions (depth): attention's share = that / step time. The last line is a summary:
-{"rows": [...], ...}. --attention_only: only the attention timing (no step compile: quick, for comparing kernels).
+{"rows": [...], ...}. --attention_only: only the attention timing (no step compile: quick, for comparing kernels);
+with --torch, torch's scaled_dot_product_attention forward+backward on the same inputs (as (B, N, T, D), on
+torch.get_num_threads() threads, = the cores) is timed in the same interleaved loop, as the row "torch_sdpa".
 --quick: one tiny size per sweep (CI smoke).
 """
 
@@ -36,6 +38,11 @@ def parse_args(argv=None):
       "--attention_only",
       action="store_true",
       help="Time only attention forward+backward per size (interleaved across --impls); no train step.",
+  )
+  p.add_argument(
+      "--torch",
+      action="store_true",
+      help="With --attention_only: also time torch scaled_dot_product_attention fwd+bwd, interleaved with --impls.",
   )
   p.add_argument("--quick", action="store_true", help="Tokens 64, depths 1, width 64, 2 heads, batch 2, 2 reps.")
   args = p.parse_args(argv)
@@ -77,6 +84,8 @@ def measure_attention(args, side: int) -> list[dict]:
     )
     grads[impl] = jax.block_until_ready(f(q, k, v))
     fns[impl] = lambda f=f: jax.block_until_ready(f(q, k, v))
+  if args.torch:
+    fns["torch_sdpa"], grads["torch_sdpa"] = torch_attention(q, k, v, g)
   times = {impl: [] for impl in fns}
   for _ in range(args.reps):
     for impl, f in fns.items():
@@ -92,6 +101,23 @@ def measure_attention(args, side: int) -> list[dict]:
       }
       for impl in fns
   ]
+
+
+def torch_attention(q, k, v, g):
+  """(fn, grads): torch scaled_dot_product_attention forward+backward on copies of q, k, v, cotangent g."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+
+  # (B, T, N, D) -> torch's (B, N, T, D), made contiguous once outside the timed call.
+  tq, tk, tv, tg = (torch.from_numpy(np.array(a)).transpose(1, 2).contiguous() for a in (q, k, v, g))
+  for t in (tq, tk, tv):
+    t.requires_grad_(True)
+
+  def fn():
+    out = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv)
+    return torch.autograd.grad(out, (tq, tk, tv), tg)
+
+  return fn, tuple(x.transpose(1, 2).numpy() for x in fn())
 
 
 def measure(args, side: int, depth: int) -> list[dict]:

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from rflow_jax.model import blocked_attention
+from rflow_jax.model import native_attention
 
 Initializer = Callable[..., jax.Array]
 
@@ -57,6 +58,7 @@ def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 ATTENTION_IMPLS: dict[str, Any] = {
     "einsum": einsum_attention,  # Ours: two einsums and a softmax (the default).
     "blocked": blocked_attention.blocked_attention,  # Ours: cache-sized groups, recomputing backward.
+    "native": native_attention.native_attention,  # Ours: C++ CPU kernel via jax.ffi (falls back to "blocked").
     "xla": "xla",
     "cudnn": "cudnn",
     "auto": None,  # Let JAX pick (cuDNN when available, else XLA).

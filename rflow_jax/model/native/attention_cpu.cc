@@ -1,0 +1,298 @@
+// Unmasked softmax attention for XLA:CPU as two typed FFI handlers (forward and backward), float32.
+//
+// Layouts (row-major): q (B, T, N, D), k and v (B, S, N, D), out (B, T, N, D), lse (B, N, T); scale 1/sqrt(D).
+// The algorithm is flash attention's (Dao et al. 2022, arXiv 2205.14135) with one simplification that CPUs allow:
+// a block of kBr query rows is processed against all S keys at once (its kBr x S logits stay in L2 for S up to a
+// few thousand), so the row softmax is exact and needs no online rescaling. The backward pass recomputes the
+// probabilities from the saved log-sum-exp and uses rowsum(dO * O) instead of rowsum(P * dP) (Algorithm 4 there).
+//
+// Work items are (batch, head) pairs: a pair's dK and dV accumulate over its query blocks inside one item, so the
+// items share nothing and run on XLA's intra-op thread pool without locks. Each item packs what its GEMMs stream
+// (K^T, V^T, K, V, dO and q blocks; see "Operands") into contiguous, 8-float-padded per-thread scratch.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdlib>
+#include <functional>
+#include <memory>
+#include <mutex>
+
+#include "kernels.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace rflow_attention {
+namespace {
+
+// Query rows per block: a multiple of the micro-kernel's 6 rows; its kBr x S probabilities and their gradient stay
+// in L2 (2 x 48 x 1056 floats = 400 KiB at S = 1056).
+constexpr int64_t kBr = 48;
+
+int64_t RoundUp(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// ---------------------------------------------------------------------------------------------------------------
+// Parallel loop over work items on XLA's intra-op pool. The calling thread claims items too, and waits only for
+// items that some running thread has claimed, so it finishes even if the pool is busy, has one thread, or never
+// runs the helpers; helpers that start after the last item was claimed find nothing and exit. The shared state is
+// reference-counted so such late helpers never touch the caller's (by then dead) stack.
+// ---------------------------------------------------------------------------------------------------------------
+
+struct FreeDeleter {
+  void operator()(float* p) const { std::free(p); }
+};
+
+struct Loop {
+  int64_t total = 0;
+  size_t scratch_floats = 0;
+  std::function<void(int64_t, float*)> work;  // work(item, scratch): scratch is per participating thread.
+  std::atomic<int64_t> next{0};
+  std::mutex mu;
+  std::condition_variable cv;
+  int64_t done = 0;
+};
+
+void Participate(Loop& loop) {
+  std::unique_ptr<float, FreeDeleter> scratch;
+  int64_t finished = 0;
+  for (int64_t i; (i = loop.next.fetch_add(1)) < loop.total;) {
+    if (!scratch) {
+      const size_t bytes = RoundUp(static_cast<int64_t>(loop.scratch_floats * sizeof(float)), 64);
+      scratch.reset(static_cast<float*>(std::aligned_alloc(64, std::max<size_t>(bytes, 64))));
+    }
+    loop.work(i, scratch.get());
+    ++finished;
+  }
+  if (finished == 0) return;
+  std::lock_guard<std::mutex> lock(loop.mu);
+  loop.done += finished;
+  if (loop.done == loop.total) loop.cv.notify_all();
+}
+
+void ParallelFor(ffi::ThreadPool& pool, int64_t total, size_t scratch_floats,
+                 std::function<void(int64_t, float*)> work) {
+  auto loop = std::make_shared<Loop>();
+  loop->total = total;
+  loop->scratch_floats = scratch_floats;
+  loop->work = std::move(work);
+  const int64_t helpers = std::min<int64_t>(std::max<int64_t>(pool.num_threads(), 1), total) - 1;
+  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([loop] { Participate(*loop); });
+  Participate(*loop);
+  std::unique_lock<std::mutex> lock(loop->mu);
+  loop->cv.wait(lock, [&] { return loop->done == loop->total; });
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Operands. Every operand a GEMM streams is a contiguous copy with row stride Dp = RoundUp(D, 8), zero-padded:
+// K^T and V^T (D x Sp) and K, V once per (batch, head), the q and dO blocks once per query block, and the dK, dV
+// accumulators. In place, rows N * D * 4 bytes apart (2 KiB at N * D = 512) map to a handful of L1 and L2 sets and
+// evict each other (packing made P V and P^T dO ~1.5x faster at T = S = 288). The per-block outputs O and dQ are
+// written in place when D is a multiple of 8 (a C tile touches only 6 rows), else via scratch. The scale 1/sqrt(D)
+// is applied to the logits inside the exp and folded into dS, so q is never scaled.
+// ---------------------------------------------------------------------------------------------------------------
+
+struct Dims {
+  int64_t b, t, s, n, d, dp, sp, nd;  // dp, sp: D and S rounded up to 8; nd = N * D, the row stride of the buffers.
+  bool direct() const { return dp == d; }
+};
+
+struct View {
+  float* p;
+  int64_t ld;
+};
+
+// rows x dp scratch <- rows of x (stride ld), zero in the padding columns.
+void CopyIn(const float* x, int64_t rows, int64_t ld, const Dims& m, float* out) {
+  for (int64_t i = 0; i < rows; ++i) {
+    std::copy(x + i * ld, x + i * ld + m.d, out + i * m.dp);
+    std::fill(out + i * m.dp + m.d, out + (i + 1) * m.dp, 0.f);
+  }
+}
+
+// A padded contiguous copy of `rows` rows of x, as a GEMM operand (see "Operands").
+View In(const float* x, int64_t rows, const Dims& m, float* scratch) {
+  CopyIn(x, rows, m.nd, m, scratch);
+  return {scratch, m.dp};
+}
+
+// A C operand for rows of x: x itself when D is a multiple of 8, else `scratch` (see CopyOut).
+View Out(float* x, const Dims& m, float* scratch) { return m.direct() ? View{x, m.nd} : View{scratch, m.dp}; }
+
+// x rows <- c rows * mul[i] (or 1): in place when c is x itself.
+void CopyOut(View c, int64_t rows, const float* mul, const Dims& m, float* x) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const float f = mul ? mul[i] : 1.f;
+    for (int64_t j = 0; j < m.d; ++j) x[i * m.nd + j] = c.p[i * c.ld + j] * f;
+  }
+}
+
+bool ReadDims(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k, ffi::Buffer<ffi::F32>& v, Dims* dims) {
+  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4) return false;
+  for (int i = 0; i < 4; ++i) {
+    if (kd[i] != vd[i]) return false;
+  }
+  if (qd[0] != kd[0] || qd[2] != kd[2] || qd[3] != kd[3]) return false;
+  *dims = Dims{qd[0], qd[1], kd[1], qd[2], qd[3], RoundUp(qd[3], 8), RoundUp(kd[1], 8), qd[2] * qd[3]};
+  return true;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Forward, per (batch, head): K^T (D x Sp) packed once; per block of query rows, L = q K^T, P = exp(scale L - m)
+// with m the row max of scale L, O = P V / rowsum(P), lse = m + log(rowsum(P)).
+// ---------------------------------------------------------------------------------------------------------------
+
+struct FwdArgs {
+  Dims m;
+  const float *q, *k, *v;
+  float *out, *lse;
+};
+
+size_t FwdScratch(const Dims& m) { return m.d * m.sp + m.s * m.dp + kBr * (2 * m.dp + m.sp); }
+
+void FwdItem(const FwdArgs& a, int64_t item, float* buf) {
+  const Dims& m = a.m;
+  const float scale = 1.f / std::sqrt(static_cast<float>(m.d));
+  const int64_t b = item / m.n, h = item % m.n;
+  float *kt = buf, *vs = kt + m.d * m.sp, *ob = vs + m.s * m.dp, *qs = ob + kBr * m.dp, *pb = qs + kBr * m.dp;
+  const int64_t kv_off = b * m.s * m.nd + h * m.d;
+  Transpose(a.k + kv_off, m.s, m.nd, m.d, kt, m.sp);
+  for (int64_t j = 0; j < m.d; ++j) std::fill(kt + j * m.sp + m.s, kt + (j + 1) * m.sp, 0.f);
+  const View vv = In(a.v + kv_off, m.s, m, vs);
+  for (int64_t t0 = 0; t0 < m.t; t0 += kBr) {
+    const int64_t rows = std::min(kBr, m.t - t0);
+    const int64_t q_off = (b * m.t + t0) * m.nd + h * m.d;
+    const View qb = In(a.q + q_off, rows, m, qs);
+    Gemm(rows, m.sp, m.d, qb.p, qb.ld, 1, kt, m.sp, pb, m.sp, false);
+    float inv[kBr];
+    for (int64_t i = 0; i < rows; ++i) {
+      float* row = pb + i * m.sp;
+      const float mx = scale * RowMax(row, m.s);
+      const float l = ExpShiftedSum(row, m.s, scale, mx);
+      std::fill(row + m.s, row + m.sp, 0.f);
+      inv[i] = 1.f / l;
+      a.lse[(b * m.n + h) * m.t + t0 + i] = mx + std::log(l);
+    }
+    const View o = Out(a.out + q_off, m, ob);
+    Gemm(rows, m.dp, m.s, pb, m.sp, 1, vv.p, vv.ld, o.p, o.ld, false);
+    CopyOut(o, rows, inv, m, a.out + q_off);
+  }
+}
+
+ffi::Error AttentionFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                            ffi::Buffer<ffi::F32> v, ffi::ResultBuffer<ffi::F32> out,
+                            ffi::ResultBuffer<ffi::F32> lse) {
+  FwdArgs a;
+  if (!ReadDims(q, k, v, &a.m)) return ffi::Error::InvalidArgument("attention: expected q (B,T,N,D), k = v (B,S,N,D)");
+  a.q = q.typed_data(), a.k = k.typed_data(), a.v = v.typed_data(), a.out = out->typed_data();
+  a.lse = lse->typed_data();
+  ParallelFor(pool, a.m.b * a.m.n, FwdScratch(a.m), [a](int64_t item, float* buf) { FwdItem(a, item, buf); });
+  return ffi::Error::Success();
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Backward, per (batch, head): K^T, V^T (D x Sp) and K packed once, dK and dV accumulated in scratch over the query
+// blocks. Per block: P = exp(scale q K^T - lse); dV += P^T dO; dP = dO V^T;
+// dS = scale P (dP - rowsum(dO O)); dQ = dS K; dK += dS^T q.
+// ---------------------------------------------------------------------------------------------------------------
+
+struct BwdArgs {
+  Dims m;
+  const float *q, *k, *v, *out, *lse, *dout;
+  float *dq, *dk, *dv;
+};
+
+size_t BwdScratch(const Dims& m) {
+  return 2 * m.d * m.sp + 3 * (m.s + kBr) * m.dp + 2 * kBr * m.sp;
+}
+
+void BwdItem(const BwdArgs& a, int64_t item, float* buf) {
+  const Dims& m = a.m;
+  const float scale = 1.f / std::sqrt(static_cast<float>(m.d));
+  const int64_t b = item / m.n, h = item % m.n;
+  const size_t t_size = m.d * m.sp, r_size = m.s * m.dp, b_size = kBr * m.dp;
+  float *kt = buf, *vt = kt + t_size, *ks = vt + t_size, *dks = ks + r_size, *dvs = dks + r_size;
+  float *qs = dvs + r_size, *dos = qs + b_size, *dqs = dos + b_size, *pb = dqs + b_size, *dsb = pb + kBr * m.sp;
+  const int64_t kv_off = b * m.s * m.nd + h * m.d;
+  Transpose(a.k + kv_off, m.s, m.nd, m.d, kt, m.sp);
+  Transpose(a.v + kv_off, m.s, m.nd, m.d, vt, m.sp);
+  for (int64_t j = 0; j < m.d; ++j) {
+    std::fill(kt + j * m.sp + m.s, kt + (j + 1) * m.sp, 0.f);
+    std::fill(vt + j * m.sp + m.s, vt + (j + 1) * m.sp, 0.f);
+  }
+  const View kk = In(a.k + kv_off, m.s, m, ks);
+  const View dkv{dks, m.dp}, dvv{dvs, m.dp};  // In scratch: in place they would thrash as B operands would (In).
+  for (int64_t i = 0; i < m.s; ++i) {
+    std::fill(dkv.p + i * dkv.ld, dkv.p + i * dkv.ld + m.dp, 0.f);
+    std::fill(dvv.p + i * dvv.ld, dvv.p + i * dvv.ld + m.dp, 0.f);
+  }
+  for (int64_t t0 = 0; t0 < m.t; t0 += kBr) {
+    const int64_t rows = std::min(kBr, m.t - t0);
+    const int64_t q_off = (b * m.t + t0) * m.nd + h * m.d;
+    const float* lse_row = a.lse + (b * m.n + h) * m.t + t0;
+    const View qb = In(a.q + q_off, rows, m, qs), dob = In(a.dout + q_off, rows, m, dos);
+    float delta[kBr];  // rowsum(dO * O) = rowsum(P * dP).
+    for (int64_t i = 0; i < rows; ++i) delta[i] = Dot(dob.p + i * dob.ld, a.out + q_off + i * m.nd, m.d);
+    Gemm(rows, m.sp, m.d, qb.p, qb.ld, 1, kt, m.sp, pb, m.sp, false);
+    for (int64_t i = 0; i < rows; ++i) {
+      float* row = pb + i * m.sp;
+      ExpShiftedSum(row, m.s, scale, lse_row[i]);
+      std::fill(row + m.s, row + m.sp, 0.f);
+    }
+    Gemm(m.s, m.dp, rows, pb, 1, m.sp, dob.p, dob.ld, dvv.p, dvv.ld, true);    // dV += P^T dO
+    Gemm(rows, m.sp, m.d, dob.p, dob.ld, 1, vt, m.sp, dsb, m.sp, false);  // dP = dO V^T
+    for (int64_t i = 0; i < rows; ++i) {  // dS = scale P (dP - delta): 0 in the padding columns, as P.
+      const float* p = pb + i * m.sp;
+      float* ds = dsb + i * m.sp;
+      const float di = delta[i];
+      for (int64_t j = 0; j < m.sp; ++j) ds[j] = scale * p[j] * (ds[j] - di);
+    }
+    const View dqv = Out(a.dq + q_off, m, dqs);
+    Gemm(rows, m.dp, m.s, dsb, m.sp, 1, kk.p, kk.ld, dqv.p, dqv.ld, false);  // dQ = dS K
+    if (!m.direct()) CopyOut(dqv, rows, nullptr, m, a.dq + q_off);
+    Gemm(m.s, m.dp, rows, dsb, 1, m.sp, qb.p, qb.ld, dkv.p, dkv.ld, true);  // dK += dS^T q
+  }
+  CopyOut(dkv, m.s, nullptr, m, a.dk + kv_off);
+  CopyOut(dvv, m.s, nullptr, m, a.dv + kv_off);
+}
+
+ffi::Error AttentionBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                            ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> o, ffi::Buffer<ffi::F32> lse,
+                            ffi::Buffer<ffi::F32> dout, ffi::ResultBuffer<ffi::F32> dq,
+                            ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv) {
+  BwdArgs a;
+  if (!ReadDims(q, k, v, &a.m)) return ffi::Error::InvalidArgument("attention: expected q (B,T,N,D), k = v (B,S,N,D)");
+  a.q = q.typed_data(), a.k = k.typed_data(), a.v = v.typed_data(), a.out = o.typed_data();
+  a.lse = lse.typed_data(), a.dout = dout.typed_data();
+  a.dq = dq->typed_data(), a.dk = dk->typed_data(), a.dv = dv->typed_data();
+  ParallelFor(pool, a.m.b * a.m.n, BwdScratch(a.m), [a](int64_t item, float* buf) { BwdItem(a, item, buf); });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+}  // namespace rflow_attention
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RflowAttentionFwd, rflow_attention::AttentionFwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RflowAttentionBwd, rflow_attention::AttentionBwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

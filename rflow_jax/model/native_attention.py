@@ -1,0 +1,163 @@
+"""Native CPU attention: a C++ kernel (native/attention_cpu.cc) called through `jax.ffi`, with a custom_vjp.
+
+`native_attention(q, k, v)` computes the same function as `layers.einsum_attention` ((B, T, N, D) in and out,
+unmasked, scale 1/sqrt(D)) in float32 on CPU, with flash attention's recomputing backward pass (Dao et al. 2022,
+arXiv 2205.14135): the forward saves only the output and the row log-sum-exp; the backward recomputes the
+probabilities. The kernel parallelises over (batch, head) pairs on XLA's intra-op thread pool and multiplies with
+AVX2/FMA register-blocked micro-kernels (plain loops where the compiler has no AVX2).
+
+Registered as attention_impl="native" (rflow_jax.model.layers). The library is built at install time
+(`make install`, or `python -m rflow_jax.model.native_attention`) with `-march=native`, i.e. for the machine that
+builds it; importing this module builds and loads nothing: the library is loaded at the first trace. Wherever the
+kernel cannot run, the call falls back to `blocked_attention.blocked_attention` (the same math in pure JAX) and logs
+one warning naming why: the library is absent or does not load, an input is not float32, or the default backend is
+not CPU.
+
+Sharding: the FFI call has no partitioning rule, so under a jit whose inputs are sharded across devices XLA gathers
+q, k and v and runs the kernel replicated on every device (correct, but no faster than one device). It is meant for
+single-host CPU training and evaluation.
+"""
+
+import ctypes
+import os
+import subprocess
+import sys
+import tempfile
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+
+from rflow_jax.model import blocked_attention
+
+_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native")
+SOURCE = os.path.join(_DIR, "attention_cpu.cc")
+SOURCES = (SOURCE, os.path.join(_DIR, "kernels.h"))  # What the library is built from (SOURCE includes the rest).
+# Where `build()` writes by default and `load()` reads; tests point it elsewhere.
+LIBRARY_PATH = os.path.join(_DIR, "attention_cpu.so")
+CXX = os.environ.get("CXX", "g++")
+# -march=native: the AVX2/FMA micro-kernels need it and the library is built on the machine that runs it.
+# -fno-math-errno lets std::exp/log inline; no -ffast-math, so NaN and infinity keep their IEEE behaviour.
+CXXFLAGS = ("-O3", "-march=native", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC")
+_TARGETS = {"fwd": "rflow_native_attention_fwd", "bwd": "rflow_native_attention_bwd"}
+_SYMBOLS = {"fwd": "RflowAttentionFwd", "bwd": "RflowAttentionBwd"}
+
+_load_errors: dict[str, str | None] = {}  # Library path -> None (loaded) or why it could not be.
+_registered = False  # The FFI targets are registered once per process, by the first library that loads.
+_warned: set[str] = set()
+
+
+def build(out_path: str = LIBRARY_PATH) -> str:
+  """Compiles native/attention_cpu.cc (with kernels.h) into the shared library `out_path` (written atomically); returns the path.
+
+  Raises:
+    RuntimeError: one line naming the compiler, its flags and its first error line.
+  """
+  cmd = [CXX, *CXXFLAGS, "-isystem", jax.ffi.include_dir(), SOURCE]
+  os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+  fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(os.path.abspath(out_path)))
+  os.close(fd)
+  try:
+    try:
+      proc = subprocess.run(cmd + ["-o", tmp], capture_output=True, text=True, check=False)
+    except OSError as e:
+      raise RuntimeError(f"native attention: cannot run {CXX} {' '.join(CXXFLAGS)}: {e}") from None
+    if proc.returncode:
+      first = next((line for line in proc.stderr.splitlines() if "error" in line), proc.stderr.strip()[:200])
+      raise RuntimeError(f"native attention: {CXX} {' '.join(CXXFLAGS)} failed ({proc.returncode}): {first}")
+    os.replace(tmp, out_path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return out_path
+
+
+def load(path: str | None = None) -> str | None:
+  """Loads the library at `path` (default LIBRARY_PATH) and registers its FFI targets; None or why it failed."""
+  global _registered
+  path = path or LIBRARY_PATH
+  if path in _load_errors:
+    return _load_errors[path]
+  error = None
+  if not os.path.exists(path):
+    error = f"{path} does not exist (build it with `make install` or `python -m rflow_jax.model.native_attention`)"
+  else:
+    try:
+      lib = ctypes.cdll.LoadLibrary(path)
+      capsules = {key: jax.ffi.pycapsule(getattr(lib, sym)) for key, sym in _SYMBOLS.items()}
+      if not _registered:
+        for key, capsule in capsules.items():
+          jax.ffi.register_ffi_target(_TARGETS[key], capsule, platform="cpu")
+        _registered = True
+    except (OSError, AttributeError) as e:
+      error = f"{path} does not load: {e}"
+  _load_errors[path] = error
+  return error
+
+
+def _fallback_reason(q, k, v) -> str | None:
+  if jax.default_backend() != "cpu":
+    return f"the default backend is {jax.default_backend()}, not cpu"
+  dtypes = {jnp.dtype(a.dtype) for a in (q, k, v)}
+  if dtypes != {jnp.dtype(jnp.float32)}:
+    return f"inputs are {sorted(str(d) for d in dtypes)}, not float32"
+  return load()
+
+
+def _forward(q, k, v):
+  b, t, n, _ = q.shape
+  out_types = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct((b, n, t), jnp.float32))
+  return jax.ffi.ffi_call(_TARGETS["fwd"], out_types, vmap_method="sequential")(q, k, v)
+
+
+@jax.custom_vjp
+def _attention(q, k, v):
+  return _forward(q, k, v)[0]
+
+
+def _attention_fwd(q, k, v):
+  out, lse = _forward(q, k, v)
+  return out, (q, k, v, out, lse)
+
+
+def _attention_bwd(res, dout):
+  q, k, v, _, _ = res
+  out_types = tuple(jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in (q, k, v))
+  return tuple(jax.ffi.ffi_call(_TARGETS["bwd"], out_types, vmap_method="sequential")(*res, dout))
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def native_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """Unmasked softmax attention, (B, T, N, D) in and out, scale 1/sqrt(D), by the native CPU kernel.
+
+  Args:
+    q: queries (B, T, N, D).
+    k: keys (B, S, N, D).
+    v: values (B, S, N, D).
+
+  Returns:
+    (B, T, N, D) float32; `blocked_attention.blocked_attention(q, k, v)` where the kernel cannot run.
+  """
+  reason = _fallback_reason(q, k, v)
+  if reason is not None:
+    if reason not in _warned:
+      _warned.add(reason)
+      logging.warning("attention_impl=native falls back to blocked attention: %s", reason)
+    return blocked_attention.blocked_attention(q, k, v)
+  return _attention(q, k, v)
+
+
+def main() -> int:
+  """Builds the library at LIBRARY_PATH; on failure prints one line and returns 1 (the runtime falls back)."""
+  try:
+    print(f"built {build()}")
+  except RuntimeError as e:
+    print(f"{e}; attention_impl=native will fall back to blocked attention", file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
