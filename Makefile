@@ -28,20 +28,20 @@ $(NATIVE_LIB): rflow_jax/model/native/attention_cpu.cc rflow_jax/model/native/ke
 	$(BIN)/python -m rflow_jax.model.native_attention || true
 
 # Trains the quickstart config into $(WORKDIR); re-running resumes from the last checkpoint there.
-train: $(STAMP)
+train: install
 	$(BIN)/python -m rflow_jax.main --config=$(CONFIG) --workdir=$(WORKDIR)
 
 # Full suite, slow end-to-end tests included (that is what CI runs). Two xdist workers: much of the suite is
 # single-threaded compilation and subprocess start-up, so two workers keep both cores busy (~15 min on 2 cores;
 # docs/results/performance.md §5).
-test: $(STAMP)
+test: install
 	$(BIN)/python -m pytest -q -n 2 $(PYTEST_ARGS)
 
 # While iterating: skip the slow end-to-end tests.
-test-fast: $(STAMP)
+test-fast: install
 	$(BIN)/python -m pytest -q -n 2 -m "not slow" $(PYTEST_ARGS)
 
-sample: $(STAMP)
+sample: install
 	$(BIN)/python -m rflow_jax.sample --workdir=$(WORKDIR) --prompts=configs/prompts/shapes_eval.txt --out=$(WORKDIR)/samples_cli
 
 # The one formatter configuration (pyproject.toml [tool.pyink]: Google style, 2-space indents, 120 columns).
@@ -49,7 +49,7 @@ FORMATTED := rflow_jax configs launch benchmarks tests conftest.py
 format: $(STAMP)
 	$(BIN)/pyink $(FORMATTED)
 
-bench: $(STAMP)
+bench: install
 	$(BIN)/python benchmarks/train_step.py
 
 # Wheels for launch/device_shapes.sh: what the lent GPU machine (Python 3.12, JAX preinstalled, no network) lacks,

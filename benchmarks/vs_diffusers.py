@@ -1,6 +1,7 @@
 """rflow_jax against diffusers' SD3Transformer2DModel on this machine: train step, CFG sampling, matmul rate.
 
   python benchmarks/vs_diffusers.py [--quick] [--threads=N] [--train_reps=7] [--sample_reps=2] [--no_compile]
+                                    [--attention_impl=native]
 
 One MM-DiT (default: depth 8, width 512, 8 heads, 2x2 patches on 32x32x3 pixels = 256 image tokens, 32 text tokens,
 batch 8, fp32, 73M parameters), the same weights on both sides (random, moved with rflow_jax.export.diffusers), the
@@ -44,7 +45,9 @@ def parse_args(argv=None):
   p.add_argument("--sample_batch", type=int, default=8)
   p.add_argument("--train_reps", type=int, default=7, help="Timed train steps per side (after 2 warm-up steps).")
   p.add_argument("--sample_reps", type=int, default=2, help="Timed sampling loops per side.")
-  p.add_argument("--attention_impl", default=None, help="rflow_jax attention_impl (default: the config's).")
+  # torch's side runs its fused CPU attention (scaled_dot_product_attention), so ours runs its native CPU kernel; it
+  # falls back to the pure-JAX blocked kernel, with a warning, where the library is not built.
+  p.add_argument("--attention_impl", default="native", help="rflow_jax attention_impl (einsum: the configs' default).")
   p.add_argument("--no_compile", action="store_true", help="Skip torch.compile (its keys are then null).")
   args = p.parse_args(argv)
   if args.quick:
@@ -88,8 +91,7 @@ def make_config(args):
   c.model.depth, c.model.hidden_size, c.model.num_heads = args.depth, args.width, args.heads
   c.model.patch_size = args.patch
   c.model.pos_embed_max_size = c.data.image_size // args.patch
-  if args.attention_impl:
-    c.model.attention_impl = args.attention_impl
+  c.model.attention_impl = args.attention_impl
   c.train.global_batch_size = args.batch
   c.optim.warmup_steps = 0  # A constant learning rate, as the torch side uses.
   c.sample.num_steps, c.sample.solver, c.sample.shift = args.sample_steps, "euler", 1.0
@@ -235,7 +237,7 @@ def main(argv=None):
   import torch  # pylint: disable=g-import-not-at-top
 
   torch.set_num_threads(args.threads)
-  from rflow_jax.model import text_encoders  # pylint: disable=g-import-not-at-top
+  from rflow_jax.model import native_attention, text_encoders  # pylint: disable=g-import-not-at-top
   from rflow_jax.sampling import guidance, schedules, solvers  # pylint: disable=g-import-not-at-top
   from rflow_jax.train import optimizer as optim_lib, step as step_lib, trainer  # pylint: disable=g-import-not-at-top
   from rflow_jax.utils import flops as flops_lib  # pylint: disable=g-import-not-at-top
@@ -387,6 +389,8 @@ def main(argv=None):
           "sample_steps": args.sample_steps,
           "dtype": "float32",
           "attention_impl": config.model.attention_impl,
+          # Why attention_impl=native ran the blocked kernel instead (the library is not built), else null.
+          "native_fallback": native_attention.load() if config.model.attention_impl == "native" else None,
           "train_reps": args.train_reps,
           "sample_reps": args.sample_reps,
           "ema": "both",
