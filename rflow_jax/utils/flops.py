@@ -93,11 +93,17 @@ def _mmdit_dims(config) -> dict | None:
   )
 
 
+def forward_flops(config) -> dict[str, float] | None:
+  """forward_flops_per_example of `config`'s MM-DiT ({"matmul", "attention", "total"}); None for other backbones."""
+  dims = _mmdit_dims(config)
+  return None if dims is None else forward_flops_per_example(**dims)
+
+
 def train_flops_per_example(config) -> float | None:
   """Model FLOPs of training on one example (forward + backward, 3× the forward; the frozen text encoders, whose
   outputs SD3 precomputes, are not counted); None for a backbone other than the MM-DiT."""
-  dims = _mmdit_dims(config)
-  return None if dims is None else 3.0 * forward_flops_per_example(**dims)["total"]
+  forward = forward_flops(config)
+  return None if forward is None else 3.0 * forward["total"]
 
 
 def train_flops_per_step(config) -> float | None:
