@@ -128,6 +128,7 @@ def measure(args, side: int, depth: int) -> list[dict]:
   from configs import shapes  # pylint: disable=g-import-not-at-top
   from rflow_jax.model import layers  # pylint: disable=g-import-not-at-top
   from rflow_jax.train import trainer  # pylint: disable=g-import-not-at-top
+  from rflow_jax.utils import flops as flops_lib  # pylint: disable=g-import-not-at-top
 
   runs = {}
   for impl in args.impls:
@@ -150,8 +151,6 @@ def measure(args, side: int, depth: int) -> list[dict]:
     with setup.step_context():
       compiled = setup.train_step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     holder = {"state": state}
 
     def step(compiled=compiled, holder=holder, batch=batch):
@@ -170,7 +169,7 @@ def measure(args, side: int, depth: int) -> list[dict]:
         step=step,
         attn=lambda attn=attn, q=q, k=k, v=v: jax.block_until_ready(attn(q, k, v)),
         compile_s=compile_s,
-        flops=float(cost.get("flops", 0.0)),
+        flops=flops_lib.compiled_step_flops(compiled, c),
         times=[],
         attn_times=[],
     )

@@ -285,13 +285,7 @@ def main(argv=None):
   log(f"compiling the rflow_jax step ({sum(a.size for a in jax.tree.leaves(params)) / 1e6:.1f}M params)")
   with setup.step_context():
     compiled, compile_s["rflow_jax_train"] = timed(lambda: setup.train_step.lower(state, batch).compile())
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float(cost.get("flops", 0.0))
-  if config.model.attention_impl == "native" and native_attention.load() is None:
-    # XLA's cost analysis cannot see inside the kernel's custom calls: add attention's FLOPs as the einsum kernel's
-    # count has them (forward and backward, 3x the forward's two matmuls), so the rate is comparable across kernels.
-    flops += 3 * flops_lib.forward_flops(config)["attention"] * b
+  flops = flops_lib.compiled_step_flops(compiled, config)  # Counts the native kernel's attention too.
   holder = {"state": state}
 
   def jax_step():
@@ -356,8 +350,8 @@ def main(argv=None):
   mm = matmul_rates(reps=5 if args.quick else 10)
   gflops = flops / train["rflow_jax"] / 1e9
   # The sampler's XLA cost analysis counts its loop body once, so its rate uses the model's FLOPs instead: a forward
-  # pass per image and step, two per image with CFG (train FLOPs per example are three forwards).
-  sample_flops = flops_lib.train_flops_per_example(config) / 3 * 2 * sb * args.sample_steps
+  # pass per image and step, two per image with CFG.
+  sample_flops = flops_lib.forward_flops(config)["total"] * 2 * sb * args.sample_steps
   sample_gflops = sample_flops / sample["rflow_jax"] / 1e9
   result = {
       "train_step": {

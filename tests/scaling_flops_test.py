@@ -3,10 +3,11 @@
 import jax
 import pytest
 
-from configs import scaling, sd3
+from configs import debug, scaling, sd3
 from rflow_jax.flow import formulations
 from rflow_jax.flow import losses
 from rflow_jax.model import registry, variants
+from rflow_jax.train import trainer
 from rflow_jax.utils import flops
 
 
@@ -54,8 +55,27 @@ def test_train_flops_match_xla_cost_analysis_of_the_gradient_step():
   # XLA adds elementwise work (norms, GELU, softmax, Adam-free here) but skips the input gradient of the first layers.
   assert 0.97 < grad["flops"] / ours < 1.06, (grad["flops"], ours)
   # Per-example FLOPs include the text tokens' joint attention: more than image tokens alone.
-  per = flops.forward_flops_per_example(**flops._mmdit_dims(config))  # pylint: disable=protected-access
+  per = flops.forward_flops(config)
   assert per["attention"] == 4 * 2 * (64 + 32) ** 2 * 256 and 3 * per["total"] == flops.train_flops_per_example(config)
+
+
+def test_compiled_step_flops_count_the_native_kernel_as_the_einsum_kernel():
+  """XLA cannot see inside the native kernel's custom calls; compiled_step_flops adds attention's FLOPs back."""
+  counts = {}
+  for impl in ("einsum", "native"):
+    config = debug.get_config()
+    config.model.attention_impl = impl
+    setup = trainer.Setup(config)
+    with setup.step_context():
+      compiled = setup.train_step.lower(setup.abstract_state, setup.batch_spec).compile()
+    raw = compiled.cost_analysis()
+    raw = raw[0] if isinstance(raw, (list, tuple)) else raw
+    counts[impl] = (float(raw["flops"]), flops.compiled_step_flops(compiled, config))
+  assert counts["einsum"][1] == counts["einsum"][0]  # No custom call: XLA's count as it is.
+  missing = 3 * flops.forward_flops(config)["attention"] * config.train.global_batch_size
+  assert counts["native"][1] == counts["native"][0] + missing
+  # The einsum count also has the softmax's elementwise work, which the added matmul FLOPs do not.
+  assert 0.99 < counts["native"][1] / counts["einsum"][1] <= 1.0, counts
 
 
 def test_compute_axis_is_examples_and_flops_of_the_step():

@@ -95,6 +95,11 @@ def load(path: str | None = None) -> str | None:
   return error
 
 
+def called_by(hlo_text: str) -> bool:
+  """Whether a compiled program (its `as_text()`) calls the kernel; False where every call fell back."""
+  return _TARGETS["fwd"] in hlo_text
+
+
 def _fallback_reason(q, k, v) -> str | None:
   if jax.default_backend() != "cpu":
     return f"the default backend is {jax.default_backend()}, not cpu"

@@ -22,7 +22,7 @@ is a few percent higher for that reason.
 
 import time
 
-from rflow_jax.model import text_encoders
+from rflow_jax.model import native_attention, text_encoders
 
 
 def forward_flops_per_example(
@@ -104,6 +104,22 @@ def train_flops_per_example(config) -> float | None:
   outputs SD3 precomputes, are not counted); None for a backbone other than the MM-DiT."""
   forward = forward_flops(config)
   return None if forward is None else 3.0 * forward["total"]
+
+
+def compiled_step_flops(compiled, config) -> float:
+  """FLOPs of a compiled train step of `config`: XLA's cost analysis, plus what it cannot see.
+
+  XLA cannot look inside the native attention kernel's custom calls. When the program calls that kernel, attention's
+  FLOPs are added as the einsum kernel's count has them: forward and backward, 3× the forward's two matmuls. That
+  keeps GFLOP/s comparable across attention kernels.
+  """
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get("flops", 0.0))
+  forward = forward_flops(config)
+  if forward is not None and native_attention.called_by(compiled.as_text()):
+    flops += 3.0 * forward["attention"] * config.train.global_batch_size
+  return flops
 
 
 def train_flops_per_step(config) -> float | None:
