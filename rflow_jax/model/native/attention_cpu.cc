@@ -118,6 +118,12 @@ View In(const float* x, int64_t rows, const Dims& m, float* scratch) {
   return {scratch, m.dp};
 }
 
+// The D x Sp transpose of a (batch, head)'s S rows of x (K or V), zero in the padding columns.
+void InTransposed(const float* x, const Dims& m, float* out) {
+  Transpose(x, m.s, m.nd, m.d, out, m.sp);
+  for (int64_t j = 0; j < m.d; ++j) std::fill(out + j * m.sp + m.s, out + (j + 1) * m.sp, 0.f);
+}
+
 // A C operand for rows of x: x itself when D is a multiple of 8, else `scratch` (see CopyOut).
 View Out(float* x, const Dims& m, float* scratch) { return m.direct() ? View{x, m.nd} : View{scratch, m.dp}; }
 
@@ -159,8 +165,7 @@ void FwdItem(const FwdArgs& a, int64_t item, float* buf) {
   const int64_t b = item / m.n, h = item % m.n;
   float *kt = buf, *vs = kt + m.d * m.sp, *ob = vs + m.s * m.dp, *qs = ob + kBr * m.dp, *pb = qs + kBr * m.dp;
   const int64_t kv_off = b * m.s * m.nd + h * m.d;
-  Transpose(a.k + kv_off, m.s, m.nd, m.d, kt, m.sp);
-  for (int64_t j = 0; j < m.d; ++j) std::fill(kt + j * m.sp + m.s, kt + (j + 1) * m.sp, 0.f);
+  InTransposed(a.k + kv_off, m, kt);
   const View vv = In(a.v + kv_off, m.s, m, vs);
   for (int64_t t0 = 0; t0 < m.t; t0 += kBr) {
     const int64_t rows = std::min(kBr, m.t - t0);
@@ -217,12 +222,8 @@ void BwdItem(const BwdArgs& a, int64_t item, float* buf) {
   float *kt = buf, *vt = kt + t_size, *ks = vt + t_size, *dks = ks + r_size, *dvs = dks + r_size;
   float *qs = dvs + r_size, *dos = qs + b_size, *dqs = dos + b_size, *pb = dqs + b_size, *dsb = pb + kBr * m.sp;
   const int64_t kv_off = b * m.s * m.nd + h * m.d;
-  Transpose(a.k + kv_off, m.s, m.nd, m.d, kt, m.sp);
-  Transpose(a.v + kv_off, m.s, m.nd, m.d, vt, m.sp);
-  for (int64_t j = 0; j < m.d; ++j) {
-    std::fill(kt + j * m.sp + m.s, kt + (j + 1) * m.sp, 0.f);
-    std::fill(vt + j * m.sp + m.s, vt + (j + 1) * m.sp, 0.f);
-  }
+  InTransposed(a.k + kv_off, m, kt);
+  InTransposed(a.v + kv_off, m, vt);
   const View kk = In(a.k + kv_off, m.s, m, ks);
   const View dkv{dks, m.dp}, dvv{dvs, m.dp};  // In scratch: in place they would thrash as B operands would (In).
   for (int64_t i = 0; i < m.s; ++i) {
