@@ -18,13 +18,14 @@ $(STAMP): setup.cfg constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e ".[test]"
 	touch $@
 
-# attention_impl=native's C++ kernel (rflow_jax/model/native_attention.py), rebuilt when its source changes. Built
+# The native CPU library: attention_impl=native's kernel (rflow_jax/model/native_attention.py) and
+# optim.update_impl=native's fused update (rflow_jax/train/native_update.py), rebuilt when a source changes. Built
 # with -march=native for this machine. A failed build (no g++) prints one line and leaves install successful: the
-# runtime then falls back to attention_impl=blocked with a warning.
-NATIVE_LIB := rflow_jax/model/native/attention_cpu.so
+# runtime then falls back (attention_impl=blocked, the optax update) with a warning.
+NATIVE_LIB := rflow_jax/model/native/native_cpu.so
 install: $(STAMP) $(NATIVE_LIB)
 
-$(NATIVE_LIB): rflow_jax/model/native/attention_cpu.cc rflow_jax/model/native/kernels.h | $(STAMP)
+$(NATIVE_LIB): $(wildcard rflow_jax/model/native/*.cc rflow_jax/model/native/*.h) | $(STAMP)
 	$(BIN)/python -m rflow_jax.model.native_attention || true
 
 # Trains the quickstart config into $(WORKDIR); re-running resumes from the last checkpoint there.

@@ -13,6 +13,7 @@ import collections
 import glob
 import gzip
 import json
+import os
 import re
 import tempfile
 import time
@@ -27,6 +28,7 @@ from rflow_jax.train import trainer
 config_flags.DEFINE_config_file("config", "configs/shapes.py", "Config file.", lock_config=True)
 flags.DEFINE_integer("steps", 2, "Profiled steps (after two warm-up steps).")
 flags.DEFINE_integer("top", 25, "Source ops to list.")
+flags.DEFINE_string("dump_dir", None, "If set, writes the compiled HLO (hlo.txt) and every kernel's ms (kernels.json).")
 FLAGS = flags.FLAGS
 
 _META = re.compile(r"\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{op_name=\"([^\"]+)\"")
@@ -87,6 +89,13 @@ def main(argv):
         jax.block_until_ready(m)
     wall = (time.perf_counter() - t0) / FLAGS.steps
     kernels = kernel_times(d, FLAGS.steps)
+  if FLAGS.dump_dir:  # To read one fusion's body: grep its kernel name in hlo.txt.
+    os.makedirs(FLAGS.dump_dir, exist_ok=True)
+    with open(f"{FLAGS.dump_dir}/hlo.txt", "w") as f:
+      f.write(compiled.as_text())
+    rows = [[k, round(ms, 2), names.get(k, "")] for k, ms in kernels.most_common()]
+    with open(f"{FLAGS.dump_dir}/kernels.json", "w") as f:
+      json.dump(rows, f, indent=0)
   by_kind, by_op = collections.Counter(), collections.Counter()
   for kernel, ms in kernels.items():
     by_kind[kind(kernel)] += ms

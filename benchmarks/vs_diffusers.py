@@ -1,7 +1,7 @@
 """rflow_jax against diffusers' SD3Transformer2DModel on this machine: train step, CFG sampling, matmul rate.
 
   python benchmarks/vs_diffusers.py [--quick] [--threads=N] [--train_reps=7] [--sample_reps=2] [--no_compile]
-                                    [--attention_impl=native]
+                                    [--attention_impl=native] [--update_impl=native]
 
 One MM-DiT (default: depth 8, width 512, 8 heads, 2x2 patches on 32x32x3 pixels = 256 image tokens, 32 text tokens,
 batch 8, fp32, 73M parameters), the same weights on both sides (random, moved with rflow_jax.export.diffusers), the
@@ -48,6 +48,8 @@ def parse_args(argv=None):
   # torch's side runs its fused CPU attention (scaled_dot_product_attention), so ours runs its native CPU kernel; it
   # falls back to the pure-JAX blocked kernel, with a warning, where the library is not built.
   p.add_argument("--attention_impl", default="native", help="rflow_jax attention_impl (einsum: the configs' default).")
+  # torch.optim.AdamW runs its multi-tensor C++ kernels; ours runs the fused native update (optax where it cannot).
+  p.add_argument("--update_impl", default="native", help="rflow_jax optim.update_impl (optax: the configs' default).")
   p.add_argument("--no_compile", action="store_true", help="Skip torch.compile (its keys are then null).")
   args = p.parse_args(argv)
   if args.quick:
@@ -92,6 +94,7 @@ def make_config(args):
   c.model.patch_size = args.patch
   c.model.pos_embed_max_size = c.data.image_size // args.patch
   c.model.attention_impl = args.attention_impl
+  c.optim.update_impl = args.update_impl
   c.train.global_batch_size = args.batch
   c.optim.warmup_steps = 0  # A constant learning rate, as the torch side uses.
   c.sample.num_steps, c.sample.solver, c.sample.shift = args.sample_steps, "euler", 1.0
@@ -239,6 +242,7 @@ def main(argv=None):
   torch.set_num_threads(args.threads)
   from rflow_jax.model import native_attention, text_encoders  # pylint: disable=g-import-not-at-top
   from rflow_jax.sampling import guidance, schedules, solvers  # pylint: disable=g-import-not-at-top
+  from rflow_jax.train import native_update  # pylint: disable=g-import-not-at-top
   from rflow_jax.train import optimizer as optim_lib, step as step_lib, trainer  # pylint: disable=g-import-not-at-top
   from rflow_jax.utils import flops as flops_lib  # pylint: disable=g-import-not-at-top
 
@@ -389,6 +393,9 @@ def main(argv=None):
           "attention_impl": config.model.attention_impl,
           # Why attention_impl=native ran the blocked kernel instead (the library is not built), else null.
           "native_fallback": native_attention.load() if config.model.attention_impl == "native" else None,
+          "update_impl": config.optim.update_impl,
+          # Why update_impl=native ran optax's update instead, else null.
+          "update_fallback": native_update.fallback_reason(params) if config.optim.update_impl == "native" else None,
           "train_reps": args.train_reps,
           "sample_reps": args.sample_reps,
           "ema": "both",

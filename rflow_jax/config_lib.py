@@ -101,6 +101,10 @@ def validate(config) -> None:
   _require(
       0.0 < config.optim.decay_fraction <= 1.0, f"optim.decay_fraction={config.optim.decay_fraction} must be in (0, 1]"
   )
+  _require(
+      config.optim.update_impl in ("optax", "native"),
+      f"optim.update_impl={config.optim.update_impl!r}; valid: 'optax', 'native'",
+  )
   _require(0.0 <= config.optim.ema_decay < 1.0, f"optim.ema_decay={config.optim.ema_decay} must be in [0, 1)")
   validate_sampling(config.sample)
   _validate_eval(config)

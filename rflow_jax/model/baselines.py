@@ -82,6 +82,8 @@ class _Backbone(nn.Module):
     dual_attention_layers: MMDiT-only; accepted so that one config.model
       builds any architecture, and must be empty.
     scan_blocks: MMDiT-only (blocks are not scanned here); must be False.
+    residual_grad_barrier: on CPU, materialise the residual stream's gradient between blocks
+      (layers.residual_grad_barrier says why).
   """
 
   patch_size: int = 2
@@ -102,6 +104,7 @@ class _Backbone(nn.Module):
   pos_embed_base: int = 64
   dual_attention_layers: tuple[int, ...] = ()
   scan_blocks: bool = False
+  residual_grad_barrier: bool = True
 
   @property
   def output_channels(self) -> int:
@@ -123,6 +126,9 @@ class _Backbone(nn.Module):
       )
     if self.scan_blocks:
       raise ValueError(f"scan_blocks=True: {name} does not scan its blocks " f"(MMDiT only); use remat to save memory")
+
+  def _barrier(self, x: jax.Array) -> jax.Array:
+    return layers.residual_grad_barrier(x) if self.residual_grad_barrier else x
 
   def _remat(self, block_cls):
     if self.remat == "none":
@@ -178,7 +184,7 @@ class DiT(_Backbone):
           num_outputs=n_img if i == self.depth - 1 else None,
           name=f"blocks_{i}",
       )(
-          seq, c
+          self._barrier(seq), c
       )  # (B, T+L, H); (B, T, H) after last
     out = mmdit.FinalLayer(
         self.patch_size**2 * self.output_channels, dtype=self.dtype, param_dtype=self.param_dtype, name="final_layer"
@@ -295,7 +301,7 @@ class CrossDiT(_Backbone):
           param_dtype=self.param_dtype,
           name=f"blocks_{i}",
       )(
-          tokens, ctx, c
+          self._barrier(tokens), ctx, c
       )  # (B, T, H)
     out = mmdit.FinalLayer(
         self.patch_size**2 * self.output_channels, dtype=self.dtype, param_dtype=self.param_dtype, name="final_layer"
@@ -385,12 +391,12 @@ class UViT(_Backbone):
     half = self.depth // 2
     skips = []
     for i in range(half):
-      seq = block(skip=False, name=f"in_blocks_{i}")(seq)
+      seq = block(skip=False, name=f"in_blocks_{i}")(self._barrier(seq))
       skips.append(seq)
     if self.depth % 2:
-      seq = block(skip=False, name="mid_block")(seq)
+      seq = block(skip=False, name="mid_block")(self._barrier(seq))
     for i in range(half):
-      seq = block(skip=True, name=f"out_blocks_{i}")(seq, skips.pop())
+      seq = block(skip=True, name=f"out_blocks_{i}")(self._barrier(seq), skips.pop())
     seq = LayerNorm(param_dtype=self.param_dtype, name="norm")(seq)
     out = self._dense(self.patch_size**2 * self.output_channels, ("embed", "patch"), "decoder_pred")(
         seq[:, -tokens.shape[1] :]

@@ -287,6 +287,8 @@ class MMDiT(nn.Module):
       (mmdit_tree.stack_blocks converts).
     remat: "none" or a key of REMAT_POLICIES; rematerialises each block.
     attention_impl: a key of layers.ATTENTION_IMPLS.
+    residual_grad_barrier: on CPU, materialise the residual streams' gradient between unrolled blocks
+      (layers.residual_grad_barrier says why); scanned runs have that boundary already.
     skip_layers: blocks that pass both streams through unchanged (diffusers' `skip_layers`): the second model of
       skip-layer guidance, applied with the same params; () for the model itself.
   """
@@ -308,6 +310,7 @@ class MMDiT(nn.Module):
   scan_blocks: bool = False
   remat: str = "none"
   attention_impl: str = "einsum"
+  residual_grad_barrier: bool = True
   pos_embed_base: int = 64
   skip_layers: tuple[int, ...] = ()
 
@@ -354,6 +357,8 @@ class MMDiT(nn.Module):
       )
       if not scanned:  # A group of one block.
         if start not in self.skip_layers:
+          if self.residual_grad_barrier:
+            tokens, ctx = layers.residual_grad_barrier((tokens, ctx))
           tokens, ctx = block(tokens, ctx, c)
         continue
       # Params of the run are stacked on a new leading axis (logical name

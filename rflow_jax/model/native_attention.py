@@ -6,7 +6,8 @@ arXiv 2205.14135): the forward saves only the output and the row log-sum-exp; th
 probabilities. The kernel parallelises over (batch, head) pairs on XLA's intra-op thread pool and multiplies with
 AVX2/FMA register-blocked micro-kernels (plain loops where the compiler has no AVX2).
 
-Registered as attention_impl="native" (rflow_jax.model.layers). The library is built at install time
+Registered as attention_impl="native" (rflow_jax.model.layers). This module also builds and loads the library for
+its other user, the fused optimiser update (rflow_jax/train/native_update.py). The library is built at install time
 (`make install`, or `python -m rflow_jax.model.native_attention`) with `-march=native`, i.e. for the machine that
 builds it; importing this module builds and loads nothing: the library is loaded at the first trace. Wherever the
 kernel cannot run, the call falls back to `blocked_attention.blocked_attention` (the same math in pure JAX) and logs
@@ -31,16 +32,17 @@ import jax.numpy as jnp
 from rflow_jax.model import blocked_attention
 
 _DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native")
-SOURCE = os.path.join(_DIR, "attention_cpu.cc")
-SOURCES = (SOURCE, os.path.join(_DIR, "kernels.h"))  # What the library is built from (SOURCE includes the rest).
+# The library's translation units: this kernel, and the fused optimiser update (rflow_jax/train/native_update.py).
+UNITS = (os.path.join(_DIR, "attention_cpu.cc"), os.path.join(_DIR, "adamw_cpu.cc"))
+SOURCES = UNITS + tuple(os.path.join(_DIR, h) for h in ("kernels.h", "parallel.h"))  # What the library is built from.
 # Where `build()` writes by default and `load()` reads; tests point it elsewhere.
-LIBRARY_PATH = os.path.join(_DIR, "attention_cpu.so")
+LIBRARY_PATH = os.path.join(_DIR, "native_cpu.so")
 CXX = os.environ.get("CXX", "g++")
 # -march=native: the AVX2/FMA micro-kernels need it and the library is built on the machine that runs it.
 # -fno-math-errno lets std::exp/log inline; no -ffast-math, so NaN and infinity keep their IEEE behaviour.
 CXXFLAGS = ("-O3", "-march=native", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC")
-_TARGETS = {"fwd": "rflow_native_attention_fwd", "bwd": "rflow_native_attention_bwd"}
-_SYMBOLS = {"fwd": "RflowAttentionFwd", "bwd": "RflowAttentionBwd"}
+TARGETS = {"fwd": "rflow_native_attention_fwd", "bwd": "rflow_native_attention_bwd", "adamw": "rflow_native_adamw_ema"}
+_SYMBOLS = {"fwd": "RflowAttentionFwd", "bwd": "RflowAttentionBwd", "adamw": "RflowAdamwEma"}
 
 _load_errors: dict[str, str | None] = {}  # Library path -> None (loaded) or why it could not be.
 _registered = False  # The FFI targets are registered once per process, by the first library that loads.
@@ -48,12 +50,12 @@ _warned: set[str] = set()
 
 
 def build(out_path: str = LIBRARY_PATH) -> str:
-  """Compiles native/attention_cpu.cc (with kernels.h) into the shared library `out_path` (written atomically); returns the path.
+  """Compiles the library's UNITS into the shared library `out_path` (written atomically); returns the path.
 
   Raises:
     RuntimeError: one line naming the compiler, its flags and its first error line.
   """
-  cmd = [CXX, *CXXFLAGS, "-isystem", jax.ffi.include_dir(), SOURCE]
+  cmd = [CXX, *CXXFLAGS, "-isystem", jax.ffi.include_dir(), *UNITS]
   os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(os.path.abspath(out_path)))
   os.close(fd)
@@ -87,7 +89,7 @@ def load(path: str | None = None) -> str | None:
       capsules = {key: jax.ffi.pycapsule(getattr(lib, sym)) for key, sym in _SYMBOLS.items()}
       if not _registered:
         for key, capsule in capsules.items():
-          jax.ffi.register_ffi_target(_TARGETS[key], capsule, platform="cpu")
+          jax.ffi.register_ffi_target(TARGETS[key], capsule, platform="cpu")
         _registered = True
     except (OSError, AttributeError) as e:
       error = f"{path} does not load: {e}"
@@ -97,7 +99,7 @@ def load(path: str | None = None) -> str | None:
 
 def called_by(hlo_text: str) -> bool:
   """Whether a compiled program (its `as_text()`) calls the kernel; False where every call fell back."""
-  return _TARGETS["fwd"] in hlo_text
+  return TARGETS["fwd"] in hlo_text
 
 
 def _fallback_reason(q, k, v) -> str | None:
@@ -112,7 +114,7 @@ def _fallback_reason(q, k, v) -> str | None:
 def _forward(q, k, v):
   b, t, n, _ = q.shape
   out_types = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct((b, n, t), jnp.float32))
-  return jax.ffi.ffi_call(_TARGETS["fwd"], out_types, vmap_method="sequential")(q, k, v)
+  return jax.ffi.ffi_call(TARGETS["fwd"], out_types, vmap_method="sequential")(q, k, v)
 
 
 @jax.custom_vjp
@@ -128,7 +130,7 @@ def _attention_fwd(q, k, v):
 def _attention_bwd(res, dout):
   q, k, v, _, _ = res
   out_types = tuple(jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in (q, k, v))
-  return tuple(jax.ffi.ffi_call(_TARGETS["bwd"], out_types, vmap_method="sequential")(*res, dout))
+  return tuple(jax.ffi.ffi_call(TARGETS["bwd"], out_types, vmap_method="sequential")(*res, dout))
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -159,7 +161,10 @@ def main() -> int:
   try:
     print(f"built {build()}")
   except RuntimeError as e:
-    print(f"{e}; attention_impl=native will fall back to blocked attention", file=sys.stderr)
+    print(
+        f"{e}; attention_impl=native and optim.update_impl=native will fall back (blocked attention, optax)",
+        file=sys.stderr,
+    )
     return 1
   return 0
 

@@ -150,6 +150,7 @@ def train_step(
     microbatches: int = 1,
     stored: StoredInputs | None = None,
     empty_tokens=None,
+    native_update=None,
 ) -> tuple[TrainState, dict[str, Any]]:
   """One optimiser update with EMA and a non-finite guard.
 
@@ -166,6 +167,8 @@ def train_step(
     stored: train on precomputed latent moments and text-stack outputs (data.name="precomputed"); None: images and
       tokens, encoded in the step.
     empty_tokens: the empty prompt's tokens: dropped encoders give its outputs (text.drop_to="empty"); None: zeros.
+    native_update: optim.update_impl="native": native_update.update with the config bound; it makes tx's update and
+      the EMA in one native pass, or returns None where it cannot run (then tx is used). None: tx.
 
   Returns:
     The new state and a dict of scalar metrics (on device).
@@ -197,9 +200,13 @@ def train_step(
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(learning_rate(state.step))
 
   def update():
+    decay = optim_lib.ema_decay(state.step, ema_decay)
+    if native_update is not None:
+      new = native_update(grads, grad_norm, state.opt_state, state.params, state.ema_params, decay)
+      if new is not None:
+        return new
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    decay = optim_lib.ema_decay(state.step, ema_decay)
     ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
     return params, opt_state, ema, optax.tree.norm(updates)
 

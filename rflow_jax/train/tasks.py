@@ -31,7 +31,7 @@ from rflow_jax.flow import formulations
 from rflow_jax.model import registry as model_registry
 from rflow_jax.model import text_encoders
 from rflow_jax.sampling import pipeline as sampling
-from rflow_jax.train import latent_data, optimizer as optim_lib, step as step_lib, vae_task
+from rflow_jax.train import latent_data, native_update, optimizer as optim_lib, step as step_lib, vae_task
 from rflow_jax.train.state import TrainState
 from rflow_jax.utils import flops as flops_lib
 
@@ -48,6 +48,10 @@ class FlowTask:
     self.tokenizer, self.text_stack = text_encoders.build(config.text)
     self.formulation = formulations.get(config.flow.formulation, shift=config.flow.shift)
     self.tx = optim_lib.make_optimizer(config.optim, config.train.num_steps)
+    schedule = optim_lib.learning_rate_schedule(config.optim, config.train.num_steps)
+    fused = None
+    if config.optim.update_impl == "native":
+      fused = functools.partial(native_update.update, optim_config=config.optim, learning_rate=schedule)
     # Precomputed latents and embeddings: the manifest is checked against this run here, before any compilation.
     self.latents = None
     if config.data.name == "precomputed":
@@ -60,13 +64,14 @@ class FlowTask:
         text_stack=self.text_stack,
         formulation=self.formulation,
         tx=self.tx,
-        learning_rate=optim_lib.learning_rate_schedule(config.optim, config.train.num_steps),
+        learning_rate=schedule,
         seed=config.seed,
         drop_prob=config.text.drop_prob,
         ema_decay=config.optim.ema_decay,
         microbatches=config.train.microbatches,
         stored=self.latents and self.latents.stored_inputs(),
         empty_tokens=text_encoders.drop_tokens(config.text, self.tokenizer),
+        native_update=fused,
     )
     self.flops_per_step = flops_lib.train_flops_per_step(config)
 

@@ -111,7 +111,9 @@ def compiled_step_flops(compiled, config) -> float:
 
   XLA cannot look inside the native attention kernel's custom calls. When the program calls that kernel, attention's
   FLOPs are added as the einsum kernel's count has them: forward and backward, 3× the forward's two matmuls. That
-  keeps GFLOP/s comparable across attention kernels.
+  keeps GFLOP/s comparable across attention kernels. The fused native update (optim.update_impl="native") is not
+  added back: ~24 FLOPs per parameter, 0.5% of the step at benchmarks/vs_diffusers.py's size, so such a step's
+  GFLOP/s reads that much low.
   """
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
