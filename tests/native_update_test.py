@@ -14,6 +14,7 @@ from rflow_jax.model import native_attention
 from rflow_jax.train import native_update
 from rflow_jax.train import optimizer as optim_lib
 from rflow_jax.train import trainer
+from rflow_jax.utils import flops as flops_lib
 
 from native_util import library  # pylint: disable=unused-import (a fixture; tests/ is on sys.path)
 
@@ -108,6 +109,10 @@ def test_train_step_calls_the_kernel_and_matches_optax(library):
     with setup.step_context():
       hlo = setup.train_step.lower(state, batch).compile().as_text()
     assert (native_update.TARGET in hlo) == (impl == "native")
+    # The FLOP count sees every updated (not frozen) parameter in the native program, none in optax's.
+    labels = jax.tree.leaves(optim_lib.param_labels(state.params))
+    trained = sum(p.size for p, label in zip(jax.tree.leaves(state.params), labels) if label != "frozen")
+    assert flops_lib.native_update_params(hlo) == (trained if impl == "native" else 0)
     state, metrics = setup.step(state, batch)
     first = jax.tree.map(np.asarray, (state.params, state.ema_params))  # The next step donates the state.
     state, second = setup.step(state, batch)
