@@ -14,7 +14,9 @@ same batch, the same thread count (torch.set_num_threads and XLA's CPU pool via 
                step, replayed for torch; the JSON reports both losses.
   sampling     28-step Euler with CFG (scale 3) at batch 8: our jitted solver loop vs a Python loop of
                FlowMatchEulerDiscreteScheduler.step over the diffusers transformer (eager and compiled), same noise.
-  matmul       a 2048x2048 fp32 matmul through XLA and through torch: the machine's practical peak.
+  matmul       a 2048x2048 fp32 matmul through XLA and through torch: the machine's practical peak, timed in the
+               train steps' interleaved loop (matmul_gflops; peak_fraction divides by it) and alone at the end
+               (matmul_gflops_end).
 
 Timings are interleaved (rflow_jax, eager, compiled, rflow_jax, ...) so machine noise hits every side, medians after
 warm-up; compile/trace time is reported apart. The last line printed is one JSON object with the keys
@@ -117,21 +119,38 @@ def randomize(params, seed: int):
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def matmul_rates(reps: int) -> dict:
-  """GFLOP/s of a 2048² fp32 matmul in XLA and in torch (interleaved medians)."""
+MATMUL_N, MATMUL_CALLS = 2048, 4  # One timed call: 4 matmuls of 2048² fp32, ~0.6 s on 2 cores.
+
+
+def matmul_fns() -> dict:
+  """{"xla": fn, "torch": fn}: each call runs MATMUL_CALLS 2048² fp32 matmuls (warmed up)."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
 
-  n = 2048
+  n = MATMUL_N
   a = np.random.RandomState(0).randn(n, n).astype(np.float32)
   ja, jb = jax.device_put(a), jax.device_put(a.T.copy())
   ta, tb = torch.from_numpy(a), torch.from_numpy(a.T.copy())
   mm = jax.jit(lambda x, y: x @ y)
   mm(ja, jb).block_until_ready()
   torch.mm(ta, tb)
-  med = median_interleaved({"xla": lambda: mm(ja, jb).block_until_ready(), "torch": lambda: torch.mm(ta, tb)}, reps)
-  return {k: round(2 * n**3 / s / 1e9, 1) for k, s in med.items()}
+
+  def xla():
+    for _ in range(MATMUL_CALLS):
+      out = mm(ja, jb)
+    out.block_until_ready()
+
+  def torch_():
+    for _ in range(MATMUL_CALLS):
+      torch.mm(ta, tb)
+
+  return {"xla": xla, "torch": torch_}
+
+
+def matmul_gflops(seconds: dict) -> dict:
+  """{"xla": s, "torch": s} per matmul_fns call -> GFLOP/s."""
+  return {k: round(MATMUL_CALLS * 2 * MATMUL_N**3 / s / 1e9, 1) for k, s in seconds.items()}
 
 
 class Peer:
@@ -312,9 +331,14 @@ def main(argv=None):
   }
   if compile_:
     fns["diffusers_compile"] = lambda: peer.train_step(True, torch_batch)
-  log("timing train steps")
+  # The machine's matmul rate, peak_fraction's denominator, is timed in the same interleaved loop as the steps it
+  # divides, so that both see the same machine (timed alone at the end, it varied 106-125 GFLOP/s between runs).
+  matmuls = matmul_fns()
+  fns |= {f"matmul_{k}": fn for k, fn in matmuls.items()}
+  log("timing train steps and matmuls")
   train = median_interleaved(fns, args.train_reps)
   log(f"train medians {train}")
+  mm = matmul_gflops({k: train.pop(f"matmul_{k}") for k in matmuls})
 
   # --- sampling ---
   sb = args.sample_batch
@@ -351,7 +375,7 @@ def main(argv=None):
   sample = median_interleaved(sfns, args.sample_reps)
   log(f"sampling medians {sample}")
 
-  mm = matmul_rates(reps=5 if args.quick else 10)
+  mm_end = matmul_gflops(median_interleaved(matmuls, reps=3 if args.quick else 5))  # Alone, after the sampling.
   gflops = flops / train["rflow_jax"] / 1e9
   # The sampler's XLA cost analysis counts its loop body once, so its rate uses the model's FLOPs instead: a forward
   # pass per image and step, two per image with CFG.
@@ -378,6 +402,7 @@ def main(argv=None):
       },
       "goals": goals(train, sample, flops, sample_flops, mm["xla"], gflops),
       "matmul_gflops": mm,
+      "matmul_gflops_end": mm_end,
       "config": {
           "depth": args.depth,
           "width": args.width,

@@ -52,7 +52,7 @@ def test_quick_run_reports_every_key_and_the_same_loss(capsys):
   assert result["goals"]["train_1.25x_eager"]["met"] == (eager / result["train_step"]["rflow_jax_s"] >= 1.25)
   needed = result["flops_per_step"] / (eager / 1.25) / 1e9 / peak
   assert result["goals"]["train_1.25x_eager"]["needs_peak_fraction"] == pytest.approx(needed, abs=2e-3)
-  assert set(result["matmul_gflops"]) == {"xla", "torch"}
+  assert set(result["matmul_gflops"]) == set(result["matmul_gflops_end"]) == {"xla", "torch"}
   assert result["threads"] == 1 and result["config"]["quick"]
   for section in ("train_step", "sampling"):
     assert result[section]["rflow_jax_s"] > 0 and result[section]["diffusers_eager_s"] > 0
