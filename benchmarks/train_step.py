@@ -88,9 +88,8 @@ class Timed:
 def main(argv):
   del argv
   config = FLAGS.config
-  sides = [Timed(config)]
-  if FLAGS.against:
-    sides.append(Timed(overridden(config, FLAGS.against)))
+  other = overridden(config, FLAGS.against) if FLAGS.against else None  # Bad overrides fail before any compile.
+  sides = [Timed(config)] + ([Timed(other)] if other is not None else [])
   for i in range(FLAGS.steps):
     for side in sides:
       side.run(i)
