@@ -139,7 +139,7 @@ def update(grads, grad_norm, opt_state, params, ema_params, ema_decay, *, optim_
     sumsq = sumsq + s
   for i, label in enumerate(labels):  # Frozen tables: no update; their EMA still averages them.
     if label == "frozen":
-      new_ema[i] = ema_decay * e_leaves[i] + (1.0 - ema_decay) * leaves[i]
+      new_ema[i] = optim_lib.ema_average(e_leaves[i], leaves[i], ema_decay)
   partition = partition._replace(inner_states=inner)
   new_state = partition if clip_state is None else (clip_state, partition)
   return treedef.unflatten(new_params), new_state, treedef.unflatten(new_ema), jnp.sqrt(sumsq)

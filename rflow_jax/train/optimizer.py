@@ -63,3 +63,9 @@ def make_optimizer(optim_config, num_steps: int) -> optax.GradientTransformation
 def ema_decay(step, decay: float):
   """EMA decay with warmup, min(decay, (1+step)/(10+step)): early averages are not dominated by the random init."""
   return jax.numpy.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+def ema_average(ema, params, decay):
+  """decay * ema + (1 - decay) * params, leaf by leaf (trees or single arrays); the native update's kernel
+  (model/native/adamw_cpu.cc) computes the same expression."""
+  return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)

@@ -207,7 +207,7 @@ def train_step(
         return new
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+    ema = optim_lib.ema_average(state.ema_params, params, decay)
     return params, opt_state, ema, optax.tree.norm(updates)
 
   # A non-finite update is never applied: a checkpoint can then never hold NaNs. Whether the run goes on ("skip")

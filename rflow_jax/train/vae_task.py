@@ -212,7 +212,7 @@ class VAETask:
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     decay = optim_lib.ema_decay(state.step, self.config.optim.ema_decay)
-    ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+    ema = optim_lib.ema_average(state.ema_params, params, decay)
 
     if self.use_disc:
       d_loss, d_grads = jax.value_and_grad(self._disc_loss)(state.disc_params, images, jax.lax.stop_gradient(recon))
