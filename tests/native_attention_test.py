@@ -11,6 +11,7 @@ import pytest
 from rflow_jax.model import blocked_attention
 from rflow_jax.model import layers
 from rflow_jax.model import native_attention
+from rflow_jax.model import norms
 
 from native_util import library  # pylint: disable=unused-import (a fixture; tests/ is on sys.path)
 
@@ -71,6 +72,55 @@ def test_native_eager_matches_einsum(library):
       atol=1e-5,
       rtol=1e-5,
   )
+
+
+def _packed_reference(qkv, scales, split):
+  """The packed kernel's function in JAX: q/k-norm per stream (norms.qk_norm), then einsum attention."""
+  if scales is not None:
+    qkv = jnp.concatenate([norms.qk_norm(qkv[:, :split], scales[0]), norms.qk_norm(qkv[:, split:], scales[1])], axis=1)
+  return layers.einsum_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+
+
+@pytest.mark.parametrize(
+    "shape,split,norm",
+    [
+        ((2, 37, 3, 20), 30, True),  # D not a multiple of 8 (scratch path); the second stream inside a 48-row block.
+        ((1, 61, 2, 16), 61, True),  # One stream (split = S): the second stream's scales unused.
+        ((2, 50, 2, 32), 48, False),  # No norm: the packed layout alone.
+    ],
+)
+def test_packed_matches_norm_then_einsum(library, shape, split, norm):
+  """The packed kernel (q/k/v read from one (B, S, 3, N, D) buffer; q/k RMSNorm fused when scales are given): its
+  output and its gradients for qkv and the scales (cotangent g, under jit) equal the JAX reference's within 1e-5."""
+  del library
+  b, s, n, d = shape
+  rng = np.random.RandomState(0)
+  # With the norm, rows far from unit RMS (so that it matters); without, unit-variance logits as elsewhere here.
+  qkv = jnp.asarray((3 if norm else 1) * rng.randn(b, s, 3, n, d), jnp.float32)
+  scales = jnp.asarray(rng.randn(2, 2, d), jnp.float32) if norm else None
+  g = jnp.asarray(rng.randn(b, s, n, d), jnp.float32)
+
+  def vjp(fn):
+    out, pullback = jax.vjp(lambda x, sc: fn(x, sc, split), qkv, scales)
+    return [a for a in (out,) + pullback(g) if a is not None]  # The scales' gradient: None without scales.
+
+  ours = jax.jit(lambda: vjp(native_attention.native_packed_attention))()
+  ref = jax.jit(lambda: vjp(_packed_reference))()
+  assert len(ours) == (3 if norm else 2)
+  for a, r in zip(ours, ref):
+    assert a.shape == r.shape
+    np.testing.assert_allclose(np.asarray(a), np.asarray(r), atol=1e-5, rtol=1e-5)
+
+
+def test_packed_falls_back_with_the_norm_applied(monkeypatch, tmp_path):
+  """Without the library, the packed form with scales gives the reference's result (norm in JAX, then blocked)."""
+  _fresh_loader(monkeypatch, str(tmp_path / "absent.so"))
+  monkeypatch.setattr(logging, "warning", lambda msg, *args: None)
+  rng = np.random.RandomState(2)
+  qkv = jnp.asarray(rng.randn(1, 11, 3, 2, 16), jnp.float32)
+  scales = jnp.asarray(rng.randn(2, 2, 16), jnp.float32)
+  out = native_attention.native_packed_attention(qkv, scales, 7)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(_packed_reference(qkv, scales, 7)), atol=1e-5, rtol=1e-5)
 
 
 def _fresh_loader(monkeypatch, path):

@@ -151,8 +151,8 @@ class DiTBlock(mmdit.Stream):
 
   def __call__(self, tokens: jax.Array, c: jax.Array) -> jax.Array:
     """tokens (B, T+L, H), c (B, H) -> (B, T+L or num_outputs, H)."""
-    (q, k, v), mods = self.pre_attention(tokens, c)
-    out = layers.dot_product_attention(q, k, v, self.attention_impl)
+    qkv, mods = self.pre_attention(tokens, c)
+    (out,) = layers.joint_attention([qkv], self.attention_impl, [self.attn.qk_scales()])
     n = tokens.shape[1] if self.num_outputs is None else self.num_outputs
     return frontend.constrain(self.post_attention(tokens[:, :n], out[:, :n], mods))
 
@@ -257,8 +257,9 @@ class CrossDiTBlock(nn.Module):
         width, self.num_heads, self.qk_norm, has_out=True, dtype=self.dtype, param_dtype=self.param_dtype, name="attn"
     )
     h = layers.modulate(layers.layer_norm(x), shift_msa, scale_msa)
-    q, k, v = attn.project_qkv(h.astype(self.dtype))  # (B, T, N, D) each
-    h = attn.project_out(layers.dot_product_attention(q, k, v, self.attention_impl))
+    qkv = attn.project_qkv(h.astype(self.dtype))
+    (out,) = layers.joint_attention([qkv], self.attention_impl, [attn.qk_scales()])  # (B, T, N, D)
+    h = attn.project_out(out)
     # Residual arithmetic in float32, as in MMDiT's streams.
     x = x.astype(jnp.float32) + gate_msa[:, None] * h.astype(jnp.float32)
     h = CrossAttention(
@@ -356,8 +357,9 @@ class UViTBlock(nn.Module):
         width, self.num_heads, self.qk_norm, has_out=True, dtype=self.dtype, param_dtype=self.param_dtype, name="attn"
     )
     h = LayerNorm(param_dtype=self.param_dtype, name="norm1")(x)
-    q, k, v = attn.project_qkv(h.astype(self.dtype))  # (B, S, N, D) each
-    h = attn.project_out(layers.dot_product_attention(q, k, v, self.attention_impl))
+    qkv = attn.project_qkv(h.astype(self.dtype))
+    (out,) = layers.joint_attention([qkv], self.attention_impl, [attn.qk_scales()])  # (B, S, N, D)
+    h = attn.project_out(out)
     x = x.astype(jnp.float32) + h.astype(jnp.float32)
     h = LayerNorm(param_dtype=self.param_dtype, name="norm2")(x)
     h = layers.Mlp(int(width * self.mlp_ratio), dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")(

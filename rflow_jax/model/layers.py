@@ -21,6 +21,7 @@ because they are cheap and the first to lose precision in bfloat16.
 """
 
 from collections.abc import Callable, Sequence
+import itertools
 from typing import Any
 
 import flax.linen as nn
@@ -28,12 +29,13 @@ import jax
 import jax.numpy as jnp
 
 from rflow_jax.model import blocked_attention
+from rflow_jax.model import norms
 from rflow_jax.model import native_attention
 
 Initializer = Callable[..., jax.Array]
 
 # Both norm types in SD3 use this epsilon (diffusers: eps=1e-6 everywhere).
-NORM_EPS = 1e-6
+NORM_EPS = norms.NORM_EPS
 
 
 def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
@@ -164,16 +166,17 @@ class RMSNorm(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    scale = self.param(
+  def scale(self, features: int) -> jax.Array:
+    """The (features,) scale param; for kernels that apply the norm themselves (`joint_attention`'s qk_scales)."""
+    return self.param(
         "scale",
         nn.with_logical_partitioning(nn.initializers.ones_init(), (self.axis_name,)),
-        (x.shape[-1],),
+        (features,),
         self.param_dtype,
     )
-    y = x.astype(jnp.float32)
-    y = y * jax.lax.rsqrt(jnp.mean(jnp.square(y), axis=-1, keepdims=True) + self.eps)
-    return (y * scale.astype(jnp.float32)).astype(x.dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return norms.rms_norm(x, self.scale(x.shape[-1]), self.eps)
 
 
 class Mlp(nn.Module):
@@ -244,6 +247,54 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str) -
   if callable(impl_or_fn):
     return impl_or_fn(q, k, v)
   return jax.nn.dot_product_attention(q, k, v, implementation=impl_or_fn)
+
+
+# attention_impl name -> fn(qkv) -> out for self-attention on one packed (B, S, 3, N, D) q/k/v buffer, for kernels
+# that read that layout in place (see `joint_attention`); the other impls get q, k and v as three arrays.
+# fn(qkv, scales, split, eps) -> out: `native_attention.native_packed_attention`'s signature. With scales (2, 2, D),
+# the kernel applies the q/k RMSNorm itself (rows [0, split) with scales[0], the rest with scales[1]).
+PACKED_ATTENTION_IMPLS: dict[str, Callable[..., jax.Array]] = {
+    "native": native_attention.native_packed_attention,
+}
+
+
+def joint_attention(
+    streams: Sequence[jax.Array], impl: str, qk_scales: Sequence[jax.Array | None] | None = None
+) -> list[jax.Array]:
+  """Attention over the concatenated tokens of several streams, each given as packed q/k/v.
+
+  Args:
+    streams: per stream, (B, T_i, 3, N, D): q, k, v stacked on axis 2 (as `Attention.project_qkv` returns them).
+    impl: a key of `ATTENTION_IMPLS`.
+    qk_scales: per stream, its q/k RMSNorm scales (2, D) (`Attention.qk_scales`), applied here to the raw q and k
+      of `streams`; None where the model has no q/k-norm.
+
+  Returns:
+    Per stream, its tokens' rows of the output, (B, T_i, N, D).
+
+  Where `impl` has a packed kernel, the (at most two) streams are concatenated once into the layout it reads, and
+  the kernel applies the q/k-norm while it packs its operands (and its backward pass in its epilogue), so that
+  neither the normed q and k nor their slices are ever materialised; its gradient comes back in the same layout.
+  Otherwise the norm runs in JAX and q, k and v are concatenated apart, as `dot_product_attention` takes them. Why:
+  XLA:CPU materialised the norm's broadcasts of its scales and row factors as full-size arrays for the backward
+  pass, and copied q, k, v into the kernel's layout; at the vs_diffusers size (8 joint blocks, 288 tokens, 2 cores)
+  the fused form cut the train step ~5% (benchmarks/train_step.py, docs/results/performance.md §1d).
+  """
+  if qk_scales is not None and all(s is None for s in qk_scales):
+    qk_scales = None
+  if impl in PACKED_ATTENTION_IMPLS and len(streams) <= 2:
+    qkv = streams[0] if len(streams) == 1 else jnp.concatenate(streams, axis=1)
+    scales = None
+    if qk_scales is not None:
+      scales = jnp.stack([qk_scales[0], qk_scales[-1]])  # (2 streams, 2, D); one stream: its scales twice.
+    out = PACKED_ATTENTION_IMPLS[impl](qkv, scales, streams[0].shape[1], NORM_EPS)
+  else:
+    if qk_scales is not None:
+      streams = [norms.qk_norm(s, sc, NORM_EPS) for s, sc in zip(streams, qk_scales)]
+    q, k, v = (jnp.concatenate([s[:, :, i] for s in streams], axis=1) for i in range(3))
+    out = dot_product_attention(q, k, v, impl)
+  bounds = list(itertools.accumulate(s.shape[1] for s in streams))[:-1]
+  return jnp.split(out, bounds, axis=1)
 
 
 def split_heads(x: jax.Array, num_heads: int) -> jax.Array:

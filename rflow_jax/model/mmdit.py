@@ -81,13 +81,19 @@ class Attention(nn.Module):
     if self.has_out:
       self.proj = layers.Dense(self.hidden_size, ("heads", "embed"), dtype=self.dtype, param_dtype=self.param_dtype)
 
-  def project_qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(B, T, H) -> q, k, v each (B, T, N, D)."""
-    qkv = layers.split_heads(self.qkv(x), self.num_heads)  # (B, T, 3, N, D)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    if self.qk_norm == "rms_norm":
-      q, k = self.q_norm(q), self.k_norm(k)
-    return q, k, v
+  def project_qkv(self, x: jax.Array) -> jax.Array:
+    """(B, T, H) -> q, k, v stacked on axis 2: (B, T, 3, N, D), before the q/k-norm (see `qk_scales`)."""
+    return layers.split_heads(self.qkv(x), self.num_heads)
+
+  def qk_scales(self) -> jax.Array | None:
+    """The q/k RMSNorm scales (2, D) that `layers.joint_attention` applies to project_qkv's q and k (None: no norm).
+
+    The norm is applied there, not here, so that a kernel can fuse it (see `layers.joint_attention`).
+    """
+    if self.qk_norm != "rms_norm":
+      return None
+    head_dim = self.hidden_size // self.num_heads
+    return jnp.stack([self.q_norm.scale(head_dim), self.k_norm.scale(head_dim)])
 
   def project_out(self, y: jax.Array) -> jax.Array:
     """(B, T, N, D) -> (B, T, H)."""
@@ -141,8 +147,10 @@ class Stream(nn.Module):
       c: (B, H) float32 conditioning (t_emb + y_emb).
 
     Returns:
-      (q, k, v) each (B, T, N, D), and the modulation chunks [(B, H)] plus,
-      for dual attention, the image self-attention output as the last item.
+      q, k, v stacked (B, T, 3, N, D) before the q/k-norm (applied by
+      `layers.joint_attention` with `self.attn.qk_scales()`), and the modulation chunks [(B, H)]
+      plus, for dual attention, the image self-attention output as the last
+      item.
     """
     mods = jnp.split(
         self.modulation(nn.silu(c)), self.modulation.features // self.hidden_size, axis=-1
@@ -152,8 +160,8 @@ class Stream(nn.Module):
     qkv = self.attn.project_qkv(x_in)
     if self.dual_attention:
       x_in2 = layers.modulate(normed, mods[6], mods[7]).astype(self.dtype)
-      q, k, v = self.attn2.project_qkv(x_in2)
-      out2 = layers.dot_product_attention(q, k, v, self.attention_impl)
+      qkv2 = self.attn2.project_qkv(x_in2)
+      (out2,) = layers.joint_attention([qkv2], self.attention_impl, [self.attn2.qk_scales()])
       mods = mods + [self.attn2.project_out(out2)]  # (B, T, H)
     return qkv, mods
 
@@ -212,18 +220,15 @@ class JointBlock(nn.Module):
     )
     x_stream = stream(pre_only=False, dual_attention=self.dual_attention, name="x")
     ctx_stream = stream(pre_only=self.context_pre_only, dual_attention=False, name="context")
-    (xq, xk, xv), x_mods = x_stream.pre_attention(x, c)
-    (cq, ck, cv), ctx_mods = ctx_stream.pre_attention(ctx, c)
+    x_qkv, x_mods = x_stream.pre_attention(x, c)
+    ctx_qkv, ctx_mods = ctx_stream.pre_attention(ctx, c)
     # Image tokens first, as diffusers does (order is irrelevant without mask).
-    q = jnp.concatenate([xq, cq], axis=1)  # (B, T+L, N, D)
-    k = jnp.concatenate([xk, ck], axis=1)
-    v = jnp.concatenate([xv, cv], axis=1)
-    out = layers.dot_product_attention(q, k, v, self.attention_impl)
-    t = x.shape[1]
-    x = x_stream.post_attention(x, out[:, :t], x_mods)
+    qk_scales = [x_stream.attn.qk_scales(), ctx_stream.attn.qk_scales()]
+    x_out, ctx_out = layers.joint_attention([x_qkv, ctx_qkv], self.attention_impl, qk_scales)
+    x = x_stream.post_attention(x, x_out, x_mods)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     if not self.context_pre_only:
-      ctx = ctx_stream.post_attention(ctx, out[:, t:], ctx_mods)
+      ctx = ctx_stream.post_attention(ctx, ctx_out, ctx_mods)
       ctx = nn.with_logical_constraint(ctx, ("batch", "length", "embed"))
     return x, ctx
 

@@ -6,7 +6,9 @@ arXiv 2205.14135): the forward saves only the output and the row log-sum-exp; th
 probabilities. The kernel parallelises over (batch, head) pairs on XLA's intra-op thread pool and multiplies with
 AVX2/FMA register-blocked micro-kernels (plain loops where the compiler has no AVX2).
 
-Registered as attention_impl="native" (rflow_jax.model.layers). This module also builds and loads the library for
+Registered as attention_impl="native" (rflow_jax.model.layers). `native_packed_attention` is the form the joint
+block calls (`layers.joint_attention`): q, k, v read in place from one packed (B, S, 3, N, D) buffer, with the q/k
+RMSNorm of two streams fused into the kernel's operand packing (and its gradient into the backward's epilogue). This module also builds and loads the library for
 its other user, the fused optimiser update (rflow_jax/train/native_update.py). The library is built at install time
 (`make install`, or `python -m rflow_jax.model.native_attention`) with `-march=native`, i.e. for the machine that
 builds it; importing this module builds and loads nothing: the library is loaded at the first trace. Wherever the
@@ -20,6 +22,7 @@ single-host CPU training and evaluation.
 """
 
 import ctypes
+import functools
 import os
 import subprocess
 import sys
@@ -28,8 +31,10 @@ import tempfile
 from absl import logging
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rflow_jax.model import blocked_attention
+from rflow_jax.model import norms
 
 _DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native")
 # The library's translation units: this kernel, and the fused optimiser update (rflow_jax/train/native_update.py).
@@ -41,8 +46,24 @@ CXX = os.environ.get("CXX", "g++")
 # -march=native: the AVX2/FMA micro-kernels need it and the library is built on the machine that runs it.
 # -fno-math-errno lets std::exp/log inline; no -ffast-math, so NaN and infinity keep their IEEE behaviour.
 CXXFLAGS = ("-O3", "-march=native", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC")
-TARGETS = {"fwd": "rflow_native_attention_fwd", "bwd": "rflow_native_attention_bwd", "adamw": "rflow_native_adamw_ema"}
-_SYMBOLS = {"fwd": "RflowAttentionFwd", "bwd": "RflowAttentionBwd", "adamw": "RflowAdamwEma"}
+TARGETS = {
+    "fwd": "rflow_native_attention_fwd",
+    "bwd": "rflow_native_attention_bwd",
+    "packed_fwd": "rflow_native_attention_packed_fwd",
+    "packed_bwd": "rflow_native_attention_packed_bwd",
+    "packed_norm_fwd": "rflow_native_attention_packed_norm_fwd",
+    "packed_norm_bwd": "rflow_native_attention_packed_norm_bwd",
+    "adamw": "rflow_native_adamw_ema",
+}
+_SYMBOLS = {
+    "fwd": "RflowAttentionFwd",
+    "bwd": "RflowAttentionBwd",
+    "packed_fwd": "RflowAttentionPackedFwd",
+    "packed_bwd": "RflowAttentionPackedBwd",
+    "packed_norm_fwd": "RflowAttentionPackedNormFwd",
+    "packed_norm_bwd": "RflowAttentionPackedNormBwd",
+    "adamw": "RflowAdamwEma",
+}
 
 _load_errors: dict[str, str | None] = {}  # Library path -> None (loaded) or why it could not be.
 _registered = False  # The FFI targets are registered once per process, by the first library that loads.
@@ -99,13 +120,13 @@ def load(path: str | None = None) -> str | None:
 
 def called_by(hlo_text: str) -> bool:
   """Whether a compiled program (its `as_text()`) calls the kernel; False where every call fell back."""
-  return TARGETS["fwd"] in hlo_text
+  return any(TARGETS[key] in hlo_text for key in ("fwd", "packed_fwd", "packed_norm_fwd"))
 
 
-def _fallback_reason(q, k, v) -> str | None:
+def _fallback_reason(*arrays) -> str | None:
   if jax.default_backend() != "cpu":
     return f"the default backend is {jax.default_backend()}, not cpu"
-  dtypes = {jnp.dtype(a.dtype) for a in (q, k, v)}
+  dtypes = {jnp.dtype(a.dtype) for a in arrays}
   if dtypes != {jnp.dtype(jnp.float32)}:
     return f"inputs are {sorted(str(d) for d in dtypes)}, not float32"
   return load()
@@ -136,6 +157,99 @@ def _attention_bwd(res, dout):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
+def _packed_forward(qkv):
+  b, s, _, n, d = qkv.shape
+  out_types = (jax.ShapeDtypeStruct((b, s, n, d), jnp.float32), jax.ShapeDtypeStruct((b, n, s), jnp.float32))
+  return jax.ffi.ffi_call(TARGETS["packed_fwd"], out_types, vmap_method="sequential")(qkv)
+
+
+@jax.custom_vjp
+def _packed_attention(qkv):
+  return _packed_forward(qkv)[0]
+
+
+def _packed_attention_fwd(qkv):
+  out, lse = _packed_forward(qkv)
+  return out, (qkv, out, lse)
+
+
+def _packed_attention_bwd(res, dout):
+  out_type = jax.ShapeDtypeStruct(res[0].shape, jnp.float32)
+  return (jax.ffi.ffi_call(TARGETS["packed_bwd"], out_type, vmap_method="sequential")(*res, dout),)
+
+
+_packed_attention.defvjp(_packed_attention_fwd, _packed_attention_bwd)
+
+
+def _norm_attrs(split: int, eps: float) -> dict:
+  return {"split": np.int64(split), "eps": np.float32(eps)}
+
+
+def _packed_norm_forward(qkv, scales, split, eps):
+  b, s, _, n, d = qkv.shape
+  out_types = (jax.ShapeDtypeStruct((b, s, n, d), jnp.float32), jax.ShapeDtypeStruct((b, n, s), jnp.float32))
+  call = jax.ffi.ffi_call(TARGETS["packed_norm_fwd"], out_types, vmap_method="sequential")
+  return call(qkv, scales, **_norm_attrs(split, eps))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _packed_norm_attention(qkv, scales, split, eps):
+  return _packed_norm_forward(qkv, scales, split, eps)[0]
+
+
+def _packed_norm_attention_fwd(qkv, scales, split, eps):
+  out, lse = _packed_norm_forward(qkv, scales, split, eps)
+  return out, (qkv, scales, out, lse)
+
+
+def _packed_norm_attention_bwd(split, eps, res, dout):
+  qkv = res[0]
+  b, _, _, n, d = qkv.shape
+  out_types = (jax.ShapeDtypeStruct(qkv.shape, jnp.float32), jax.ShapeDtypeStruct((b * n, 2, 2, d), jnp.float32))
+  call = jax.ffi.ffi_call(TARGETS["packed_norm_bwd"], out_types, vmap_method="sequential")
+  dqkv, dscales = call(*res, dout, **_norm_attrs(split, eps))
+  return dqkv, dscales.sum(axis=0)  # The (batch, head) items' shares.
+
+
+_packed_norm_attention.defvjp(_packed_norm_attention_fwd, _packed_norm_attention_bwd)
+
+
+def _warn_fallback(reason: str) -> None:
+  if reason not in _warned:
+    _warned.add(reason)
+    logging.warning("attention_impl=native falls back to blocked attention: %s", reason)
+
+
+def native_packed_attention(
+    qkv: jax.Array, scales: jax.Array | None = None, split: int = 0, eps: float = norms.NORM_EPS
+) -> jax.Array:
+  """Self-attention over one packed buffer of q, k and v, with an optional q/k RMSNorm applied first.
+
+  Args:
+    qkv: (B, S, 3, N, D): q, k, v stacked on axis 2.
+    scales: None, or (2, 2, D): two streams' (q, k) RMSNorm scales; rows [0, split) of q and k are normed with
+      scales[0], the rest with scales[1] (`norms.qk_norm`).
+    split: the first stream's token count (used only with scales).
+    eps: the RMSNorm epsilon.
+
+  Returns:
+    (B, S, N, D) float32: `native_attention` of the (normed) q, k, v. The kernel reads the packed rows in place,
+    norms q and k while it packs its operands and, in the backward pass, applies the norm's gradient to dQ and dK
+    before writing them in the packed layout; so neither the normed q and k nor any slice of qkv is materialised.
+  """
+  reason = _fallback_reason(qkv) or (None if scales is None else _fallback_reason(scales))
+  if reason is not None:
+    _warn_fallback(reason)
+    if scales is not None:
+      qkv = jnp.concatenate(
+          [norms.qk_norm(qkv[:, :split], scales[0], eps), norms.qk_norm(qkv[:, split:], scales[1], eps)], axis=1
+      )
+    return blocked_attention.blocked_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+  if scales is None:
+    return _packed_attention(qkv)
+  return _packed_norm_attention(qkv, scales, split, eps)
+
+
 def native_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   """Unmasked softmax attention, (B, T, N, D) in and out, scale 1/sqrt(D), by the native CPU kernel.
 
@@ -149,9 +263,7 @@ def native_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   """
   reason = _fallback_reason(q, k, v)
   if reason is not None:
-    if reason not in _warned:
-      _warned.add(reason)
-      logging.warning("attention_impl=native falls back to blocked attention: %s", reason)
+    _warn_fallback(reason)
     return blocked_attention.blocked_attention(q, k, v)
   return _attention(q, k, v)
 
