@@ -5,8 +5,9 @@
 Compiles `Setup.train_step`, runs it under the JAX profiler and sums each executed kernel's time (the Perfetto
 trace's events) per source op: the op_name metadata XLA keeps on every fusion, with block indices folded so that the
 8 blocks' copies of one op add up. Prints one JSON line: kernel milliseconds per step by kind (matmul kernels, other
-fusions, copies/transposes), and the `--top` source ops. XLA:CPU runs some kernels concurrently, so the kernel sum
-can exceed the step's wall time; compare shares, and compare two trees or settings side by side in one session.
+fusions, copies/transposes), the time no kernel ran on any thread (`idle_ms_per_step`), and the `--top` source ops.
+XLA:CPU runs some kernels concurrently, so the kernel sum can exceed the step's wall time; compare shares, and
+compare two trees or settings side by side in one session.
 """
 
 import collections
@@ -54,20 +55,27 @@ def kind(kernel: str) -> str:
   return "other_fusion"
 
 
-def kernel_times(trace_dir: str, steps: int) -> collections.Counter:
-  """Milliseconds per step of each executed kernel, from the profiler's Perfetto trace."""
+def kernel_times(trace_dir: str, steps: int) -> tuple[collections.Counter, float]:
+  """Milliseconds per step of each executed kernel, from the profiler's Perfetto trace; and the milliseconds per
+  step in which no kernel ran on any thread (between the first kernel and the last: dispatch, thread hand-offs)."""
   (path,) = glob.glob(f"{trace_dir}/**/perfetto_trace.json.gz", recursive=True)
   with gzip.open(path) as f:
     trace = json.load(f)
   events = trace["traceEvents"] if isinstance(trace, dict) else trace
-  out = collections.Counter()
+  out, spans = collections.Counter(), []
   for e in events:
     name = e.get("name", "")
     # Complete events only; Python frames ("$file:line") and the runtime's own spans are not kernels.
     if e.get("ph") != "X" or name.startswith("$") or "::" in name or name.startswith(("PjitFunction", "Execute")):
       continue
     out[name] += e.get("dur", 0) / 1e3 / steps
-  return out
+    spans.append((e["ts"], e["ts"] + e.get("dur", 0)))
+  idle, end = 0.0, None
+  for start, stop in sorted(spans):  # Gaps in the union of the kernels' intervals (microseconds).
+    if end is not None and start > end:
+      idle += start - end
+    end = stop if end is None else max(end, stop)
+  return out, idle / 1e3 / steps
 
 
 def main(argv):
@@ -88,7 +96,7 @@ def main(argv):
         state, m = compiled(state, batch)
         jax.block_until_ready(m)
     wall = (time.perf_counter() - t0) / FLAGS.steps
-    kernels = kernel_times(d, FLAGS.steps)
+    kernels, idle_ms = kernel_times(d, FLAGS.steps)
   if FLAGS.dump_dir:  # To read one fusion's body: grep its kernel name in hlo.txt.
     os.makedirs(FLAGS.dump_dir, exist_ok=True)
     with open(f"{FLAGS.dump_dir}/hlo.txt", "w") as f:
@@ -107,6 +115,7 @@ def main(argv):
               "global_batch": FLAGS.config.train.global_batch_size,
               "step_wall_ms_under_profiler": round(wall * 1e3, 1),
               "kernel_ms_per_step": round(sum(kernels.values()), 1),
+              "idle_ms_per_step": round(idle_ms, 1),  # Includes the gaps between the profiled steps.
               "by_kind_ms": {k: round(v, 1) for k, v in by_kind.most_common()},
               "top_ops_ms": [[op, round(ms, 1)] for op, ms in by_op.most_common(FLAGS.top)],
               "backend": jax.default_backend(),

@@ -74,8 +74,9 @@ def test_compiled_step_flops_count_the_native_kernel_as_the_einsum_kernel():
   assert counts["einsum"][1] == counts["einsum"][0]  # No custom call: XLA's count as it is.
   missing = 3 * flops.forward_flops(config)["attention"] * config.train.global_batch_size
   assert counts["native"][1] == counts["native"][0] + missing
-  # The einsum count also has the softmax's elementwise work, which the added matmul FLOPs do not.
-  assert 0.99 < counts["native"][1] / counts["einsum"][1] <= 1.0, counts
+  # The einsum count also has the softmax's and the q/k RMSNorm's elementwise work (the kernel fuses the norm), which
+  # the added matmul FLOPs do not: 3% of this tiny model's step (0.2% at the vs_diffusers size).
+  assert 0.96 < counts["native"][1] / counts["einsum"][1] <= 1.0, counts
 
 
 def test_compute_axis_is_examples_and_flops_of_the_step():
