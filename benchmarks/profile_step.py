@@ -57,19 +57,35 @@ def kind(kernel: str) -> str:
 
 def kernel_times(trace_dir: str, steps: int) -> tuple[collections.Counter, float]:
   """Milliseconds per step of each executed kernel, from the profiler's Perfetto trace; and the milliseconds per
-  step in which no kernel ran on any thread (between the first kernel and the last: dispatch, thread hand-offs)."""
+  step in which no kernel ran on any thread (between the first kernel and the last: dispatch, thread hand-offs).
+
+  XLA:CPU runs some kernels asynchronously (e.g. its Eigen dots): their event marks only the launch (its duration
+  is what is counted), and a later "end: <kernel>" event the completion. The launch-to-end span includes queueing
+  behind other kernels, so it is no kernel time; it counts as busy for the idle time only.
+  """
   (path,) = glob.glob(f"{trace_dir}/**/perfetto_trace.json.gz", recursive=True)
   with gzip.open(path) as f:
     trace = json.load(f)
   events = trace["traceEvents"] if isinstance(trace, dict) else trace
-  out, spans = collections.Counter(), []
-  for e in events:
+  # Event index -> (name, start, stop) as recorded, and [name, start, stop] with asynchronous kernels' ends.
+  durations, spans, started = {}, {}, {}
+  for e in sorted((e for e in events if e.get("ph") == "X"), key=lambda e: e["ts"]):
     name = e.get("name", "")
-    # Complete events only; Python frames ("$file:line") and the runtime's own spans are not kernels.
-    if e.get("ph") != "X" or name.startswith("$") or "::" in name or name.startswith(("PjitFunction", "Execute")):
+    # Python frames ("$file:line") and the runtime's own spans are not kernels.
+    if name.startswith("$") or "::" in name or name.startswith(("PjitFunction", "Execute")):
       continue
-    out[name] += e.get("dur", 0) / 1e3 / steps
-    spans.append((e["ts"], e["ts"] + e.get("dur", 0)))
+    if name.startswith("end: "):  # An asynchronous kernel (e.g. an Eigen dot) ends here: its span is start..end.
+      i = started.get(name[len("end: ") :])
+      if i is not None:
+        spans[i][2] = max(spans[i][2], e["ts"] + e.get("dur", 0))
+      continue
+    started[name] = len(spans)
+    durations[len(spans)] = (name, e["ts"], e["ts"] + e.get("dur", 0))
+    spans[len(spans)] = [name, e["ts"], e["ts"] + e.get("dur", 0)]
+  out = collections.Counter()
+  for name, start, stop in durations.values():
+    out[name] += (stop - start) / 1e3 / steps
+  spans = [(start, stop) for _, start, stop in spans.values()]
   idle, end = 0.0, None
   for start, stop in sorted(spans):  # Gaps in the union of the kernels' intervals (microseconds).
     if end is not None and start > end:
@@ -115,7 +131,8 @@ def main(argv):
               "global_batch": FLAGS.config.train.global_batch_size,
               "step_wall_ms_under_profiler": round(wall * 1e3, 1),
               "kernel_ms_per_step": round(sum(kernels.values()), 1),
-              "idle_ms_per_step": round(idle_ms, 1),  # Includes the gaps between the profiled steps.
+              # No kernel running or in flight; includes the gaps between the profiled steps.
+              "idle_ms_per_step": round(idle_ms, 1),
               "by_kind_ms": {k: round(v, 1) for k, v in by_kind.most_common()},
               "top_ops_ms": [[op, round(ms, 1)] for op, ms in by_op.most_common(FLAGS.top)],
               "backend": jax.default_backend(),
