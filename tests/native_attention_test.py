@@ -74,39 +74,42 @@ def test_native_eager_matches_einsum(library):
   )
 
 
-def _packed_reference(qkv, scales, split):
-  """The packed kernel's function in JAX: q/k-norm per stream (norms.qk_norm), then einsum attention."""
+def _packed_reference(streams, scales):
+  """The packed kernel's function in JAX: q/k-norm per stream (norms.qk_norm), einsum attention over the
+  concatenated tokens, split back per stream."""
   if scales is not None:
-    qkv = jnp.concatenate([norms.qk_norm(qkv[:, :split], scales[0]), norms.qk_norm(qkv[:, split:], scales[1])], axis=1)
-  return layers.einsum_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+    streams = [norms.qk_norm(x, sc) for x, sc in zip(streams, scales)]
+  qkv = jnp.concatenate(streams, axis=1)
+  out = layers.einsum_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+  return jnp.split(out, [streams[0].shape[1]], axis=1)[: len(streams)]
 
 
 @pytest.mark.parametrize(
-    "shape,split,norm",
+    "b,lengths,n,d,norm",
     [
-        ((2, 37, 3, 20), 30, True),  # D not a multiple of 8 (scratch path); the second stream inside a 48-row block.
-        ((1, 61, 2, 16), 61, True),  # One stream (split = S): the second stream's scales unused.
-        ((2, 50, 2, 32), 48, False),  # No norm: the packed layout alone.
+        (2, (30, 7), 3, 20, True),  # D not a multiple of 8 (scratch path); stream 1 starts inside a 48-row block.
+        (1, (61,), 2, 16, True),  # One stream: the second's scales unused.
+        (2, (50, 11), 2, 32, False),  # No norm: the in-place layout alone.
     ],
 )
-def test_packed_matches_norm_then_einsum(library, shape, split, norm):
-  """The packed kernel (q/k/v read from one (B, S, 3, N, D) buffer; q/k RMSNorm fused when scales are given): its
-  output and its gradients for qkv and the scales (cotangent g, under jit) equal the JAX reference's within 1e-5."""
+def test_packed_matches_norm_then_einsum(library, b, lengths, n, d, norm):
+  """The packed kernel (each stream's (B, T_i, 3, N, D) q/k/v read in place, outputs and gradients written per
+  stream; q/k RMSNorm fused when scales are given): its outputs and its gradients for every stream and for the
+  scales (cotangents g, under jit) equal the JAX reference's within 1e-5."""
   del library
-  b, s, n, d = shape
   rng = np.random.RandomState(0)
   # With the norm, rows far from unit RMS (so that it matters); without, unit-variance logits as elsewhere here.
-  qkv = jnp.asarray((3 if norm else 1) * rng.randn(b, s, 3, n, d), jnp.float32)
+  streams = [jnp.asarray((3 if norm else 1) * rng.randn(b, t, 3, n, d), jnp.float32) for t in lengths]
   scales = jnp.asarray(rng.randn(2, 2, d), jnp.float32) if norm else None
-  g = jnp.asarray(rng.randn(b, s, n, d), jnp.float32)
+  gs = [jnp.asarray(rng.randn(b, t, n, d), jnp.float32) for t in lengths]
 
   def vjp(fn):
-    out, pullback = jax.vjp(lambda x, sc: fn(x, sc, split), qkv, scales)
-    return [a for a in (out,) + pullback(g) if a is not None]  # The scales' gradient: None without scales.
+    outs, pullback = jax.vjp(fn, streams, scales)
+    return jax.tree.leaves((outs, pullback(gs)))  # The scales' gradient is None (no leaf) without scales.
 
   ours = jax.jit(lambda: vjp(native_attention.native_packed_attention))()
   ref = jax.jit(lambda: vjp(_packed_reference))()
-  assert len(ours) == (3 if norm else 2)
+  assert len(ours) == len(ref) == 2 * len(lengths) + norm
   for a, r in zip(ours, ref):
     assert a.shape == r.shape
     np.testing.assert_allclose(np.asarray(a), np.asarray(r), atol=1e-5, rtol=1e-5)
@@ -117,10 +120,10 @@ def test_packed_falls_back_with_the_norm_applied(monkeypatch, tmp_path):
   _fresh_loader(monkeypatch, str(tmp_path / "absent.so"))
   monkeypatch.setattr(logging, "warning", lambda msg, *args: None)
   rng = np.random.RandomState(2)
-  qkv = jnp.asarray(rng.randn(1, 11, 3, 2, 16), jnp.float32)
+  streams = [jnp.asarray(rng.randn(1, t, 3, 2, 16), jnp.float32) for t in (7, 4)]
   scales = jnp.asarray(rng.randn(2, 2, 16), jnp.float32)
-  out = native_attention.native_packed_attention(qkv, scales, 7)
-  np.testing.assert_allclose(np.asarray(out), np.asarray(_packed_reference(qkv, scales, 7)), atol=1e-5, rtol=1e-5)
+  for ours, ref in zip(native_attention.native_packed_attention(streams, scales), _packed_reference(streams, scales)):
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), atol=1e-5, rtol=1e-5)
 
 
 def _fresh_loader(monkeypatch, path):

@@ -251,9 +251,9 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str) -
 
 # attention_impl name -> fn(qkv) -> out for self-attention on one packed (B, S, 3, N, D) q/k/v buffer, for kernels
 # that read that layout in place (see `joint_attention`); the other impls get q, k and v as three arrays.
-# fn(qkv, scales, split, eps) -> out: `native_attention.native_packed_attention`'s signature. With scales (2, 2, D),
-# the kernel applies the q/k RMSNorm itself (rows [0, split) with scales[0], the rest with scales[1]).
-PACKED_ATTENTION_IMPLS: dict[str, Callable[..., jax.Array]] = {
+# fn(streams, scales, eps) -> outs: `native_attention.native_packed_attention`'s signature: attention over one or
+# two streams' packed (B, T_i, 3, N, D) q/k/v, read in place; with scales (2, 2, D), it applies the q/k RMSNorm too.
+PACKED_ATTENTION_IMPLS: dict[str, Callable[..., list[jax.Array]]] = {
     "native": native_attention.native_packed_attention,
 }
 
@@ -272,27 +272,25 @@ def joint_attention(
   Returns:
     Per stream, its tokens' rows of the output, (B, T_i, N, D).
 
-  Where `impl` has a packed kernel, the (at most two) streams are concatenated once into the layout it reads, and
-  the kernel applies the q/k-norm while it packs its operands (and its backward pass in its epilogue), so that
-  neither the normed q and k nor their slices are ever materialised; its gradient comes back in the same layout.
-  Otherwise the norm runs in JAX and q, k and v are concatenated apart, as `dot_product_attention` takes them. Why:
-  XLA:CPU materialised the norm's broadcasts of its scales and row factors as full-size arrays for the backward
-  pass, and copied q, k, v into the kernel's layout; at the vs_diffusers size (8 joint blocks, 288 tokens, 2 cores)
-  the fused form cut the train step ~5% (benchmarks/train_step.py, docs/results/performance.md §1d).
+  Where `impl` has a packed kernel (at most two streams), the kernel reads each stream's buffer in place, applies
+  the q/k-norm while it packs its operands (and the norm's backward pass in its epilogue), and writes each stream's
+  output and gradient into buffers of its own: the concatenation, its slices and the normed q and k are never
+  materialised. Otherwise the norm runs in JAX and q, k and v are concatenated apart, as `dot_product_attention`
+  takes them. Why: XLA:CPU materialised the norm's broadcasts of its scales and row factors as full-size arrays for
+  the backward pass, and copied q, k, v into the kernel's layout and the output out of it; at the vs_diffusers size
+  (8 joint blocks, 288 tokens, 2 cores) the fused form cut the train step ~5-8% (docs/results/performance.md §1d).
   """
   if qk_scales is not None and all(s is None for s in qk_scales):
     qk_scales = None
   if impl in PACKED_ATTENTION_IMPLS and len(streams) <= 2:
-    qkv = streams[0] if len(streams) == 1 else jnp.concatenate(streams, axis=1)
     scales = None
     if qk_scales is not None:
       scales = jnp.stack([qk_scales[0], qk_scales[-1]])  # (2 streams, 2, D); one stream: its scales twice.
-    out = PACKED_ATTENTION_IMPLS[impl](qkv, scales, streams[0].shape[1], NORM_EPS)
-  else:
-    if qk_scales is not None:
-      streams = [norms.qk_norm(s, sc, NORM_EPS) for s, sc in zip(streams, qk_scales)]
-    q, k, v = (jnp.concatenate([s[:, :, i] for s in streams], axis=1) for i in range(3))
-    out = dot_product_attention(q, k, v, impl)
+    return PACKED_ATTENTION_IMPLS[impl](streams, scales, NORM_EPS)
+  if qk_scales is not None:
+    streams = [norms.qk_norm(s, sc, NORM_EPS) for s, sc in zip(streams, qk_scales)]
+  q, k, v = (jnp.concatenate([s[:, :, i] for s in streams], axis=1) for i in range(3))
+  out = dot_product_attention(q, k, v, impl)
   bounds = list(itertools.accumulate(s.shape[1] for s in streams))[:-1]
   return jnp.split(out, bounds, axis=1)
 

@@ -21,6 +21,7 @@ q, k and v and runs the kernel replicated on every device (correct, but no faste
 single-host CPU training and evaluation.
 """
 
+from collections.abc import Sequence
 import ctypes
 import functools
 import os
@@ -51,8 +52,6 @@ TARGETS = {
     "bwd": "rflow_native_attention_bwd",
     "packed_fwd": "rflow_native_attention_packed_fwd",
     "packed_bwd": "rflow_native_attention_packed_bwd",
-    "packed_norm_fwd": "rflow_native_attention_packed_norm_fwd",
-    "packed_norm_bwd": "rflow_native_attention_packed_norm_bwd",
     "adamw": "rflow_native_adamw_ema",
 }
 _SYMBOLS = {
@@ -60,8 +59,6 @@ _SYMBOLS = {
     "bwd": "RflowAttentionBwd",
     "packed_fwd": "RflowAttentionPackedFwd",
     "packed_bwd": "RflowAttentionPackedBwd",
-    "packed_norm_fwd": "RflowAttentionPackedNormFwd",
-    "packed_norm_bwd": "RflowAttentionPackedNormBwd",
     "adamw": "RflowAdamwEma",
 }
 
@@ -120,7 +117,7 @@ def load(path: str | None = None) -> str | None:
 
 def called_by(hlo_text: str) -> bool:
   """Whether a compiled program (its `as_text()`) calls the kernel; False where every call fell back."""
-  return any(TARGETS[key] in hlo_text for key in ("fwd", "packed_fwd", "packed_norm_fwd"))
+  return TARGETS["fwd"] in hlo_text or TARGETS["packed_fwd"] in hlo_text
 
 
 def _fallback_reason(*arrays) -> str | None:
@@ -157,61 +154,35 @@ def _attention_bwd(res, dout):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def _packed_forward(qkv):
-  b, s, _, n, d = qkv.shape
-  out_types = (jax.ShapeDtypeStruct((b, s, n, d), jnp.float32), jax.ShapeDtypeStruct((b, n, s), jnp.float32))
-  return jax.ffi.ffi_call(TARGETS["packed_fwd"], out_types, vmap_method="sequential")(qkv)
+def _packed_forward(x0, x1, scales, norm, eps):
+  b, _, _, n, d = x0.shape
+  out_types = tuple(jax.ShapeDtypeStruct((b, x.shape[1], n, d), jnp.float32) for x in (x0, x1))
+  out_types += (jax.ShapeDtypeStruct((b, n, x0.shape[1] + x1.shape[1]), jnp.float32),)
+  call = jax.ffi.ffi_call(TARGETS["packed_fwd"], out_types, vmap_method="sequential")
+  return call(x0, x1, scales, norm=norm, eps=np.float32(eps))
 
 
-@jax.custom_vjp
-def _packed_attention(qkv):
-  return _packed_forward(qkv)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _packed_attention(x0, x1, scales, norm, eps):
+  return _packed_forward(x0, x1, scales, norm, eps)[:2]
 
 
-def _packed_attention_fwd(qkv):
-  out, lse = _packed_forward(qkv)
-  return out, (qkv, out, lse)
+def _packed_attention_fwd(x0, x1, scales, norm, eps):
+  out0, out1, lse = _packed_forward(x0, x1, scales, norm, eps)
+  return (out0, out1), (x0, x1, scales, out0, out1, lse)
 
 
-def _packed_attention_bwd(res, dout):
-  out_type = jax.ShapeDtypeStruct(res[0].shape, jnp.float32)
-  return (jax.ffi.ffi_call(TARGETS["packed_bwd"], out_type, vmap_method="sequential")(*res, dout),)
+def _packed_attention_bwd(norm, eps, res, douts):
+  x0, x1, scales = res[:3]
+  b, _, _, n, d = x0.shape
+  out_types = (jax.ShapeDtypeStruct(x0.shape, jnp.float32), jax.ShapeDtypeStruct(x1.shape, jnp.float32))
+  out_types += (jax.ShapeDtypeStruct((b * n,) + scales.shape, jnp.float32),)
+  call = jax.ffi.ffi_call(TARGETS["packed_bwd"], out_types, vmap_method="sequential")
+  dx0, dx1, dscales = call(*res, *douts, norm=norm, eps=np.float32(eps))
+  return dx0, dx1, dscales.sum(axis=0)  # The (batch, head) items' shares.
 
 
 _packed_attention.defvjp(_packed_attention_fwd, _packed_attention_bwd)
-
-
-def _norm_attrs(split: int, eps: float) -> dict:
-  return {"split": np.int64(split), "eps": np.float32(eps)}
-
-
-def _packed_norm_forward(qkv, scales, split, eps):
-  b, s, _, n, d = qkv.shape
-  out_types = (jax.ShapeDtypeStruct((b, s, n, d), jnp.float32), jax.ShapeDtypeStruct((b, n, s), jnp.float32))
-  call = jax.ffi.ffi_call(TARGETS["packed_norm_fwd"], out_types, vmap_method="sequential")
-  return call(qkv, scales, **_norm_attrs(split, eps))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _packed_norm_attention(qkv, scales, split, eps):
-  return _packed_norm_forward(qkv, scales, split, eps)[0]
-
-
-def _packed_norm_attention_fwd(qkv, scales, split, eps):
-  out, lse = _packed_norm_forward(qkv, scales, split, eps)
-  return out, (qkv, scales, out, lse)
-
-
-def _packed_norm_attention_bwd(split, eps, res, dout):
-  qkv = res[0]
-  b, _, _, n, d = qkv.shape
-  out_types = (jax.ShapeDtypeStruct(qkv.shape, jnp.float32), jax.ShapeDtypeStruct((b * n, 2, 2, d), jnp.float32))
-  call = jax.ffi.ffi_call(TARGETS["packed_norm_bwd"], out_types, vmap_method="sequential")
-  dqkv, dscales = call(*res, dout, **_norm_attrs(split, eps))
-  return dqkv, dscales.sum(axis=0)  # The (batch, head) items' shares.
-
-
-_packed_norm_attention.defvjp(_packed_norm_attention_fwd, _packed_norm_attention_bwd)
 
 
 def _warn_fallback(reason: str) -> None:
@@ -221,33 +192,38 @@ def _warn_fallback(reason: str) -> None:
 
 
 def native_packed_attention(
-    qkv: jax.Array, scales: jax.Array | None = None, split: int = 0, eps: float = norms.NORM_EPS
-) -> jax.Array:
-  """Self-attention over one packed buffer of q, k and v, with an optional q/k RMSNorm applied first.
+    streams: Sequence[jax.Array], scales: jax.Array | None = None, eps: float = norms.NORM_EPS
+) -> list[jax.Array]:
+  """Self-attention over the concatenated tokens of one or two streams' packed q/k/v, with an optional q/k RMSNorm.
 
   Args:
-    qkv: (B, S, 3, N, D): q, k, v stacked on axis 2.
-    scales: None, or (2, 2, D): two streams' (q, k) RMSNorm scales; rows [0, split) of q and k are normed with
-      scales[0], the rest with scales[1] (`norms.qk_norm`).
-    split: the first stream's token count (used only with scales).
+    streams: per stream, (B, T_i, 3, N, D): q, k, v stacked on axis 2 (T_0 > 0).
+    scales: None, or (2, 2, D): per stream, the (q, k) RMSNorm scales (`norms.qk_norm`), applied to the streams'
+      q and k first (with one stream, scales[1] is unused).
     eps: the RMSNorm epsilon.
 
   Returns:
-    (B, S, N, D) float32: `native_attention` of the (normed) q, k, v. The kernel reads the packed rows in place,
-    norms q and k while it packs its operands and, in the backward pass, applies the norm's gradient to dQ and dK
-    before writing them in the packed layout; so neither the normed q and k nor any slice of qkv is materialised.
+    Per stream, its rows of `native_attention` of the concatenated (normed) q, k, v: (B, T_i, N, D) float32. The
+    kernel reads each stream's rows in place, norms q and k while it packs its operands, and in the backward pass
+    applies the norm's gradient to dQ and dK before writing them into each stream's (B, T_i, 3, N, D) gradient; so
+    neither the concatenation, nor its slices, nor the normed q and k are ever materialised.
   """
-  reason = _fallback_reason(qkv) or (None if scales is None else _fallback_reason(scales))
+  if not 1 <= len(streams) <= 2:
+    raise ValueError(f"native_packed_attention takes 1 or 2 streams, not {len(streams)}")
+  reason = _fallback_reason(*streams) or (None if scales is None else _fallback_reason(scales))
   if reason is not None:
     _warn_fallback(reason)
     if scales is not None:
-      qkv = jnp.concatenate(
-          [norms.qk_norm(qkv[:, :split], scales[0], eps), norms.qk_norm(qkv[:, split:], scales[1], eps)], axis=1
-      )
-    return blocked_attention.blocked_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
-  if scales is None:
-    return _packed_attention(qkv)
-  return _packed_norm_attention(qkv, scales, split, eps)
+      streams = [norms.qk_norm(x, sc, eps) for x, sc in zip(streams, scales)]
+    qkv = jnp.concatenate(streams, axis=1)
+    out = blocked_attention.blocked_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+    return jnp.split(out, [streams[0].shape[1]], axis=1)[: len(streams)]
+  x0 = streams[0]
+  x1 = streams[1] if len(streams) == 2 else jnp.zeros((x0.shape[0], 0) + x0.shape[2:], x0.dtype)
+  norm = scales is not None
+  if not norm:
+    scales = jnp.zeros((2, 2, x0.shape[-1]), jnp.float32)  # Not read; the call's signature has it.
+  return list(_packed_attention(x0, x1, scales, norm, eps))[: len(streams)]
 
 
 def native_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:

@@ -6,9 +6,10 @@
 // few thousand), so the row softmax is exact and needs no online rescaling. The backward pass recomputes the
 // probabilities from the saved log-sum-exp and uses rowsum(dO * O) instead of rowsum(P * dP) (Algorithm 4 there).
 //
-// The packed forms read q, k, v from one (B, S, 3, N, D) buffer (row stride 3 N D) and write dQ, dK, dV into one
-// such buffer; the packed-norm form also applies the q/k RMSNorm of two token ranges (streams) as it packs q and K,
-// and the norm's backward to dQ and dK before writing them (see Norm).
+// The packed form reads q, k, v in place from the joint block's two streams' (B, T_i, 3, N, D) qkv projections (row
+// stride 3 N D), attends over their concatenated rows, and writes each stream's output and dq/dk/dv into its own
+// buffers; so the block never materialises the concatenation or its slices. It can also apply the q/k RMSNorm of
+// each stream as it packs q and K, and the norm's backward to dQ and dK before writing them (Norm, kernels.h).
 //
 // Work items are (batch, head) pairs: a pair's dK and dV accumulate over its query blocks inside one item, so the
 // items share nothing and run on XLA's intra-op thread pool without locks. Each item packs what its GEMMs stream
@@ -45,54 +46,35 @@ constexpr int64_t kBr = 48;
 // ---------------------------------------------------------------------------------------------------------------
 
 struct Dims {
-  // dp, sp: D and S rounded up to 8; nd = N * D, the row stride of out, dout and lse's rows; li: the row stride of
-  // q, k, v and their gradients (nd, or 3 * nd where they are slices of one packed (B, S, 3, N, D) buffer).
-  int64_t b, t, s, n, d, dp, sp, nd, li;
+  // t, s: query and key rows in all; dp, sp: D and S rounded up to 8; nd = N * D, the row stride of out and dout.
+  int64_t b, t, s, n, d, dp, sp, nd;
   bool direct() const { return dp == d; }
 };
 
-// The q/k RMSNorm of the packed-norm form (see ReadPacked): rows [0, split) use the first stream's scales, the rest
-// the second's; scales is (2 streams, 2 (q, k), D), dscales the item's (2, 2, D) share of their gradient.
-struct Norm {
-  const float* scales = nullptr;  // nullptr: no norm.
-  int64_t split = 0;
-  float eps = 0.f;
-  const float* scale(int64_t row, int which, int64_t d) const { return scales + ((row < split ? 0 : 2) + which) * d; }
-  int64_t offset(int64_t row, int which, int64_t d) const { return ((row < split ? 0 : 2) + which) * d; }
+// Segments: the query rows, and the key rows, come in up to two token ranges (the joint block's two streams), each
+// in its own buffers. Row i (of `rows` per batch) of batch b, head h of a segment's q, k, v, dq, dk or dv is at
+// (b * rows + i) * ld + h * D in its buffer (ld: N * D, or 3 * N * D in a packed (B, T, 3, N, D) q/k/v buffer), and
+// of its out or dout at (b * rows + i) * N * D + h * D. row0 is the segment's first row among all query (key) rows.
+struct QSeg {
+  int64_t rows = 0, row0 = 0, ld = 0;
+  const float *q = nullptr, *o = nullptr, *dout = nullptr;  // o, dout: the backward pass's inputs.
+  float *out = nullptr, *dq = nullptr;
+  int64_t In(int64_t b, int64_t i, int64_t h, int64_t d) const { return (b * rows + i) * ld + h * d; }
+  int64_t Out(int64_t b, int64_t i, int64_t h, int64_t d, int64_t nd) const { return (b * rows + i) * nd + h * d; }
 };
 
-// 1 / sqrt(mean(x^2) + eps) of one row, as layers.rms_norm computes it.
-float Rinv(const float* x, int64_t d, float eps) { return 1.f / std::sqrt(Dot(x, x, d) / d + eps); }
+struct KSeg {
+  int64_t rows = 0, row0 = 0, ld = 0;
+  const float *k = nullptr, *v = nullptr;
+  float *dk = nullptr, *dv = nullptr;
+  int64_t In(int64_t b, int64_t h, int64_t d) const { return b * rows * ld + h * d; }
+};
 
-// Rows row0 ... of x (row stride ld; q if which = 0, else k) <- RMSNorm(x) * scale, in place.
-void NormRows(float* x, int64_t rows, int64_t ld, int64_t row0, int which, const Norm& nm, int64_t d) {
-  for (int64_t i = 0; i < rows; ++i) {
-    float* xi = x + i * ld;
-    const float r = Rinv(xi, d, nm.eps);
-    const float* sc = nm.scale(row0 + i, which, d);
-    for (int64_t j = 0; j < d; ++j) xi[j] *= r * sc[j];
-  }
-}
-
-// RMSNorm's backward on rows row0 ...: g (row stride ldg) holds the gradient of the normed rows and becomes that of
-// the raw rows x (row stride ldx): with h = x r, gs = g * scale: dx = r (gs - h mean(gs h)); dscale += g h.
-void NormBackRows(float* g, int64_t ldg, const float* x, int64_t ldx, int64_t rows, int64_t row0, int which,
-                  const Norm& nm, int64_t d, float* dscales) {
-  for (int64_t i = 0; i < rows; ++i) {
-    const float* xi = x + i * ldx;
-    float* gi = g + i * ldg;
-    const float r = Rinv(xi, d, nm.eps);
-    const float* sc = nm.scale(row0 + i, which, d);
-    float* ds = dscales + nm.offset(row0 + i, which, d);
-    float dot = 0.f;
-    for (int64_t j = 0; j < d; ++j) {
-      ds[j] += gi[j] * xi[j] * r;
-      dot += gi[j] * sc[j] * xi[j] * r;
-    }
-    const float mean = dot / d;
-    for (int64_t j = 0; j < d; ++j) gi[j] = r * (gi[j] * sc[j] - xi[j] * r * mean);
-  }
-}
+struct Segs {
+  QSeg q[2];
+  KSeg k[2];
+  int nq = 0, nk = 0;
+};
 
 struct View {
   float* p;
@@ -139,30 +121,52 @@ bool ReadDims(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k, ffi::Buffer<ff
     if (kd[i] != vd[i]) return false;
   }
   if (qd[0] != kd[0] || qd[2] != kd[2] || qd[3] != kd[3]) return false;
-  *dims = Dims{qd[0], qd[1], kd[1], qd[2], qd[3], RoundUp(qd[3], 8), RoundUp(kd[1], 8), qd[2] * qd[3], qd[2] * qd[3]};
+  *dims = Dims{qd[0], qd[1], kd[1], qd[2], qd[3], RoundUp(qd[3], 8), RoundUp(kd[1], 8), qd[2] * qd[3]};
   return true;
 }
 
-// The packed form: self-attention over one (B, S, 3, N, D) buffer of q, k and v, the layout the joint block's fused
-// q/k-norm + concatenation writes, so that no slice of it is copied out for the kernel.
-bool ReadPacked(ffi::Buffer<ffi::F32>& qkv, Dims* dims) {
-  auto d = qkv.dimensions();
-  if (d.size() != 5 || d[2] != 3) return false;
-  const int64_t nd = d[3] * d[4];
-  *dims = Dims{d[0], d[1], d[1], d[3], d[4], RoundUp(d[4], 8), RoundUp(d[1], 8), nd, 3 * nd};
+// The separate q, k, v form: one query segment (T rows) and one key segment (S rows), row stride N * D.
+Segs Separate(const Dims& m, const float* q, const float* k, const float* v) {
+  Segs g;
+  g.nq = g.nk = 1;
+  g.q[0].rows = m.t, g.q[0].ld = m.nd, g.q[0].q = q;
+  g.k[0].rows = m.s, g.k[0].ld = m.nd, g.k[0].k = k, g.k[0].v = v;
+  return g;
+}
+
+// The packed form: self-attention over the concatenated rows of two (B, T_i, 3, N, D) q/k/v buffers (the joint
+// block's streams, as their qkv projections come out; T_0 > 0, T_1 may be 0), read in place.
+bool ReadPacked(ffi::Buffer<ffi::F32>& x0, ffi::Buffer<ffi::F32>& x1, Dims* dims, Segs* g) {
+  auto d0 = x0.dimensions(), d1 = x1.dimensions();
+  if (d0.size() != 5 || d1.size() != 5 || d0[2] != 3 || d0[1] == 0) return false;
+  for (int i : {0, 2, 3, 4}) {
+    if (d0[i] != d1[i]) return false;
+  }
+  const int64_t nd = d0[3] * d0[4], s = d0[1] + d1[1];
+  *dims = Dims{d0[0], s, s, d0[3], d0[4], RoundUp(d0[4], 8), RoundUp(s, 8), nd};
+  const float* base[2] = {x0.typed_data(), x1.typed_data()};
+  const int64_t rows[2] = {d0[1], d1[1]};
+  *g = Segs{};
+  for (int i = 0, row0 = 0; i < 2; row0 += rows[i], ++i) {
+    if (rows[i] == 0) continue;
+    QSeg& q = g->q[g->nq++];
+    q.rows = rows[i], q.row0 = row0, q.ld = 3 * nd, q.q = base[i];
+    KSeg& k = g->k[g->nk++];
+    k.rows = rows[i], k.row0 = row0, k.ld = 3 * nd, k.k = base[i] + nd, k.v = base[i] + 2 * nd;
+  }
   return true;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Forward, per (batch, head): K^T (D x Sp) packed once; per block of query rows, L = q K^T, P = exp(scale L - m)
-// with m the row max of scale L, O = P V / rowsum(P), lse = m + log(rowsum(P)).
+// Forward, per (batch, head): K (normed) and V packed once, K^T from K; per block of query rows of each segment,
+// L = q K^T, P = exp(scale L - m) with m the row max of scale L, O = P V / rowsum(P), lse = m + log(rowsum(P)).
 // ---------------------------------------------------------------------------------------------------------------
 
 struct FwdArgs {
   Dims m;
   Norm nm;
-  const float *q, *k, *v;
-  float *out, *lse;
+  Segs g;
+  float* lse;
 };
 
 size_t FwdScratch(const Dims& m) { return m.d * m.sp + 2 * m.s * m.dp + kBr * (2 * m.dp + m.sp); }
@@ -173,87 +177,53 @@ void FwdItem(const FwdArgs& a, int64_t item, float* buf) {
   const int64_t b = item / m.n, h = item % m.n;
   float *kt = buf, *vs = kt + m.d * m.sp, *ob = vs + m.s * m.dp, *qs = ob + kBr * m.dp, *pb = qs + kBr * m.dp;
   float* ks = pb + kBr * m.sp;
-  const int64_t kv_off = b * m.s * m.li + h * m.d;
-  if (a.nm.scales) {  // K^T of the normed rows.
-    const View kk = In(a.k + kv_off, m.s, m.li, m, ks);
-    NormRows(kk.p, m.s, kk.ld, 0, 1, a.nm, m.d);
-    InTransposed(kk.p, kk.ld, m, kt);
-  } else {
-    InTransposed(a.k + kv_off, m.li, m, kt);
+  for (int j = 0; j < a.g.nk; ++j) {
+    const KSeg& kg = a.g.k[j];
+    CopyIn(kg.k + kg.In(b, h, m.d), kg.rows, kg.ld, m, ks + kg.row0 * m.dp);
+    CopyIn(kg.v + kg.In(b, h, m.d), kg.rows, kg.ld, m, vs + kg.row0 * m.dp);
   }
-  const View vv = In(a.v + kv_off, m.s, m.li, m, vs);
-  for (int64_t t0 = 0; t0 < m.t; t0 += kBr) {
-    const int64_t rows = std::min(kBr, m.t - t0);
-    const int64_t q_off = (b * m.t + t0) * m.li + h * m.d, o_off = (b * m.t + t0) * m.nd + h * m.d;
-    const View qb = In(a.q + q_off, rows, m.li, m, qs);
-    if (a.nm.scales) NormRows(qb.p, rows, qb.ld, t0, 0, a.nm, m.d);
-    Gemm(rows, m.sp, m.d, qb.p, qb.ld, 1, kt, m.sp, pb, m.sp, false);
-    float inv[kBr];
-    for (int64_t i = 0; i < rows; ++i) {
-      float* row = pb + i * m.sp;
-      const float mx = scale * RowMax(row, m.s);
-      const float l = ExpShiftedSum(row, m.s, scale, mx);
-      std::fill(row + m.s, row + m.sp, 0.f);
-      inv[i] = 1.f / l;
-      a.lse[(b * m.n + h) * m.t + t0 + i] = mx + std::log(l);
+  if (a.nm.scales) NormRows(ks, m.s, m.dp, 0, 1, a.nm, m.d);
+  InTransposed(ks, m.dp, m, kt);
+  const View vv{vs, m.dp};
+  for (int j = 0; j < a.g.nq; ++j) {
+    const QSeg& qg = a.g.q[j];
+    for (int64_t t0 = 0; t0 < qg.rows; t0 += kBr) {
+      const int64_t rows = std::min(kBr, qg.rows - t0), row = qg.row0 + t0;
+      float* out = qg.out + qg.Out(b, t0, h, m.d, m.nd);
+      const View qb = In(qg.q + qg.In(b, t0, h, m.d), rows, qg.ld, m, qs);
+      if (a.nm.scales) NormRows(qb.p, rows, qb.ld, row, 0, a.nm, m.d);
+      Gemm(rows, m.sp, m.d, qb.p, qb.ld, 1, kt, m.sp, pb, m.sp, false);
+      float inv[kBr];
+      for (int64_t i = 0; i < rows; ++i) {
+        float* p = pb + i * m.sp;
+        const float mx = scale * RowMax(p, m.s);
+        const float l = ExpShiftedSum(p, m.s, scale, mx);
+        std::fill(p + m.s, p + m.sp, 0.f);
+        inv[i] = 1.f / l;
+        a.lse[(b * m.n + h) * m.t + row + i] = mx + std::log(l);
+      }
+      const View o = Out(out, m.nd, m, ob);
+      Gemm(rows, m.dp, m.s, pb, m.sp, 1, vv.p, vv.ld, o.p, o.ld, false);
+      CopyOut(o, rows, inv, m.nd, m, out);
     }
-    const View o = Out(a.out + o_off, m.nd, m, ob);
-    Gemm(rows, m.dp, m.s, pb, m.sp, 1, vv.p, vv.ld, o.p, o.ld, false);
-    CopyOut(o, rows, inv, m.nd, m, a.out + o_off);
   }
-}
-
-ffi::Error AttentionFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                            ffi::Buffer<ffi::F32> v, ffi::ResultBuffer<ffi::F32> out,
-                            ffi::ResultBuffer<ffi::F32> lse) {
-  FwdArgs a;
-  if (!ReadDims(q, k, v, &a.m)) return ffi::Error::InvalidArgument("attention: expected q (B,T,N,D), k = v (B,S,N,D)");
-  a.q = q.typed_data(), a.k = k.typed_data(), a.v = v.typed_data(), a.out = out->typed_data();
-  a.lse = lse->typed_data();
-  ParallelFor(pool, a.m.b * a.m.n, FwdScratch(a.m), [a](int64_t item, float* buf) { FwdItem(a, item, buf); });
-  return ffi::Error::Success();
-}
-
-ffi::Error PackedFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::ResultBuffer<ffi::F32> out,
-                         ffi::ResultBuffer<ffi::F32> lse) {
-  FwdArgs a;
-  if (!ReadPacked(qkv, &a.m)) return ffi::Error::InvalidArgument("attention: expected qkv (B,S,3,N,D)");
-  a.q = qkv.typed_data(), a.k = a.q + a.m.nd, a.v = a.k + a.m.nd, a.out = out->typed_data();
-  a.lse = lse->typed_data();
-  ParallelFor(pool, a.m.b * a.m.n, FwdScratch(a.m), [a](int64_t item, float* buf) { FwdItem(a, item, buf); });
-  return ffi::Error::Success();
-}
-
-// The packed form with the q/k RMSNorm fused in: qkv holds the raw projections, scales the (2, 2, D) norm scales.
-ffi::Error PackedNormFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> scales,
-                             ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse, int64_t split,
-                             float eps) {
-  FwdArgs a;
-  if (!ReadPacked(qkv, &a.m)) return ffi::Error::InvalidArgument("attention: expected qkv (B,S,3,N,D)");
-  if (scales.element_count() != 4 * a.m.d) return ffi::Error::InvalidArgument("attention: expected scales (2,2,D)");
-  a.nm = Norm{scales.typed_data(), split, eps};
-  a.q = qkv.typed_data(), a.k = a.q + a.m.nd, a.v = a.k + a.m.nd, a.out = out->typed_data();
-  a.lse = lse->typed_data();
-  ParallelFor(pool, a.m.b * a.m.n, FwdScratch(a.m), [a](int64_t item, float* buf) { FwdItem(a, item, buf); });
-  return ffi::Error::Success();
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Backward, per (batch, head): K^T, V^T (D x Sp) and K packed once, dK and dV accumulated in scratch over the query
-// blocks. Per block: P = exp(scale q K^T - lse); dV += P^T dO; dP = dO V^T;
-// dS = scale P (dP - rowsum(dO O)); dQ = dS K; dK += dS^T q.
+// Backward, per (batch, head): K (normed), K^T and V^T packed once, dK and dV accumulated in scratch over the query
+// blocks. Per block: P = exp(scale q K^T - lse); dV += P^T dO; dP = dO V^T; dS = scale P (dP - rowsum(dO O));
+// dQ = dS K; dK += dS^T q. With the norm, dQ and (at the end) dK go through its backward before they are written.
 // ---------------------------------------------------------------------------------------------------------------
 
 struct BwdArgs {
   Dims m;
   Norm nm;
-  const float *q, *k, *v, *out, *lse, *dout;
-  float *dq, *dk, *dv, *dscales;  // dscales: (B * N, 2, 2, D), each item's share (packed-norm form only).
+  Segs g;
+  const float* lse;
+  float* dscales;  // (B * N, 2, 2, D): each item's share (packed form with the norm only).
 };
 
-size_t BwdScratch(const Dims& m) {
-  return 2 * m.d * m.sp + 3 * (m.s + kBr) * m.dp + 2 * kBr * m.sp;
-}
+size_t BwdScratch(const Dims& m) { return 2 * m.d * m.sp + 3 * (m.s + kBr) * m.dp + 2 * kBr * m.sp; }
 
 void BwdItem(const BwdArgs& a, int64_t item, float* buf) {
   const Dims& m = a.m;
@@ -262,51 +232,84 @@ void BwdItem(const BwdArgs& a, int64_t item, float* buf) {
   const size_t t_size = m.d * m.sp, r_size = m.s * m.dp, b_size = kBr * m.dp;
   float *kt = buf, *vt = kt + t_size, *ks = vt + t_size, *dks = ks + r_size, *dvs = dks + r_size;
   float *qs = dvs + r_size, *dos = qs + b_size, *dqs = dos + b_size, *pb = dqs + b_size, *dsb = pb + kBr * m.sp;
-  const int64_t kv_off = b * m.s * m.li + h * m.d;
-  const View kk = In(a.k + kv_off, m.s, m.li, m, ks);
+  for (int j = 0; j < a.g.nk; ++j) {
+    const KSeg& kg = a.g.k[j];
+    CopyIn(kg.k + kg.In(b, h, m.d), kg.rows, kg.ld, m, ks + kg.row0 * m.dp);
+    Transpose(kg.v + kg.In(b, h, m.d), kg.rows, kg.ld, m.d, vt + kg.row0, m.sp);
+  }
+  for (int64_t j = 0; j < m.d; ++j) std::fill(vt + j * m.sp + m.s, vt + (j + 1) * m.sp, 0.f);
   float* dscales = a.nm.scales ? a.dscales + item * 4 * m.d : nullptr;
   if (dscales) {
     std::fill(dscales, dscales + 4 * m.d, 0.f);
-    NormRows(kk.p, m.s, kk.ld, 0, 1, a.nm, m.d);
+    NormRows(ks, m.s, m.dp, 0, 1, a.nm, m.d);
   }
-  InTransposed(kk.p, kk.ld, m, kt);
-  InTransposed(a.v + kv_off, m.li, m, vt);
-  const View dkv{dks, m.dp}, dvv{dvs, m.dp};  // In scratch: in place they would thrash as B operands would (In).
-  for (int64_t i = 0; i < m.s; ++i) {
-    std::fill(dkv.p + i * dkv.ld, dkv.p + i * dkv.ld + m.dp, 0.f);
-    std::fill(dvv.p + i * dvv.ld, dvv.p + i * dvv.ld + m.dp, 0.f);
-  }
-  for (int64_t t0 = 0; t0 < m.t; t0 += kBr) {
-    const int64_t rows = std::min(kBr, m.t - t0);
-    const int64_t q_off = (b * m.t + t0) * m.li + h * m.d, o_off = (b * m.t + t0) * m.nd + h * m.d;
-    const float* lse_row = a.lse + (b * m.n + h) * m.t + t0;
-    const View qb = In(a.q + q_off, rows, m.li, m, qs), dob = In(a.dout + o_off, rows, m.nd, m, dos);
-    if (dscales) NormRows(qb.p, rows, qb.ld, t0, 0, a.nm, m.d);
-    float delta[kBr];  // rowsum(dO * O) = rowsum(P * dP).
-    for (int64_t i = 0; i < rows; ++i) delta[i] = Dot(dob.p + i * dob.ld, a.out + o_off + i * m.nd, m.d);
-    Gemm(rows, m.sp, m.d, qb.p, qb.ld, 1, kt, m.sp, pb, m.sp, false);
-    for (int64_t i = 0; i < rows; ++i) {
-      float* row = pb + i * m.sp;
-      ExpShiftedSum(row, m.s, scale, lse_row[i]);
-      std::fill(row + m.s, row + m.sp, 0.f);
+  InTransposed(ks, m.dp, m, kt);
+  const View kk{ks, m.dp}, dkv{dks, m.dp}, dvv{dvs, m.dp};  // dK, dV in scratch: in place they would thrash (In).
+  std::fill(dks, dks + 2 * r_size, 0.f);
+  for (int j = 0; j < a.g.nq; ++j) {
+    const QSeg& qg = a.g.q[j];
+    for (int64_t t0 = 0; t0 < qg.rows; t0 += kBr) {
+      const int64_t rows = std::min(kBr, qg.rows - t0), row = qg.row0 + t0;
+      const int64_t q_off = qg.In(b, t0, h, m.d), o_off = qg.Out(b, t0, h, m.d, m.nd);
+      const float* lse_row = a.lse + (b * m.n + h) * m.t + row;
+      const View qb = In(qg.q + q_off, rows, qg.ld, m, qs), dob = In(qg.dout + o_off, rows, m.nd, m, dos);
+      if (dscales) NormRows(qb.p, rows, qb.ld, row, 0, a.nm, m.d);
+      float delta[kBr];  // rowsum(dO * O) = rowsum(P * dP).
+      for (int64_t i = 0; i < rows; ++i) delta[i] = Dot(dob.p + i * dob.ld, qg.o + o_off + i * m.nd, m.d);
+      Gemm(rows, m.sp, m.d, qb.p, qb.ld, 1, kt, m.sp, pb, m.sp, false);
+      for (int64_t i = 0; i < rows; ++i) {
+        float* p = pb + i * m.sp;
+        ExpShiftedSum(p, m.s, scale, lse_row[i]);
+        std::fill(p + m.s, p + m.sp, 0.f);
+      }
+      Gemm(m.s, m.dp, rows, pb, 1, m.sp, dob.p, dob.ld, dvv.p, dvv.ld, true);    // dV += P^T dO
+      Gemm(rows, m.sp, m.d, dob.p, dob.ld, 1, vt, m.sp, dsb, m.sp, false);  // dP = dO V^T
+      for (int64_t i = 0; i < rows; ++i) {  // dS = scale P (dP - delta): 0 in the padding columns, as P.
+        const float* p = pb + i * m.sp;
+        float* ds = dsb + i * m.sp;
+        const float di = delta[i];
+        for (int64_t c = 0; c < m.sp; ++c) ds[c] = scale * p[c] * (ds[c] - di);
+      }
+      float* dq = qg.dq + q_off;
+      const View dqv = Out(dq, qg.ld, m, dqs);
+      Gemm(rows, m.dp, m.s, dsb, m.sp, 1, kk.p, kk.ld, dqv.p, dqv.ld, false);  // dQ = dS K
+      if (dscales) NormBackRows(dqv.p, dqv.ld, qg.q + q_off, qg.ld, rows, row, 0, a.nm, m.d, dscales);
+      if (!m.direct()) CopyOut(dqv, rows, nullptr, qg.ld, m, dq);
+      Gemm(m.s, m.dp, rows, dsb, 1, m.sp, qb.p, qb.ld, dkv.p, dkv.ld, true);  // dK += dS^T q
     }
-    Gemm(m.s, m.dp, rows, pb, 1, m.sp, dob.p, dob.ld, dvv.p, dvv.ld, true);    // dV += P^T dO
-    Gemm(rows, m.sp, m.d, dob.p, dob.ld, 1, vt, m.sp, dsb, m.sp, false);  // dP = dO V^T
-    for (int64_t i = 0; i < rows; ++i) {  // dS = scale P (dP - delta): 0 in the padding columns, as P.
-      const float* p = pb + i * m.sp;
-      float* ds = dsb + i * m.sp;
-      const float di = delta[i];
-      for (int64_t j = 0; j < m.sp; ++j) ds[j] = scale * p[j] * (ds[j] - di);
-    }
-    const View dqv = Out(a.dq + q_off, m.li, m, dqs);
-    Gemm(rows, m.dp, m.s, dsb, m.sp, 1, kk.p, kk.ld, dqv.p, dqv.ld, false);  // dQ = dS K
-    if (dscales) NormBackRows(dqv.p, dqv.ld, a.q + q_off, m.li, rows, t0, 0, a.nm, m.d, dscales);
-    if (!m.direct()) CopyOut(dqv, rows, nullptr, m.li, m, a.dq + q_off);
-    Gemm(m.s, m.dp, rows, dsb, 1, m.sp, qb.p, qb.ld, dkv.p, dkv.ld, true);  // dK += dS^T q
   }
-  if (dscales) NormBackRows(dkv.p, dkv.ld, a.k + kv_off, m.li, m.s, 0, 1, a.nm, m.d, dscales);
-  CopyOut(dkv, m.s, nullptr, m.li, m, a.dk + kv_off);
-  CopyOut(dvv, m.s, nullptr, m.li, m, a.dv + kv_off);
+  for (int j = 0; j < a.g.nk; ++j) {
+    const KSeg& kg = a.g.k[j];
+    const int64_t off = kg.In(b, h, m.d);
+    const View dk{dkv.p + kg.row0 * dkv.ld, dkv.ld}, dv{dvv.p + kg.row0 * dvv.ld, dvv.ld};
+    if (dscales) NormBackRows(dk.p, dk.ld, kg.k + off, kg.ld, kg.rows, kg.row0, 1, a.nm, m.d, dscales);
+    CopyOut(dk, kg.rows, nullptr, kg.ld, m, kg.dk + off);
+    CopyOut(dv, kg.rows, nullptr, kg.ld, m, kg.dv + off);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// FFI handlers: the separate form (q, k, v; T may differ from S) and the packed form (two streams' (B, T_i, 3, N, D)
+// buffers; with norm = true, the q/k RMSNorm with scales (2 streams, 2, D) and epsilon eps, split at T_0).
+// ---------------------------------------------------------------------------------------------------------------
+
+constexpr char kSeparate[] = "attention: expected q (B,T,N,D), k = v (B,S,N,D)";
+constexpr char kPacked[] = "attention: expected qkv0 (B,T0,3,N,D), qkv1 (B,T1,3,N,D), scales (2,2,D)";
+
+template <typename Args>
+void Run(ffi::ThreadPool& pool, const Args& a, size_t scratch, void (*item_fn)(const Args&, int64_t, float*)) {
+  ParallelFor(pool, a.m.b * a.m.n, scratch, [a, item_fn](int64_t item, float* buf) { item_fn(a, item, buf); });
+}
+
+ffi::Error AttentionFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                            ffi::Buffer<ffi::F32> v, ffi::ResultBuffer<ffi::F32> out,
+                            ffi::ResultBuffer<ffi::F32> lse) {
+  FwdArgs a;
+  if (!ReadDims(q, k, v, &a.m)) return ffi::Error::InvalidArgument(kSeparate);
+  a.g = Separate(a.m, q.typed_data(), k.typed_data(), v.typed_data());
+  a.g.q[0].out = out->typed_data(), a.lse = lse->typed_data();
+  Run(pool, a, FwdScratch(a.m), FwdItem);
+  return ffi::Error::Success();
 }
 
 ffi::Error AttentionBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
@@ -314,37 +317,55 @@ ffi::Error AttentionBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::
                             ffi::Buffer<ffi::F32> dout, ffi::ResultBuffer<ffi::F32> dq,
                             ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv) {
   BwdArgs a;
-  if (!ReadDims(q, k, v, &a.m)) return ffi::Error::InvalidArgument("attention: expected q (B,T,N,D), k = v (B,S,N,D)");
-  a.q = q.typed_data(), a.k = k.typed_data(), a.v = v.typed_data(), a.out = o.typed_data();
-  a.lse = lse.typed_data(), a.dout = dout.typed_data();
-  a.dq = dq->typed_data(), a.dk = dk->typed_data(), a.dv = dv->typed_data();
-  ParallelFor(pool, a.m.b * a.m.n, BwdScratch(a.m), [a](int64_t item, float* buf) { BwdItem(a, item, buf); });
+  if (!ReadDims(q, k, v, &a.m)) return ffi::Error::InvalidArgument(kSeparate);
+  a.g = Separate(a.m, q.typed_data(), k.typed_data(), v.typed_data());
+  a.g.q[0].o = o.typed_data(), a.g.q[0].dout = dout.typed_data(), a.g.q[0].dq = dq->typed_data();
+  a.g.k[0].dk = dk->typed_data(), a.g.k[0].dv = dv->typed_data();
+  a.lse = lse.typed_data(), a.dscales = nullptr;
+  Run(pool, a, BwdScratch(a.m), BwdItem);
   return ffi::Error::Success();
 }
 
-ffi::Error PackedBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> o,
-                         ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout, ffi::ResultBuffer<ffi::F32> dqkv) {
-  BwdArgs a;
-  if (!ReadPacked(qkv, &a.m)) return ffi::Error::InvalidArgument("attention: expected qkv (B,S,3,N,D)");
-  a.q = qkv.typed_data(), a.k = a.q + a.m.nd, a.v = a.k + a.m.nd, a.out = o.typed_data();
-  a.lse = lse.typed_data(), a.dout = dout.typed_data();
-  a.dq = dqkv->typed_data(), a.dk = a.dq + a.m.nd, a.dv = a.dk + a.m.nd;
-  ParallelFor(pool, a.m.b * a.m.n, BwdScratch(a.m), [a](int64_t item, float* buf) { BwdItem(a, item, buf); });
+bool ReadNorm(const Dims& m, ffi::Buffer<ffi::F32>& scales, bool norm, float eps, int64_t split, Norm* nm) {
+  if (scales.element_count() != 4 * m.d) return false;
+  *nm = Norm{norm ? scales.typed_data() : nullptr, split, eps};
+  return true;
+}
+
+ffi::Error PackedFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x0, ffi::Buffer<ffi::F32> x1,
+                         ffi::Buffer<ffi::F32> scales, ffi::ResultBuffer<ffi::F32> out0,
+                         ffi::ResultBuffer<ffi::F32> out1, ffi::ResultBuffer<ffi::F32> lse, bool norm, float eps) {
+  FwdArgs a;
+  if (!ReadPacked(x0, x1, &a.m, &a.g) || !ReadNorm(a.m, scales, norm, eps, x0.dimensions()[1], &a.nm)) {
+    return ffi::Error::InvalidArgument(kPacked);
+  }
+  float* outs[2] = {out0->typed_data(), out1->typed_data()};
+  for (int j = 0; j < a.g.nq; ++j) a.g.q[j].out = outs[a.g.q[j].row0 == 0 ? 0 : 1];
+  a.lse = lse->typed_data();
+  Run(pool, a, FwdScratch(a.m), FwdItem);
   return ffi::Error::Success();
 }
 
-ffi::Error PackedNormBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> scales,
-                             ffi::Buffer<ffi::F32> o, ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout,
-                             ffi::ResultBuffer<ffi::F32> dqkv, ffi::ResultBuffer<ffi::F32> dscales, int64_t split,
-                             float eps) {
+ffi::Error PackedBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x0, ffi::Buffer<ffi::F32> x1,
+                         ffi::Buffer<ffi::F32> scales, ffi::Buffer<ffi::F32> o0, ffi::Buffer<ffi::F32> o1,
+                         ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout0, ffi::Buffer<ffi::F32> dout1,
+                         ffi::ResultBuffer<ffi::F32> dx0, ffi::ResultBuffer<ffi::F32> dx1,
+                         ffi::ResultBuffer<ffi::F32> dscales, bool norm, float eps) {
   BwdArgs a;
-  if (!ReadPacked(qkv, &a.m)) return ffi::Error::InvalidArgument("attention: expected qkv (B,S,3,N,D)");
-  if (scales.element_count() != 4 * a.m.d) return ffi::Error::InvalidArgument("attention: expected scales (2,2,D)");
-  a.nm = Norm{scales.typed_data(), split, eps};
-  a.q = qkv.typed_data(), a.k = a.q + a.m.nd, a.v = a.k + a.m.nd, a.out = o.typed_data();
-  a.lse = lse.typed_data(), a.dout = dout.typed_data();
-  a.dq = dqkv->typed_data(), a.dk = a.dq + a.m.nd, a.dv = a.dk + a.m.nd, a.dscales = dscales->typed_data();
-  ParallelFor(pool, a.m.b * a.m.n, BwdScratch(a.m), [a](int64_t item, float* buf) { BwdItem(a, item, buf); });
+  if (!ReadPacked(x0, x1, &a.m, &a.g) || !ReadNorm(a.m, scales, norm, eps, x0.dimensions()[1], &a.nm)) {
+    return ffi::Error::InvalidArgument(kPacked);
+  }
+  const float* os[2] = {o0.typed_data(), o1.typed_data()};
+  const float* douts[2] = {dout0.typed_data(), dout1.typed_data()};
+  float* dxs[2] = {dx0->typed_data(), dx1->typed_data()};
+  for (int j = 0; j < a.g.nq; ++j) {
+    const int s = a.g.q[j].row0 == 0 ? 0 : 1;  // Which buffer: a segment that starts at row 0 is stream 0's.
+    a.g.q[j].o = os[s], a.g.q[j].dout = douts[s], a.g.q[j].dq = dxs[s];
+    a.g.k[j].dk = dxs[s] + a.m.nd, a.g.k[j].dv = dxs[s] + 2 * a.m.nd;
+  }
+  a.lse = lse.typed_data(), a.dscales = dscales->typed_data();
+  if (!norm) std::fill(a.dscales, a.dscales + a.m.b * a.m.n * 4 * a.m.d, 0.f);
+  Run(pool, a, BwdScratch(a.m), BwdItem);
   return ffi::Error::Success();
 }
 
@@ -377,8 +398,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RflowAttentionPackedFwd, rflow_attention::PackedFw
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("norm")
+                                  .Attr<float>("eps"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RflowAttentionPackedBwd, rflow_attention::PackedBwdImpl,
                               ffi::Ffi::Bind()
@@ -387,27 +413,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RflowAttentionPackedBwd, rflow_attention::PackedBw
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(RflowAttentionPackedNormFwd, rflow_attention::PackedNormFwdImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("split")
-                                  .Attr<float>("eps"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(RflowAttentionPackedNormBwd, rflow_attention::PackedNormBwdImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("split")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("norm")
                                   .Attr<float>("eps"));

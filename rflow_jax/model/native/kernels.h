@@ -1,5 +1,6 @@
 // Kernels of attention_cpu.cc: a small-GEMM driver over AVX2/FMA register-blocked micro-kernels, a vectorised
-// exp, row reductions and a tiled transpose; plain-loop versions where the compiler targets no AVX2.
+// exp, row reductions, a tiled transpose (plain-loop versions where the compiler targets no AVX2), and the q/k
+// RMSNorm with its backward pass.
 #ifndef RFLOW_JAX_MODEL_NATIVE_KERNELS_H_
 #define RFLOW_JAX_MODEL_NATIVE_KERNELS_H_
 
@@ -229,6 +230,49 @@ inline void Transpose(const float* x, int64_t s, int64_t ld_x, int64_t d, float*
 }
 
 #endif  // __AVX2__
+
+// The q/k RMSNorm of attention_cpu.cc's packed form: rows [0, split) use the first stream's scales, the rest the
+// second's; scales is (2 streams, 2 (q, k), D), dscales the item's (2, 2, D) share of their gradient.
+struct Norm {
+  const float* scales = nullptr;  // nullptr: no norm.
+  int64_t split = 0;
+  float eps = 0.f;
+  const float* scale(int64_t row, int which, int64_t d) const { return scales + ((row < split ? 0 : 2) + which) * d; }
+  int64_t offset(int64_t row, int which, int64_t d) const { return ((row < split ? 0 : 2) + which) * d; }
+};
+
+// 1 / sqrt(mean(x^2) + eps) of one row, as rflow_jax/model/norms.py's rms_norm computes it.
+inline float Rinv(const float* x, int64_t d, float eps) { return 1.f / std::sqrt(Dot(x, x, d) / d + eps); }
+
+// Rows row0 ... of x (row stride ld; q if which = 0, else k) <- RMSNorm(x) * scale, in place.
+inline void NormRows(float* x, int64_t rows, int64_t ld, int64_t row0, int which, const Norm& nm, int64_t d) {
+  for (int64_t i = 0; i < rows; ++i) {
+    float* xi = x + i * ld;
+    const float r = Rinv(xi, d, nm.eps);
+    const float* sc = nm.scale(row0 + i, which, d);
+    for (int64_t j = 0; j < d; ++j) xi[j] *= r * sc[j];
+  }
+}
+
+// RMSNorm's backward on rows row0 ...: g (row stride ldg) holds the gradient of the normed rows and becomes that of
+// the raw rows x (row stride ldx): with h = x r, gs = g * scale: dx = r (gs - h mean(gs h)); dscale += g h.
+inline void NormBackRows(float* g, int64_t ldg, const float* x, int64_t ldx, int64_t rows, int64_t row0, int which,
+                  const Norm& nm, int64_t d, float* dscales) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* xi = x + i * ldx;
+    float* gi = g + i * ldg;
+    const float r = Rinv(xi, d, nm.eps);
+    const float* sc = nm.scale(row0 + i, which, d);
+    float* ds = dscales + nm.offset(row0 + i, which, d);
+    float dot = 0.f;
+    for (int64_t j = 0; j < d; ++j) {
+      ds[j] += gi[j] * xi[j] * r;
+      dot += gi[j] * sc[j] * xi[j] * r;
+    }
+    const float mean = dot / d;
+    for (int64_t j = 0; j < d; ++j) gi[j] = r * (gi[j] * sc[j] - xi[j] * r * mean);
+  }
+}
 
 }  // namespace rflow_attention
 
