@@ -257,9 +257,7 @@ class CrossDiTBlock(nn.Module):
         width, self.num_heads, self.qk_norm, has_out=True, dtype=self.dtype, param_dtype=self.param_dtype, name="attn"
     )
     h = layers.modulate(layers.layer_norm(x), shift_msa, scale_msa)
-    qkv = attn.project_qkv(h.astype(self.dtype))
-    (out,) = layers.joint_attention([qkv], self.attention_impl, [attn.qk_scales()])  # (B, T, N, D)
-    h = attn.project_out(out)
+    h = attn.self_attention(h.astype(self.dtype), self.attention_impl)
     # Residual arithmetic in float32, as in MMDiT's streams.
     x = x.astype(jnp.float32) + gate_msa[:, None] * h.astype(jnp.float32)
     h = CrossAttention(
@@ -357,9 +355,7 @@ class UViTBlock(nn.Module):
         width, self.num_heads, self.qk_norm, has_out=True, dtype=self.dtype, param_dtype=self.param_dtype, name="attn"
     )
     h = LayerNorm(param_dtype=self.param_dtype, name="norm1")(x)
-    qkv = attn.project_qkv(h.astype(self.dtype))
-    (out,) = layers.joint_attention([qkv], self.attention_impl, [attn.qk_scales()])  # (B, S, N, D)
-    h = attn.project_out(out)
+    h = attn.self_attention(h.astype(self.dtype), self.attention_impl)
     x = x.astype(jnp.float32) + h.astype(jnp.float32)
     h = LayerNorm(param_dtype=self.param_dtype, name="norm2")(x)
     h = layers.Mlp(int(width * self.mlp_ratio), dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")(

@@ -249,8 +249,6 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str) -
   return jax.nn.dot_product_attention(q, k, v, implementation=impl_or_fn)
 
 
-# attention_impl name -> fn(qkv) -> out for self-attention on one packed (B, S, 3, N, D) q/k/v buffer, for kernels
-# that read that layout in place (see `joint_attention`); the other impls get q, k and v as three arrays.
 # fn(streams, scales, eps) -> outs: `native_attention.native_packed_attention`'s signature: attention over one or
 # two streams' packed (B, T_i, 3, N, D) q/k/v, read in place; with scales (2, 2, D), it applies the q/k RMSNorm too.
 PACKED_ATTENTION_IMPLS: dict[str, Callable[..., list[jax.Array]]] = {

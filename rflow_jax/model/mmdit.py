@@ -99,6 +99,11 @@ class Attention(nn.Module):
     """(B, T, N, D) -> (B, T, H)."""
     return self.proj(y.reshape(y.shape[:2] + (self.hidden_size,)))
 
+  def self_attention(self, x: jax.Array, impl: str) -> jax.Array:
+    """(B, T, H) -> (B, T, H): projections, q/k-norm and attention over x's own tokens (needs has_out)."""
+    (out,) = layers.joint_attention([self.project_qkv(x)], impl, [self.qk_scales()])
+    return self.project_out(out)
+
 
 class Stream(nn.Module):
   """One modality's weights in a joint block (the original's DismantledBlock).
@@ -160,9 +165,7 @@ class Stream(nn.Module):
     qkv = self.attn.project_qkv(x_in)
     if self.dual_attention:
       x_in2 = layers.modulate(normed, mods[6], mods[7]).astype(self.dtype)
-      qkv2 = self.attn2.project_qkv(x_in2)
-      (out2,) = layers.joint_attention([qkv2], self.attention_impl, [self.attn2.qk_scales()])
-      mods = mods + [self.attn2.project_out(out2)]  # (B, T, H)
+      mods = mods + [self.attn2.self_attention(x_in2, self.attention_impl)]  # (B, T, H)
     return qkv, mods
 
   def post_attention(self, x: jax.Array, attn_out: jax.Array, mods: Sequence[jax.Array]) -> jax.Array:

@@ -7,9 +7,9 @@ probabilities. The kernel parallelises over (batch, head) pairs on XLA's intra-o
 AVX2/FMA register-blocked micro-kernels (plain loops where the compiler has no AVX2).
 
 Registered as attention_impl="native" (rflow_jax.model.layers). `native_packed_attention` is the form the joint
-block calls (`layers.joint_attention`): q, k, v read in place from one packed (B, S, 3, N, D) buffer, with the q/k
-RMSNorm of two streams fused into the kernel's operand packing (and its gradient into the backward's epilogue). This module also builds and loads the library for
-its other user, the fused optimiser update (rflow_jax/train/native_update.py). The library is built at install time
+block calls (`layers.joint_attention`): q, k, v read in place from each stream's packed (B, T, 3, N, D) buffer,
+with the q/k RMSNorm of both streams fused into the kernel's operand packing (and its gradient into the backward's
+epilogue). This module also builds and loads the library for its other user, the fused optimiser update (rflow_jax/train/native_update.py). The library is built at install time
 (`make install`, or `python -m rflow_jax.model.native_attention`) with `-march=native`, i.e. for the machine that
 builds it; importing this module builds and loads nothing: the library is loaded at the first trace. Wherever the
 kernel cannot run, the call falls back to `blocked_attention.blocked_attention` (the same math in pure JAX) and logs
@@ -210,7 +210,7 @@ def native_packed_attention(
   """
   if not 1 <= len(streams) <= 2:
     raise ValueError(f"native_packed_attention takes 1 or 2 streams, not {len(streams)}")
-  reason = _fallback_reason(*streams) or (None if scales is None else _fallback_reason(scales))
+  reason = _fallback_reason(*streams, *([] if scales is None else [scales]))
   if reason is not None:
     _warn_fallback(reason)
     if scales is not None:

@@ -135,7 +135,8 @@ Segs Separate(const Dims& m, const float* q, const float* k, const float* v) {
 }
 
 // The packed form: self-attention over the concatenated rows of two (B, T_i, 3, N, D) q/k/v buffers (the joint
-// block's streams, as their qkv projections come out; T_0 > 0, T_1 may be 0), read in place.
+// block's streams, as their qkv projections come out; T_0 > 0, T_1 may be 0), read in place. Segment j of the
+// query and of the key rows is stream j's (an empty stream 1 has none).
 bool ReadPacked(ffi::Buffer<ffi::F32>& x0, ffi::Buffer<ffi::F32>& x1, Dims* dims, Segs* g) {
   auto d0 = x0.dimensions(), d1 = x1.dimensions();
   if (d0.size() != 5 || d1.size() != 5 || d0[2] != 3 || d0[1] == 0) return false;
@@ -340,7 +341,7 @@ ffi::Error PackedFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x0, ffi::Bu
     return ffi::Error::InvalidArgument(kPacked);
   }
   float* outs[2] = {out0->typed_data(), out1->typed_data()};
-  for (int j = 0; j < a.g.nq; ++j) a.g.q[j].out = outs[a.g.q[j].row0 == 0 ? 0 : 1];
+  for (int j = 0; j < a.g.nq; ++j) a.g.q[j].out = outs[j];
   a.lse = lse->typed_data();
   Run(pool, a, FwdScratch(a.m), FwdItem);
   return ffi::Error::Success();
@@ -359,9 +360,8 @@ ffi::Error PackedBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x0, ffi::Bu
   const float* douts[2] = {dout0.typed_data(), dout1.typed_data()};
   float* dxs[2] = {dx0->typed_data(), dx1->typed_data()};
   for (int j = 0; j < a.g.nq; ++j) {
-    const int s = a.g.q[j].row0 == 0 ? 0 : 1;  // Which buffer: a segment that starts at row 0 is stream 0's.
-    a.g.q[j].o = os[s], a.g.q[j].dout = douts[s], a.g.q[j].dq = dxs[s];
-    a.g.k[j].dk = dxs[s] + a.m.nd, a.g.k[j].dv = dxs[s] + 2 * a.m.nd;
+    a.g.q[j].o = os[j], a.g.q[j].dout = douts[j], a.g.q[j].dq = dxs[j];
+    a.g.k[j].dk = dxs[j] + a.m.nd, a.g.k[j].dv = dxs[j] + 2 * a.m.nd;
   }
   a.lse = lse.typed_data(), a.dscales = dscales->typed_data();
   if (!norm) std::fill(a.dscales, a.dscales + a.m.b * a.m.n * 4 * a.m.d, 0.f);

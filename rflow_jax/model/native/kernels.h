@@ -237,8 +237,8 @@ struct Norm {
   const float* scales = nullptr;  // nullptr: no norm.
   int64_t split = 0;
   float eps = 0.f;
-  const float* scale(int64_t row, int which, int64_t d) const { return scales + ((row < split ? 0 : 2) + which) * d; }
   int64_t offset(int64_t row, int which, int64_t d) const { return ((row < split ? 0 : 2) + which) * d; }
+  const float* scale(int64_t row, int which, int64_t d) const { return scales + offset(row, which, d); }
 };
 
 // 1 / sqrt(mean(x^2) + eps) of one row, as rflow_jax/model/norms.py's rms_norm computes it.
