@@ -263,8 +263,10 @@ def main(argv=None):
   from rflow_jax.sampling import guidance, schedules, solvers  # pylint: disable=g-import-not-at-top
   from rflow_jax.train import native_update  # pylint: disable=g-import-not-at-top
   from rflow_jax.train import optimizer as optim_lib, step as step_lib, trainer  # pylint: disable=g-import-not-at-top
-  from rflow_jax.utils import flops as flops_lib  # pylint: disable=g-import-not-at-top
+  from rflow_jax.utils import flops as flops_lib, host_memory  # pylint: disable=g-import-not-at-top
 
+  # After the imports, before the first computation (see host_memory); one process, so both sides run under it.
+  malloc = host_memory.configure()
   config = make_config(args)
   setup = trainer.Setup(config)
   if not setup.task.formulation.is_rf or setup.task.formulation.output != "velocity":
@@ -436,6 +438,7 @@ def main(argv=None):
       "compile_s": {k: round(v, 1) for k, v in compile_s.items()},
       "flops_per_step": flops,
       "threads": args.threads,
+      "host_malloc": malloc,
       "backend": jax.default_backend(),
   }
   print(json.dumps(result))

@@ -11,6 +11,7 @@ import sys
 from absl import flags
 
 from rflow_jax import config_lib
+from rflow_jax.utils import host_memory
 
 # Errors a user can cause with bad input; the CLIs print them as one line (no traceback) and exit 2.
 USER_ERRORS = (
@@ -74,14 +75,19 @@ def quiet_orbax():
 def parse_flags(argv):
   """absl flag parsing with one-line errors: an unknown `--config.x` key or a value of the wrong type exits 2.
 
-  Use as `app.run(main, flags_parser=parse_flags)`.
+  Use as `app.run(main, flags_parser=parse_flags)`. It is the first code `app.run` runs, before JAX starts its
+  threads, so it also sets up the process's host memory (`host_memory.configure`: freed buffers kept for reuse on
+  the CPU).
   """
   try:
+    host_memory.configure()
     config_lib.check_config_file(argv)  # A syntax error or no get_config(): one line, not a 50-line traceback.
     return flags.FLAGS(argv)
   except config_lib.ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
   except flags.Error as e:
+    print(f"error: {e}", file=sys.stderr)
+  except ValueError as e:  # A bad $RFLOW_JAX_MALLOC.
     print(f"error: {e}", file=sys.stderr)
   except OSError as e:  # ml_collections: a config file that failed to load (its first line says why).
     print(f"error: --config: {str(e).splitlines()[0]}", file=sys.stderr)

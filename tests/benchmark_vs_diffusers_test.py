@@ -20,7 +20,9 @@ def _load_benchmark():
 
 
 @pytest.mark.slow
-def test_quick_run_reports_every_key_and_the_same_loss(capsys):
+def test_quick_run_reports_every_key_and_the_same_loss(capsys, monkeypatch):
+  # In-process: keep this test worker's malloc as it is (host_memory_test covers "reuse").
+  monkeypatch.setenv("RFLOW_JAX_MALLOC", "system")
   threads = torch.get_num_threads()
   try:
     _load_benchmark().main(["--quick", "--threads=1"])
@@ -53,7 +55,7 @@ def test_quick_run_reports_every_key_and_the_same_loss(capsys):
   needed = result["flops_per_step"] / (eager / 1.25) / 1e9 / peak
   assert result["goals"]["train_1.25x_eager"]["needs_peak_fraction"] == pytest.approx(needed, abs=2e-3)
   assert set(result["matmul_gflops"]) == set(result["matmul_gflops_end"]) == {"xla", "torch"}
-  assert result["threads"] == 1 and result["config"]["quick"]
+  assert result["threads"] == 1 and result["config"]["quick"] and result["host_malloc"] == "system"
   for section in ("train_step", "sampling"):
     assert result[section]["rflow_jax_s"] > 0 and result[section]["diffusers_eager_s"] > 0
   assert result["train_step"]["peak_fraction"] > 0
