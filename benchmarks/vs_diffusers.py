@@ -1,11 +1,12 @@
 """rflow_jax against diffusers' SD3Transformer2DModel on this machine: train step, CFG sampling, matmul rate.
 
   python benchmarks/vs_diffusers.py [--quick] [--threads=N] [--train_reps=7] [--sample_reps=2] [--no_compile]
-                                    [--attention_impl=native] [--update_impl=native]
+                                    [--attention_impl=native] [--update_impl=native] [--malloc=reuse]
 
 One MM-DiT (default: depth 8, width 512, 8 heads, 2x2 patches on 32x32x3 pixels = 256 image tokens, 32 text tokens,
 batch 8, fp32, 73M parameters), the same weights on both sides (random, moved with rflow_jax.export.diffusers), the
-same batch, the same thread count (torch.set_num_threads and XLA's CPU pool via NPROC, set before JAX starts):
+same batch, the same thread count (torch.set_num_threads and XLA's CPU pool via NPROC, set before JAX starts) and
+the same host malloc (--malloc; default reuse, rflow_jax.utils.host_memory: freed buffers kept, no page faults):
 
   train step   rflow_jax's jitted `Setup.train_step` (donated state; loss incl. the frozen text stack, clipping,
                AdamW, EMA, the non-finite guard, three norms) vs SD3Transformer2DModel forward + MSE + backward +
@@ -53,6 +54,9 @@ def parse_args(argv=None):
   # torch.optim.AdamW runs its multi-tensor C++ kernels; ours runs the fused native update (optax where it cannot).
   p.add_argument("--update_impl", default="native", help="rflow_jax optim.update_impl (optax: the configs' default).")
   p.add_argument("--no_compile", action="store_true", help="Skip torch.compile (its keys are then null).")
+  # Freed host memory kept for reuse (rflow_jax.utils.host_memory): the CPU setting for speed. One process, so both
+  # sides run under it (torch's eager forward gained from it too).
+  p.add_argument("--malloc", default="reuse", choices=["reuse", "system"], help="RFLOW_JAX_MALLOC for this process.")
   args = p.parse_args(argv)
   if args.quick:
     args.depth, args.width, args.heads, args.patch, args.batch = 2, 64, 2, 4, 2
@@ -265,8 +269,7 @@ def main(argv=None):
   from rflow_jax.train import optimizer as optim_lib, step as step_lib, trainer  # pylint: disable=g-import-not-at-top
   from rflow_jax.utils import flops as flops_lib, host_memory  # pylint: disable=g-import-not-at-top
 
-  # After the imports, before the first computation (see host_memory); one process, so both sides run under it.
-  malloc = host_memory.configure()
+  malloc = host_memory.configure(args.malloc)  # After the imports, before the first computation (see host_memory).
   config = make_config(args)
   setup = trainer.Setup(config)
   if not setup.task.formulation.is_rf or setup.task.formulation.output != "velocity":

@@ -20,12 +20,11 @@ def _load_benchmark():
 
 
 @pytest.mark.slow
-def test_quick_run_reports_every_key_and_the_same_loss(capsys, monkeypatch):
-  # In-process: keep this test worker's malloc as it is (host_memory_test covers "reuse").
-  monkeypatch.setenv("RFLOW_JAX_MALLOC", "system")
+def test_quick_run_reports_every_key_and_the_same_loss(capsys):
   threads = torch.get_num_threads()
   try:
-    _load_benchmark().main(["--quick", "--threads=1"])
+    # In-process: "system" keeps this test worker's malloc as it is (host_memory_test covers "reuse").
+    _load_benchmark().main(["--quick", "--threads=1", "--malloc=system"])
   finally:
     torch.set_num_threads(threads)  # The benchmark sets it; later tests in this worker keep theirs.
   result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -1,4 +1,5 @@
-"""host_memory.configure: with "reuse", an executable's temporary buffer stops being page-faulted in on every call."""
+"""RFLOW_JAX_MALLOC=reuse (host_memory.configure, applied by cli.parse_flags): an executable's temporary buffer stops
+being page-faulted in on every call; the default keeps glibc's behaviour."""
 
 import json
 import os
@@ -16,10 +17,12 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # Two dots with a 128 MiB (8192 x 4096 float32) temporary between them: XLA:CPU allocates it for every call.
 PROBE = """
-import json, resource, sys
+import json, resource
 import jax, jax.numpy as jnp
+from rflow_jax import cli
 from rflow_jax.utils import host_memory
-mode = host_memory.configure(sys.argv[1])
+cli.parse_flags(["probe"])  # As every entry point: applies $RFLOW_JAX_MALLOC.
+mode = host_memory.configure()
 f = jax.jit(lambda x, w: (jnp.tanh(x @ w) @ w.T).sum())
 x, w = jnp.ones((8192, 64), jnp.float32), jnp.ones((64, 4096), jnp.float32) / 64
 for _ in range(2):
@@ -32,13 +35,13 @@ print(json.dumps({"mode": mode, "faults": (resource.getrusage(resource.RUSAGE_SE
 TEMP_PAGES = 8192 * 4096 * 4 // 4096
 
 
-def _run(code: str, *args: str, **env: str) -> dict:
+def _run(code: str, **env: str) -> dict:
   proc = subprocess.run(
-      [sys.executable, "-c", code, *args],
+      [sys.executable, "-c", code],
       capture_output=True,
       text=True,
       cwd=ROOT,
-      env={**os.environ, "JAX_PLATFORMS": "cpu", **env},
+      env={**{k: v for k, v in os.environ.items() if k != host_memory.ENV}, "JAX_PLATFORMS": "cpu", **env},
       check=True,
       timeout=120,
   )
@@ -47,24 +50,18 @@ def _run(code: str, *args: str, **env: str) -> dict:
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_reuse_stops_the_per_call_page_faults():
-  system, reuse = _run(PROBE, "system"), _run(PROBE, "reuse")
+  system, reuse = _run(PROBE), _run(PROBE, RFLOW_JAX_MALLOC="reuse")  # The default, then the opt-in.
   assert system["mode"] == "system" and reuse["mode"] == "reuse"
   # glibc's defaults map the temporary afresh each call (one fault per page); reuse hands the same pages back.
   assert system["faults"] >= 0.5 * TEMP_PAGES, system
   assert reuse["faults"] <= 0.02 * TEMP_PAGES, reuse
 
 
-def test_auto_reuses_only_when_jax_runs_on_the_cpu():
-  code = "import json; from rflow_jax.utils import host_memory; print(json.dumps(host_memory.runs_on_cpu()))"
-  assert _run(code, JAX_PLATFORMS="cpu") is True
-  assert _run(code, JAX_PLATFORMS="tpu,cpu") is False  # Read from the config: no backend is started.
-
-
 def test_a_bad_mode_is_one_error_line(monkeypatch, capsys):
-  with pytest.raises(ValueError, match=r"^RFLOW_JAX_MALLOC='arena': expected one of auto, reuse, system$"):
+  with pytest.raises(ValueError, match=r"^RFLOW_JAX_MALLOC='arena': expected one of system, reuse$"):
     host_memory.configure("arena")
   monkeypatch.setenv(host_memory.ENV, "arena")
   with pytest.raises(SystemExit) as exit_info:
     cli.parse_flags(["prog"])
   assert exit_info.value.code == 2
-  assert capsys.readouterr().err == "error: RFLOW_JAX_MALLOC='arena': expected one of auto, reuse, system\n"
+  assert capsys.readouterr().err == "error: RFLOW_JAX_MALLOC='arena': expected one of system, reuse\n"
