@@ -2,6 +2,7 @@
 
   python benchmarks/scaling_step.py [--tokens=64,256,1024] [--depths=2,4,8] [--width=512] [--heads=8] [--batch=8]
                                     [--impls=blocked] [--reps=5] [--quick] [--attention_only [--torch]]
+  RFLOW_JAX_MALLOC=reuse python benchmarks/scaling_step.py ...   # freed host memory kept (rflow_jax.utils.host_memory)
 
 The shapes config (pixel space, 2x2 patches, 32 text tokens) at width --width; image tokens T = (side/2)² with side
 16, 32, 64 for T = 64, 256, 1024. The token sweep runs at depth max(--depths), the depth sweep at T = 256. For each
@@ -198,7 +199,10 @@ def measure(args, side: int, depth: int) -> list[dict]:
 def main(argv=None):
   args = parse_args(argv)
   import jax  # pylint: disable=g-import-not-at-top
+  from rflow_jax.train import trainer  # pylint: disable=g-import-not-at-top,unused-import  # Heavy imports first.
+  from rflow_jax.utils import host_memory  # pylint: disable=g-import-not-at-top
 
+  malloc = host_memory.configure()  # $RFLOW_JAX_MALLOC: after the imports, before the first computation.
   sweep_side = args.sides[0] if args.quick else 32  # The depth sweep runs at 256 image tokens.
   sizes = [(s, max(args.depths)) for s in args.sides]
   sizes += [(sweep_side, d) for d in args.depths if (sweep_side, d) not in sizes]
@@ -225,6 +229,7 @@ def main(argv=None):
               "dtype": "float32",
               "backend": jax.default_backend(),
               "cpu_count": os.cpu_count(),
+              "host_malloc": malloc,
           }
       )
   )

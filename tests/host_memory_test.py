@@ -57,6 +57,33 @@ def test_reuse_stops_the_per_call_page_faults():
   assert reuse["faults"] <= 0.02 * TEMP_PAGES, reuse
 
 
+# 256 MiB freed by numpy, then host_memory.release_free(): resident memory (from /proc/self/statm) at each point.
+RELEASE = """
+import json, os, numpy as np
+from rflow_jax import cli
+from rflow_jax.utils import host_memory
+cli.parse_flags(["probe"])
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+a = np.ones(2**25)
+allocated = rss()
+del a
+freed = rss()
+released = host_memory.release_free()
+print(json.dumps({"allocated": allocated, "freed": freed, "after": rss(), "released": released}))
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_release_free_returns_what_reuse_keeps():
+  mib = 2**20
+  system, reuse = _run(RELEASE), _run(RELEASE, RFLOW_JAX_MALLOC="reuse")
+  # glibc's defaults unmap the 256 MiB block at `del`; there is nothing for release_free to do.
+  assert system["allocated"] - system["freed"] >= 200 * mib and not system["released"], system
+  # reuse keeps the freed block resident (for the next step) until release_free hands it back.
+  assert reuse["freed"] >= reuse["allocated"] - 16 * mib and reuse["released"], reuse
+  assert reuse["freed"] - reuse["after"] >= 200 * mib, reuse
+
+
 def test_a_bad_mode_is_one_error_line(monkeypatch, capsys):
   with pytest.raises(ValueError, match=r"^RFLOW_JAX_MALLOC='arena': expected one of system, reuse$"):
     host_memory.configure("arena")

@@ -22,7 +22,7 @@ from rflow_jax.train import checkpoint, finetune, hooks, multihost, periodic, pr
 from rflow_jax.train import tasks
 from rflow_jax.train import workdir as workdir_lib
 from rflow_jax.train import writers as writers_lib  # Before anything else imports CLU's writers (no-TF stand-in).
-from rflow_jax.utils import flops as flops_lib
+from rflow_jax.utils import flops as flops_lib, host_memory
 
 
 class NonFiniteError(RuntimeError):
@@ -221,6 +221,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     state, last_ckpt, position = _restore_or_init(setup, manager, workdir)
     data_iter = setup.data_iterator(start=position)  # Built after the restore; a global position: any process count.
     step_fns = _compile_steps(setup, state)
+    host_memory.release_free()  # RFLOW_JAX_MALLOC=reuse: the compiler's freed memory does not stay resident.
     _write_config(config, workdir)
     writer = writers_lib.make_writer(workdir, is_main_process=jax.process_index() == 0)
     multihost.barrier("rflow_jax_first_step")  # Process 0's extra start-up work (writer, config) is not a skew.
@@ -317,6 +318,8 @@ def _train_loop(setup, workdir, manager, data_iter, state, last_ckpt, writer, si
       task.preview(state, step, workdir, writer)
     if due.evaluate:
       _evaluate(evaluators, task, state, step, os.path.join(workdir, f"eval_step{step}"), writer)
+    if due.preview or due.evaluate:
+      host_memory.release_free()  # Their compiles' and buffers' freed memory (RFLOW_JAX_MALLOC=reuse).
   manager.wait_until_finished()
   logging.info("Training loop done in %.1fs", time.time() - t0)
   if config.train.preview_at_end:

@@ -4,23 +4,25 @@ Why: XLA:CPU allocates each execution's temporary buffer (about 1 GB for a 73M-p
 the C library's `malloc` from its own worker threads, and frees it when the execution ends. glibc serves such a block
 from a fresh `mmap` (worker threads use non-main arenas, whose heaps hold at most 64 MB, and blocks over 32 MB are
 mmapped anyway) and returns it with `munmap`. So every step the kernel maps and zeroes a gigabyte again, one 4 KiB
-page fault at a time: ~260,000 faults and ~0.5 CPU s of kernel time per step at that size, paid inside whichever
-XLA kernel first writes each page (docs/results/performance.md §1e has the measurements).
+page fault at a time: ~260,000 faults and ~0.5 CPU s of kernel time per step at that size, paid inside whichever XLA
+kernel first writes each page (docs/results/performance.md §1e has the measurements).
 
-`configure("reuse")` sets three glibc `mallopt` parameters: one arena for every thread (M_ARENA_MAX=1), no `mmap`
-for large blocks (M_MMAP_MAX=0) and no trimming of the heap's top (M_TRIM_THRESHOLD=-1). Then a freed block stays in
-the heap and the next execution gets the same pages back, already mapped: the vs_diffusers-size step ran 10-11%
-faster, the shapes trainer's steps/s rose ~25%. The cost is host memory: freed memory is never returned to the
-system, and the one heap fragments while the program compiles and the input pipeline runs beside it. The shapes
-trainer's peak resident memory went from 1.8-2.0 GB to 3.7-8.3 GB (it varies with the threads' interleaving; it
-stopped growing once training ran). So it is opt-in: `RFLOW_JAX_MALLOC=reuse` for CPU runs with memory to spare;
-`system` (the default) keeps glibc's behaviour. On GPU/TPU it buys nothing: activations live in device memory.
+`configure("reuse")` sets three glibc `mallopt` parameters: one arena for every thread (M_ARENA_MAX=1), no `mmap` for
+large blocks (M_MMAP_MAX=0) and no trimming of the heap's top (M_TRIM_THRESHOLD=-1). Then a freed block stays in the
+heap and the next execution gets the same pages back, already mapped: the vs_diffusers-size step ran 10-11% faster,
+the shapes trainer's steps/s rose ~25%. The cost is host memory: freed memory is never returned to the system by
+itself, and the one heap fragments, most likely because the trainer's loop dispatches steps ahead of their execution
+and the queued steps' buffers land between the executing step's temporaries. The shapes trainer's peak resident memory
+went from 1.9-2.0 GB to 5-11 GB at its default log interval (1.5 GB when it logs, and so waits, every step). So it is
+opt-in: `RFLOW_JAX_MALLOC=reuse` for CPU runs with memory to spare; `system` (the default) keeps glibc's behaviour. On
+GPU/TPU it buys nothing: activations live in device memory. `release_free()` hands the heap's free pages back; the
+trainer calls it after compiling its steps and after each preview or evaluation.
 
 It has to run before JAX starts its thread pools (the first computation or `jax.devices()`): a thread that has
 allocated keeps its arena (set later, the same step still took ~70,000 faults in 16 arenas). And after the imports:
-something the heavy imports (jax, TensorFlow, protobuf) load resets glibc's parameters (set before them, ~16,000 faults per step
-were left; after them, none). Every command-line entry point calls it from `cli.parse_flags`, the first code
-`app.run` runs after the imports. Where `mallopt` does not exist (macOS, musl), nothing changes.
+something the heavy imports (jax, TensorFlow, protobuf) load resets glibc's parameters (set before them, ~16,000
+faults per step were left; after them, none). Every command-line entry point calls it from `cli.parse_flags`, the
+first code `app.run` runs after the imports. Where `mallopt` does not exist (macOS, musl), nothing changes.
 """
 
 import ctypes
@@ -35,6 +37,9 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 _NO_TRIM = -1  # glibc reads it as SIZE_MAX: never trim.
+
+
+_reusing = False  # Whether configure() set "reuse" in this process.
 
 
 def configure(mode: str | None = None) -> str:
@@ -54,4 +59,19 @@ def configure(mode: str | None = None) -> str:
     return f"system (no mallopt: C library {name})"
   # Arena first: a thread that allocates after this joins the main arena, whose heap (brk) can hold any size.
   done = [mallopt(_M_ARENA_MAX, 1), mallopt(_M_MMAP_MAX, 0), mallopt(_M_TRIM_THRESHOLD, _NO_TRIM)]
-  return "reuse" if all(done) else f"system (mallopt refused: {done})"
+  global _reusing
+  _reusing = all(done)
+  return "reuse" if _reusing else f"system (mallopt refused: {done})"
+
+
+def release_free() -> bool:
+  """Under "reuse", gives the heap's free pages back to the system (glibc's malloc_trim(0)); returns whether it did.
+
+  For after a compile: the compiler's freed memory would otherwise stay resident beside the step's buffers for the
+  whole run. The pages come back (one fault each) only where a later allocation lands on them. Without "reuse",
+  glibc returns large blocks by itself and this does nothing.
+  """
+  if not _reusing:
+    return False
+  ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+  return True
