@@ -84,6 +84,27 @@ def test_release_free_returns_what_reuse_keeps():
   assert reuse["freed"] - reuse["after"] >= 200 * mib, reuse
 
 
+@pytest.mark.slow
+def test_the_trainer_under_reuse_logs_the_same_losses(tmp_path):
+  """`RFLOW_JAX_MALLOC=reuse` changes where buffers live and when the loop waits for a step, never a value."""
+  losses = {}
+  for mode in ("system", "reuse"):
+    workdir = tmp_path / mode
+    subprocess.run(
+        [sys.executable, "-m", "rflow_jax.main", "--config=configs/debug.py", f"--workdir={workdir}"]
+        + ["--config.train.log_every=1", "--config.train.preview_at_end=False"],
+        cwd=ROOT,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "RFLOW_JAX_TENSORBOARD": "0", host_memory.ENV: mode},
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    with open(workdir / "metrics.jsonl") as f:
+      rows = [json.loads(line) for line in f]
+    losses[mode] = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+  assert len(losses["system"]) == 4 and losses["reuse"] == losses["system"]
+
+
 def test_a_bad_mode_is_one_error_line(monkeypatch, capsys):
   with pytest.raises(ValueError, match=r"^RFLOW_JAX_MALLOC='arena': expected one of system, reuse$"):
     host_memory.configure("arena")

@@ -284,6 +284,10 @@ def _train_loop(setup, workdir, manager, data_iter, state, last_ckpt, writer, si
   pending, results = [], {}
   meter = flops_lib.ThroughputMeter(task.flops_per_step, setup.mesh.size, config.train.peak_tflops_per_device)
   prof = profiler.StepProfiler(config.train.profile_steps, workdir)  # A jax.profiler trace of train.profile_steps.
+  # Under RFLOW_JAX_MALLOC=reuse (CPU) the loop waits for each step before dispatching the next. Steps queued ahead
+  # fragment its one untrimmed heap (peak RSS 5.3 GB with two queued, 1.6 GB waiting; glibc's default: 2.0 GB), and
+  # on the CPU the host prepares the next batch on the same cores anyway (docs/results/performance.md §1e).
+  wait_each_step = host_memory.reusing()
   t0 = time.time()
   while step < num_steps:
     local = next(batches)
@@ -291,6 +295,8 @@ def _train_loop(setup, workdir, manager, data_iter, state, last_ckpt, writer, si
     state, metrics = step_fns[setup.step_key(local)](state, setup.global_batch(local))
     step += 1
     pending.append(metrics)
+    if wait_each_step:
+      jax.block_until_ready(metrics)
     stop = sigterm.should_stop()  # Every process asks after every step (many processes agree: preemption.py).
     prof.after(step, (state, metrics), end=stop or step == num_steps)
     due = periodic.due(step, config.train, stopping=stop)

@@ -11,12 +11,13 @@ kernel first writes each page (docs/results/performance.md §1e has the measurem
 large blocks (M_MMAP_MAX=0) and no trimming of the heap's top (M_TRIM_THRESHOLD=-1). Then a freed block stays in the
 heap and the next execution gets the same pages back, already mapped: the vs_diffusers-size step ran 10-11% faster,
 the shapes trainer's steps/s rose ~25%. The cost is host memory: freed memory is never returned to the system by
-itself, and the one heap fragments, most likely because the trainer's loop dispatches steps ahead of their execution
-and the queued steps' buffers land between the executing step's temporaries. The shapes trainer's peak resident memory
-went from 1.9-2.0 GB to 5-11 GB at its default log interval (1.5 GB when it logs, and so waits, every step). So it is
-opt-in: `RFLOW_JAX_MALLOC=reuse` for CPU runs with memory to spare; `system` (the default) keeps glibc's behaviour. On
-GPU/TPU it buys nothing: activations live in device memory. `release_free()` hands the heap's free pages back; the
-trainer calls it after compiling its steps and after each preview or evaluation.
+itself, and the one heap fragments when steps are dispatched ahead of their execution (the queued steps' buffers land
+between the executing step's temporaries). So under "reuse" the trainer waits for each step before dispatching the
+next (on the CPU the host prepares batches on the same cores anyway), and calls `release_free()` after compiling and
+after each preview or evaluation: the shapes trainer then peaked at 1.6 GB against 2.0 GB with glibc's defaults (5.3
+GB with two steps queued). It stays opt-in, `RFLOW_JAX_MALLOC=reuse`, because the other entry points (sampling,
+precompute, evaluation) were not measured under it; `system` (the default) keeps glibc's behaviour. On GPU/TPU it buys
+nothing: activations live in device memory.
 
 It has to run before JAX starts its thread pools (the first computation or `jax.devices()`): a thread that has
 allocated keeps its arena (set later, the same step still took ~70,000 faults in 16 arenas). And after the imports:
@@ -62,6 +63,11 @@ def configure(mode: str | None = None) -> str:
   global _reusing
   _reusing = all(done)
   return "reuse" if _reusing else f"system (mallopt refused: {done})"
+
+
+def reusing() -> bool:
+  """Whether configure() set "reuse" in this process."""
+  return _reusing
 
 
 def release_free() -> bool:
