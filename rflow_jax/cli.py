@@ -75,9 +75,9 @@ def quiet_orbax():
 def parse_flags(argv):
   """absl flag parsing with one-line errors: an unknown `--config.x` key or a value of the wrong type exits 2.
 
-  Use as `app.run(main, flags_parser=parse_flags)`. It is the first code `app.run` runs, before JAX starts its
-  threads, so it also sets up the process's host memory (`host_memory.configure`: freed buffers kept for reuse on
-  the CPU).
+  Use as `app.run(main, flags_parser=parse_flags)`. It is the first code `app.run` runs, after the imports and
+  before JAX starts its threads, so it also applies $RFLOW_JAX_MALLOC (`host_memory.configure`; "reuse" keeps freed
+  host memory for the next step).
   """
   try:
     host_memory.configure()

@@ -39,7 +39,6 @@ _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 _NO_TRIM = -1  # glibc reads it as SIZE_MAX: never trim.
 
-
 _reusing = False  # Whether configure() set "reuse" in this process.
 
 
