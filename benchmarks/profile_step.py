@@ -67,8 +67,9 @@ def kernel_times(trace_dir: str, steps: int) -> tuple[collections.Counter, float
   with gzip.open(path) as f:
     trace = json.load(f)
   events = trace["traceEvents"] if isinstance(trace, dict) else trace
-  # Event index -> (name, start, stop) as recorded, and [name, start, stop] with asynchronous kernels' ends.
-  durations, spans, started = {}, {}, {}
+  # out: each kernel's recorded time; spans: [start, stop] per kernel event, stop moved to an asynchronous kernel's
+  # end; started: a kernel's name -> its latest event's index in spans.
+  out, spans, started = collections.Counter(), [], {}
   for e in sorted((e for e in events if e.get("ph") == "X"), key=lambda e: e["ts"]):
     name = e.get("name", "")
     # Python frames ("$file:line") and the runtime's own spans are not kernels.
@@ -77,15 +78,11 @@ def kernel_times(trace_dir: str, steps: int) -> tuple[collections.Counter, float
     if name.startswith("end: "):  # An asynchronous kernel (e.g. an Eigen dot) ends here: its span is start..end.
       i = started.get(name[len("end: ") :])
       if i is not None:
-        spans[i][2] = max(spans[i][2], e["ts"] + e.get("dur", 0))
+        spans[i][1] = max(spans[i][1], e["ts"] + e.get("dur", 0))
       continue
     started[name] = len(spans)
-    durations[len(spans)] = (name, e["ts"], e["ts"] + e.get("dur", 0))
-    spans[len(spans)] = [name, e["ts"], e["ts"] + e.get("dur", 0)]
-  out = collections.Counter()
-  for name, start, stop in durations.values():
-    out[name] += (stop - start) / 1e3 / steps
-  spans = [(start, stop) for _, start, stop in spans.values()]
+    out[name] += e.get("dur", 0) / 1e3 / steps
+    spans.append([e["ts"], e["ts"] + e.get("dur", 0)])
   idle, end = 0.0, None
   for start, stop in sorted(spans):  # Gaps in the union of the kernels' intervals (microseconds).
     if end is not None and start > end:

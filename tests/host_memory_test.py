@@ -2,18 +2,15 @@
 being page-faulted in on every call; the default keeps glibc's behaviour."""
 
 import json
-import os
-import pathlib
 import platform
 import subprocess
 import sys
 
+import cli_util  # tests/cli_util.py (pytest puts tests/ on sys.path)
 import pytest
 
 from rflow_jax import cli
 from rflow_jax.utils import host_memory
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # Two dots with a 128 MiB (8192 x 4096 float32) temporary between them: XLA:CPU allocates it for every call.
 PROBE = """
@@ -49,8 +46,8 @@ def _run(code: str, **env: str) -> dict:
       [sys.executable, "-c", code],
       capture_output=True,
       text=True,
-      cwd=ROOT,
-      env={**{k: v for k, v in os.environ.items() if k != host_memory.ENV}, "JAX_PLATFORMS": "cpu", **env},
+      cwd=cli_util.ROOT,
+      env={**{k: v for k, v in cli_util.ENV.items() if k != host_memory.ENV}, "JAX_PLATFORMS": "cpu", **env},
       check=True,
       timeout=120,
   )
@@ -103,8 +100,8 @@ def test_the_trainer_under_reuse_logs_the_same_losses(tmp_path):
     subprocess.run(
         [sys.executable, "-m", "rflow_jax.main", "--config=configs/debug.py", f"--workdir={workdir}"]
         + ["--config.train.log_every=1", "--config.train.preview_at_end=False"],
-        cwd=ROOT,
-        env={**os.environ, "JAX_PLATFORMS": "cpu", "RFLOW_JAX_TENSORBOARD": "0", host_memory.ENV: mode},
+        cwd=cli_util.ROOT,
+        env={**cli_util.ENV, "JAX_PLATFORMS": "cpu", host_memory.ENV: mode},
         check=True,
         capture_output=True,
         timeout=300,

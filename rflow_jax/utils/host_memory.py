@@ -28,6 +28,7 @@ first code `app.run` runs after the imports. Where `mallopt` does not exist (mac
 
 import ctypes
 import ctypes.util
+import functools
 import os
 
 ENV = "RFLOW_JAX_MALLOC"
@@ -42,6 +43,13 @@ _NO_TRIM = -1  # glibc reads it as SIZE_MAX: never trim.
 _reusing = False  # Whether configure() set "reuse" in this process.
 
 
+@functools.cache
+def _libc() -> tuple[str | None, ctypes.CDLL | None]:
+  """The C library's name and handle (None where it cannot be found); find_library may run ldconfig: once."""
+  name = ctypes.util.find_library("c")
+  return name, (ctypes.CDLL(name) if name else None)
+
+
 def configure(mode: str | None = None) -> str:
   """Applies `mode` (default: $RFLOW_JAX_MALLOC, else "system"); returns what the process now does.
 
@@ -53,8 +61,8 @@ def configure(mode: str | None = None) -> str:
     raise ValueError(f"{ENV}={mode!r}: expected one of {', '.join(MODES)}")
   if mode == "system":
     return "system"
-  name = ctypes.util.find_library("c")
-  mallopt = getattr(ctypes.CDLL(name), "mallopt", None) if name else None
+  name, libc = _libc()
+  mallopt = getattr(libc, "mallopt", None)
   if mallopt is None:
     return f"system (no mallopt: C library {name})"
   # Arena first: a thread that allocates after this joins the main arena, whose heap (brk) can hold any size.
@@ -78,5 +86,5 @@ def release_free() -> bool:
   """
   if not _reusing:
     return False
-  ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+  _libc()[1].malloc_trim(0)  # Set only where configure() found mallopt, i.e. glibc, which has malloc_trim too.
   return True
