@@ -53,9 +53,10 @@ format: $(STAMP)
 bench: install
 	$(BIN)/python benchmarks/train_step.py
 
-# Wheels for launch/device_shapes.sh: what the lent GPU machine (Python 3.12, JAX preinstalled, no network) lacks,
-# at this project's pins, into .whl/ (git-ignored; the device call carries it).
-DEVICE_WHEELS := grain array_record ml_collections clu portpicker
+# Wheels for launch/device_shapes.sh and launch/device_perf.sh: what the lent GPU machine (Python 3.12, JAX, torch
+# and their kin preinstalled, no network) lacks, and the JAX libraries whose behaviour the tests pin (flax, optax,
+# orbax, chex), at this project's pins, into .whl/ (git-ignored; the device call carries it).
+DEVICE_WHEELS := grain array_record ml_collections clu portpicker diffusers flax optax orbax-checkpoint chex
 device-wheels: $(STAMP)
 	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 	  --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
