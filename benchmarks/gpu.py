@@ -63,6 +63,7 @@ def parse_args(argv=None):
       " with that model.attention_impl and model.remat (blocks unrolled), e.g. rflow_jax:einsum:dots_no_batch.",
   )
   p.add_argument("--smoke", action="store_true", help="Tiny sizes, float32, no torch.compile (runs on a CPU).")
+  p.add_argument("--dump_dir", help="rflow_jax's optimised HLO and a profiler trace of two steps go here (dump()).")
   p.add_argument("--part", help="Run one part of --parts in this process (what the driver calls).")
   args = p.parse_args(argv)
   if args.batch < 1 or args.steps < 1 or args.budget_s <= 0:
@@ -126,8 +127,8 @@ def jax_matmul_tflops(smoke: bool) -> float:
   return 2 * n**3 * reps / s / 1e12
 
 
-def time_rflow_jax(config, steps: int) -> dict:
-  """Compile seconds and median step seconds of config's jitted train step on a random batch."""
+def time_rflow_jax(config, steps: int, dump_dir: str | None = None) -> dict:
+  """Compile seconds and median step seconds of config's jitted train step on a random batch (see dump())."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from rflow_jax.train import trainer  # pylint: disable=g-import-not-at-top
@@ -153,12 +154,47 @@ def time_rflow_jax(config, steps: int) -> dict:
     jax.block_until_ready(holder["metrics"])
 
   step(), step()  # Warm-up.
-  return {
+  out = {
       "step_s": median_s(step, steps),
       "compile_s": compile_s,
       "loss": float(holder["metrics"]["loss"]),
       "device": str(jax.devices()[0].device_kind),
   }
+  if dump_dir:  # After the timing, which it must not disturb.
+    out["dump"] = dump(compiled, step, dump_dir)
+  return out
+
+
+MAX_DUMP_BYTES = 15 * 2**20  # The device tool brings back files of at most 16 MiB.
+
+
+def dump(compiled, step, dump_dir: str) -> dict:
+  """Writes what a later session can study without the GPU: the optimised HLO (hlo.txt.gz) and the profiler's
+  Perfetto trace of two steps (trace.json.gz; read it with benchmarks/profile_step.py's kernel_times). Failures are
+  reported, not raised: the step time is already measured."""
+  import glob  # pylint: disable=g-import-not-at-top
+  import gzip  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+
+  os.makedirs(dump_dir, exist_ok=True)
+  written = {}
+  try:
+    with gzip.open(os.path.join(dump_dir, "hlo.txt.gz"), "wt") as f:
+      f.write(compiled.as_text())
+    written["hlo"] = "hlo.txt.gz"
+    with tempfile.TemporaryDirectory() as tmp:
+      with jax.profiler.trace(tmp, create_perfetto_trace=True):
+        step(), step()
+      (path,) = glob.glob(f"{tmp}/**/perfetto_trace.json.gz", recursive=True)
+      if os.path.getsize(path) > MAX_DUMP_BYTES:
+        raise ValueError(f"trace of {os.path.getsize(path)} bytes > {MAX_DUMP_BYTES}: not kept")
+      shutil.copy(path, os.path.join(dump_dir, "trace.json.gz"))
+      written["trace"] = "trace.json.gz (2 steps)"
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    written["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+  return written
 
 
 def time_diffusers(config, steps: int, compile_: bool) -> dict:
@@ -264,7 +300,7 @@ def run_part(args) -> dict:
   if args.part == "rflow_jax":
     error = None
     try:
-      r = time_rflow_jax(config, args.steps)
+      r = time_rflow_jax(config, args.steps, args.dump_dir)
     except Exception as e:  # pylint: disable=broad-exception-caught
       traceback.print_exc()
       error = f"{type(e).__name__}: {str(e)[:300]}"
@@ -274,7 +310,7 @@ def run_part(args) -> dict:
       from configs import sd3  # pylint: disable=g-import-not-at-top
 
       config.model.attention_impl, config.model.remat = "einsum", sd3.pod_defaults(config.model.depth)[0]
-      r = {**time_rflow_jax(config, args.steps), "retried_after": error}
+      r = {**time_rflow_jax(config, args.steps, args.dump_dir), "retried_after": error}
       r["attention_impl"], r["remat"] = config.model.attention_impl, config.model.remat
     return {**r, "flops_per_step": flops, "matmul_tflops": jax_matmul_tflops(args.smoke)}
   if args.part.startswith("diffusers"):
@@ -321,7 +357,11 @@ def summarize(args, results: dict) -> dict:
         "compile_s": round(r["compile_s"], 1),
         "loss": r["loss"],
         "device": r["device"],
-        **{k: r[k] for k in ("torch", "autocast", "retried_after", "attention_impl", "remat", "scan_blocks") if k in r},
+        **{
+            k: r[k]
+            for k in ("torch", "autocast", "retried_after", "attention_impl", "remat", "scan_blocks", "dump")
+            if k in r
+        },
     }
   ours = out.get("rflow_jax")
   for peer in ("diffusers_eager", "diffusers_compile"):

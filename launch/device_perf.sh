@@ -11,7 +11,8 @@
 # CALL_S (default 0: off): the call's length; when the first pass leaves more than 2 minutes of it, a second pass of
 # the two step timings that matter (rflow_jax, diffusers_compile) runs in what is left, from warm compile caches, so
 # that one call gives each number twice. What comes back: gpu.txt (the card and the versions), perf.json (the JSON
-# lines), perf.log (stderr of every part).
+# lines), perf.log (stderr of every part), dump/{hlo.txt.gz,trace.json.gz} (rflow_jax's optimised HLO and a profiler
+# trace of two steps, to study without the GPU).
 set -euo pipefail
 OUT="${OUT:?OUT is set by the device tool: where results go}"
 PY="${PY:-python3}"
@@ -28,7 +29,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 "$PY" -c "import sys, jax, flax, optax, torch, diffusers; print(sys.version.split()[0], 'jax', jax.__version__,
   jax.devices(), 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__,
   'diffusers', diffusers.__version__)" 2>&1 | tee -a "$OUT/gpu.txt" || true  # A missing one: gpu.py reports it.
-"$PY" benchmarks/gpu.py "$@" 2>"$OUT/perf.log" | tee "$OUT/perf.json"
+"$PY" benchmarks/gpu.py --dump_dir="$OUT/dump" "$@" 2>"$OUT/perf.log" | tee "$OUT/perf.json"
 left=$(( ${CALL_S:-0} - ($(date +%s) - start) - 30 ))
 if (( left > 120 )); then
   echo "second pass: rflow_jax, diffusers_compile in ${left} s" | tee -a "$OUT/gpu.txt"

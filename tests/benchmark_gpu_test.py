@@ -1,5 +1,6 @@
 """benchmarks/gpu.py and launch/device_perf.sh on the CPU (--smoke): the one-GPU call's code, parts and JSON."""
 
+import gzip
 import importlib.util
 import json
 import math
@@ -46,6 +47,11 @@ def test_device_script_smoke_runs_every_part_in_its_own_process(tmp_path):
   assert result["diffusers_compile"] is None and result["shapes_gpu"] is None  # Not asked for.
   assert result["diffusers_eager"]["device"] == "cpu" and result["config"]["smoke"]
   assert "jax" in (out / "gpu.txt").read_text()  # The versions line.
+  assert result["rflow_jax"]["dump"] == {"hlo": "hlo.txt.gz", "trace": "trace.json.gz (2 steps)"}
+  with gzip.open(out / "dump" / "hlo.txt.gz", "rt") as f:
+    assert f.read().startswith("HloModule jit_train_step")
+  with gzip.open(out / "dump" / "trace.json.gz") as f:
+    assert any(e.get("ph") == "X" for e in json.load(f)["traceEvents"])
 
 
 def test_a_spent_budget_skips_the_remaining_parts_and_still_prints_the_summary():
