@@ -2,7 +2,7 @@
 
   python benchmarks/scaling_step.py [--tokens=64,256,1024] [--depths=2,4,8] [--width=512] [--heads=8] [--batch=8]
                                     [--impls=blocked] [--reps=5] [--quick] [--attention_only [--torch]]
-  RFLOW_JAX_MALLOC=reuse python benchmarks/scaling_step.py ...   # freed host memory kept (rflow_jax.utils.host_memory)
+  RFLOW_JAX_MALLOC=system python benchmarks/scaling_step.py ...  # glibc's defaults (the default on a CPU: reuse)
 
 The shapes config (pixel space, 2x2 patches, 32 text tokens) at width --width; image tokens T = (side/2)² with side
 16, 32, 64 for T = 64, 256, 1024. The token sweep runs at depth max(--depths), the depth sweep at T = 256. For each

@@ -170,7 +170,7 @@ class Peer:
         **{k: v for k, v in export.diffusers_config(model).items() if not k.startswith("_")}
     )
     sd = export.params_to_diffusers(params, model)
-    self.net.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=True)
+    self.net.load_state_dict({k: torch.tensor(v) for k, v in sd.items()}, strict=True)  # A copy: v may be read-only.
     # AdamW as ours: decay only on matrices (none by default), the positional table is a buffer there.
     ps = list(self.net.parameters())
     groups = [

@@ -76,8 +76,8 @@ def parse_flags(argv):
   """absl flag parsing with one-line errors: an unknown `--config.x` key or a value of the wrong type exits 2.
 
   Use as `app.run(main, flags_parser=parse_flags)`. It is the first code `app.run` runs, after the imports and
-  before JAX starts its threads, so it also applies $RFLOW_JAX_MALLOC (`host_memory.configure`; "reuse" keeps freed
-  host memory for the next step).
+  before JAX starts its threads, so it also applies $RFLOW_JAX_MALLOC (`host_memory.configure`: by default, where
+  JAX can only use the CPU, freed host memory is kept for the next step).
   """
   try:
     host_memory.configure()

@@ -1,7 +1,9 @@
-"""RFLOW_JAX_MALLOC=reuse (host_memory.configure, applied by cli.parse_flags): an executable's temporary buffer stops
-being page-faulted in on every call; the default keeps glibc's behaviour."""
+"""RFLOW_JAX_MALLOC (host_memory.configure, applied by cli.parse_flags): under reuse, the default where JAX can only
+use the CPU, an executable's temporary buffer stops being page-faulted in on every call; system keeps glibc's
+behaviour."""
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -56,7 +58,7 @@ def _run(code: str, **env: str) -> dict:
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_reuse_stops_the_per_call_page_faults():
-  system, reuse = _run(PROBE), _run(PROBE, RFLOW_JAX_MALLOC="reuse")  # The default, then the opt-in.
+  system, reuse = _run(PROBE, RFLOW_JAX_MALLOC="system"), _run(PROBE)  # JAX_PLATFORMS=cpu: the default is reuse.
   assert system["mode"] == "system" and reuse["mode"] == "reuse"
   # glibc's defaults map the temporary afresh each call (one fault per page); reuse hands the same pages back.
   faults = TEMP_PAGES / _pages_per_fault()  # Mapping the temporary afresh costs this many faults.
@@ -83,7 +85,7 @@ print(json.dumps({"allocated": allocated, "freed": freed, "after": rss(), "relea
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_release_free_returns_what_reuse_keeps():
   mib = 2**20
-  system, reuse = _run(RELEASE), _run(RELEASE, RFLOW_JAX_MALLOC="reuse")
+  system, reuse = _run(RELEASE, RFLOW_JAX_MALLOC="system"), _run(RELEASE, RFLOW_JAX_MALLOC="reuse")
   # glibc's defaults unmap the 256 MiB block at `del`; there is nothing for release_free to do.
   assert system["allocated"] - system["freed"] >= 200 * mib and not system["released"], system
   # reuse keeps the freed block resident (for the next step) until release_free hands it back.
@@ -112,11 +114,29 @@ def test_the_trainer_under_reuse_logs_the_same_losses(tmp_path):
   assert len(losses["system"]) == 4 and losses["reuse"] == losses["system"]
 
 
+def test_auto_reuses_only_where_jax_can_only_use_the_cpu(tmp_path, monkeypatch):
+  monkeypatch.delenv(host_memory.ENV, raising=False)
+  monkeypatch.setenv("JAX_PLATFORMS", "cuda,cpu")
+  assert host_memory.configure() == "system (auto: JAX_PLATFORMS=cuda,cpu)"  # Returns before any mallopt.
+  assert not host_memory.reusing()
+  # JAX_PLATFORMS unset: an installed GPU plugin (a jax_plugins module, as the CUDA plugin installs) decides.
+  (tmp_path / "jax_plugins" / "xla_fakegpu").mkdir(parents=True)
+  (tmp_path / "jax_plugins" / "xla_fakegpu" / "__init__.py").write_text("")
+  code = "from rflow_jax.utils import host_memory; import json; print(json.dumps({'why': host_memory.accelerator()}))"
+  env = {k: v for k, v in cli_util.ENV.items() if k != "JAX_PLATFORMS"}
+  env["PYTHONPATH"] = f"{tmp_path}{os.pathsep}{cli_util.ROOT}"
+  proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=cli_util.ROOT, capture_output=True, text=True)
+  assert json.loads(proc.stdout)["why"] == "JAX plugin xla_fakegpu is installed", proc.stderr[-1000:]
+  env["PYTHONPATH"] = cli_util.ROOT  # This machine: no plugin, no libtpu (CI's CPU wheel of jaxlib).
+  proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=cli_util.ROOT, capture_output=True, text=True)
+  assert json.loads(proc.stdout)["why"] is None, proc.stderr[-1000:]
+
+
 def test_a_bad_mode_is_one_error_line(monkeypatch, capsys):
-  with pytest.raises(ValueError, match=r"^RFLOW_JAX_MALLOC='arena': expected one of system, reuse$"):
+  with pytest.raises(ValueError, match=r"^RFLOW_JAX_MALLOC='arena': expected one of auto, system, reuse$"):
     host_memory.configure("arena")
   monkeypatch.setenv(host_memory.ENV, "arena")
   with pytest.raises(SystemExit) as exit_info:
     cli.parse_flags(["prog"])
   assert exit_info.value.code == 2
-  assert capsys.readouterr().err == "error: RFLOW_JAX_MALLOC='arena': expected one of system, reuse\n"
+  assert capsys.readouterr().err == "error: RFLOW_JAX_MALLOC='arena': expected one of auto, system, reuse\n"

@@ -15,9 +15,13 @@ itself, and the one heap fragments when steps are dispatched ahead of their exec
 between the executing step's temporaries). So under "reuse" the trainer waits for each step before dispatching the
 next (on the CPU the host prepares batches on the same cores anyway), and calls `release_free()` after compiling and
 after each preview or evaluation: the shapes trainer then peaked at 1.6 GB against 2.0 GB with glibc's defaults (5.3
-GB with two steps queued). It stays opt-in, `RFLOW_JAX_MALLOC=reuse`, because the other entry points (sampling,
-precompute, evaluation) were not measured under it; `system` (the default) keeps glibc's behaviour. On GPU/TPU it buys
-nothing: activations live in device memory.
+GB with two steps queued). The other entry points gain too: sampling 64 images and a ShapesEval ran ~35% faster at a
+lower peak, precompute ran the same (identical output bytes each time; docs/results/performance.md §1e).
+
+Modes ($RFLOW_JAX_MALLOC): `auto` (the default) is `reuse` where JAX can only run on the CPU and `system` where it
+may run on a GPU or TPU (JAX_PLATFORMS names one, or a GPU/TPU runtime is installed): there activations live in device
+memory, and reuse would only keep the host's freed memory from the data pipeline. `system` keeps glibc's behaviour;
+`reuse` forces it.
 
 It has to run before JAX starts its thread pools (the first computation or `jax.devices()`): a thread that has
 allocated keeps its arena (set later, the same step still took ~70,000 faults in 16 arenas). And after the imports:
@@ -29,10 +33,13 @@ first code `app.run` runs after the imports. Where `mallopt` does not exist (mac
 import ctypes
 import ctypes.util
 import functools
+import importlib.metadata
+import importlib.util
 import os
+import pkgutil
 
 ENV = "RFLOW_JAX_MALLOC"
-MODES = ("system", "reuse")
+MODES = ("auto", "system", "reuse")
 
 # glibc's <malloc.h> parameter numbers.
 _M_TRIM_THRESHOLD = -1
@@ -50,15 +57,43 @@ def _libc() -> tuple[str | None, ctypes.CDLL | None]:
   return name, (ctypes.CDLL(name) if name else None)
 
 
-def configure(mode: str | None = None) -> str:
-  """Applies `mode` (default: $RFLOW_JAX_MALLOC, else "system"); returns what the process now does.
+def accelerator() -> str | None:
+  """Why JAX may run on an accelerator in this process, or None where it can only use the CPU.
 
-  Returns "reuse" or "system", or "system (no mallopt: ...)" where the C library has none. Calling it again is
-  harmless, and needed if something reset the parameters since: some imports do.
+  Read without starting JAX (configure must run before its threads do): JAX_PLATFORMS where it is set; else whether
+  a GPU or TPU runtime is installed, i.e. a JAX plugin (a `jax_plugins` module or entry point: the CUDA and ROCm
+  plugins) or the `libtpu` package.
   """
-  mode = mode if mode is not None else os.environ.get(ENV, "system")
+  platforms = [p.strip() for p in os.environ.get("JAX_PLATFORMS", "").split(",") if p.strip()]
+  if platforms:
+    return None if set(platforms) == {"cpu"} else f"JAX_PLATFORMS={','.join(platforms)}"
+  if importlib.util.find_spec("libtpu") is not None:
+    return "libtpu is installed"
+  plugins = [ep.name for ep in importlib.metadata.entry_points(group="jax_plugins")]
+  try:
+    import jax_plugins  # pylint: disable=g-import-not-at-top  # A namespace package: its modules are the plugins.
+
+    plugins += [m.name for m in pkgutil.iter_modules(jax_plugins.__path__)]
+  except ImportError:
+    pass
+  return f"JAX plugin {plugins[0]} is installed" if plugins else None
+
+
+def configure(mode: str | None = None) -> str:
+  """Applies `mode` (default: $RFLOW_JAX_MALLOC, else "auto"); returns what the process now does.
+
+  Returns "reuse" or "system", "system (auto: <why an accelerator may be used>)", or "system (no mallopt: ...)"
+  where the C library has none. Calling it again is harmless, and needed if something reset the parameters since:
+  some imports do.
+  """
+  mode = mode if mode is not None else os.environ.get(ENV, "auto")
   if mode not in MODES:
     raise ValueError(f"{ENV}={mode!r}: expected one of {', '.join(MODES)}")
+  if mode == "auto":
+    reason = accelerator()
+    if reason is not None:
+      return f"system (auto: {reason})"
+    mode = "reuse"
   if mode == "system":
     return "system"
   name, libc = _libc()
