@@ -34,7 +34,6 @@ import argparse
 import json
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -103,14 +102,10 @@ def sd3_config(args):
   return c
 
 
-def median_s(fn, steps: int) -> float:
-  """Median seconds of `steps` calls of fn (which waits for its own result)."""
-  times = []
-  for _ in range(steps):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+def median_s(fn, reps: int) -> float:
+  from rflow_jax.utils import flops  # pylint: disable=g-import-not-at-top  # Imports JAX: not in the driver.
+
+  return flops.median_seconds(fn, reps)
 
 
 def jax_matmul_tflops(smoke: bool) -> float:

@@ -60,21 +60,12 @@ def parse_args(argv=None):
   return args
 
 
-def median_time(fn, reps: int) -> float:
-  """Median seconds of `reps` calls of fn (which blocks)."""
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
-
-
 def measure_attention(args, side: int) -> list[dict]:
   """Forward+backward of each --impls attention alone on (B, T+32, N, D), interleaved, with max |grad - first's|."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from rflow_jax.model import layers  # pylint: disable=g-import-not-at-top
+  from rflow_jax.utils import flops as flops_lib  # pylint: disable=g-import-not-at-top
 
   shape = (args.batch, (side // 2) ** 2 + 32, args.heads, args.width // args.heads)
   q, k, v, g = (jax.random.normal(jax.random.key(i), shape) for i in range(4))
@@ -90,7 +81,7 @@ def measure_attention(args, side: int) -> list[dict]:
   times = {impl: [] for impl in fns}
   for _ in range(args.reps):
     for impl, f in fns.items():
-      times[impl].append(median_time(f, 1))
+      times[impl].append(flops_lib.median_seconds(f, 1))
   first = grads[args.impls[0]]
   return [
       {
@@ -176,8 +167,8 @@ def measure(args, side: int, depth: int) -> list[dict]:
     )
   for _ in range(args.reps):  # Interleaved across implementations.
     for r in runs.values():
-      r["times"].append(median_time(r["step"], 1))
-      r["attn_times"].append(median_time(r["attn"], 1))
+      r["times"].append(flops_lib.median_seconds(r["step"], 1))
+      r["attn_times"].append(flops_lib.median_seconds(r["attn"], 1))
   rows = []
   for impl, r in runs.items():
     step_s, attn_s = statistics.median(r["times"]), statistics.median(r["attn_times"])

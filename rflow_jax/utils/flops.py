@@ -22,6 +22,7 @@ is a few percent higher for that reason.
 
 import math
 import re
+import statistics
 import time
 
 from rflow_jax.model import native_attention, text_encoders
@@ -247,3 +248,13 @@ class ThroughputMeter:
     if self.peak > 0:
       out["mfu"] = tflops / self.peak
     return out
+
+
+def median_seconds(fn, reps: int) -> float:
+  """Median wall seconds of `reps` calls of fn, which must wait for its own result (the benchmarks' step timer)."""
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
