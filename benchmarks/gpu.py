@@ -398,7 +398,7 @@ def main(argv=None):
   if args.part:
     # Set before JAX starts a backend. The torch parts touch JAX only for the config and the EMA decay: on the CPU, or
     # JAX's allocator would reserve 75% of the GPU there. The JAX parts take 95% (the d24 step at batch 32 without
-    # remat needs ~117 GiB: 74 GiB of temporaries beside the 42 GiB of params, grads, AdamW moments and EMA).
+    # remat needs ~112 GiB: 74 GiB of temporaries beside the 38 GiB of params, grads, AdamW moments and EMA).
     env = {"JAX_PLATFORMS": "cpu"} if args.part.startswith("diffusers") else {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.95"}
     for k, v in env.items():
       os.environ.setdefault(k, v)
