@@ -47,34 +47,48 @@ def source_op(op_name: str) -> str:
 
 
 def kind(kernel: str) -> str:
-  """Matmul kernels (XNNPACK/oneDNN/Eigen dots), copies and transposes, or any other fusion."""
-  if kernel.startswith(("ynn", "xnn", "onednn")) or "dot" in kernel or "convolution" in kernel:
+  """Matmul kernels (XNNPACK/oneDNN/Eigen dots; cuBLAS GEMMs), copies and transposes, or any other fusion."""
+  if kernel.startswith(("ynn", "xnn", "onednn")) or any(s in kernel for s in ("dot", "convolution", "gemm", "cublas")):
     return "matmul"
   if kernel.startswith(("copy", "transpose")):
     return "copy_transpose"
   return "other_fusion"
 
 
-def kernel_times(trace_dir: str, steps: int) -> tuple[collections.Counter, float]:
-  """Milliseconds per step of each executed kernel, from the profiler's Perfetto trace; and the milliseconds per
-  step in which no kernel ran on any thread (between the first kernel and the last: dispatch, thread hand-offs).
+def kernel_times(trace: str, steps: int) -> tuple[collections.Counter, float]:
+  """Milliseconds per step of each executed kernel, from the profiler's Perfetto trace (a directory holding
+  perfetto_trace.json.gz, or the file); and the milliseconds per step in which no kernel ran on any thread (between
+  the first kernel and the last: dispatch, thread hand-offs).
 
   XLA:CPU runs some kernels asynchronously (e.g. its Eigen dots): their event marks only the launch (its duration
   is what is counted), and a later "end: <kernel>" event the completion. The launch-to-end span includes queueing
   behind other kernels, so it is no kernel time; it counts as busy for the idle time only.
+  A GPU trace (benchmarks/gpu.py --dump_dir) has processes named /device:GPU:N: then only their events count, each
+  under its XLA instruction (args.hlo_op) where it names one, else its kernel's name. (Written from the process and
+  argument names such traces are reported to have; not yet run on a real GPU trace here.)
   """
-  (path,) = glob.glob(f"{trace_dir}/**/perfetto_trace.json.gz", recursive=True)
+  path = trace if trace.endswith(".gz") else glob.glob(f"{trace}/**/perfetto_trace.json.gz", recursive=True)[0]
   with gzip.open(path) as f:
     trace = json.load(f)
   events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  gpus = {
+      e.get("pid")
+      for e in events
+      if e.get("ph") == "M" and e.get("name") == "process_name" and "/device:GPU" in e.get("args", {}).get("name", "")
+  }
   # out: each kernel's recorded time; spans: [start, stop] per kernel event, stop moved to an asynchronous kernel's
   # end; started: a kernel's name -> its latest event's index in spans.
   out, spans, started = collections.Counter(), [], {}
   for e in sorted((e for e in events if e.get("ph") == "X"), key=lambda e: e["ts"]):
-    name = e.get("name", "")
-    # Python frames ("$file:line") and the runtime's own spans are not kernels.
-    if name.startswith("$") or "::" in name or name.startswith(("PjitFunction", "Execute")):
-      continue
+    if gpus:  # Every event of a GPU's process is a kernel (CUDA names may hold "::"); the host's are not.
+      if e.get("pid") not in gpus:
+        continue
+      name = e.get("args", {}).get("hlo_op") or e.get("name", "")
+    else:
+      name = e.get("name", "")
+      # Python frames ("$file:line") and the runtime's own spans are not kernels.
+      if name.startswith("$") or "::" in name or name.startswith(("PjitFunction", "Execute")):
+        continue
     if name.startswith("end: "):  # An asynchronous kernel (e.g. an Eigen dot) ends here: its span is start..end.
       i = started.get(name[len("end: ") :])
       if i is not None:
