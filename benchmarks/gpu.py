@@ -332,7 +332,10 @@ def spawn(part: str, argv: list[str], timeout_s: float) -> dict:
   lines = out.strip().splitlines()
   if proc.returncode != 0 or not lines:
     return {"error": f"exit status {proc.returncode} (its traceback is on stderr)"}
-  return {**json.loads(lines[-1]), "wall_s": round(time.perf_counter() - t0, 1)}
+  try:
+    return {**json.loads(lines[-1]), "wall_s": round(time.perf_counter() - t0, 1)}
+  except ValueError:  # Something printed after the part's JSON line.
+    return {"error": f"no JSON line last on stdout: {lines[-1][:200]!r}"}
 
 
 def summarize(args, results: dict) -> dict:
@@ -401,9 +404,10 @@ def main(argv=None):
     # Set before JAX starts a backend. The torch parts touch JAX only for the config and the EMA decay: on the CPU, or
     # JAX's allocator would reserve 75% of the GPU there. The JAX parts take 95% (the d24 step at batch 32 without
     # remat needs ~112 GiB: 74 GiB of temporaries beside the 38 GiB of params, grads, AdamW moments and EMA).
-    env = {"JAX_PLATFORMS": "cpu"} if args.part.startswith("diffusers") else {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.95"}
-    for k, v in env.items():
-      os.environ.setdefault(k, v)
+    if args.part.startswith("diffusers"):
+      os.environ["JAX_PLATFORMS"] = "cpu"  # Whatever the caller's: this process's GPU memory is torch's.
+    else:
+      os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
     print(json.dumps(run_part(args)), flush=True)
     return
   forward = [a for a in argv if not a.startswith(("--parts", "--budget_s"))]
