@@ -67,7 +67,10 @@ def kernel_times(trace: str, steps: int) -> tuple[collections.Counter, float]:
   under its XLA instruction (args.hlo_op) where it names one, else its kernel's name. (Written from the process and
   argument names such traces are reported to have; not yet run on a real GPU trace here.)
   """
-  path = trace if trace.endswith(".gz") else glob.glob(f"{trace}/**/perfetto_trace.json.gz", recursive=True)[0]
+  if trace.endswith(".gz"):
+    path = trace
+  else:
+    (path,) = glob.glob(f"{trace}/**/perfetto_trace.json.gz", recursive=True)  # Exactly one trace in the directory.
   with gzip.open(path) as f:
     trace = json.load(f)
   events = trace["traceEvents"] if isinstance(trace, dict) else trace
