@@ -13,8 +13,10 @@ CODE = """
 import json, sys
 sys.path.insert(0, "benchmarks")
 import profile_step
-kernels, idle = profile_step.kernel_times(sys.argv[1], steps=2)
-print(json.dumps({"kernels": dict(kernels), "idle_ms": idle}))
+kernels, idle, asyncs = profile_step.kernel_times(sys.argv[1], steps=2)
+kinds = [profile_step.kind(k, op) for k, op in [("ynn_fusion.3", "jit(f)/blocks_1/mlp/fc1/dot_general"),
+         ("ynn_fusion.4", "jit(f)/blocks_1/ln/reduce_sum"), ("ynn_fusion.5", ""), ("dot.7", ""), ("copy.2", "")]]
+print(json.dumps({"kernels": dict(kernels), "idle_ms": idle, "async": asyncs, "kinds": kinds}))
 """
 
 
@@ -38,13 +40,22 @@ def test_cpu_trace_counts_kernels_not_runtime_spans_and_async_dots_as_busy(tmp_p
       _x("PjitFunction(train_step)", 0, 1000),  # The runtime's own span, and a Python frame: not kernels.
       _x("$train.py:12 step", 0, 1000),
       _x("dot.3", 100, 10),  # An asynchronous dot: its launch (10 us) counts as its kernel time ...
+      _x("mul_fusion", 150, 50),  # (another kernel runs during 50 of the dot's 200 us)
       _x("end: dot.3", 300, 0),  # ... and it keeps the thread busy until here.
       _x("add_fusion", 400, 50),  # 100 us after the dot ended: idle.
       _x("add_fusion", 460, 40),
   ]
   r = _kernel_times(tmp_path, events)
-  assert r["kernels"] == {"dot.3": 0.005, "add_fusion": 0.045}  # Milliseconds per step over 2 steps.
+  # Milliseconds per step over 2 steps.
+  assert r["kernels"] == {"dot.3": 0.005, "mul_fusion": 0.025, "add_fusion": 0.045}
   assert abs(r["idle_ms"] - (100 + 10) / 1e3 / 2) < 1e-9
+  # The dot's launch-to-end span (200 us), and the 150 us of it in which no other kernel ran.
+  assert r["async"] == {"dot.3": [0.1, 0.075]}
+
+
+def test_library_fusions_are_matmuls_only_where_their_op_is_a_dot(tmp_path):
+  r = _kernel_times(tmp_path, [_x("add_fusion", 0, 1)])
+  assert r["kinds"] == ["matmul", "other_fusion", "matmul", "matmul", "copy_transpose"]
 
 
 def test_gpu_trace_counts_only_the_devices_kernels_under_their_instruction(tmp_path):
