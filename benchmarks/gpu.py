@@ -127,18 +127,11 @@ def jax_matmul_tflops(smoke: bool) -> float:
 def time_rflow_jax(config, steps: int, dump_dir: str | None = None) -> dict:
   """Compile seconds and median step seconds of config's jitted train step on a random batch (see dump())."""
   import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from rflow_jax.train import trainer  # pylint: disable=g-import-not-at-top
+  from rflow_jax.train import tasks, trainer  # pylint: disable=g-import-not-at-top
 
   setup = trainer.Setup(config, devices=jax.devices()[:1])
-  b, s, ch = config.train.global_batch_size, config.data.image_size, config.model.in_channels
-  rng = np.random.RandomState(0)
-  batch = setup.global_batch(
-      {
-          "image": rng.uniform(-1, 1, (b, s, s, ch)).astype(np.float32),
-          "tokens": rng.randint(1, setup.task.tokenizer.vocab_size, (b, config.text.max_length)).astype(np.int32),
-      }
-  )
+  spec = setup.task.batch_spec(config.train.global_batch_size)
+  batch = setup.global_batch(tasks.random_batch(spec, setup.task.tokenizer.vocab_size))
   state = setup.init_state()
   t0 = time.perf_counter()
   with setup.step_context():

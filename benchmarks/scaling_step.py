@@ -119,7 +119,7 @@ def measure(args, side: int, depth: int) -> list[dict]:
   import numpy as np  # pylint: disable=g-import-not-at-top
   from configs import shapes  # pylint: disable=g-import-not-at-top
   from rflow_jax.model import layers  # pylint: disable=g-import-not-at-top
-  from rflow_jax.train import trainer  # pylint: disable=g-import-not-at-top
+  from rflow_jax.train import tasks, trainer  # pylint: disable=g-import-not-at-top
   from rflow_jax.utils import flops as flops_lib  # pylint: disable=g-import-not-at-top
 
   runs = {}
@@ -131,13 +131,8 @@ def measure(args, side: int, depth: int) -> list[dict]:
     c.model.attention_impl = impl
     c.train.global_batch_size = args.batch
     setup = trainer.Setup(c)
-    rng = np.random.RandomState(0)
-    batch = {
-        "image": jnp.asarray(rng.uniform(-1, 1, (args.batch, side, side, 3)).astype(np.float32)),
-        "tokens": jnp.asarray(
-            rng.randint(1, setup.task.tokenizer.vocab_size, (args.batch, c.text.max_length), np.int32)
-        ),
-    }
+    spec = setup.task.batch_spec(args.batch)
+    batch = jax.tree.map(jnp.asarray, tasks.random_batch(spec, setup.task.tokenizer.vocab_size))
     state = setup.init_state()
     t0 = time.perf_counter()
     with setup.step_context():

@@ -266,7 +266,8 @@ def main(argv=None):
   from rflow_jax.model import native_attention, text_encoders  # pylint: disable=g-import-not-at-top
   from rflow_jax.sampling import guidance, schedules, solvers  # pylint: disable=g-import-not-at-top
   from rflow_jax.train import native_update  # pylint: disable=g-import-not-at-top
-  from rflow_jax.train import optimizer as optim_lib, step as step_lib, trainer  # pylint: disable=g-import-not-at-top
+  from rflow_jax.train import optimizer as optim_lib, step as step_lib  # pylint: disable=g-import-not-at-top
+  from rflow_jax.train import tasks, trainer  # pylint: disable=g-import-not-at-top
   from rflow_jax.utils import flops as flops_lib, host_memory  # pylint: disable=g-import-not-at-top
 
   malloc = host_memory.configure(args.malloc)  # After the imports, before the first computation (see host_memory).
@@ -277,12 +278,9 @@ def main(argv=None):
   state = setup.init_state()
   params = randomize(state.params, seed=1)
   state = state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params), opt_state=setup.task.tx.init(params))
-  rng = np.random.RandomState(0)
   b, s, ch = args.batch, config.data.image_size, config.model.in_channels
-  batch = {
-      "image": jnp.asarray(rng.uniform(-1, 1, (b, s, s, ch)).astype(np.float32)),
-      "tokens": jnp.asarray(rng.randint(1, setup.task.tokenizer.vocab_size, (b, config.text.max_length), np.int32)),
-  }
+  spec = setup.task.batch_spec(b)
+  batch = jax.tree.map(jnp.asarray, tasks.random_batch(spec, setup.task.tokenizer.vocab_size))
 
   # Step 0's draw of the jitted step, replayed outside it for the torch side (same key path as step.loss_fn).
   key = jax.random.fold_in(jax.random.key(config.seed), state.step)

@@ -24,6 +24,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rflow_jax import config_lib
 from rflow_jax.data import buckets as buckets_lib, pipeline as data_pipeline, registry as data_registry
@@ -164,3 +165,19 @@ def get_task(config):
   if config.task not in TASKS:
     raise ValueError(f"task={config.task!r}; valid: {sorted(TASKS)}")
   return TASKS[config.task](config)
+
+
+def random_batch(spec: dict[str, jax.ShapeDtypeStruct], vocab_size: int, seed: int = 0) -> dict[str, np.ndarray]:
+  """A host batch of `spec`'s shapes (a task's batch_spec) from one seeded draw, for benchmarks and smoke runs.
+
+  Floating arrays are uniform in [-1, 1] (the pixel range; latents and text states get the same), integer arrays
+  token ids in [1, vocab_size) (0 is padding). Drawn in the spec's key order, so one seed gives one batch.
+  """
+  rng = np.random.RandomState(seed)
+  out = {}
+  for key, s in spec.items():
+    if jnp.issubdtype(s.dtype, jnp.integer):
+      out[key] = rng.randint(1, vocab_size, s.shape).astype(s.dtype)
+    else:
+      out[key] = rng.uniform(-1, 1, s.shape).astype(s.dtype)
+  return out
