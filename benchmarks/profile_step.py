@@ -36,6 +36,8 @@ flags.DEFINE_string(
 )
 FLAGS = flags.FLAGS
 
+# An end event this long (microseconds) after its launch event ended marks an asynchronous kernel.
+_ASYNC_US = 100
 _META = re.compile(r"\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{op_name=\"([^\"]+)\"")
 
 
@@ -93,8 +95,8 @@ def kernel_times(trace: str, steps: int) -> tuple[collections.Counter, float, di
       for e in events
       if e.get("ph") == "M" and e.get("name") == "process_name" and "/device:GPU" in e.get("args", {}).get("name", "")
   }
-  # out: each kernel's recorded time; spans: [start, stop, kernel] per kernel event, stop moved to an asynchronous
-  # kernel's end; started: a kernel's name -> its latest event's index in spans; asyncs: the indices so moved.
+  # out: each kernel's recorded time; spans: [start, stop, kernel, launch stop] per kernel event, stop moved to the
+  # kernel's end event; started: a kernel's name -> its latest event's index in spans; asyncs: the asynchronous ones.
   out, spans, started, asyncs = collections.Counter(), [], {}, set()
   for e in sorted((e for e in events if e.get("ph") == "X"), key=lambda e: e["ts"]):
     if gpus:  # Every event of a GPU's process is a kernel (CUDA names may hold "::"); the host's are not.
@@ -109,21 +111,23 @@ def kernel_times(trace: str, steps: int) -> tuple[collections.Counter, float, di
     if name.startswith("end: "):  # An asynchronous kernel (e.g. an Eigen dot) ends here: its span is start..end.
       i = started.get(name[len("end: ") :])
       if i is not None:
-        spans[i][1] = max(spans[i][1], e["ts"] + e.get("dur", 0))
-        asyncs.add(i)
+        end = e["ts"] + e.get("dur", 0)
+        spans[i][1] = max(spans[i][1], end)
+        if end - spans[i][3] > _ASYNC_US:  # Every kernel has an end event; a synchronous one's follows its launch.
+          asyncs.add(i)
       continue
     started[name] = len(spans)
     out[name] += e.get("dur", 0) / 1e3 / steps
-    spans.append([e["ts"], e["ts"] + e.get("dur", 0), name])
+    spans.append([e["ts"], e["ts"] + e.get("dur", 0), name, e["ts"] + e.get("dur", 0)])
   idle, end = 0.0, None
-  for start, stop, _ in sorted(spans):  # Gaps in the union of the kernels' intervals (microseconds).
+  for start, stop, *_ in sorted(spans):  # Gaps in the union of the kernels' intervals (microseconds).
     if end is not None and start > end:
       idle += start - end
     end = stop if end is None else max(end, stop)
   others = sorted(s[:2] for i, s in enumerate(spans) if i not in asyncs)
   async_ms = collections.defaultdict(lambda: [0.0, 0.0])
   for i in sorted(asyncs):
-    start, stop, name = spans[i]
+    start, stop, name, _ = spans[i]
     alone, at = 0.0, start  # at: how far into the span the other kernels' union has been walked.
     for o_start, o_stop in others:
       if o_start >= stop:

@@ -40,7 +40,8 @@ def test_cpu_trace_counts_kernels_not_runtime_spans_and_async_dots_as_busy(tmp_p
       _x("PjitFunction(train_step)", 0, 1000),  # The runtime's own span, and a Python frame: not kernels.
       _x("$train.py:12 step", 0, 1000),
       _x("dot.3", 100, 10),  # An asynchronous dot: its launch (10 us) counts as its kernel time ...
-      _x("mul_fusion", 150, 50),  # (another kernel runs during 50 of the dot's 200 us)
+      _x("mul_fusion", 150, 50),  # (another kernel runs during 50 of the dot's 200 us; a synchronous one: its end
+      _x("end: mul_fusion", 200, 0),  # event follows its launch's)
       _x("end: dot.3", 300, 0),  # ... and it keeps the thread busy until here.
       _x("add_fusion", 400, 50),  # 100 us after the dot ended: idle.
       _x("add_fusion", 460, 40),
