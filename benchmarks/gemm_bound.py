@@ -206,8 +206,8 @@ def main(argv=None):
   t = vs_diffusers.median_interleaved(fns, args.train_reps)
 
   dense_flops = product_flops(products)
-  for side in ("xla", "torch"):
-    t[f"{side}_dense"] = sum(t[f"{side}_{kind}"] for kind in KINDS)
+  for prefix in ("xla", "torch"):
+    t[f"{prefix}_dense"] = sum(t[f"{prefix}_{kind}"] for kind in KINDS)
   forward = flops_lib.forward_flops(config)  # Per example: {"matmul", "attention", "total"}.
   bound = {"rflow_jax": t["xla_dense"] + t["xla_attention"], "diffusers": t["torch_dense"] + t["torch_attention"]}
   step = {"rflow_jax": t["rflow_jax_step"], "diffusers": t["diffusers_eager_step"]}
