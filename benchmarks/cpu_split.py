@@ -98,15 +98,15 @@ def split(perf_script: str, threads: str = "tf_XLA") -> collections.Counter:
     lines = [l for l in block.split("\n") if l.strip()]
     if not lines or not (m := _HEADER.match(lines[0])) or not m.group(1).startswith(threads):
       continue
-    frames = [(f.group(2), f.group(3)) for f in map(_FRAME.match, lines[1:]) if f]
-    if not frames:
+    matches = [f for f in map(_FRAME.match, lines[1:]) if f]
+    if not matches:
       continue
-    leaf = _FRAME.match(lines[1])
+    frames = [(f.group(2), f.group(3)) for f in matches]  # (symbol, dso), leaf first.
     category = _leaf_category(*frames[0])
     if category is not None:
       counts[category] += 1
       continue
-    region = int(leaf.group(1), 16) >> 20
+    region = int(matches[0].group(1), 16) >> 20
     caller = _jit_caller(frames)
     if caller is None:
       undecided[region] += 1

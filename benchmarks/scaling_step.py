@@ -116,7 +116,6 @@ def measure(args, side: int, depth: int) -> list[dict]:
   """Rows for one (image side, depth): one per attention implementation."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
   from configs import shapes  # pylint: disable=g-import-not-at-top
   from rflow_jax.model import layers  # pylint: disable=g-import-not-at-top
   from rflow_jax.train import tasks, trainer  # pylint: disable=g-import-not-at-top
